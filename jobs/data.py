@@ -1,0 +1,480 @@
+"""Data: read each split, map columns to roles, split off what is missing, render and tokenize.
+
+Reading goes through the `datasets` library; before a local file is handed to it, a quick scan of our own finds the
+first malformed rows and names their file and line, which `datasets` would not. Every problem found is collected
+and raised at once as a DataError.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from jobs.recipe import Problem, Recipe, Source, roles_for
+
+SPLITS = ("train", "validation", "test")
+FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+MAX_ROWS_NAMED = 5
+
+
+class DataError(Exception):
+    """Data that cannot be used; `problems` lists every reason."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(p.render("data") for p in problems))
+
+
+@dataclass
+class Split:
+    """One split's rows, with its origin for messages: `where(i)` names the file and line of row i."""
+
+    name: str
+    dataset: Any  # datasets.Dataset with the role columns only
+    origin: str
+    where: Callable[[int], str] = field(repr=False, default=lambda i: f"row {i + 1}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_source(recipe: Recipe, split: str, src: Source) -> Split:
+    """Read one source into a Dataset. Raises DataError naming the key, file and line."""
+    key = f"data.{split}"
+    if src.hub is not None:
+        return _read_hub(key, split, src)
+    path = recipe.resolve_path(src.path)
+    if not path.exists():
+        hint = _nearby(path)
+        raise DataError([Problem(key, f"{src.path}: no such file or folder (looked for {path}){hint}")])
+    if path.is_dir():
+        return _read_disk(key, split, src, path)
+    kind = FILE_KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError([Problem(key, f"{src.path}: cannot tell the format from the suffix '{path.suffix}'; "
+                                      f"accepted: {', '.join(FILE_KINDS)} or a datasets save_to_disk folder")])
+    lines = _scan(key, path)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps pyarrow errors in several types; the message is what helps
+        raise DataError([Problem(key, f"{src.path}: cannot be loaded: {_first_line(e)}")]) from None
+    if lines is not None:
+        return Split(split, ds, str(path), lambda i, p=path, ls=lines: f"{p.name}:{ls[i]}")
+    return Split(split, ds, str(path), lambda i, p=path: f"{p.name} row {i + 1}")
+
+
+def _scan(key: str, path: Path) -> list[int] | None:
+    """Find malformed rows of a local file; return the line number of each row where lines mean something."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_schema(path)
+        except Exception as e:
+            raise DataError([Problem(key, f"{path.name}: not a readable Parquet file: {_first_line(e)}")]) from None
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError([Problem(key, f"{path.name}:{line}: not UTF-8 text ({e.reason})")]) from None
+    if not text.strip():
+        raise DataError([Problem(key, f"{path.name}: the file is empty")])
+    if suffix == ".csv":
+        return _scan_csv(key, path, text)
+    if suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data" means one object a line: JSON Lines in a .json file
+                raise DataError([Problem(key, f"{path.name}:{e.lineno}: not valid JSON: {e.msg} "
+                                              f"(column {e.colno})")]) from None
+        else:
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise DataError([Problem(key, f"{path.name}: expected a JSON list of objects, one per example, "
+                                              f"or one JSON object a line")])
+            if not rows:
+                raise DataError([Problem(key, f"{path.name}: the list is empty")])
+            return None
+    return _scan_jsonl(key, path, text)
+
+
+def _scan_jsonl(key: str, path: Path, text: str) -> list[int]:
+    lines, bad = [], []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append(Problem(key, f"{path.name}:{n}: not valid JSON: {e.msg} (column {e.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            bad.append(Problem(key, f"{path.name}:{n}: expected a JSON object, got {type(obj).__name__}"))
+        lines.append(n)
+    if bad:
+        raise DataError(_cap(bad))
+    return lines
+
+
+def _scan_csv(key: str, path: Path, text: str) -> list[int]:
+    reader = csv.reader(text.splitlines())
+    header = next(reader)
+    lines, bad = [], []
+    for row in reader:
+        if not row:
+            continue
+        if len(row) != len(header):
+            bad.append(Problem(key, f"{path.name}:{reader.line_num}: {len(row)} fields, the header has "
+                                    f"{len(header)} ({', '.join(header)})"))
+        lines.append(reader.line_num)
+    if bad:
+        raise DataError(_cap(bad))
+    return lines
+
+
+def _read_disk(key: str, split: str, src: Source, path: Path) -> Split:
+    import datasets
+
+    if not any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        raise DataError([Problem(key, f"{src.path}: a folder, but not one written by datasets' save_to_disk "
+                                      f"(no dataset_info.json or dataset_dict.json in it)")])
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError([Problem(key, f"{src.path}: cannot be loaded: {_first_line(e)}")]) from None
+    if isinstance(ds, datasets.DatasetDict):
+        want = src.split or split
+        if want not in ds:
+            raise DataError([Problem(key, f"{src.path}: has no split '{want}'; it has {', '.join(ds)} "
+                                          f"(choose one with split: NAME)")])
+        ds = ds[want]
+    return Split(split, ds, str(path))
+
+
+def _read_hub(key: str, split: str, src: Source) -> Split:
+    import datasets
+
+    want = src.split or split
+    try:
+        ds = datasets.load_dataset(src.hub, src.subset, split=want, revision=src.revision)
+    except Exception as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        fix = (f"; fetch it once with network: hf download --repo-type dataset {src.hub}"
+               if offline else "")
+        raise DataError([Problem(key, f"hub dataset '{src.hub}' (split '{want}'): cannot be loaded: "
+                                      f"{_first_line(e)}{fix}")]) from None
+    return Split(split, ds, f"{src.hub}[{want}]")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Columns, checks, splits
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def map_columns(recipe: Recipe, sp: Split) -> Split:
+    """Keep the columns the task reads, renamed to their roles. Raises DataError for a missing column."""
+    import datasets
+
+    required, optional = roles_for(recipe.task, recipe.data.format)
+    cols = recipe.data.columns
+    have = list(sp.dataset.column_names)
+    keep: dict[str, str] = {}
+    problems = []
+    for role in required + optional:
+        col = cols.get(role, role)
+        if col in have:
+            keep[col] = role
+        elif role in required:
+            from jobs.recipe import _did_you_mean
+
+            hint = _did_you_mean(col, have)
+            how = f"data.columns.{role}: COLUMN" if role not in cols else f"data.columns.{role}"
+            problems.append(Problem(f"data.{sp.name}", f"{Path(sp.origin).name}: no column '{col}'{hint}; the task "
+                                    f"needs it as '{role}'. Columns: {', '.join(have)}. Map one with {how}"))
+    if problems:
+        raise DataError(problems)
+    ds = sp.dataset.select_columns(list(keep))
+    label_col = next((c for c, r in keep.items() if r == "label"), None)
+    if label_col and isinstance(ds.features[label_col], datasets.ClassLabel):
+        names = ds.features[label_col].names
+        ds = ds.cast_column(label_col, datasets.Value("int64"))
+        ds = ds.map(lambda b: {label_col: [names[i] for i in b[label_col]]}, batched=True,
+                    features=datasets.Features({**ds.features, label_col: datasets.Value("string")}))
+    renames = {c: r for c, r in keep.items() if c != r}
+    if renames:
+        ds = ds.rename_columns(renames)
+    return Split(sp.name, ds, sp.origin, sp.where)
+
+
+def check_rows(recipe: Recipe, sp: Split) -> list[Problem]:
+    """Each row holds what the task needs, of the right type."""
+    key, fmt = f"data.{sp.name}", recipe.data.format or "text"
+    checks: dict[str, Callable[[Any], str | None]] = {}
+    if recipe.task == "classification":
+        checks["text"] = _need_text
+        checks["label"] = lambda v: None if isinstance(v, (str, int)) and not isinstance(v, bool) and v != "" else \
+            f"label {v!r} is not a string or whole number"
+    elif recipe.task == "regression":
+        checks["text"] = _need_text
+        checks["label"] = _need_number
+    elif fmt == "text":
+        checks["text"] = _need_text
+    elif fmt == "instruction":
+        checks["instruction"] = _need_text
+        checks["output"] = _need_text
+        checks["input"] = lambda v: None if v is None or isinstance(v, str) else f"input {v!r} is not a string"
+    else:
+        checks["messages"] = _need_messages
+    bad: dict[str, list[int]] = {}
+    for role, check in checks.items():
+        if role not in sp.dataset.column_names:
+            continue
+        for i, v in enumerate(sp.dataset[role]):
+            msg = check(v)
+            if msg:
+                bad.setdefault(f"{role}: {msg}" if "{" not in msg else msg, []).append(i)
+    out = []
+    for msg, rows in bad.items():
+        named = ", ".join(sp.where(i) for i in rows[:MAX_ROWS_NAMED])
+        more = f" (and {len(rows) - MAX_ROWS_NAMED} more rows)" if len(rows) > MAX_ROWS_NAMED else ""
+        out.append(Problem(key, f"{named}{more}: {msg}"))
+    return out
+
+
+def _need_text(v: Any) -> str | None:
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return "empty"
+    return None if isinstance(v, str) else f"{v!r} is not text"
+
+
+def _need_number(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        try:
+            float(v)
+            return None
+        except (TypeError, ValueError):
+            return f"{v!r} is not a number (regression needs a numeric target)"
+    return None if v == v else "NaN is not a target"
+
+
+def _need_messages(v: Any) -> str | None:
+    if not isinstance(v, list) or not v:
+        return "messages is not a non-empty list of {role, content}"
+    for m in v:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                "system", "user", "assistant", "tool"):
+            return f"message {m!r} needs a role (system, user, assistant, tool) and text content"
+    if not any(m["role"] == "assistant" for m in v):
+        return "no assistant message: nothing to learn from"
+    return None
+
+
+def label_names(recipe: Recipe, train: Split) -> list[str]:
+    """Classification labels in a stable order: as listed in the recipe, else sorted (numerically if whole)."""
+    if recipe.data.labels is not None:
+        return [str(x) for x in recipe.data.labels]
+    values = set(train.dataset["label"])
+    if all(isinstance(v, int) for v in values):
+        return [str(v) for v in sorted(values)]
+    return sorted(str(v) for v in values)
+
+
+def check_labels(recipe: Recipe, names: list[str], sp: Split, listed: bool) -> list[Problem]:
+    known = set(names)
+    unknown: dict[str, list[int]] = {}
+    for i, v in enumerate(sp.dataset["label"]):
+        if str(v) not in known:
+            unknown.setdefault(str(v), []).append(i)
+    out = []
+    src = "the labels listed in data.labels" if listed else "the training labels"
+    for label, rows in unknown.items():
+        named = ", ".join(sp.where(i) for i in rows[:MAX_ROWS_NAMED])
+        more = f" (and {len(rows) - MAX_ROWS_NAMED} more rows)" if len(rows) > MAX_ROWS_NAMED else ""
+        out.append(Problem(f"data.{sp.name}", f"{named}{more}: label '{label}' is not among {src} "
+                                              f"({', '.join(names)})"))
+    return out
+
+
+def load_splits(recipe: Recipe) -> dict[str, Split]:
+    """Read, map and check train, validation and test; split off the ones not given. Raises DataError."""
+    given: dict[str, Split] = {}
+    problems: list[Problem] = []
+    for name in SPLITS:
+        src = getattr(recipe.data, name)
+        if src is None:
+            continue
+        try:
+            sp = map_columns(recipe, read_source(recipe, name, src))
+        except DataError as e:
+            problems += e.problems
+            continue
+        problems += check_rows(recipe, sp)
+        given[name] = sp
+    if problems:
+        raise DataError(problems)
+    splits = derive_splits(recipe, given)
+    if recipe.task == "classification":
+        names = label_names(recipe, splits["train"])
+        listed = recipe.data.labels is not None
+        for name in SPLITS if listed else ("validation", "test"):
+            problems += check_labels(recipe, names, splits[name], listed)
+        if len(names) < 2:
+            problems.append(Problem("data.train", f"only one label ({names[0]!r}) in the training data; "
+                                                  f"classification needs two or more"))
+    if problems:
+        raise DataError(problems)
+    return splits
+
+
+def derive_splits(recipe: Recipe, given: dict[str, Split]) -> dict[str, Split]:
+    """Split validation and test off train where the recipe gives none: the same seed gives the same rows."""
+    spec = recipe.data.split
+    train = given["train"]
+    ds = train.dataset
+    index = list(range(len(ds)))
+    out = dict(given)
+    need = [s for s in ("test", "validation") if s not in given]
+    if not need:
+        return out
+    n_hold = {s: max(1, round(len(ds) * getattr(spec, s))) for s in need}
+    if len(ds) - sum(n_hold.values()) < 1:
+        raise DataError([Problem("data.train", f"{len(ds)} rows are too few to split off "
+                                               f"{' and '.join(need)}; give them as files or add rows")])
+    import random
+
+    order = index[:]
+    random.Random(spec.seed).shuffle(order)
+    start = 0
+    for s in need:
+        rows = sorted(order[start:start + n_hold[s]])
+        start += n_hold[s]
+        out[s] = Split(s, ds.select(rows), train.origin, lambda i, r=rows, w=train.where: w(r[i]))
+    rest = sorted(order[start:])
+    out["train"] = Split("train", ds.select(rest), train.origin, lambda i, r=rest, w=train.where: w(r[i]))
+    return {s: out[s] for s in SPLITS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering and tokenization
+# ----------------------------------------------------------------------------------------------------------------
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def render_instruction(row: dict) -> tuple[str, list[tuple[int, int]]]:
+    """Alpaca prompt + output; the span of the output is where the loss goes."""
+    inp = row.get("input") or ""
+    prompt = (ALPACA_WITH_INPUT if inp.strip() else ALPACA_NO_INPUT).format(instruction=row["instruction"], input=inp)
+    return prompt + row["output"], [(len(prompt), len(prompt) + len(row["output"]))]
+
+
+def render_chat(messages: list[dict], tokenizer, template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation through the chat template; spans cover each assistant turn with its end-of-turn marker."""
+    kw = {"chat_template": template} if template else {}
+
+    def render(msgs, gen=False) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **kw)
+
+    full = render(messages)
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix, upto = render(messages[:i], gen=True), render(messages[: i + 1])
+        if full.startswith(upto) and upto.startswith(prefix):
+            spans.append((len(prefix), len(upto)))
+            cursor = len(upto)
+        else:  # a template that rewrites earlier turns: find the content itself
+            start = full.find(m["content"], cursor)
+            if start < 0:
+                raise ValueError("the chat template drops assistant content; cannot place the loss")
+            spans.append((start, start + len(m["content"])))
+            cursor = start + len(m["content"])
+    return full, spans
+
+
+def tokenize_example(recipe: Recipe, tokenizer, row: dict, label_ids: dict[str, int] | None = None) -> dict:
+    """One row -> input_ids, attention_mask, labels (and the untruncated length, `n_tokens`)."""
+    max_len = recipe.data.max_seq_len
+    if recipe.task in ("classification", "regression"):
+        enc = tokenizer(row["text"], row.get("text_pair"), truncation=True, max_length=max_len)
+        n = len(tokenizer(row["text"], row.get("text_pair"))["input_ids"])
+        label = label_ids[str(row["label"])] if recipe.task == "classification" else float(row["label"])
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": label,
+                "n_tokens": n}
+    fmt = recipe.data.format or "text"
+    if fmt == "text":
+        ids = tokenizer(row["text"])["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        n = len(ids)
+        ids = ids[:max_len]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids), "n_tokens": n}
+    if fmt == "instruction":
+        text, spans = render_instruction(row)
+        add_special, add_eos = True, True
+    else:
+        text, spans = render_chat(row["messages"], tokenizer, recipe.data.chat_template)
+        add_special, add_eos = False, False  # the template writes its own special tokens
+    enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [tid if e > s and any(a <= s < b for a, b in spans) else -100
+              for tid, (s, e) in zip(ids, enc["offset_mapping"])]
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    n = len(ids)
+    ids, labels = ids[:max_len], labels[:max_len]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "n_tokens": n}
+
+
+def tokenize_split(recipe: Recipe, tokenizer, sp: Split, label_ids: dict[str, int] | None = None):
+    """The split as model inputs. `n_tokens` keeps each example's length before truncation."""
+    if recipe.task == "causal_lm" and (recipe.data.format or "text") != "text" and not tokenizer.is_fast:
+        raise ValueError("instruction and chat formats need a fast tokenizer (offsets place the loss)")
+    cols = sp.dataset.column_names
+    return sp.dataset.map(lambda row: tokenize_example(recipe, tokenizer, row, label_ids), remove_columns=cols,
+                          desc=f"tokenizing {sp.name}", load_from_cache_file=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cap(problems: list[Problem]) -> list[Problem]:
+    if len(problems) <= MAX_ROWS_NAMED:
+        return problems
+    extra = len(problems) - MAX_ROWS_NAMED
+    return problems[:MAX_ROWS_NAMED] + [Problem(problems[0].path, f"... and {extra} more malformed rows")]
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def _nearby(path: Path) -> str:
+    parent = path.parent
+    if not parent.is_dir():
+        return f"; the folder {parent} does not exist either"
+    import difflib
+
+    close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

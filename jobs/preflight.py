@@ -1,0 +1,199 @@
+"""Pre-flight: everything that can be checked before a GPU is spent, reported all at once.
+
+`runner validate` runs this module as a subprocess (`python -m jobs.preflight RECIPE --json`), so that the control
+plane never imports torch or datasets; the driver runs `preflight()` again on the cluster before training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from jobs.recipe import Problem, Recipe, RecipeError, load_recipe
+
+STATS_ROWS = 5000  # rows per split tokenized for the truncation figures
+
+
+@dataclass
+class Report:
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+    labels: list[str] | None = None
+    model_path: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["problems"] = [p._asdict() for p in self.problems]
+        return d
+
+
+def resolve_model(recipe: Recipe) -> tuple[str | None, Problem | None]:
+    """Where the model's files are: a local folder, or the hub id once its config is in the local cache."""
+    name, rev = recipe.model.name, recipe.model.revision
+    local = recipe.resolve_path(name)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if local.exists():
+        if not (local / "config.json").exists():
+            return None, Problem("model.name", f"{name}: the folder has no config.json; point at a folder written "
+                                               f"by save_pretrained, or at a hub id")
+        return str(local), None
+    if looks_local:
+        return None, Problem("model.name", f"{name}: no such folder (looked for {local})")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=rev)
+    if isinstance(cached, str):
+        return name, None
+    fix = f"hf download {name}" + (f" --revision {rev}" if rev != "main" else "")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None, Problem("model.name", f"'{name}' (revision '{rev}') is not in the local cache "
+                                           f"({_hf_home()}) and HF_HUB_OFFLINE=1; fetch it once with: {fix}")
+    from huggingface_hub import hf_hub_download
+
+    token = recipe.model.token.get_secret_value() if recipe.model.token else None
+    try:
+        hf_hub_download(name, "config.json", revision=rev, token=token, etag_timeout=10)
+    except Exception as e:  # not found, gated, or no network: all mean the job cannot start
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, Problem("model.name", f"'{name}' (revision '{rev}') cannot be fetched from the hub: {reason}. "
+                                           f"Check the id, set model.token for a gated model, or fetch it with: {fix}")
+    return name, None
+
+
+def load_tokenizer(recipe: Recipe, model_path: str):
+    from transformers import AutoTokenizer
+
+    token = recipe.model.token.get_secret_value() if recipe.model.token else None
+    local_only = Path(model_path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1" or _cached(recipe)
+    tok = AutoTokenizer.from_pretrained(model_path, revision=recipe.model.revision, token=token,
+                                        trust_remote_code=recipe.model.trust_remote_code,
+                                        local_files_only=local_only)
+    if recipe.data.chat_template:
+        tok.chat_template = recipe.data.chat_template
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def preflight(recipe: Recipe) -> Report:
+    """Check data, columns, labels, lengths, model and resources. Never raises for a user's mistake."""
+    from jobs import data as D
+
+    report = Report()
+    model_path, problem = resolve_model(recipe)
+    report.model_path = model_path
+    if problem:
+        report.problems.append(problem)
+    try:
+        splits = D.load_splits(recipe)
+    except D.DataError as e:
+        report.problems += e.problems
+        return report
+    report.rows = {k: len(v.dataset) for k, v in splits.items()}
+    label_ids = None
+    if recipe.task == "classification":
+        report.labels = D.label_names(recipe, splits["train"])
+        label_ids = {n: i for i, n in enumerate(report.labels)}
+    if model_path is None:
+        return report
+    try:
+        tok = load_tokenizer(recipe, model_path)
+    except Exception as e:
+        report.problems.append(Problem("model.name", f"the tokenizer of '{recipe.model.name}' cannot be loaded: "
+                                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else e}"))
+        return report
+    fmt = recipe.data.format or "text"
+    if recipe.task == "causal_lm" and fmt == "chat" and not tok.chat_template:
+        report.problems.append(Problem("data.format", f"the tokenizer of '{recipe.model.name}' has no chat template; "
+                                                      f"give one in data.chat_template, or use format 'instruction'"))
+        return report
+    for name, sp in splits.items():
+        report.problems += _length_check(recipe, tok, sp, label_ids, report.notes)
+    return report
+
+
+def _length_check(recipe: Recipe, tok, sp, label_ids, notes: list[str]) -> list[Problem]:
+    from jobs.data import tokenize_example
+
+    max_len = recipe.data.max_seq_len
+    n_rows = min(len(sp.dataset), STATS_ROWS)
+    rows = sp.dataset.select(range(n_rows))
+    longer, no_target, longest = 0, 0, 0
+    for row in rows:
+        try:
+            ex = tokenize_example(recipe, tok, row, label_ids)
+        except ValueError as e:
+            return [Problem("data.format", str(e))]
+        longest = max(longest, ex["n_tokens"])
+        if ex["n_tokens"] > max_len:
+            longer += 1
+        if recipe.task == "causal_lm" and not any(x != -100 for x in ex["labels"][1:]):
+            no_target += 1
+    scope = f"{n_rows}" if n_rows == len(sp.dataset) else f"the first {n_rows}"
+    if longer:
+        notes.append(f"{sp.name}: {longer} of {scope} examples ({100 * longer / n_rows:.0f}%) are longer than "
+                     f"data.max_seq_len {max_len} and will be truncated; the longest has {longest} tokens")
+    if longer == n_rows:
+        return [Problem("data.max_seq_len", f"{max_len}: none of {scope} {sp.name} examples fits (the longest has "
+                                            f"{longest} tokens); raise data.max_seq_len")]
+    if no_target == n_rows:
+        return [Problem("data.max_seq_len", f"{max_len}: in all of {scope} {sp.name} examples the response is "
+                                            f"cut off entirely, leaving nothing to learn; raise data.max_seq_len")]
+    if no_target:
+        notes.append(f"{sp.name}: {no_target} of {scope} examples lose their whole response to truncation and "
+                     f"will not contribute to the loss")
+    return []
+
+
+def _cached(recipe: Recipe) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(recipe.model.name, "config.json", revision=recipe.model.revision), str)
+
+
+def _hf_home() -> str:
+    return os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.preflight RECIPE [--json]`: exit 0 when the job can run, 2 with the problems."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args
+    args = [a for a in args if a != "--json"]
+    if len(args) != 1:
+        print("usage: python -m jobs.preflight RECIPE [--json]", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        recipe = load_recipe(args[0])
+    except RecipeError as e:
+        report = Report(problems=e.problems)
+    else:
+        report = preflight(recipe)
+        report.problems = [p._replace(line=p.line or recipe.line_of(p.path)) for p in report.problems]
+    if as_json:
+        print(json.dumps(report.to_json()))
+    else:
+        for p in report.problems:
+            print(p.render(args[0]))
+        for n in report.notes:
+            print("note:", n)
+    return 0 if report.ok else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

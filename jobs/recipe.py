@@ -1,0 +1,657 @@
+"""The recipe: one YAML file that says what to fine-tune, on what, how, and how to export it.
+
+This module is the single home of every default. It imports no torch (the control plane imports it), and
+`load_recipe` reports every problem of a recipe at once, each with its dotted key path, its line in the file,
+the offending value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(_Strict):
+    """The base model."""
+
+    name: str = Field(description="Hub id (`org/name`) or a local folder holding `config.json`.")
+    revision: str = Field("main", description="Hub branch, tag or commit; ignored for a local folder.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the weights are loaded in; `auto` keeps the checkpoint's own."
+    )
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off unless you trust it).")
+    token: SecretStr | None = Field(None, description="Hub token for gated models; write `${HF_TOKEN}`, never the token itself.")
+
+
+Task = Literal["classification", "regression", "causal_lm"]
+DataFormat = Literal["text", "instruction", "chat"]
+
+# Column roles each task (and causal-LM format) reads; the recipe's `data.columns` maps a role to a column name.
+ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # key: (required roles, optional roles)
+    "classification": (("text", "label"), ("text_pair",)),
+    "regression": (("text", "label"), ("text_pair",)),
+    "causal_lm/text": (("text",), ()),
+    "causal_lm/instruction": (("instruction", "output"), ("input",)),
+    "causal_lm/chat": (("messages",), ()),
+}
+
+
+def roles_for(task: str, fmt: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return ROLES[f"causal_lm/{fmt or 'text'}" if task == "causal_lm" else task]
+
+
+class Source(_Strict):
+    """One split's data: a local file or folder, or a hub dataset. A plain string is shorthand for `path`."""
+
+    path: str | None = Field(
+        None,
+        description="Local `.jsonl`, `.json`, `.csv`, `.parquet` file, or a `datasets` save_to_disk folder; "
+        "relative to the recipe file.",
+    )
+    hub: str | None = Field(None, description="Hub dataset id, e.g. `stanfordnlp/imdb`.")
+    subset: str | None = Field(None, description="Hub dataset configuration name, where it has several.")
+    split: str | None = Field(None, description="Split to read; default: the split this source stands for.")
+    revision: str | None = Field(None, description="Hub dataset branch, tag or commit.")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "Source":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' (a local file or folder) or 'hub' (a hub dataset id)")
+        if self.path is not None and (self.subset or self.revision):
+            raise ValueError("'subset' and 'revision' apply to hub datasets only")
+        return self
+
+
+def _source(v: Any) -> Any:
+    return {"path": v} if isinstance(v, str) else v
+
+
+class SplitSpec(_Strict):
+    """How validation and test are carved from train when the recipe does not give them."""
+
+    validation: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for validation.")
+    test: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for test.")
+    seed: int = Field(42, description="Seed of the split: the same seed gives the same rows in each split.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SplitSpec":
+        if self.validation + self.test >= 0.9:
+            raise ValueError(
+                f"validation + test = {self.validation + self.test:g} leaves too little to train on; keep it below 0.9"
+            )
+        return self
+
+
+class DataSpec(_Strict):
+    """Where the examples come from and how they become model inputs."""
+
+    train: Source = Field(description="Training data (required).")
+    validation: Source | None = Field(None, description="Validation data; split off train when absent.")
+    test: Source | None = Field(None, description="Test data; split off train when absent.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Role -> column name where they differ. Roles: `text`, `text_pair`, `label` "
+        "(classification, regression); `text` (causal_lm text); `instruction`, `input`, `output` (instruction); "
+        "`messages` (chat).",
+    )
+    format: DataFormat | None = Field(
+        None,
+        description="Causal LM only: `text` (raw text, loss on every token), `instruction` (alpaca, loss on the "
+        "response), `chat` (role/content messages through the chat template, loss on assistant turns). "
+        "Default `text`.",
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for a tokenizer that has none (chat format only)."
+    )
+    labels: list[str | int] | None = Field(
+        None, description="Classification only: label names in order; default: the sorted labels found in train."
+    )
+    max_seq_len: int = Field(512, ge=8, le=131072, description="Tokens per example; longer ones are truncated.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="Used only for splits the recipe does not give.")
+
+    @field_validator("train", "validation", "test", mode="before")
+    @classmethod
+    def _coerce_sources(cls, v: Any) -> Any:
+        return _source(v)
+
+
+class FullTuning(_Strict):
+    """Train every parameter."""
+
+    mode: Literal["full"] = "full"
+
+
+class LoraTuning(_Strict):
+    """Low-rank adapters (peft); only the adapters train, merged into the model at the end."""
+
+    mode: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(16, ge=1, description="Adapter scale numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="Module names to adapt; `auto` picks the attention projections of the architecture."
+    )
+
+
+class QloraTuning(LoraTuning):
+    """LoRA on a 4-bit quantized base model (bitsandbytes); needs GPUs."""
+
+    mode: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+
+
+class FreezeTuning(_Strict):
+    """Freeze the backbone; train the task head and, optionally, the last N transformer layers."""
+
+    mode: Literal["freeze"] = "freeze"
+    train_last_layers: int = Field(0, ge=0, description="How many of the last transformer layers also train.")
+
+
+TUNING_MODES = ("full", "lora", "qlora", "freeze")
+Tuning = Annotated[Union[FullTuning, LoraTuning, QloraTuning, FreezeTuning], Field(discriminator="mode")]
+
+
+class EarlyStopping(_Strict):
+    """Stop when the validation metric has not improved for `patience` evaluations."""
+
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+
+class TrainSpec(_Strict):
+    """The optimisation."""
+
+    epochs: float | None = Field(3, gt=0, description="Passes over train; ignored when `max_steps` is set.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps in all; overrides `epochs`.")
+    optimizer: Literal["adamw", "sgd", "adafactor"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(5e-5, gt=0, le=10, description="Peak learning rate.")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warm-up.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up as a fraction of all steps.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up in steps; give this or `warmup_ratio`, not both.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not applied to biases and norms).")
+    batch_size: int = Field(8, ge=1, description="Examples per worker per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null turns it off.")
+    seed: int = Field(42, description="Seed of initialisation, shuffling and dropout.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate on validation every N steps; default each epoch.")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps; default at each evaluation."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept, besides the best one.")
+    early_stopping: EarlyStopping | None = Field(None, description="Off unless given.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSpec":
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("give 'epochs' or 'max_steps'")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("give 'warmup_ratio' or 'warmup_steps', not both")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    """What the job asks of the cluster."""
+
+    workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (data-parallel processes).")
+    gpus_per_worker: float = Field(0, ge=0, le=16, description="GPUs each worker holds; 0 trains on CPUs.")
+    cpus_per_worker: float = Field(1, gt=0, le=256, description="CPUs each worker holds.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision of the forward pass.")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="How the workers share the model.")
+    max_failures: int = Field(0, ge=-1, description="Worker or node losses survived by resuming from the last "
+                              "checkpoint; -1 retries forever.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false: accept what the user meant.
+        return "no" if v is False else v
+
+
+class TrackingSpec(_Strict):
+    """Experiment tracking besides the runner's own store."""
+
+    mode: Literal["disabled", "offline", "online"] = Field(
+        "disabled", description="Weights & Biases: `online` needs WANDB_API_KEY; `offline` writes runs locally."
+    )
+    project: str | None = Field(None, description="W&B project; default: the recipe name.")
+    entity: str | None = Field(None, description="W&B team or user.")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "disabled" if v is False else v
+
+
+class ExportSpec(_Strict):
+    """What the finished model is exported to."""
+
+    onnx: bool = Field(False, description="Export the merged model to ONNX and check it against PyTorch.")
+    quantize: Literal["none", "int8_dynamic", "int8_static", "int4_weight_only"] = Field(
+        "int8_dynamic", description="Quantization of the ONNX model (applies when `onnx` is true)."
+    )
+
+
+class Recipe(_Strict):
+    """A fine-tuning job."""
+
+    name: str = Field(description="Job name: letters, digits, `-`, `_`, `.`; starts with a letter or digit.")
+    model: ModelSpec
+    task: Task = Field(description="`classification`, `regression` (numeric target, mean squared error) or `causal_lm`.")
+    data: DataSpec
+    tuning: Tuning = Field(default_factory=FullTuning, description="`full`, `lora`, `qlora` or `freeze`.")
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
+            raise ValueError("use letters, digits, '-', '_' and '.', starting with a letter or digit (at most 100)")
+        return v
+
+    @field_validator("tuning", mode="before")
+    @classmethod
+    def _mode_shorthand(cls, v: Any) -> Any:
+        return {"mode": v} if isinstance(v, str) else v
+
+    # Where a recipe was read from: relative data paths resolve against it. Not part of the schema.
+    _base_dir: Path = Path(".")
+    _secrets: dict[tuple, str] = {}
+    _lines: dict[tuple, int] = {}
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def resolve_path(self, p: str) -> Path:
+        q = Path(os.path.expanduser(p))
+        return q if q.is_absolute() else (self._base_dir / q).resolve()
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.resources.gpus_per_worker > 0
+
+    def redacted(self) -> dict:
+        """The recipe with defaults filled in, every interpolated value put back as its `${VAR}` reference."""
+        d = self.model_dump(mode="json")
+        for path, original in self._secrets.items():
+            _set_in(d, path, original)
+        return d
+
+    def line_of(self, dotted: str) -> int | None:
+        """Line in the recipe file of a dotted key path (or of its nearest given parent)."""
+        return _line_of(self._lines, tuple(dotted.split(".")))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.redacted(), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: YAML -> interpolation -> schema -> cross-field checks, every problem at once
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Problem(typing.NamedTuple):
+    path: str  # dotted key path, "" for the whole file
+    message: str
+    line: int | None = None
+
+    def render(self, source: str = "recipe") -> str:
+        where = f"{source}:{self.line}" if self.line else source
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class RecipeError(Exception):
+    """A recipe that cannot run; `problems` lists every reason."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        n = len(self.problems)
+        head = f"{self.source}: {n} problem{'s' if n != 1 else ''}"
+        return "\n".join([head] + ["  " + p.render(self.source) for p in self.problems])
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def load_recipe(path: str | os.PathLike, env: typing.Mapping[str, str] | None = None) -> Recipe:
+    """Read, interpolate and validate a recipe file. Raises RecipeError listing every problem."""
+    p = Path(path)
+    source = str(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(source, [Problem("", "no such file")]) from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise RecipeError(source, [Problem("", f"cannot read: {e}")]) from None
+    return parse_recipe(text, source=source, base_dir=p.resolve().parent, env=env)
+
+
+def parse_recipe(text: str, source: str = "recipe", base_dir: Path | None = None,
+                 env: typing.Mapping[str, str] | None = None) -> Recipe:
+    env = os.environ if env is None else env
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(source, [Problem("", f"not valid YAML: {problem}", line)]) from None
+    lines: dict[tuple, int] = {}
+    problems: list[Problem] = []
+    if node is not None:
+        _index_lines(node, (), lines, problems)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(source, [Problem("", f"the top level must be a mapping of keys, got {_tname(data)}")])
+
+    secrets: dict[tuple, str] = {}
+    data = _interpolate(data, (), env, secrets, problems, lines)
+
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        problems += [_problem(err, data, lines) for err in e.errors()]
+        raise RecipeError(source, sorted(_dedupe(problems), key=lambda p: p.line or 0)) from None
+    if problems:
+        raise RecipeError(source, sorted(problems, key=lambda p: p.line or 0))
+    recipe._base_dir = base_dir or Path.cwd()
+    recipe._secrets = secrets
+    recipe._lines = lines
+    problems = [Problem(path, msg, _line_of(lines, tuple(path.split(".")))) for path, msg in check_recipe(recipe)]
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def check_recipe(r: Recipe) -> list[tuple[str, str]]:
+    """Rules that span several keys. Returns (dotted path, message) pairs."""
+    out: list[tuple[str, str]] = []
+    d, res = r.data, r.resources
+    if r.task == "causal_lm":
+        if d.labels is not None:
+            out.append(("data.labels", "applies to task 'classification' only (task is 'causal_lm')"))
+        if d.chat_template and (d.format or "text") != "chat":
+            out.append(("data.chat_template", f"applies to format 'chat' only (format is '{d.format or 'text'}')"))
+    else:
+        if d.format is not None:
+            out.append(("data.format", f"applies to task 'causal_lm' only (task is '{r.task}')"))
+        if d.chat_template is not None:
+            out.append(("data.chat_template", f"applies to task 'causal_lm' with format 'chat' only"))
+        if r.task == "regression" and d.labels is not None:
+            out.append(("data.labels", "applies to task 'classification' only (task is 'regression')"))
+    if d.labels is not None and r.task == "classification":
+        if len(d.labels) < 2:
+            out.append(("data.labels", f"needs at least 2 labels, got {d.labels!r}"))
+        dup = sorted({str(x) for x in d.labels if d.labels.count(x) > 1})
+        if dup:
+            out.append(("data.labels", f"repeats {', '.join(repr(x) for x in dup)}; each label once"))
+    required, optional = roles_for(r.task, d.format)
+    allowed = required + optional
+    for role in d.columns:
+        if role not in allowed:
+            hint = _did_you_mean(role, allowed)
+            fmt = f" format '{d.format or 'text'}'" if r.task == "causal_lm" else ""
+            out.append((f"data.columns.{role}",
+                        f"unknown role '{role}' for task '{r.task}'{fmt}{hint}; roles: {', '.join(allowed)}"))
+    if r.tuning.mode == "qlora" and not r.needs_gpu:
+        out.append(("tuning.mode", "'qlora' quantizes the base model with bitsandbytes and needs GPUs; set "
+                                   "resources.gpus_per_worker to 1 or more, or use mode 'lora' on CPUs"))
+    if r.tuning.mode == "freeze" and r.task == "causal_lm" and r.tuning.train_last_layers == 0:
+        out.append(("tuning.train_last_layers", "a causal LM's head is tied to its embeddings; with 0 layers "
+                                                "nothing would train. Set 1 or more, or use mode 'lora'"))
+    if not r.needs_gpu:
+        if res.mixed_precision == "fp16":
+            out.append(("resources.mixed_precision", "'fp16' needs GPUs; use 'bf16' or 'no' on CPUs, or set "
+                                                     "resources.gpus_per_worker"))
+        if res.strategy != "ddp":
+            out.append(("resources.strategy", f"'{res.strategy}' needs GPUs; use 'ddp' on CPUs, or set "
+                                              "resources.gpus_per_worker"))
+    if res.gpus_per_worker > 1 and res.gpus_per_worker != int(res.gpus_per_worker):
+        out.append(("resources.gpus_per_worker", f"{res.gpus_per_worker:g}: above 1, give a whole number of GPUs"))
+    if r.train.eval_every and r.train.checkpoint_every and r.train.checkpoint_every % r.train.eval_every:
+        out.append(("train.checkpoint_every", f"{r.train.checkpoint_every} is not a multiple of train.eval_every "
+                                              f"({r.train.eval_every}); the best checkpoint is chosen at evaluations"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers for errors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _index_lines(node: yaml.Node, path: tuple, lines: dict, problems: list[Problem]) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            key = k.value
+            if key in seen:
+                problems.append(Problem(_dotted(path + (key,)), f"duplicate key (first given at line {seen[key]})",
+                                        k.start_mark.line + 1))
+            seen[key] = k.start_mark.line + 1
+            lines[path + (key,)] = k.start_mark.line + 1
+            _index_lines(v, path + (key,), lines, problems)
+            lines[path + (key,)] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _index_lines(v, path + (str(i),), lines, problems)
+
+
+def _interpolate(v: Any, path: tuple, env, secrets: dict, problems: list, lines: dict) -> Any:
+    if isinstance(v, dict):
+        return {k: _interpolate(x, path + (str(k),), env, secrets, problems, lines) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_interpolate(x, path + (str(i),), env, secrets, problems, lines) for i, x in enumerate(v)]
+    if isinstance(v, str) and "${" in v:
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(Problem(_dotted(path), f"environment variable {name} is not set (export it, or "
+                                                   f"write ${{{name}:-default}})", _line_of(lines, path)))
+            return ""
+        secrets[path] = v
+        return _ENV_REF.sub(sub, v)
+    return v
+
+
+def _problem(err: dict, data: dict, lines: dict) -> Problem:
+    loc = tuple(str(x) for x in err["loc"])
+    typ, ctx = err["type"], err.get("ctx") or {}
+    # Drop the discriminator tag pydantic puts in the path of a union member ("tuning.lora.r" -> "tuning.r").
+    shown = _display_loc(loc)
+    line = _line_of(lines, shown)
+    value = err.get("input")
+    if typ == "extra_forbidden":
+        key = loc[-1]
+        allowed = _fields_at(loc[:-1], data)
+        hint = _did_you_mean(key, allowed)
+        return Problem(_dotted(shown), f"unknown key{hint}; allowed here: {', '.join(allowed)}", line)
+    if typ == "missing":
+        return Problem(_dotted(shown), "required key is missing", _line_of(lines, shown[:-1]))
+    if typ == "union_tag_invalid":
+        tags = ", ".join(f"'{t}'" for t in TUNING_MODES)
+        got = ctx.get("tag")
+        return Problem(_dotted(shown + ("mode",)),
+                       f"{got!r} is not a tuning mode{_did_you_mean(str(got), TUNING_MODES)}; expected one of {tags}",
+                       _line_of(lines, shown + ("mode",)) or line)
+    if typ == "union_tag_not_found":
+        return Problem(_dotted(shown + ("mode",)), "required key is missing; expected one of "
+                       + ", ".join(f"'{t}'" for t in TUNING_MODES), line)
+    if typ == "literal_error":
+        expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        hint = _did_you_mean(str(value), expected)
+        return Problem(_dotted(shown), f"{value!r} is not allowed{hint}; expected one of {ctx.get('expected')}", line)
+    if typ in ("int_parsing", "float_parsing", "int_type", "float_type", "int_from_float"):
+        what = "a whole number" if typ.startswith("int") else "a number"
+        return Problem(_dotted(shown), f"{value!r} is not {what}", line)
+    if typ in ("bool_parsing", "bool_type"):
+        return Problem(_dotted(shown), f"{value!r} is not true or false", line)
+    if typ in ("string_type",):
+        return Problem(_dotted(shown), f"{value!r} is {_tname(value)}; expected a string", line)
+    if typ in ("model_type", "model_attributes_type", "dict_type"):
+        return Problem(_dotted(shown), f"{value!r} is {_tname(value)}; expected a mapping of keys", line)
+    if typ == "list_type":
+        return Problem(_dotted(shown), f"{value!r} is {_tname(value)}; expected a list", line)
+    if typ in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[typ]
+        bound = next(iter(ctx.values()))
+        return Problem(_dotted(shown), f"{value!r} is out of range; must be {op} {bound:g}", line)
+    if typ == "value_error":
+        return Problem(_dotted(shown), str(ctx.get("error", err["msg"])), line)
+    return Problem(_dotted(shown), f"{err['msg']} (got {value!r})", line)
+
+
+def _display_loc(loc: tuple) -> tuple:
+    out = []
+    for i, part in enumerate(loc):
+        if i > 0 and loc[i - 1] == "tuning" and part in TUNING_MODES:
+            continue
+        if part in ("function-after[_one_location()]",) or part.startswith("function-"):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _fields_at(loc: tuple, data: dict) -> list[str]:
+    """Field names of the model found at `loc` (pydantic's error location, union tags included)."""
+    cls: Any = Recipe
+    for part in loc:
+        cls = _unwrap(cls)
+        if isinstance(cls, tuple):  # union of models: the tag picks one
+            cls = next((c for c in cls if c.model_fields["mode"].default == part), None)
+            if cls is None:
+                return []
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and part in cls.model_fields:
+            cls = cls.model_fields[part].annotation
+        else:
+            return []
+    cls = _unwrap(cls)
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    return []
+
+
+def _unwrap(t: Any) -> Any:
+    while True:
+        origin = typing.get_origin(t)
+        if origin is Annotated:
+            t = typing.get_args(t)[0]
+        elif origin in (Union, types.UnionType):
+            models = tuple(a for a in typing.get_args(t) if isinstance(a, type) and issubclass(a, BaseModel))
+            if len(models) == 1:
+                t = models[0]
+            else:
+                return models
+        else:
+            return t
+
+
+# Names other tools use for our keys: "did you mean" knows them even where the spelling is far.
+_SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs", "steps": "max_steps",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum",
+    "warmup": "warmup_ratio", "lr_scheduler": "schedule", "lr_scheduler_type": "schedule", "scheduler": "schedule",
+    "optim": "optimizer", "model_name": "name", "model_id": "name", "path": "name", "num_workers": "workers",
+    "gpus": "gpus_per_worker", "num_gpus": "gpus_per_worker", "cpus": "cpus_per_worker", "precision": "mixed_precision",
+    "max_length": "max_seq_len", "cutoff_len": "max_seq_len", "seq_len": "max_seq_len", "eval": "validation",
+    "valid": "validation", "val": "validation", "dev": "validation", "target_modules": "target_modules",
+    "method": "mode", "type": "mode", "finetuning_type": "mode", "quantization": "quantize",
+}
+
+
+def _did_you_mean(word: str, options) -> str:
+    """' (did you mean X?)' for the closest option, knowing other tools' names for our keys; '' if none is close."""
+    options = list(options)
+    aliases = {a: t for a, t in _SYNONYMS.items() if t in options}
+    close = difflib.get_close_matches(word, options + list(aliases), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean '{aliases.get(close[0], close[0])}'?)"
+
+
+def _line_of(lines: dict, path: tuple) -> int | None:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return None
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(path)
+
+
+def _tname(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "empty"}.get(type(v), type(v).__name__)
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen, out = set(), []
+    for p in problems:
+        if (p.path, p.message) not in seen:
+            seen.add((p.path, p.message))
+            out.append(p)
+    return out
+
+
+def _set_in(d: dict, path: tuple, value: Any) -> None:
+    for part in path[:-1]:
+        d = d[int(part)] if isinstance(d, list) else d[part]
+    last = path[-1]
+    if isinstance(d, list):
+        d[int(last)] = value
+    elif isinstance(d.get(last), dict) and "path" in d[last]:  # a source given as a plain string
+        d[last]["path"] = value
+    else:
+        d[last] = value
+
+
+def json_schema() -> dict:
+    """JSON Schema of the recipe, for editors (`runner schema`)."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "runner recipe"
+    # `tuning: lora` is shorthand for {mode: lora}.
+    tuning = schema["properties"]["tuning"]
+    schema["properties"]["tuning"] = {"description": tuning.pop("description", ""), "anyOf": [
+        {"enum": list(TUNING_MODES), "description": "Shorthand for {mode: ...}."}, tuning]}
+    # A plain string is shorthand for {path: ...}.
+    for key, prop in schema["$defs"]["DataSpec"]["properties"].items():
+        if key in ("train", "validation", "test"):
+            prop.setdefault("anyOf", [{"$ref": prop.pop("$ref")}] if "$ref" in prop else prop.get("anyOf", []))
+            prop["anyOf"].insert(0, {"type": "string", "description": "Shorthand for {path: ...}."})
+    return schema

@@ -1,0 +1,61 @@
+"""Tiny models and tokenizers built locally, for tests: nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def corpus() -> list[str]:
+    """Text to train the tiny tokenizer on: the shared real data where present, else a few sentences."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_en_demo.json"
+    texts = ["The quick brown fox jumps over the lazy dog.", "Hello world!", "How many miles is 12 kilometres?"]
+    if shared.exists():
+        for row in json.loads(shared.read_text(encoding="utf-8"))[:300]:
+            texts += [row["instruction"], row["input"], row["output"]]
+    return texts
+
+
+def tiny_tokenizer(vocab_size: int = 600):
+    """A byte-level BPE tokenizer (any text round-trips) with bos/eos/pad and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model_dir(path: Path, kind: str = "llama", tokenizer=None, **config) -> Path:
+    """Write a config and tokenizer (no weights needed by pre-flight) for a tiny model into `path`."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    n = len(tokenizer)
+    cfg = {
+        "llama": lambda: LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, **config),
+        "gpt2": lambda: GPT2Config(vocab_size=n, n_embd=32, n_layer=2, n_head=4, n_positions=512, **config),
+        "bert": lambda: BertConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=512,
+                                   pad_token_id=tokenizer.pad_token_id, **config),
+    }[kind]()
+    path.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
