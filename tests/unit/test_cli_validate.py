@@ -1,0 +1,74 @@
+"""`runner validate` as a user runs it: exit codes, one clear line a problem, no traceback, JSON output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CPU_RECIPES = ["quickstart.yaml", "classifier-full.yaml", "regression.yaml"]
+
+
+def runner(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "runner.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+@pytest.mark.parametrize("name", CPU_RECIPES)
+def test_cpu_recipes_pass_preflight(name, minilm):
+    out = runner("validate", f"recipes/{name}")
+    assert out.returncode == 0, out.stderr
+    assert f"recipes/{name}: ready to run (train " in out.stdout
+    assert out.stdout.rstrip().endswith(f"next: runner run recipes/{name}")
+
+
+def test_gpu_recipes_validate_schema_only():
+    for name in ("instruct-lora-gpu.yaml", "chat-lora-gpu.yaml"):
+        out = runner("validate", f"recipes/{name}", "--schema-only")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"recipes/{name}: recipe is valid")
+
+
+def test_data_problems_exit_2_with_key_file_and_line(tmp_path, minilm):
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n' * 10)
+    (tmp_path / "test.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "z"}\n')
+    (tmp_path / "r.yaml").write_text(f"name: t\nmodel:\n  name: {minilm}\ntask: classification\ndata:\n"
+                                     "  train: train.jsonl\n  test: test.jsonl\n")
+    out = runner("validate", tmp_path / "r.yaml")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"{tmp_path / 'r.yaml'}: 1 problem",
+        f"  {tmp_path / 'r.yaml'}:7: data.test: test.jsonl:2: label 'z' is not among the training labels (x, y)",
+    ]
+    assert "Traceback" not in out.stderr
+
+
+def test_schema_problems_json(tmp_path):
+    (tmp_path / "r.yaml").write_text("name: t\nmodel: {name: m}\ntask: regresion\ndata: {train: a.csv}\n")
+    out = runner("validate", tmp_path / "r.yaml", "--json")
+    assert out.returncode == 2
+    report = json.loads(out.stdout)
+    assert report["ok"] is False
+    assert report["problems"] == [{"path": "task", "line": 3, "message": "'regresion' is not allowed (did you mean "
+                                   "'regression'?); expected one of 'classification', 'regression' or 'causal_lm'"}]
+
+
+def test_missing_recipe_is_one_line(tmp_path):
+    out = runner("validate", tmp_path / "nope.yaml")
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [f"{tmp_path / 'nope.yaml'}: 1 problem", f"  {tmp_path / 'nope.yaml'}: no such file"]
+
+
+def test_show_defaults_prints_a_loadable_recipe(tmp_path):
+    out = runner("validate", "recipes/regression.yaml", "--show-defaults", "--schema-only")
+    assert out.returncode == 0
+    (tmp_path / "data").symlink_to(ROOT / "recipes" / "data")
+    (tmp_path / "full.yaml").write_text(out.stdout)
+    from jobs.recipe import load_recipe
+
+    a, b = load_recipe(ROOT / "recipes" / "regression.yaml"), load_recipe(tmp_path / "full.yaml")
+    assert a.model_dump() == b.model_dump()
+    assert "keep_checkpoints: 2" in out.stdout and "mixed_precision: 'no'" in out.stdout

@@ -1,0 +1,334 @@
+"""Data: each source kind, each format, masks, splits, and the pre-flight's messages (no Ray, no training)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from jobs import data as D
+from jobs.preflight import Report, preflight, resolve_model
+from jobs.recipe import parse_recipe
+
+ROWS = [{"text": f"sentence number {i}", "label": "pos" if i % 3 else "neg"} for i in range(30)]
+
+
+def recipe(tmp_path: Path, body: str, task: str = "classification", model: str = "some/model"):
+    return parse_recipe(f"name: t\nmodel:\n  name: {model}\ntask: {task}\ndata:\n{body}", base_dir=tmp_path, env={})
+
+
+def jsonl(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def errors(fn, *a) -> list[str]:
+    with pytest.raises(D.DataError) as e:
+        fn(*a)
+    return [f"{p.path}: {p.message}" for p in e.value.problems]
+
+
+# -- source kinds ---------------------------------------------------------------------------------------------------
+
+
+def test_each_local_source_kind_reads_the_same_rows(tmp_path):
+    import datasets
+
+    (tmp_path / "a.jsonl").write_text(jsonl(ROWS))
+    (tmp_path / "a.json").write_text(json.dumps(ROWS))
+    (tmp_path / "a.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in ROWS))
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "disk"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:10]),
+                          "holdout": datasets.Dataset.from_list(ROWS[10:])}).save_to_disk(str(tmp_path / "dd"))
+    for src in ("a.jsonl", "a.json", "a.csv", "a.parquet", "disk"):
+        r = recipe(tmp_path, f"  train: {src}\n")
+        sp = D.map_columns(r, D.read_source(r, "train", r.data.train))
+        assert sp.dataset.to_list() == ROWS, src
+    r = recipe(tmp_path, "  train: dd\n  test: {path: dd, split: holdout}\n")
+    assert len(D.read_source(r, "train", r.data.train).dataset) == 10
+    assert len(D.read_source(r, "test", r.data.test).dataset) == 20
+    r = recipe(tmp_path, "  train: {path: dd, split: nope}\n")
+    assert errors(D.read_source, r, "train", r.data.train) == [
+        "data.train: dd: has no split 'nope'; it has train, holdout (choose one with split: NAME)"]
+
+
+def test_hub_source_passes_id_subset_split_revision(tmp_path, monkeypatch):
+    import datasets
+
+    seen = {}
+
+    def fake_load(path, name=None, split=None, revision=None):  # the network edge: the hub itself
+        seen.update(path=path, name=name, split=split, revision=revision)
+        return datasets.Dataset.from_list(ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    r = recipe(tmp_path, "  train: {hub: org/topics, subset: en, revision: v2}\n")
+    sp = D.read_source(r, "train", r.data.train)
+    assert seen == {"path": "org/topics", "name": "en", "split": "train", "revision": "v2"}
+    assert len(sp.dataset) == 30 and sp.origin == "org/topics[train]"
+
+
+def test_hub_source_offline_miss_says_how_to_fetch(tmp_path):
+    r = recipe(tmp_path, "  train: {hub: org/not-cached}\n")
+    (msg,) = errors(D.read_source, r, "train", r.data.train)
+    assert msg.startswith("data.train: hub dataset 'org/not-cached' (split 'train'): cannot be loaded: ")
+    assert msg.endswith("; fetch it once with network: hf download --repo-type dataset org/not-cached")
+
+
+# -- bad files name the file and line -------------------------------------------------------------------------------
+
+
+def test_missing_file_with_suggestion(tmp_path):
+    (tmp_path / "train.jsonl").write_text(jsonl(ROWS))
+    r = recipe(tmp_path, "  train: trian.jsonl\n")
+    assert errors(D.read_source, r, "train", r.data.train) == [
+        f"data.train: trian.jsonl: no such file or folder (looked for {tmp_path / 'trian.jsonl'}) "
+        f"(did you mean 'train.jsonl'?)"]
+
+
+def test_malformed_rows_named_by_file_and_line(tmp_path):
+    lines = jsonl(ROWS[:3]).splitlines()
+    (tmp_path / "t.jsonl").write_text("\n".join([lines[0], "", '{"text": "x", "label": }', lines[1], "[1, 2]"]))
+    r = recipe(tmp_path, "  train: t.jsonl\n")
+    assert errors(D.read_source, r, "train", r.data.train) == [
+        "data.train: t.jsonl:3: not valid JSON: Expecting value (column 24)",
+        "data.train: t.jsonl:5: expected a JSON object, got list",
+    ]
+    (tmp_path / "t.csv").write_text("text,label\nfine,pos\ntoo,many,fields\n")
+    r = recipe(tmp_path, "  train: t.csv\n")
+    assert errors(D.read_source, r, "train", r.data.train) == [
+        "data.train: t.csv:3: 3 fields, the header has 2 (text, label)"]
+    (tmp_path / "t.json").write_text('[\n  {"text": "a", "label": "x"},\n  {"text": "b" "label": "y"}\n]')
+    r = recipe(tmp_path, "  train: t.json\n")
+    assert errors(D.read_source, r, "train", r.data.train) == [
+        "data.train: t.json:3: not valid JSON: Expecting ',' delimiter (column 16)"]
+    (tmp_path / "t.parquet").write_text("not parquet")
+    r = recipe(tmp_path, "  train: t.parquet\n")
+    (msg,) = errors(D.read_source, r, "train", r.data.train)
+    assert msg.startswith("data.train: t.parquet: not a readable Parquet file: ")
+    (tmp_path / "t.txt").write_text("x")
+    r = recipe(tmp_path, "  train: t.txt\n")
+    assert errors(D.read_source, r, "train", r.data.train) == [
+        "data.train: t.txt: cannot tell the format from the suffix '.txt'; accepted: .jsonl, .json, .csv, .parquet "
+        "or a datasets save_to_disk folder"]
+
+
+def test_missing_column_and_bad_values_name_rows(tmp_path):
+    (tmp_path / "t.jsonl").write_text(jsonl([{"sentence": "a", "label": "x"}]))
+    r = recipe(tmp_path, "  train: t.jsonl\n")
+    assert errors(D.load_splits, r) == [
+        "data.train: t.jsonl: no column 'text'; the task needs it as 'text'. Columns: sentence, label. "
+        "Map one with data.columns.text: COLUMN"]
+    rows = [{"review": f"r{i}", "stars": i} for i in range(20)] + [{"review": "bad", "stars": "five"}]
+    (tmp_path / "reg.jsonl").write_text(jsonl(rows))
+    r = recipe(tmp_path, "  train: reg.jsonl\n  columns: {text: review, label: stars}\n", task="regression")
+    # a mixed column fails in datasets' own loader; a string column with a non-number is caught row by row
+    (tmp_path / "reg2.jsonl").write_text(jsonl([{"review": f"r{i}", "stars": str(i)} for i in range(20)]
+                                               + [{"review": "bad", "stars": "five"}, {"review": "", "stars": "1"}]))
+    r = recipe(tmp_path, "  train: reg2.jsonl\n  columns: {text: review, label: stars}\n", task="regression")
+    assert errors(D.load_splits, r) == [
+        "data.train: reg2.jsonl:22: text: empty",
+        "data.train: reg2.jsonl:21: label: 'five' is not a number (regression needs a numeric target)"]
+
+
+def test_unknown_label_in_test(tmp_path):
+    (tmp_path / "train.jsonl").write_text(jsonl(ROWS))
+    (tmp_path / "test.jsonl").write_text(jsonl([{"text": "a", "label": "pos"}, {"text": "b", "label": "neutral"}]))
+    r = recipe(tmp_path, "  train: train.jsonl\n  test: test.jsonl\n")
+    assert errors(D.load_splits, r) == [
+        "data.test: test.jsonl:2: label 'neutral' is not among the training labels (neg, pos)"]
+    r = recipe(tmp_path, "  train: train.jsonl\n  labels: [pos, neutral]\n")
+    msg, *others = errors(D.load_splits, r)
+    assert all(m.startswith(("data.validation: ", "data.test: ")) for m in others)
+    assert re.match(r"data\.train: train\.jsonl:1, train\.jsonl:4, (train\.jsonl:\d+, ){2}train\.jsonl:\d+ \(and \d+ "
+                    r"more rows\): ", msg) and msg.endswith("more rows): label 'neg' is not among the labels listed in "
+                                                    "data.labels (pos, neutral)")
+
+
+def test_label_names_stable_and_classlabel_names_kept(tmp_path):
+    import datasets
+
+    (tmp_path / "t.jsonl").write_text(jsonl([{"text": f"x{i}", "label": i % 11} for i in range(44)]))
+    r = recipe(tmp_path, "  train: t.jsonl\n")
+    sp = D.load_splits(r)
+    assert D.label_names(r, sp["train"]) == [str(i) for i in range(11)]  # numeric order, not "10" < "2"
+    ds = datasets.Dataset.from_dict({"text": ["a", "b", "c", "d"] * 5, "label": [0, 1, 1, 0] * 5},
+                                    features=datasets.Features({"text": datasets.Value("string"),
+                                                                "label": datasets.ClassLabel(names=["neg", "pos"])}))
+    ds.save_to_disk(str(tmp_path / "cl"))
+    r = recipe(tmp_path, "  train: cl\n")
+    sp = D.load_splits(r)
+    assert D.label_names(r, sp["train"]) == ["neg", "pos"]
+
+
+# -- splits ---------------------------------------------------------------------------------------------------------
+
+
+def test_splits_reproducible_from_seed_and_disjoint(tmp_path):
+    rows = [{"text": f"row {i}", "label": "ab"[i % 2]} for i in range(200)]
+    (tmp_path / "t.jsonl").write_text(jsonl(rows))
+
+    def texts(seed):
+        r = recipe(tmp_path, f"  train: t.jsonl\n  split: {{validation: 0.1, test: 0.2, seed: {seed}}}\n")
+        return {k: v.dataset["text"] for k, v in D.load_splits(r).items()}
+
+    a, b, c = texts(1), texts(1), texts(2)
+    assert a == b
+    assert a != c
+    assert (len(a["train"]), len(a["validation"]), len(a["test"])) == (140, 20, 40)
+    sets = [set(a[k]) for k in ("train", "validation", "test")]
+    assert sets[0].isdisjoint(sets[1]) and sets[0].isdisjoint(sets[2]) and sets[1].isdisjoint(sets[2])
+    assert set().union(*sets) == {r["text"] for r in rows}
+    # a split given as a file is used as it is; only the missing one is carved from train
+    (tmp_path / "v.jsonl").write_text(jsonl(rows[:7]))
+    r = recipe(tmp_path, "  train: t.jsonl\n  validation: v.jsonl\n")
+    s = D.load_splits(r)
+    assert len(s["validation"].dataset) == 7 and len(s["test"].dataset) == 20 and len(s["train"].dataset) == 180
+    # rows of a derived split still point at their line in the original file
+    n = int(s["test"].dataset["text"][3].split()[1])
+    assert s["test"].where(3) == f"t.jsonl:{n + 1}"
+
+
+def test_too_few_rows_to_split(tmp_path):
+    (tmp_path / "t.jsonl").write_text(jsonl(ROWS[:2]))
+    r = recipe(tmp_path, "  train: t.jsonl\n")
+    assert errors(D.load_splits, r) == [
+        "data.train: 2 rows are too few to split off test and validation; give them as files or add rows"]
+
+
+# -- formats and loss masks -----------------------------------------------------------------------------------------
+
+
+def _labelled_text(tok, ex) -> str:
+    return tok.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if l != -100])
+
+
+def test_instruction_format_loss_only_on_response(tmp_path, tokenizer, shared_data):
+    rows = json.loads((shared_data / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    r = recipe(tmp_path, f"  train: {shared_data / 'alpaca_en_demo.json'}\n  format: instruction\n"
+                         f"  max_seq_len: 4096\n", task="causal_lm")
+    splits = D.load_splits(r)
+    assert sum(len(s.dataset) for s in splits.values()) == len(rows) == 999
+    with_input = next(x for x in rows if x["input"].strip())
+    for row in (rows[0], with_input, next(x for x in rows if any(ord(c) > 127 for c in x["output"]))):
+        ex = D.tokenize_example(r, tokenizer, row)
+        assert _labelled_text(tokenizer, ex) == row["output"] + tokenizer.eos_token
+        prompt = tokenizer.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if l == -100])
+        assert row["instruction"] in prompt and "### Response:" in prompt
+        assert row["output"] not in prompt
+    assert "### Input:" in tokenizer.decode(D.tokenize_example(r, tokenizer, with_input)["input_ids"])
+    tok = D.tokenize_split(r, tokenizer, splits["validation"])
+    assert set(tok.column_names) == {"input_ids", "attention_mask", "labels", "n_tokens"}
+
+
+def test_instruction_truncation_keeps_prompt_masked(tmp_path, tokenizer, shared_data):
+    r = recipe(tmp_path, "  train: x.jsonl\n  format: instruction\n  max_seq_len: 16\n", task="causal_lm")
+    row = {"instruction": "Summarise the following long text for me please", "input": "", "output": "Short."}
+    ex = D.tokenize_example(r, tokenizer, row)
+    assert len(ex["input_ids"]) == 16 and ex["n_tokens"] > 16
+    assert all(l == -100 for l in ex["labels"])  # the response fell off the end: nothing to learn
+
+
+def test_chat_format_loss_only_on_assistant_turns(tmp_path, tokenizer):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "Sunny, 21 °C."}]
+    r = recipe(tmp_path, "  train: x.jsonl\n  format: chat\n", task="causal_lm")
+    ex = D.tokenize_example(r, tokenizer, {"messages": msgs})
+    assert _labelled_text(tokenizer, ex) == "Hello! How can I help?<|im_end|>\nSunny, 21 °C.<|im_end|>\n"
+    assert tokenizer.decode(ex["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_text_format_labels_every_token(tmp_path, tokenizer):
+    r = recipe(tmp_path, "  train: x.jsonl\n  max_seq_len: 8\n", task="causal_lm")
+    ex = D.tokenize_example(r, tokenizer, {"text": "The quick brown fox jumps over the lazy dog again and again."})
+    assert ex["labels"] == ex["input_ids"] and len(ex["input_ids"]) == 8 and ex["n_tokens"] > 8
+
+
+def test_classification_and_regression_examples(tmp_path, tokenizer):
+    r = recipe(tmp_path, "  train: x.jsonl\n  max_seq_len: 8\n")
+    ex = D.tokenize_example(r, tokenizer, {"text": "hello world", "label": "pos"}, {"neg": 0, "pos": 1})
+    assert ex["labels"] == 1 and ex["input_ids"] == tokenizer("hello world")["input_ids"]
+    r = recipe(tmp_path, "  train: x.jsonl\n", task="regression")
+    assert D.tokenize_example(r, tokenizer, {"text": "ok", "label": "4.5"})["labels"] == 4.5
+
+
+def test_chat_rows_are_checked(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 20
+    rows += [{"messages": [{"role": "user", "content": "only me"}]}, {"messages": [{"role": "robot", "content": "x"}]}]
+    (tmp_path / "c.jsonl").write_text(jsonl(rows))
+    r = recipe(tmp_path, "  train: c.jsonl\n  format: chat\n", task="causal_lm")
+    assert errors(D.load_splits, r) == [
+        "data.train: c.jsonl:21: messages: no assistant message: nothing to learn from",
+        "data.train: c.jsonl:22: message {'role': 'robot', 'content': 'x'} needs a role (system, user, assistant, "
+        "tool) and text content"]
+
+
+# -- pre-flight -----------------------------------------------------------------------------------------------------
+
+
+def _messages(rep: Report) -> list[str]:
+    return [f"{p.path}: {p.message}" for p in rep.problems]
+
+
+def test_preflight_counts_truncation_and_refuses_when_none_fits(tmp_path, tiny_llama_dir):
+    rows = [{"text": "word " * (3 + i % 20)} for i in range(40)]
+    (tmp_path / "t.jsonl").write_text(jsonl(rows))
+    r = recipe(tmp_path, "  train: t.jsonl\n  max_seq_len: 20\n", task="causal_lm", model=str(tiny_llama_dir))
+    rep = preflight(r)
+    assert rep.ok, rep.problems
+    assert rep.rows == {"train": 32, "validation": 4, "test": 4}
+    assert any(n.startswith("train: ") and "longer than data.max_seq_len 20 and will be truncated" in n
+               for n in rep.notes)
+    (tmp_path / "long.jsonl").write_text(jsonl([{"text": "word " * (30 + i)} for i in range(40)]))
+    r = recipe(tmp_path, "  train: long.jsonl\n  max_seq_len: 8\n", task="causal_lm", model=str(tiny_llama_dir))
+    msgs = _messages(preflight(r))
+    assert msgs[0].startswith("data.max_seq_len: 8: none of 32 train examples fits (the longest has ")
+    assert msgs[0].endswith("tokens); raise data.max_seq_len")
+
+
+def test_preflight_model_resolution(tmp_path, minilm):
+    (tmp_path / "t.jsonl").write_text(jsonl(ROWS))
+    r = recipe(tmp_path, "  train: t.jsonl\n", model=minilm)
+    assert resolve_model(r) == (minilm, None)
+    rep = preflight(r)
+    assert rep.ok and rep.labels == ["neg", "pos"]
+    r = recipe(tmp_path, "  train: t.jsonl\n", model="nobody/not-a-model")
+    _, problem = resolve_model(r)
+    assert problem.message.startswith("'nobody/not-a-model' (revision 'main') is not in the local cache (")
+    assert problem.message.endswith("and HF_HUB_OFFLINE=1; fetch it once with: hf download nobody/not-a-model")
+    (tmp_path / "empty").mkdir()
+    r = recipe(tmp_path, "  train: t.jsonl\n", model="./empty")
+    assert resolve_model(r)[1].message == ("./empty: the folder has no config.json; point at a folder written by "
+                                           "save_pretrained, or at a hub id")
+    r = recipe(tmp_path, "  train: t.jsonl\n", model="./missing")
+    assert resolve_model(r)[1].message == f"./missing: no such folder (looked for {tmp_path / 'missing'})"
+
+
+def test_preflight_chat_needs_a_template(tmp_path, tokenizer):
+    from tiny import tiny_model_dir
+
+    tok = tokenizer.__class__.from_pretrained(str(tiny_model_dir(tmp_path / "m0", "llama", tokenizer)))
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text((tmp_path / "m0" / "config.json").read_text())
+    for f in (tmp_path / "m").glob("chat_template*"):
+        f.unlink()
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 20
+    (tmp_path / "c.jsonl").write_text(jsonl(rows))
+    r = recipe(tmp_path, "  train: c.jsonl\n  format: chat\n", task="causal_lm", model="./m")
+    assert _messages(preflight(r)) == [
+        "data.format: the tokenizer of './m' has no chat template; give one in data.chat_template, or use format "
+        "'instruction'"]
+    from tiny import CHAT_TEMPLATE
+
+    r = recipe(tmp_path, f"  train: c.jsonl\n  format: chat\n  chat_template: {json.dumps(CHAT_TEMPLATE)}\n",
+               task="causal_lm", model="./m")
+    assert preflight(r).ok
+
+
+def test_preflight_reports_data_and_model_problems_together(tmp_path):
+    r = recipe(tmp_path, "  train: nothing.jsonl\n", model="nobody/nothing")
+    msgs = _messages(preflight(r))
+    assert len(msgs) == 2
+    assert msgs[0].startswith("model.name: 'nobody/nothing'") and msgs[1].startswith("data.train: nothing.jsonl: ")
