@@ -36,6 +36,7 @@ test-fast: install
 
 demo: install
 	$(BIN)/runner validate recipes/quickstart.yaml
+	$(BIN)/runner run recipes/quickstart.yaml
 
 docs: install
 	$(BIN)/python -m jobs.recipe_doc --write README.md

@@ -305,6 +305,20 @@ class Recipe(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.redacted(), sort_keys=False, allow_unicode=True)
 
+    def snapshot_yaml(self) -> str:
+        """The recipe as run, for the job folder: defaults filled in, secrets as `${VAR}`, local paths absolute
+        (so that it loads the same data from anywhere)."""
+        d = self.redacted()
+        for split in ("train", "validation", "test"):
+            src = getattr(self.data, split)
+            if src is not None and src.path is not None and ("data", split) not in self._secrets \
+                    and ("data", split, "path") not in self._secrets:
+                d["data"][split]["path"] = str(self.resolve_path(src.path))
+        local = self.resolve_path(self.model.name)
+        if local.exists() and ("model", "name") not in self._secrets:
+            d["model"]["name"] = str(local)
+        return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: YAML -> interpolation -> schema -> cross-field checks, every problem at once

@@ -98,6 +98,64 @@ def _render(p: dict, source: str) -> str:
     return f"{where}: {p['path']}: {p['message']}" if p.get("path") else f"{where}: {p['message']}"
 
 
+def runner_home() -> Path:
+    return Path(os.environ.get("RUNNER_HOME") or Path.home() / ".runner")
+
+
+def new_job_dir(name: str) -> Path:
+    """<RUNNER_HOME>/artifacts/<name>-<UTC time>-<random>: sortable, unique, readable."""
+    import secrets
+    import time
+
+    job_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+    d = runner_home() / "artifacts" / job_id
+    d.mkdir(parents=True)
+    return d
+
+
+@app.command()
+def run(recipe: Path = typer.Argument(..., help="The recipe file.", show_default=False)) -> None:
+    """Run a job in the foreground on a local Ray (started for it) or on RAY_ADDRESS, and print its test metrics.
+
+    Ctrl-C stops the workers and leaves no process behind. The job's files land in
+    $RUNNER_HOME/artifacts/<job id>/ (RUNNER_HOME defaults to ~/.runner).
+    """
+    import signal
+
+    try:
+        r = load_recipe(recipe)
+    except RecipeError as e:
+        _fail(e.render())
+    job_dir = new_job_dir(r.name)
+    (job_dir / "recipe.yaml").write_text(r.snapshot_yaml(), encoding="utf-8")
+    typer.echo(f"job {job_dir.name}: {r.task}, {r.tuning.mode}, {r.resources.workers} worker(s)", err=True)
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.entrypoint", str(job_dir)], env=env,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate()
+    except KeyboardInterrupt:
+        typer.echo("stopping the job (Ctrl-C again to kill it)", err=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _fail(f"job {job_dir.name}: cancelled; its files are in {job_dir}", code=130)
+    if proc.returncode != 0:
+        reason = (job_dir / "failure.txt").read_text().strip() if (job_dir / "failure.txt").exists() else \
+            f"the driver exited with code {proc.returncode}"
+        _fail([f"job {job_dir.name} FAILED: {reason}", f"files: {job_dir}"], code=1)
+    result = json.loads((job_dir / "eval.json").read_text())
+    typer.echo(f"job {job_dir.name} SUCCEEDED")
+    typer.echo(f"artifacts: {job_dir}")
+    typer.echo("test: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in result["test"].items()))
+    typer.echo(f"next: ls {job_dir / 'model'}   (loads with from_pretrained)")
+
+
 @app.command()
 def schema() -> None:
     """Print the recipe's JSON Schema, for editors (e.g. the YAML language server's `# yaml-language-server: $schema=`)."""

@@ -39,8 +39,8 @@ def tiny_tokenizer(vocab_size: int = 600):
     return fast
 
 
-def tiny_model_dir(path: Path, kind: str = "llama", tokenizer=None, **config) -> Path:
-    """Write a config and tokenizer (no weights needed by pre-flight) for a tiny model into `path`."""
+def tiny_model_dir(path: Path, kind: str = "llama", tokenizer=None, weights: bool = False, **config) -> Path:
+    """Write a config and tokenizer for a tiny model into `path`, and random weights when asked."""
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
     tokenizer = tokenizer or tiny_tokenizer()
@@ -56,6 +56,13 @@ def tiny_model_dir(path: Path, kind: str = "llama", tokenizer=None, **config) ->
                                    pad_token_id=tokenizer.pad_token_id, **config),
     }[kind]()
     path.mkdir(parents=True, exist_ok=True)
+    if weights:
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        cls = AutoModel if kind == "bert" else AutoModelForCausalLM
+        cls.from_config(cfg).save_pretrained(path)
     cfg.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

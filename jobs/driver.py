@@ -1,0 +1,189 @@
+"""The job driver: pre-flight again, prepare the data, run the Ray Train workers, write eval and manifest.
+
+`python -m jobs.entrypoint JOB_DIR` runs it (the Ray Jobs entrypoint, and what `runner run` starts in the
+foreground). JOB_DIR holds `recipe.yaml`, the recipe as run (absolute paths, secrets as `${VAR}` references).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from jobs.recipe import Recipe, RecipeError, load_recipe
+
+
+class JobFailed(Exception):
+    """The job cannot succeed; the message is the reason a person can act on."""
+
+
+PACKAGES = ("torch", "transformers", "accelerate", "datasets", "ray", "peft", "onnx", "onnxruntime", "runner")
+
+
+def prepare_data(recipe: Recipe, job_dir: Path, model_path: str) -> dict:
+    """Tokenize train/validation/test once, for every worker: <job_dir>/prepared/{data,tokenizer,labels.json}."""
+    from jobs import data as D
+    from jobs.preflight import load_tokenizer
+
+    splits = D.load_splits(recipe)
+    labels = D.label_names(recipe, splits["train"]) if recipe.task == "classification" else None
+    ids = {n: i for i, n in enumerate(labels)} if labels else None
+    tok = load_tokenizer(recipe, model_path)
+    import datasets
+
+    out = job_dir / "prepared"
+    shutil.rmtree(out, ignore_errors=True)
+    dd = datasets.DatasetDict({k: D.tokenize_split(recipe, tok, v, ids) for k, v in splits.items()})
+    dd.save_to_disk(str(out / "data"))
+    tok.save_pretrained(out / "tokenizer")
+    (out / "labels.json").write_text(json.dumps(labels))
+    return {k: len(v) for k, v in dd.items()}
+
+
+def run_job(job_dir: Path, extra_config: dict | None = None) -> dict:
+    """Run one job to the end. Returns the eval results; raises JobFailed with a reason in words."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.preflight import preflight
+    from jobs.train import train_func
+
+    job_dir = Path(job_dir).resolve()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        recipe = load_recipe(job_dir / "recipe.yaml")
+    except RecipeError as e:
+        raise JobFailed(e.render()) from None
+    report = preflight(recipe)
+    if not report.ok:
+        raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in report.problems))
+    timings["preflight_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows = prepare_data(recipe, job_dir, report.model_path)
+    timings["prepare_s"] = time.perf_counter() - t0
+    (job_dir / "failure.txt").unlink(missing_ok=True)
+
+    res = recipe.resources
+    use_gpu = res.gpus_per_worker > 0
+    per_worker = {"CPU": res.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    env_vars = {k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN",
+                                             "WANDB_API_KEY", "WANDB_MODE", "TOKENIZERS_PARALLELISM") if k in os.environ}
+    env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"job_dir": str(job_dir), "model_path": report.model_path, **(extra_config or {})},
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if use_gpu and _has_cuda() else "gloo"),
+        run_config=RunConfig(name="checkpoints", storage_path=str(job_dir),
+                             failure_config=FailureConfig(max_failures=res.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
+                             worker_runtime_env={"env_vars": env_vars}),
+    )
+    t0 = time.perf_counter()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        reason = (job_dir / "failure.txt").read_text() if (job_dir / "failure.txt").exists() else _reason(e)
+        raise JobFailed(reason) from None
+    timings["train_s"] = time.perf_counter() - t0
+    result = json.loads((job_dir / "eval.json").read_text())
+    write_manifest(job_dir, recipe, timings, result, rows)
+    return result
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln:
+            return ln[:500]
+    return (lines[-1] if lines else type(e).__name__)[:500]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def write_manifest(job_dir: Path, recipe: Recipe, timings: dict, result: dict, rows: dict) -> dict:
+    """manifest.json: every artifact with size and sha256, package versions, timings, metrics."""
+    files = []
+    for p in sorted(job_dir.rglob("*")):
+        rel = p.relative_to(job_dir)
+        if not p.is_file() or rel.parts[0] in ("prepared", "wandb") or rel.name == "manifest.json":
+            continue
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        files.append({"path": str(rel), "bytes": p.stat().st_size, "sha256": h.hexdigest()})
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    manifest = {"job": job_dir.name, "name": recipe.name, "task": recipe.task, "tuning": recipe.tuning.mode,
+                "rows": rows, "metrics": {"validation": result["validation"], "test": result["test"]},
+                "timings": timings, "versions": {"python": platform.python_version(), **versions},
+                "files": files}
+    (job_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m jobs.entrypoint JOB_DIR", file=sys.stderr)
+        return 2
+    return run_with_ray(Path(args[0]))
+
+
+def run_with_ray(job_dir: Path) -> int:
+    """Connect to RAY_ADDRESS, or start a local Ray for this job; print progress; exit 0 / 1 with the reason."""
+    import logging
+
+    import ray
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(address=address or None, include_dashboard=False if not address else None,
+                 logging_level=logging.WARNING, log_to_driver=os.environ.get("RUNNER_VERBOSE") == "1",
+                 **({} if address else {"object_store_memory": 200 * 2**20}))
+    from jobs.progress import Follow
+
+    follow = Follow(job_dir)
+    follow.start()
+    try:
+        result = run_job(job_dir)
+    except JobFailed as e:
+        follow.stop()
+        (job_dir / "failure.txt").write_text(str(e))
+        print(f"FAILED: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        follow.stop()
+        print("cancelled: stopping the workers", file=sys.stderr, flush=True)
+        ray.shutdown()
+        return 130
+    follow.stop()
+    print(json.dumps({"job_dir": str(job_dir), "test": result["test"], "validation": result["validation"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

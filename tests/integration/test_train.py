@@ -1,0 +1,175 @@
+"""Training on a real Ray cluster (one per module) with tiny models built from config."""
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_DEDUP_LOGS"] = "0"
+
+ray = pytest.importorskip("ray")
+
+from jobs.driver import JobFailed, run_job  # noqa: E402
+
+pytestmark = pytest.mark.slow
+WORDS = "apple river stone cloud window green table music paper light north silver garden road".split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory, tokenizer):
+    from tiny import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("m") / "bert", "bert", tokenizer, weights=True)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tokenizer):
+    from tiny import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("m") / "llama", "llama", tokenizer, weights=True)
+
+
+def keyword_rows(n: int, seed: int = 0) -> list[dict]:
+    """Learnable: the label is whether 'good' or 'bad' appears among random words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        words = rng.sample(WORDS, 4)
+        words.insert(rng.randrange(5), "good" if label == "pos" else "bad")
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def job(tmp_path: Path, model: Path, body: str, task: str = "classification", rows=None, name="t") -> Path:
+    if rows is not None:
+        (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = tmp_path / "job"
+    d.mkdir()
+    from jobs.recipe import parse_recipe
+
+    r = parse_recipe(f"name: {name}\nmodel:\n  name: {model}\ntask: {task}\n{body}", base_dir=tmp_path, env={})
+    (d / "recipe.yaml").write_text(r.snapshot_yaml())
+    return d
+
+
+def metrics(d: Path) -> list[dict]:
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_worker_ddp_is_real_data_parallelism(tmp_path, bert_dir):
+    d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
+            "train:\n  epochs: 2\n  batch_size: 4\n  grad_accum: 2\n  lr: 0.003\n"
+            "resources:\n  workers: 2\n", rows=keyword_rows(103))
+    run_job(d, {"record_seen": str(d / "seen"), "record_weights": True})
+    assert "world size 2 (MULTI_CPU)" in (d / "train.log").read_text()
+    n_train = json.loads((d / "manifest.json").read_text())["rows"]["train"]
+    by_epoch: dict = {}
+    for rank in (0, 1):
+        for line in Path(f"{d / 'seen'}.{rank}").read_text().splitlines():
+            epoch, *idx = map(int, line.split())
+            by_epoch.setdefault(epoch, []).extend(idx)
+    assert sorted(by_epoch) == [0, 1]
+    for epoch, idx in by_epoch.items():
+        assert sorted(idx) == list(range(n_train)), f"epoch {epoch}: every row once, none twice"
+    ranks = [Path(f"{d / 'seen'}.{r}").read_text() for r in (0, 1)]
+    assert ranks[0] != ranks[1] and all(ranks)  # both ranks trained, on different rows
+    assert (d / "weights.0.sha256").read_text() == (d / "weights.1.sha256").read_text()
+
+
+def test_classifier_learns_and_saves_everything(tmp_path, bert_dir):
+    d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
+            "train:\n  epochs: 6\n  batch_size: 8\n  lr: 0.003\n  eval_every: 10\n  keep_checkpoints: 1\n",
+            rows=keyword_rows(240))
+    result = run_job(d)
+    steps = [m for m in metrics(d) if "split" not in m]
+    first, last = steps[0]["loss"], sum(m["loss"] for m in steps[-5:]) / 5
+    assert last < first * 0.5, (first, last)
+    assert result["test"]["accuracy"] >= 0.9 and result["test"]["macro_f1"] >= 0.9
+    assert {"step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s"} <= set(steps[0])
+    ev = json.loads((d / "eval.json").read_text())
+    assert ev["best_step"] and ev["selected_by"] == "validation accuracy"
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(d / "model")
+    assert m.config.id2label == {0: "neg", 1: "pos"}
+    man = json.loads((d / "manifest.json").read_text())
+    paths = {f["path"] for f in man["files"]}
+    assert {"model/model.safetensors", "model/config.json", "eval.json", "metrics.jsonl", "recipe.yaml"} <= paths
+    assert all(len(f["sha256"]) == 64 for f in man["files"]) and man["versions"]["torch"]
+    assert len(list((d / "checkpoints").glob("checkpoint_2*"))) == 1  # keep_checkpoints: the last one
+
+
+def test_regression_error_falls_and_freeze(tmp_path, bert_dir):
+    rng = random.Random(1)
+    rows = []
+    for _ in range(200):
+        k = rng.randint(0, 4)
+        rows.append({"text": " ".join(["good"] * k + rng.sample(WORDS, 3)), "label": float(k)})
+    d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
+            "tuning:\n  mode: freeze\n  train_last_layers: 1\n"
+            "train:\n  epochs: 5\n  batch_size: 8\n  lr: 0.003\n", task="regression", rows=rows)
+    run_job(d)
+    evals = [m for m in metrics(d) if m.get("split") == "validation"]
+    assert evals[-1]["mse"] < evals[0]["mse"]
+    assert "trainable of" in (d / "train.log").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["text", "instruction", "chat"])
+def test_causal_lm_formats(tmp_path, llama_dir, fmt):
+    rows = {
+        "text": [{"text": f"the {w} is near the {v}."} for w in WORDS for v in WORDS[:4]],
+        "instruction": [{"instruction": f"Name a thing like {w}.", "input": "", "output": f"A {w}."} for w in WORDS] * 4,
+        "chat": [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]}
+                 for w in WORDS] * 4,
+    }[fmt]
+    tracking = "tracking:\n  mode: offline\n" if fmt == "text" else ""
+    tuning = "lora" if fmt == "text" else "full"
+    d = job(tmp_path, llama_dir, f"data:\n  train: data.jsonl\n  format: {fmt}\n  max_seq_len: 160\n"
+            f"tuning: {tuning}\ntrain:\n  max_steps: 12\n  batch_size: 8\n  lr: 0.01\n  eval_every: 6\n{tracking}",
+            task="causal_lm", rows=rows)
+    result = run_job(d)
+    evals = [m for m in metrics(d) if m.get("split") == "validation"]
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    assert result["test"]["perplexity"] > 1
+    assert (d / "adapter" / "adapter_config.json").exists() == (tuning == "lora")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(d / "model")  # merged: plain transformers
+    if fmt == "text":
+        assert list((d / "wandb").glob("offline-run-*")), "W&B offline run written"
+
+
+def test_nan_loss_stops_with_reason_and_no_model(tmp_path, bert_dir):
+    rows = [{"text": " ".join(random.Random(i).sample(WORDS, 3)), "label": float(i * 1000)} for i in range(60)]
+    d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
+            "train:\n  epochs: 3\n  optimizer: sgd\n  lr: 10\n  max_grad_norm: null\n", task="regression", rows=rows)
+    with pytest.raises(JobFailed) as e:
+        run_job(d)
+    assert str(e.value).startswith("the loss became ") and "no model was saved" in str(e.value)
+    assert not (d / "model").exists() and not (d / "eval.json").exists()
+
+
+def test_resume_after_a_killed_worker(tmp_path, bert_dir):
+    d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
+            "train:\n  epochs: 2\n  batch_size: 4\n  lr: 0.003\n  checkpoint_every: 4\n  eval_every: 4\n"
+            "resources:\n  workers: 2\n  max_failures: 1\n", rows=keyword_rows(120))
+    run_job(d, {"crash_after_step": 6, "record_seen": str(d / "seen")})
+    assert (d / "crashed").read_text() == "6"
+    assert "resumed from checkpoint at step 4 " in (d / "train.log").read_text()
+    steps = [m["step"] for m in metrics(d) if "split" not in m]
+    total = steps[-1]
+    assert sorted(set(steps)) == list(range(1, total + 1)), "no step lost"
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    assert repeated == [5, 6], "only the steps after the last checkpoint run again"
+    assert json.loads((d / "eval.json").read_text())["steps"] == total
