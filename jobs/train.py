@@ -119,15 +119,7 @@ def units(row: dict, task: str) -> int:
 def per_example_loss(model, batch: dict, task: str) -> torch.Tensor:
     """Summed loss of each example of the batch (a causal LM: summed over its predicted tokens)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    y = batch["labels"]
-    if task == "classification":
-        return torch.nn.functional.cross_entropy(logits, y, reduction="none")
-    if task == "regression":
-        return (logits.squeeze(-1) - y) ** 2
-    shift_logits, shift_y = logits[:, :-1], y[:, 1:]
-    tok = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_y.reshape(-1),
-                                            ignore_index=-100, reduction="none").view(shift_y.shape)
-    return tok.sum(-1)
+    return _losses_from_logits(logits, batch["labels"], task)
 
 
 # ----------------------------------------------------------------------------------------------------------------
