@@ -13,6 +13,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -26,51 +27,88 @@ class JobFailed(Exception):
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "ray", "peft", "onnx", "onnxruntime", "runner")
 
 
-def prepare_data(recipe: Recipe, job_dir: Path, model_path: str) -> dict:
-    """Tokenize train/validation/test once, for every worker: <job_dir>/prepared/{data,tokenizer,labels.json}."""
+def prepare_data(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, list[str]]:
+    """Tokenize train/validation/test once, for every worker: <job_dir>/prepared/{data,tokenizer,labels.json}.
+
+    Judges the lengths of every row (pre-flight looked at the first few thousand) and raises JobFailed where
+    nothing would be learned. Returns the rows per split and the notes on truncation.
+    """
+    import datasets
+
     from jobs import data as D
-    from jobs.preflight import load_tokenizer
+    from jobs.preflight import length_problems, load_tokenizer
 
     splits = D.load_splits(recipe)
     labels = D.label_names(recipe, splits["train"]) if recipe.task == "classification" else None
     ids = {n: i for i, n in enumerate(labels)} if labels else None
     tok = load_tokenizer(recipe, model_path)
-    import datasets
-
+    tokenized, notes, problems = {}, [], []
+    for name, sp in splits.items():
+        try:
+            ds = D.tokenize_split(recipe, tok, sp, ids)
+        except ValueError as e:
+            raise JobFailed(f"data.format: {e}") from None
+        targets = [sum(1 for x in y[1:] if x != -100) for y in ds["labels"]] if recipe.task == "causal_lm" \
+            else [1] * len(ds)
+        problems += length_problems(recipe, name, ds["n_tokens"], targets, str(len(ds)), notes)
+        tokenized[name] = ds
+    if problems:
+        raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in problems))
     out = job_dir / "prepared"
     shutil.rmtree(out, ignore_errors=True)
-    dd = datasets.DatasetDict({k: D.tokenize_split(recipe, tok, v, ids) for k, v in splits.items()})
-    dd.save_to_disk(str(out / "data"))
+    datasets.DatasetDict(tokenized).save_to_disk(str(out / "data"))
     tok.save_pretrained(out / "tokenizer")
     (out / "labels.json").write_text(json.dumps(labels))
-    return {k: len(v) for k, v in dd.items()}
+    return {k: len(v) for k, v in tokenized.items()}, notes
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    model_path: str
+    rows: dict
+    timings: dict
 
 
 def run_job(job_dir: Path, extra_config: dict | None = None) -> dict:
-    """Run one job to the end. Returns the eval results; raises JobFailed with a reason in words."""
-    import ray
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from jobs.preflight import preflight
-    from jobs.train import train_func
-
+    """Run one job to the end on the Ray already connected. Returns the eval results; raises JobFailed."""
     job_dir = Path(job_dir).resolve()
+    return train_job(job_dir, prepare_job(job_dir), extra_config)
+
+
+def prepare_job(job_dir: Path) -> Prepared:
+    """Everything before the workers: the recipe, pre-flight again (the data may have changed), the tokenized data."""
+    from jobs.preflight import preflight
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
         recipe = load_recipe(job_dir / "recipe.yaml")
     except RecipeError as e:
         raise JobFailed(e.render()) from None
-    report = preflight(recipe)
+    report = preflight(recipe, lengths=False)
     if not report.ok:
         raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in report.problems))
     timings["preflight_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rows = prepare_data(recipe, job_dir, report.model_path)
+    rows, notes = prepare_data(recipe, job_dir, report.model_path)
     timings["prepare_s"] = time.perf_counter() - t0
+    for n in report.notes + notes:
+        _note(job_dir, n)
     (job_dir / "failure.txt").unlink(missing_ok=True)
+    return Prepared(recipe, report.model_path, rows, timings)
+
+
+def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -> dict:
+    """Run the Ray Train workers, then write the manifest. Returns the eval results; raises JobFailed."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.train import train_func
+
+    recipe, timings = prep.recipe, prep.timings
 
     res = recipe.resources
     use_gpu = res.gpus_per_worker > 0
@@ -82,7 +120,8 @@ def run_job(job_dir: Path, extra_config: dict | None = None) -> dict:
     env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"job_dir": str(job_dir), "model_path": report.model_path, **(extra_config or {})},
+        train_loop_config={"job_dir": str(job_dir), "model_path": prep.model_path,
+                           "resume_from": earlier_checkpoints(job_dir), **(extra_config or {})},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu and _has_cuda() else "gloo"),
         run_config=RunConfig(name="checkpoints", storage_path=str(job_dir),
@@ -98,8 +137,32 @@ def run_job(job_dir: Path, extra_config: dict | None = None) -> dict:
         raise JobFailed(reason) from None
     timings["train_s"] = time.perf_counter() - t0
     result = json.loads((job_dir / "eval.json").read_text())
-    write_manifest(job_dir, recipe, timings, result, rows)
+    write_manifest(job_dir, recipe, timings, result, prep.rows)
     return result
+
+
+def earlier_checkpoints(job_dir: Path) -> list[str]:
+    """Checkpoints an earlier run of this job folder left (cancelled, failed, killed), newest step first.
+
+    Ray Train restores a rerun by itself only from the snapshot it writes as it goes, which a killed run may
+    not have written yet; each checkpoint carries its step in step.json, so the folder alone says where to go on.
+    """
+    found = []
+    for d in (job_dir / "checkpoints").glob("checkpoint_*"):
+        try:
+            step = json.loads((d / "step.json").read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if (d / "state.pt").is_file():
+            found.append((step, str(d)))
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+def _note(job_dir: Path, msg: str) -> None:
+    """A line for the person running the job: train.log, and stderr."""
+    print(msg, file=sys.stderr, flush=True)
+    with (job_dir / "train.log").open("a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 
 
 def _reason(e: BaseException) -> str:
@@ -148,28 +211,52 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m jobs.entrypoint JOB_DIR", file=sys.stderr)
         return 2
-    return run_with_ray(Path(args[0]))
+    hooks = json.loads(os.environ.get("RUNNER_TEST_HOOKS", "{}"))  # tests only: see train_func's config.get
+    return run_with_ray(Path(args[0]), hooks)
 
 
-def run_with_ray(job_dir: Path) -> int:
-    """Connect to RAY_ADDRESS, or start a local Ray for this job; print progress; exit 0 / 1 with the reason."""
+def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
+    """Connect to RAY_ADDRESS, or start a local Ray for this job; print progress; exit 0 / 1 with the reason.
+
+    Pre-flight and data preparation run in a thread while Ray starts, since neither needs it. (Ray itself must
+    start on the main thread: its servers are set to die with the thread that started them.)
+    """
     import logging
+    import threading
 
     import ray
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     address = os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        ray.init(address=address or None, include_dashboard=False if not address else None,
-                 logging_level=logging.WARNING, log_to_driver=os.environ.get("RUNNER_VERBOSE") == "1",
-                 **({} if address else {"object_store_memory": 200 * 2**20}))
+    job_dir = Path(job_dir).resolve()
+    prepared: list = []
+
+    def prepare() -> None:
+        try:
+            prepared.append(prepare_job(job_dir))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            prepared.append(e)
+
+    preparing = threading.Thread(target=prepare, daemon=True)
+    preparing.start()
     from jobs.progress import Follow
 
     follow = Follow(job_dir)
     follow.start()
     try:
-        result = run_job(job_dir)
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address or None, include_dashboard=False if not address else None,
+                         logging_level=logging.WARNING, log_to_driver=os.environ.get("RUNNER_VERBOSE") == "1",
+                         **({} if address else {"object_store_memory": 200 * 2**20}))
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
+                raise JobFailed(f"cannot start or reach {where}: {_reason(e)}") from None
+        preparing.join()
+        if isinstance(prepared[0], BaseException):
+            raise prepared[0]
+        result = train_job(job_dir, prepared[0], extra_config)
     except JobFailed as e:
         follow.stop()
         (job_dir / "failure.txt").write_text(str(e))

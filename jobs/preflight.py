@@ -83,8 +83,12 @@ def load_tokenizer(recipe: Recipe, model_path: str):
     return tok
 
 
-def preflight(recipe: Recipe) -> Report:
-    """Check data, columns, labels, lengths, model and resources. Never raises for a user's mistake."""
+def preflight(recipe: Recipe, lengths: bool = True) -> Report:
+    """Check data, columns, labels, lengths, model and resources. Never raises for a user's mistake.
+
+    lengths=False leaves out the truncation figures, for a caller that tokenizes every row next anyway (the
+    driver: `jobs.driver.prepare_data` judges the lengths of all rows with `length_problems`).
+    """
     from jobs import data as D
 
     report = Report()
@@ -115,40 +119,50 @@ def preflight(recipe: Recipe) -> Report:
         report.problems.append(Problem("data.format", f"the tokenizer of '{recipe.model.name}' has no chat template; "
                                                       f"give one in data.chat_template, or use format 'instruction'"))
         return report
-    for name, sp in splits.items():
+    for name, sp in splits.items() if lengths else ():
         report.problems += _length_check(recipe, tok, sp, label_ids, report.notes)
     return report
 
 
 def _length_check(recipe: Recipe, tok, sp, label_ids, notes: list[str]) -> list[Problem]:
+    """Tokenize the first STATS_ROWS rows of a split and judge their lengths."""
     from jobs.data import tokenize_example
 
-    max_len = recipe.data.max_seq_len
     n_rows = min(len(sp.dataset), STATS_ROWS)
-    rows = sp.dataset.select(range(n_rows))
-    longer, no_target, longest = 0, 0, 0
-    for row in rows:
+    lengths, targets = [], []
+    for row in sp.dataset.select(range(n_rows)):
         try:
             ex = tokenize_example(recipe, tok, row, label_ids)
         except ValueError as e:
             return [Problem("data.format", str(e))]
-        longest = max(longest, ex["n_tokens"])
-        if ex["n_tokens"] > max_len:
-            longer += 1
-        if recipe.task == "causal_lm" and not any(x != -100 for x in ex["labels"][1:]):
-            no_target += 1
+        lengths.append(ex["n_tokens"])
+        targets.append(sum(1 for x in ex["labels"][1:] if x != -100) if recipe.task == "causal_lm" else 1)
     scope = f"{n_rows}" if n_rows == len(sp.dataset) else f"the first {n_rows}"
+    return length_problems(recipe, sp.name, lengths, targets, scope, notes)
+
+
+def length_problems(recipe: Recipe, split: str, lengths: list[int], targets: list[int], scope: str,
+                    notes: list[str]) -> list[Problem]:
+    """Truncation figures of a split (notes), and a refusal when nothing fits or nothing is left to learn.
+
+    lengths: each example's token count before truncation; targets: its predicted tokens after truncation.
+    """
+    max_len = recipe.data.max_seq_len
+    n_rows = len(lengths)
+    longer = sum(1 for n in lengths if n > max_len)
+    no_target = sum(1 for t in targets if t == 0) if recipe.task == "causal_lm" else 0
+    longest = max(lengths, default=0)
     if longer:
-        notes.append(f"{sp.name}: {longer} of {scope} examples ({100 * longer / n_rows:.0f}%) are longer than "
+        notes.append(f"{split}: {longer} of {scope} examples ({100 * longer / n_rows:.0f}%) are longer than "
                      f"data.max_seq_len {max_len} and will be truncated; the longest has {longest} tokens")
-    if longer == n_rows:
-        return [Problem("data.max_seq_len", f"{max_len}: none of {scope} {sp.name} examples fits (the longest has "
+    if n_rows and longer == n_rows:
+        return [Problem("data.max_seq_len", f"{max_len}: none of {scope} {split} examples fits (the longest has "
                                             f"{longest} tokens); raise data.max_seq_len")]
-    if no_target == n_rows:
-        return [Problem("data.max_seq_len", f"{max_len}: in all of {scope} {sp.name} examples the response is "
+    if n_rows and no_target == n_rows:
+        return [Problem("data.max_seq_len", f"{max_len}: in all of {scope} {split} examples the response is "
                                             f"cut off entirely, leaving nothing to learn; raise data.max_seq_len")]
     if no_target:
-        notes.append(f"{sp.name}: {no_target} of {scope} examples lose their whole response to truncation and "
+        notes.append(f"{split}: {no_target} of {scope} examples lose their whole response to truncation and "
                      f"will not contribute to the loss")
     return []
 

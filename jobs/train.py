@@ -274,13 +274,12 @@ def train_func(config: dict) -> None:
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     raw = acc.unwrap_model(model)
     unit_of = [units(r, recipe.task) for r in train_ds] if recipe.task == "causal_lm" else None
+    length_of = [len(x) for x in train_ds["input_ids"]]
 
     # --- resume ---------------------------------------------------------------------------------------------------
     state = State()
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            saved = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+    saved = _resume_state(ray.train.get_checkpoint(), config.get("resume_from", []), note)
+    if saved:
         raw.load_state_dict(saved["model"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -300,6 +299,7 @@ def train_func(config: dict) -> None:
     # --- the loop -------------------------------------------------------------------------------------------------
     model.train()
     done = state.step >= steps or state.stopped_early
+    val = None  # the latest validation metrics, of the weights as they are now
     while not done:
         plan = epoch_plan(len(train_ds), t.seed, state.epoch, world, t.batch_size, t.grad_accum)
         epoch = state.epoch
@@ -339,7 +339,7 @@ def train_func(config: dict) -> None:
                     (job_dir / "failure.txt").write_text(reason)
                 raise Diverged(reason)
             elapsed = time.perf_counter() - tick
-            n_tokens = sum(len(train_ds[j]["input_ids"]) for j in step_rows)
+            n_tokens = sum(length_of[j] for j in step_rows)
             rec = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "loss": loss_value,
                    "lr": scheduler.get_last_lr()[0], "samples_per_s": len(step_rows) / elapsed,
                    "tokens_per_s": n_tokens / elapsed, "total_steps": steps, "time": time.time()}
@@ -348,6 +348,7 @@ def train_func(config: dict) -> None:
                 wb.log({k: v for k, v in rec.items() if k not in ("time", "total_steps")}, step=state.step)
             finished = state.step >= steps
             report: dict = {"step": state.step, "loss": loss_value}
+            val = None
             if state.step % eval_every == 0 or finished:
                 val = evaluate(model, val_ds, recipe, pad_id, acc, t.batch_size * 2)
                 report.update({f"val_{k}": v for k, v in val.items()})
@@ -355,9 +356,13 @@ def train_func(config: dict) -> None:
                 if wb:
                     wb.log({f"val/{k}": v for k, v in val.items()}, step=state.step)
                 _track_best(state, val, recipe, raw, job_dir, rank)
-            if state.step % ckpt_every == 0 or finished or state.stopped_early:
-                _checkpoint(report, state, raw, optimizer, scheduler, rank)
             done = finished or state.stopped_early
+            if state.step % ckpt_every == 0 and not done:
+                _checkpoint(report, state, raw, optimizer, scheduler, rank)
+            elif done:  # the saved model is the end's record; a checkpoint would only be written and hashed
+                ray.train.report(report)
+            while config.get("pause_after_step") == state.step:  # tests: hold here until the job is stopped
+                time.sleep(0.2)
             crash = config.get("crash_after_step")  # tests: a worker dies mid-run, once
             if crash and state.step == crash and rank == world - 1 and not (job_dir / "crashed").exists():
                 (job_dir / "crashed").write_text(str(state.step))
@@ -373,9 +378,10 @@ def train_func(config: dict) -> None:
         (job_dir / f"weights.{rank}.sha256").write_text(h.hexdigest())
     # --- test with the best weights, then save ------------------------------------------------------------------
     best = job_dir / "best" / "state.pt"
-    if best.exists():
-        raw.load_state_dict(torch.load(best, map_location="cpu"), strict=False)
-    val = evaluate(model, val_ds, recipe, pad_id, acc, t.batch_size * 2)
+    if state.best_step != state.step or val is None:
+        if best.exists():
+            raw.load_state_dict(torch.load(best, map_location="cpu"), strict=False)
+        val = evaluate(model, val_ds, recipe, pad_id, acc, t.batch_size * 2)
     test = evaluate(model, test_ds, recipe, pad_id, acc, t.batch_size * 2)
     if rank == 0:
         name, _ = SELECT[recipe.task]
@@ -412,6 +418,20 @@ def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, ran
                       f"{es.patience} evaluations (best {state.best:.4f} at step {state.best_step})", flush=True)
 
 
+def _resume_state(ckpt, candidates: list[str], note) -> dict | None:
+    """What to go on from: this run's latest checkpoint (after a lost worker), else the newest readable one of
+    an earlier run of the job folder (`runner run --resume`), newest first, else nothing."""
+    if ckpt:
+        with ckpt.as_directory() as d:
+            return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+    for d in candidates:
+        try:
+            return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a checkpoint cut short when the job was killed: try the one before
+            note(f"skipping checkpoint {Path(d).name}: unreadable ({type(e).__name__})")
+    return None
+
+
 def _checkpoint(report: dict, state: State, raw, optimizer, scheduler, rank: int) -> None:
     import ray.train
 
@@ -420,6 +440,7 @@ def _checkpoint(report: dict, state: State, raw, optimizer, scheduler, rank: int
         if rank == 0:
             torch.save({"model": trainable_state(raw), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "state": asdict(state)}, Path(d) / "state.pt")
+            (Path(d) / "step.json").write_text(json.dumps({"step": state.step}))
             ck = ray.train.Checkpoint.from_directory(d)
         ray.train.report(report, checkpoint=ck)
 

@@ -113,28 +113,62 @@ def new_job_dir(name: str) -> Path:
     return d
 
 
+def find_job(ref: str) -> Path:
+    """A job by its id (a folder under $RUNNER_HOME/artifacts) or by its folder's path."""
+    root = runner_home() / "artifacts"
+    for d in (Path(ref).expanduser(), root / ref):
+        if d.is_dir() and (d / "recipe.yaml").is_file():
+            return d.resolve()
+    known = sorted(p.name for p in root.iterdir() if (p / "recipe.yaml").is_file()) if root.is_dir() else []
+    hint = f"; the latest there: {', '.join(known[-3:])}" if known else f"; {root} holds no jobs"
+    _fail(f"no job '{ref}': not a job folder, nor a job id under {root}{hint}")
+    raise AssertionError  # _fail exits
+
+
 @app.command()
-def run(recipe: Path = typer.Argument(..., help="The recipe file.", show_default=False)) -> None:
+def run(
+    recipe: Optional[Path] = typer.Argument(None, help="The recipe file.", show_default=False),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="JOB",
+                                         help="Go on with a cancelled or failed job (its id or folder) from its "
+                                              "latest checkpoint, at the step and data position it recorded."),
+) -> None:
     """Run a job in the foreground on a local Ray (started for it) or on RAY_ADDRESS, and print its test metrics.
 
-    Ctrl-C stops the workers and leaves no process behind. The job's files land in
-    $RUNNER_HOME/artifacts/<job id>/ (RUNNER_HOME defaults to ~/.runner).
+    Ctrl-C stops the workers and leaves no process behind; `runner run --resume JOB` then goes on from the last
+    checkpoint. The job's files land in $RUNNER_HOME/artifacts/<job id>/ (RUNNER_HOME defaults to ~/.runner).
     """
+    if (recipe is None) == (resume is None):
+        _fail("give a recipe file (runner run recipe.yaml) or a job to go on with (runner run --resume JOB), "
+              "not both")
+    if resume is not None:
+        job_dir = find_job(resume)
+        if (job_dir / "eval.json").exists() and (job_dir / "model").is_dir():
+            _fail([f"job {job_dir.name} has already finished; its model is in {job_dir / 'model'}",
+                   f"to train again from the start: runner run {job_dir / 'recipe.yaml'}"])
+        ckpts = sorted((job_dir / "checkpoints").glob("checkpoint_*"))
+        typer.echo(f"job {job_dir.name}: going on from {ckpts[-1].name if ckpts else 'the start (no checkpoint yet)'}",
+                   err=True)
+    else:
+        try:
+            r = load_recipe(recipe)
+        except RecipeError as e:
+            _fail(e.render())
+        job_dir = new_job_dir(r.name)
+        (job_dir / "recipe.yaml").write_text(r.snapshot_yaml(), encoding="utf-8")
+        typer.echo(f"job {job_dir.name}: {r.task}, {r.tuning.mode}, {r.resources.workers} worker(s)", err=True)
+    _drive(job_dir)
+
+
+def _drive(job_dir: Path) -> None:
+    """Run the job's driver (`python -m jobs.entrypoint`) in the foreground; Ctrl-C stops it and its workers."""
     import signal
 
-    try:
-        r = load_recipe(recipe)
-    except RecipeError as e:
-        _fail(e.render())
-    job_dir = new_job_dir(r.name)
-    (job_dir / "recipe.yaml").write_text(r.snapshot_yaml(), encoding="utf-8")
-    typer.echo(f"job {job_dir.name}: {r.task}, {r.tuning.mode}, {r.resources.workers} worker(s)", err=True)
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.entrypoint", str(job_dir)], env=env,
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate()
+        proc.communicate()
     except KeyboardInterrupt:
         typer.echo("stopping the job (Ctrl-C again to kill it)", err=True)
         os.killpg(proc.pid, signal.SIGINT)
@@ -143,11 +177,14 @@ def run(recipe: Path = typer.Argument(..., help="The recipe file.", show_default
         except (KeyboardInterrupt, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        _fail(f"job {job_dir.name}: cancelled; its files are in {job_dir}", code=130)
+        _fail([f"job {job_dir.name}: cancelled; its files are in {job_dir}",
+               f"to go on from its last checkpoint: runner run --resume {job_dir.name}"], code=130)
     if proc.returncode != 0:
         reason = (job_dir / "failure.txt").read_text().strip() if (job_dir / "failure.txt").exists() else \
             f"the driver exited with code {proc.returncode}"
-        _fail([f"job {job_dir.name} FAILED: {reason}", f"files: {job_dir}"], code=1)
+        _fail([f"job {job_dir.name} FAILED: {reason}", f"files: {job_dir}",
+               f"after a fix that leaves the recipe as it is, go on with: runner run --resume {job_dir.name}"],
+              code=1)
     result = json.loads((job_dir / "eval.json").read_text())
     typer.echo(f"job {job_dir.name} SUCCEEDED")
     typer.echo(f"artifacts: {job_dir}")

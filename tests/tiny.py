@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -66,3 +67,18 @@ def tiny_model_dir(path: Path, kind: str = "llama", tokenizer=None, weights: boo
     cfg.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+WORDS = "apple river stone cloud window green table music paper light north silver garden road".split()
+
+
+def keyword_rows(n: int, seed: int = 0) -> list[dict]:
+    """Learnable: the label is whether 'good' or 'bad' appears among random words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        words = rng.sample(WORDS, 4)
+        words.insert(rng.randrange(5), "good" if label == "pos" else "bad")
+        rows.append({"text": " ".join(words), "label": label})
+    return rows

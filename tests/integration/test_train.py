@@ -13,9 +13,9 @@ os.environ["RAY_DEDUP_LOGS"] = "0"
 ray = pytest.importorskip("ray")
 
 from jobs.driver import JobFailed, run_job  # noqa: E402
+from tiny import WORDS, keyword_rows  # noqa: E402
 
 pytestmark = pytest.mark.slow
-WORDS = "apple river stone cloud window green table music paper light north silver garden road".split()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,18 +37,6 @@ def llama_dir(tmp_path_factory, tokenizer):
     from tiny import tiny_model_dir
 
     return tiny_model_dir(tmp_path_factory.mktemp("m") / "llama", "llama", tokenizer, weights=True)
-
-
-def keyword_rows(n: int, seed: int = 0) -> list[dict]:
-    """Learnable: the label is whether 'good' or 'bad' appears among random words."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "pos" if i % 2 else "neg"
-        words = rng.sample(WORDS, 4)
-        words.insert(rng.randrange(5), "good" if label == "pos" else "bad")
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
 
 
 def job(tmp_path: Path, model: Path, body: str, task: str = "classification", rows=None, name="t") -> Path:

@@ -72,3 +72,24 @@ def test_show_defaults_prints_a_loadable_recipe(tmp_path):
     a, b = load_recipe(ROOT / "recipes" / "regression.yaml"), load_recipe(tmp_path / "full.yaml")
     assert a.model_dump() == b.model_dump()
     assert "keep_checkpoints: 2" in out.stdout and "mixed_precision: 'no'" in out.stdout
+
+
+def test_run_arguments_and_unknown_job_get_one_clear_line(tmp_path):
+    import os
+
+    env = {**os.environ, "RUNNER_HOME": str(tmp_path / "home")}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "runner.cli", "run", *args], capture_output=True, text=True,
+                              cwd=ROOT, env=env)
+
+    for args in ([], ["recipes/quickstart.yaml", "--resume", "x"]):
+        out = run(*args)
+        assert out.returncode == 2 and out.stderr.startswith("give a recipe file (runner run recipe.yaml) or a job")
+    (tmp_path / "home" / "artifacts" / "a-20260101-000000-beef").mkdir(parents=True)
+    (tmp_path / "home" / "artifacts" / "a-20260101-000000-beef" / "recipe.yaml").write_text("name: a\n")
+    out = run("--resume", "nope")
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"no job 'nope': not a job folder, nor a job id under {tmp_path / 'home' / 'artifacts'}"
+                                  f"; the latest there: a-20260101-000000-beef")
+    assert "Traceback" not in out.stderr
