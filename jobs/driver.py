@@ -137,7 +137,20 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
         raise JobFailed(reason) from None
     timings["train_s"] = time.perf_counter() - t0
     result = json.loads((job_dir / "eval.json").read_text())
-    write_manifest(job_dir, recipe, timings, result, prep.rows)
+    export = None
+    if recipe.export.onnx:
+        from jobs.export import ExportFailed, export_job
+
+        t0 = time.perf_counter()
+        try:
+            export = export_job(job_dir, recipe, log=lambda m: _note(job_dir, m))
+        except ExportFailed as e:
+            report = json.loads((job_dir / "onnx.failed" / "export_report.json").read_text())
+            timings["export_s"] = time.perf_counter() - t0
+            write_manifest(job_dir, recipe, timings, result, prep.rows, report)
+            raise JobFailed(str(e)) from None
+        timings["export_s"] = time.perf_counter() - t0
+    write_manifest(job_dir, recipe, timings, result, prep.rows, export)
     return result
 
 
@@ -180,7 +193,8 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def write_manifest(job_dir: Path, recipe: Recipe, timings: dict, result: dict, rows: dict) -> dict:
+def write_manifest(job_dir: Path, recipe: Recipe, timings: dict, result: dict, rows: dict,
+                   export: dict | None = None) -> dict:
     """manifest.json: every artifact with size and sha256, package versions, timings, metrics."""
     files = []
     for p in sorted(job_dir.rglob("*")):
@@ -201,6 +215,8 @@ def write_manifest(job_dir: Path, recipe: Recipe, timings: dict, result: dict, r
     manifest = {"job": job_dir.name, "name": recipe.name, "task": recipe.task, "tuning": recipe.tuning.mode,
                 "rows": rows, "metrics": {"validation": result["validation"], "test": result["test"]},
                 "timings": timings, "versions": {"python": platform.python_version(), **versions},
+                "export": export and {k: export[k] for k in ("passed", "quantize", "opset", "checks", "variants",
+                                                              "failure") if k in export},
                 "files": files}
     (job_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -241,12 +241,21 @@ class TrackingSpec(_Strict):
 
 
 class ExportSpec(_Strict):
-    """What the finished model is exported to."""
+    """What the finished model is exported to, and the checks it must pass for the job to succeed."""
 
     onnx: bool = Field(False, description="Export the merged model to ONNX and check it against PyTorch.")
     quantize: Literal["none", "int8_dynamic", "int8_static", "int4_weight_only"] = Field(
-        "int8_dynamic", description="Quantization of the ONNX model (applies when `onnx` is true)."
+        "int8_dynamic", description="Quantization of the ONNX model (applies when `onnx` is true): int8 dynamic "
+        "per-channel; int8 static (MatMul only, calibrated on train samples); int4 weight-only (MatMulNBits, "
+        "for decoders)."
     )
+    opset: int = Field(18, ge=14, le=22, description="ONNX opset. 23 breaks int8 BERT and Llama in onnxruntime 1.32.")
+    max_quality_drop: float | None = Field(
+        None, ge=0, description="How much worse the quantized model may be than PyTorch on the test split: "
+        "accuracy points for classification (default 1.0); a ratio of perplexities for causal LM, or of mean "
+        "squared errors for regression (default 1.05 and 1.10)."
+    )
+    calibration_samples: int = Field(64, ge=1, le=10_000, description="Train rows that calibrate `int8_static`.")
 
 
 class Recipe(_Strict):
@@ -434,6 +443,13 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
             fmt = f" format '{d.format or 'text'}'" if r.task == "causal_lm" else ""
             out.append((f"data.columns.{role}",
                         f"unknown role '{role}' for task '{r.task}'{fmt}{hint}; roles: {', '.join(allowed)}"))
+    q = r.export.max_quality_drop
+    if q is not None and r.task != "classification" and q < 1:
+        metric = "perplexity" if r.task == "causal_lm" else "mean squared error"
+        out.append(("export.max_quality_drop", f"{q:g}: for task '{r.task}' it is a ratio of the quantized model's "
+                                               f"{metric} to PyTorch's, so 1 or more (1.05 allows 5% worse)"))
+    if q is not None and r.task == "classification" and q > 100:
+        out.append(("export.max_quality_drop", f"{q:g}: accuracy points, between 0 and 100"))
     if r.tuning.mode == "qlora" and not r.needs_gpu:
         out.append(("tuning.mode", "'qlora' quantizes the base model with bitsandbytes and needs GPUs; set "
                                    "resources.gpus_per_worker to 1 or more, or use mode 'lora' on CPUs"))

@@ -193,6 +193,94 @@ def _drive(job_dir: Path) -> None:
     typer.echo(f"next: ls {job_dir / 'model'}   (loads with from_pretrained)")
 
 
+def _finished(ref: str) -> Path:
+    job_dir = find_job(ref)
+    if not (job_dir / "model" / "config.json").exists():
+        _fail(f"job {job_dir.name} has no trained model yet (model/ is written when training succeeds)")
+    return job_dir
+
+
+@app.command()
+def export(
+    job: str = typer.Argument(..., help="A finished job: its id or folder.", show_default=False),
+    quantize: Optional[str] = typer.Option(None, help="none, int8_dynamic, int8_static or int4_weight_only "
+                                                        "(default: the recipe's)."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the recipe's, else 18)."),
+    max_quality_drop: Optional[float] = typer.Option(None, help="Bound for the quantized model (see the recipe "
+                                                                  "reference)."),
+) -> None:
+    """Export a finished job's model to ONNX again, with other settings, into a new folder; no retraining.
+
+    The new export lands in <job>/exports/<UTC time>-<quantize>/ with its own export_report.json, after the same
+    checks as the job's own export (fp32 parity, quantized quality, generation for a causal LM).
+    """
+    from jobs.recipe import ExportSpec
+
+    job_dir = _finished(job)
+    r = load_recipe(job_dir / "recipe.yaml")
+    changes = {k: v for k, v in {"quantize": quantize, "opset": opset, "max_quality_drop": max_quality_drop}.items()
+               if v is not None}
+    try:
+        ExportSpec(**{**r.export.model_dump(), "onnx": True, **changes})
+    except ValueError as e:
+        errs = getattr(e, "errors", lambda: [])()
+        _fail([f"--{str(x['loc'][0]).replace('_', '-')}: {x['input']!r}: {x['msg']}" for x in errs] or str(e))
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in changes.items()]
+    proc = subprocess.run([sys.executable, "-m", "jobs.export", str(job_dir), *args], stdout=subprocess.PIPE,
+                          text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    if proc.returncode != 0:
+        _fail(f"job {job_dir.name}: the export did not pass (see above)", code=1)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])["export_dir"]
+    typer.echo(f"export: {out}")
+    typer.echo(f"next: runner predict {job_dir.name} \"some text\"   |   runner view {job_dir.name}")
+
+
+@app.command()
+def predict(
+    job: str = typer.Argument(..., help="A job with an ONNX export: its id or folder.", show_default=False),
+    texts: list[str] = typer.Argument(..., help="One or more inputs.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object a line."),
+) -> None:
+    """Run the job's newest passing ONNX export (the quantized model when there is one) on the given texts.
+
+    Classification: the label and each label's score; regression: the value; causal LM: the generated text.
+    """
+    job_dir = find_job(job)
+    proc = subprocess.run([sys.executable, "-m", "jobs.export", "predict", str(job_dir), *texts,
+                           *(["--json"] if as_json else [])], text=True,
+                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    if proc.returncode != 0:
+        raise typer.Exit(proc.returncode)
+
+
+@app.command()
+def view(
+    job: str = typer.Argument(..., help="A job with an ONNX export: its id or folder.", show_default=False),
+    port: int = typer.Option(8081, help="Local port for Netron."),
+    quantized: bool = typer.Option(False, "--quantized", help="Show the quantized graph instead of fp32."),
+) -> None:
+    """Open the job's ONNX graph in Netron on 127.0.0.1 and print the URL; Ctrl-C stops it."""
+    job_dir = find_job(job)
+    dirs = sorted((job_dir / "exports").glob("*/export_report.json")) + [job_dir / "onnx" / "export_report.json"]
+    found = [d.parent for d in dirs if d.exists()]
+    if not found:
+        _fail(f"job {job_dir.name} has no ONNX export; make one with: runner export {job_dir.name}")
+    name = "model.quantized.onnx" if quantized else "model.onnx"
+    path = found[-1] / name
+    if not path.exists():
+        _fail(f"{path}: no such file (the export has {', '.join(sorted(p.name for p in found[-1].glob('*.onnx')))})")
+    import netron
+
+    netron.serve(str(path), None, address=("127.0.0.1", port), browse=False)
+    typer.echo(f"Netron: http://127.0.0.1:{port}   ({path}); Ctrl-C stops it")
+    try:
+        netron.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        netron.stop(("127.0.0.1", port))
+
+
 @app.command()
 def schema() -> None:
     """Print the recipe's JSON Schema, for editors (e.g. the YAML language server's `# yaml-language-server: $schema=`)."""

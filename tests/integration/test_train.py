@@ -77,8 +77,8 @@ def test_two_worker_ddp_is_real_data_parallelism(tmp_path, bert_dir):
 
 def test_classifier_learns_and_saves_everything(tmp_path, bert_dir):
     d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
-            "train:\n  epochs: 6\n  batch_size: 8\n  lr: 0.003\n  eval_every: 10\n  keep_checkpoints: 1\n",
-            rows=keyword_rows(240))
+            "train:\n  epochs: 6\n  batch_size: 8\n  lr: 0.003\n  eval_every: 10\n  keep_checkpoints: 1\n"
+            "export:\n  onnx: true\n", rows=keyword_rows(240))
     result = run_job(d)
     steps = [m for m in metrics(d) if "split" not in m]
     first, last = steps[0]["loss"], sum(m["loss"] for m in steps[-5:]) / 5
@@ -96,6 +96,11 @@ def test_classifier_learns_and_saves_everything(tmp_path, bert_dir):
     assert {"model/model.safetensors", "model/config.json", "eval.json", "metrics.jsonl", "recipe.yaml"} <= paths
     assert all(len(f["sha256"]) == 64 for f in man["files"]) and man["versions"]["torch"]
     assert len(list((d / "checkpoints").glob("checkpoint_2*"))) == 1  # keep_checkpoints: the last one
+    # the job's export: checked, reported, in the manifest, its table in train.log
+    assert man["export"]["passed"] and man["export"]["checks"]["fp32_parity"]["prediction_mismatches"] == 0
+    assert {"onnx/model.onnx", "onnx/model.quantized.onnx", "onnx/export_report.json"} <= paths
+    assert man["export"]["variants"]["onnx_int8_dynamic"]["accuracy"] >= 0.9
+    assert "onnx_int8_dynamic" in (d / "train.log").read_text() and "export_s" in man["timings"]
 
 
 def test_regression_error_falls_and_freeze(tmp_path, bert_dir):
@@ -121,7 +126,7 @@ def test_causal_lm_formats(tmp_path, llama_dir, fmt):
         "chat": [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]}
                  for w in WORDS] * 4,
     }[fmt]
-    tracking = "tracking:\n  mode: offline\n" if fmt == "text" else ""
+    tracking = "tracking:\n  mode: offline\nexport:\n  onnx: true\n" if fmt == "text" else ""
     tuning = "lora" if fmt == "text" else "full"
     d = job(tmp_path, llama_dir, f"data:\n  train: data.jsonl\n  format: {fmt}\n  max_seq_len: 160\n"
             f"tuning: {tuning}\ntrain:\n  max_steps: 12\n  batch_size: 8\n  lr: 0.01\n  eval_every: 6\n{tracking}",
@@ -136,6 +141,8 @@ def test_causal_lm_formats(tmp_path, llama_dir, fmt):
     AutoModelForCausalLM.from_pretrained(d / "model")  # merged: plain transformers
     if fmt == "text":
         assert list((d / "wandb").glob("offline-run-*")), "W&B offline run written"
+        report = json.loads((d / "onnx" / "export_report.json").read_text())  # LoRA merged, then exported
+        assert report["passed"] and report["checks"]["generation"]["passed"]
 
 
 def test_nan_loss_stops_with_reason_and_no_model(tmp_path, bert_dir):
