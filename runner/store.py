@@ -1,0 +1,295 @@
+"""The job store: SQLite in WAL mode under RUNNER_HOME. Jobs, their events, metrics and attempts.
+
+One function changes a job's state (`Store.set_state`): it checks the move against TRANSITIONS, compares and sets
+in one statement (so two dispatchers can never both move a job out of QUEUED), and writes the event in the same
+transaction. Every FAILED carries a reason in words. The schema grows by numbered migrations (`PRAGMA
+user_version`); opening a store runs the ones it has not seen yet.
+
+Recipes are stored as their redacted snapshot (`${VAR}` references, never values): no secret reaches the store.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+STATES = ("QUEUED", "STARTING", "RUNNING", "RETRYING", "EXPORTING", "SUCCEEDED", "FAILED", "CANCELLED")
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+ENDINGS = ("FAILED", "CANCELLED")
+
+# DESIGN.md's state machine; a retry (runner retry) puts an ended job back in the queue as a new attempt.
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "QUEUED": ("STARTING", *ENDINGS),
+    "STARTING": ("RUNNING", *ENDINGS),
+    "RUNNING": ("EXPORTING", "SUCCEEDED", "RETRYING", *ENDINGS),
+    "RETRYING": ("RUNNING", *ENDINGS),
+    "EXPORTING": ("SUCCEEDED", *ENDINGS),
+    "SUCCEEDED": (),
+    "FAILED": ("QUEUED",),
+    "CANCELLED": ("QUEUED",),
+}
+
+MIGRATIONS: list[str] = [
+    # 1: jobs, events, metrics, attempts
+    """
+    CREATE TABLE jobs (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        reason      TEXT,
+        priority    INTEGER NOT NULL DEFAULT 0,
+        recipe      TEXT NOT NULL,
+        job_dir     TEXT NOT NULL,
+        workers     INTEGER NOT NULL,
+        cpus        REAL NOT NULL,
+        gpus        REAL NOT NULL,
+        attempt     INTEGER NOT NULL DEFAULT 0,
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        started_at  REAL,
+        ended_at    REAL
+    );
+    CREATE INDEX jobs_state ON jobs (state, priority DESC, created_at);
+    CREATE TABLE events (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id      TEXT NOT NULL REFERENCES jobs (id),
+        at          REAL NOT NULL,
+        state_from  TEXT,
+        state_to    TEXT,
+        message     TEXT NOT NULL
+    );
+    CREATE INDEX events_job ON events (job_id, id);
+    CREATE TABLE metrics (
+        job_id      TEXT NOT NULL REFERENCES jobs (id),
+        attempt     INTEGER NOT NULL,
+        step        INTEGER NOT NULL,
+        split       TEXT NOT NULL DEFAULT 'train',
+        at          REAL NOT NULL,
+        data        TEXT NOT NULL,
+        PRIMARY KEY (job_id, attempt, split, step)
+    );
+    CREATE TABLE attempts (
+        job_id      TEXT NOT NULL REFERENCES jobs (id),
+        attempt     INTEGER NOT NULL,
+        submission  TEXT,
+        started_at  REAL NOT NULL,
+        ended_at    REAL,
+        outcome     TEXT,
+        reason      TEXT,
+        PRIMARY KEY (job_id, attempt)
+    );
+    """,
+]
+
+
+class StoreError(Exception):
+    """A request the store refuses; the message says why in words."""
+
+
+class InvalidTransition(StoreError):
+    pass
+
+
+class UnknownJob(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    name: str
+    state: str
+    reason: str | None
+    priority: int
+    recipe: str
+    job_dir: str
+    workers: int
+    cpus: float
+    gpus: float
+    attempt: int
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    ended_at: float | None
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "recipe"}
+
+
+class Store:
+    def __init__(self, path: Path, clock=time.time):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=30000")
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- schema ---------------------------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        with self._tx():
+            have = self.version
+            if have > len(MIGRATIONS):
+                raise StoreError(f"{self.path} was written by a newer runner (schema {have}; this one knows "
+                                 f"{len(MIGRATIONS)}); upgrade runner")
+            for n, sql in enumerate(MIGRATIONS[have:], start=have + 1):
+                for stmt in (s.strip() for s in sql.split(";")):
+                    if stmt:
+                        self.db.execute(stmt)
+                self.db.execute(f"PRAGMA user_version = {n}")
+
+    @contextmanager
+    def _tx(self):
+        """One write transaction, taken up front (BEGIN IMMEDIATE) so that readers never see half of it."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- jobs -----------------------------------------------------------------------------------------------------
+
+    def add_job(self, job_id: str, name: str, recipe_snapshot: str, job_dir: str, workers: int, cpus: float,
+                gpus: float, priority: int = 0) -> Job:
+        now = self.clock()
+        with self._tx():
+            try:
+                self.db.execute(
+                    "INSERT INTO jobs (id, name, state, priority, recipe, job_dir, workers, cpus, gpus, created_at, "
+                    "updated_at) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, name, priority, recipe_snapshot, job_dir, workers, cpus, gpus, now, now))
+            except sqlite3.IntegrityError:
+                raise StoreError(f"job id '{job_id}' is taken") from None
+            self._event(job_id, None, "QUEUED", "submitted", now)
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job '{job_id}'")
+        return Job(**dict(row))
+
+    def list(self, state: str | None = None, name: str | None = None, limit: int = 50, offset: int = 0) -> list[Job]:
+        """Newest first; filters by state and by name (exact)."""
+        if state is not None and state not in STATES:
+            raise StoreError(f"state '{state}' is not one of {', '.join(STATES)}")
+        where, args = [], []
+        if state:
+            where.append("state = ?")
+            args.append(state)
+        if name:
+            where.append("name = ?")
+            args.append(name)
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
+        return [Job(**dict(r)) for r in self.db.execute(sql, (*args, limit, offset))]
+
+    def queue(self) -> list[Job]:
+        """QUEUED jobs in dispatch order: priority, then age."""
+        return [Job(**dict(r)) for r in self.db.execute(
+            "SELECT * FROM jobs WHERE state = 'QUEUED' ORDER BY priority DESC, created_at, id")]
+
+    def set_state(self, job_id: str, new: str, reason: str | None = None, *, expect: str | None = None,
+                  message: str | None = None) -> Job:
+        """Move a job to `new`, checked against TRANSITIONS, with an event; the only writer of `state`.
+
+        expect: the state the caller saw. The move happens only if the job is still in it, so of two dispatchers
+        racing for one QUEUED job, exactly one gets it; the other gets InvalidTransition.
+        """
+        if new not in STATES:
+            raise StoreError(f"state '{new}' is not one of {', '.join(STATES)}")
+        if new == "FAILED" and not (reason and reason.strip()):
+            raise StoreError(f"job {job_id}: FAILED needs a reason in words")
+        now = self.clock()
+        with self._tx():
+            cur = self.get(job_id).state
+            if expect is not None and cur != expect:
+                raise InvalidTransition(f"job {job_id} is {cur}, not {expect}")
+            if new not in TRANSITIONS[cur]:
+                allowed = ", ".join(TRANSITIONS[cur]) or "nothing (it has ended)"
+                raise InvalidTransition(f"job {job_id} cannot go from {cur} to {new}; from {cur} it can go to "
+                                        f"{allowed}")
+            sets = ["state = ?", "updated_at = ?", "reason = ?"]
+            args: list = [new, now, reason if new in ENDINGS or reason else None]
+            if new == "STARTING":
+                sets += ["attempt = attempt + 1", "started_at = ?", "ended_at = NULL"]
+                args.append(now)
+            if new in TERMINAL:
+                sets.append("ended_at = ?")
+                args.append(now)
+            done = self.db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state = ?",
+                                   (*args, job_id, cur)).rowcount
+            if done != 1:  # cannot happen inside BEGIN IMMEDIATE; kept as the invariant it is
+                raise InvalidTransition(f"job {job_id} changed state meanwhile")
+            job = self.get(job_id)
+            if new == "STARTING":
+                self.db.execute("INSERT INTO attempts (job_id, attempt, started_at) VALUES (?, ?, ?)",
+                                (job_id, job.attempt, now))
+            if new in TERMINAL and job.attempt:
+                self.db.execute("UPDATE attempts SET ended_at = ?, outcome = ?, reason = ? WHERE job_id = ? AND "
+                                "attempt = ?", (now, new, reason, job_id, job.attempt))
+            self._event(job_id, cur, new, message or reason or new.lower(), now)
+        return job
+
+    def set_submission(self, job_id: str, submission: str) -> None:
+        job = self.get(job_id)
+        self.db.execute("UPDATE attempts SET submission = ? WHERE job_id = ? AND attempt = ?",
+                        (submission, job_id, job.attempt))
+
+    def attempts(self, job_id: str) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt",
+                                                 (job_id,))]
+
+    # --- events and metrics ---------------------------------------------------------------------------------------
+
+    def _event(self, job_id: str, old: str | None, new: str | None, message: str, at: float) -> None:
+        self.db.execute("INSERT INTO events (job_id, at, state_from, state_to, message) VALUES (?, ?, ?, ?, ?)",
+                        (job_id, at, old, new, message))
+
+    def note(self, job_id: str, message: str) -> None:
+        """An event that is not a change of state (a checkpoint, a resume, a message from the driver)."""
+        self.get(job_id)
+        with self._tx():
+            self._event(job_id, None, None, message, self.clock())
+
+    def events(self, job_id: str, after: int = 0) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id",
+                                                 (job_id, after))]
+
+    def add_metrics(self, job_id: str, records: list[dict]) -> int:
+        """Records as metrics.jsonl holds them (step, optional split, the figures). A step written again (a
+        resumed attempt repeats the steps after its checkpoint) replaces the earlier figure of that attempt."""
+        job = self.get(job_id)
+        now = self.clock()
+        with self._tx():
+            for rec in records:
+                self.db.execute("INSERT OR REPLACE INTO metrics (job_id, attempt, step, split, at, data) VALUES "
+                                "(?, ?, ?, ?, ?, ?)", (job_id, job.attempt, int(rec["step"]),
+                                                       rec.get("split", "train"), rec.get("time", now),
+                                                       json.dumps(rec)))
+        return len(records)
+
+    def metrics(self, job_id: str, split: str | None = None, after_step: int = 0) -> list[dict]:
+        """The latest attempt's figure of each step (earlier attempts' steps that it did not redo stay)."""
+        rows = self.db.execute(
+            "SELECT m.data FROM metrics m WHERE m.job_id = ? AND m.step > ? AND (? IS NULL OR m.split = ?) AND "
+            "m.attempt = (SELECT MAX(attempt) FROM metrics x WHERE x.job_id = m.job_id AND x.step = m.step AND "
+            "x.split = m.split) ORDER BY m.step, m.split", (job_id, after_step, split, split))
+        return [json.loads(r[0]) for r in rows]

@@ -1,0 +1,177 @@
+"""The job store on a real SQLite file: migrations, the state machine, no double dispatch, events, metrics."""
+
+import multiprocessing as mp
+import sqlite3
+
+import pytest
+
+from runner.store import MIGRATIONS, STATES, TRANSITIONS, InvalidTransition, Store, StoreError, UnknownJob
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_000.0
+
+    def __call__(self):
+        self.t += 1
+        return self.t
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "runner.db", clock=Clock())
+    yield s
+    s.close()
+
+
+def add(store, job_id="j1", priority=0, name="n"):
+    return store.add_job(job_id, name, "name: n\n", f"/tmp/{job_id}", workers=2, cpus=1, gpus=0, priority=priority)
+
+
+def test_new_store_is_migrated_in_wal_mode_and_reopens(tmp_path):
+    s = Store(tmp_path / "runner.db")
+    assert s.version == len(MIGRATIONS)
+    assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    add(s)
+    s.close()
+    again = Store(tmp_path / "runner.db")  # migrations are not run twice
+    assert again.version == len(MIGRATIONS) and again.get("j1").state == "QUEUED"
+    again.db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    again.close()
+    with pytest.raises(StoreError, match=r"written by a newer runner \(schema 2; this one knows 1\)"):
+        Store(tmp_path / "runner.db")
+
+
+def test_the_life_of_a_job_with_events_and_attempts(store):
+    add(store)
+    for state in ("STARTING", "RUNNING", "RETRYING", "RUNNING", "EXPORTING", "SUCCEEDED"):
+        store.set_state("j1", state)
+    job = store.get("j1")
+    assert job.state == "SUCCEEDED" and job.attempt == 1 and job.ended_at and job.started_at
+    moves = [(e["state_from"], e["state_to"]) for e in store.events("j1")]
+    assert moves == [(None, "QUEUED"), ("QUEUED", "STARTING"), ("STARTING", "RUNNING"), ("RUNNING", "RETRYING"),
+                     ("RETRYING", "RUNNING"), ("RUNNING", "EXPORTING"), ("EXPORTING", "SUCCEEDED")]
+    assert [a["outcome"] for a in store.attempts("j1")] == ["SUCCEEDED"]
+    with pytest.raises(InvalidTransition, match="cannot go from SUCCEEDED to QUEUED; from SUCCEEDED it can go to "
+                                                "nothing"):
+        store.set_state("j1", "QUEUED")
+
+
+def test_every_move_not_in_the_table_is_refused(store):
+    for i, (src, allowed) in enumerate(TRANSITIONS.items()):
+        for dst in STATES:
+            if dst in allowed:
+                continue
+            job_id = f"x{i}{dst}"
+            add(store, job_id)
+            path = {"QUEUED": [], "STARTING": ["STARTING"], "RUNNING": ["STARTING", "RUNNING"],
+                    "RETRYING": ["STARTING", "RUNNING", "RETRYING"], "EXPORTING": ["STARTING", "RUNNING", "EXPORTING"],
+                    "SUCCEEDED": ["STARTING", "RUNNING", "SUCCEEDED"], "FAILED": ["FAILED"],
+                    "CANCELLED": ["CANCELLED"]}[src]
+            for s in path:
+                store.set_state(job_id, s, reason="r" if s == "FAILED" else None)
+            with pytest.raises(InvalidTransition, match=f"cannot go from {src} to {dst}"):
+                store.set_state(job_id, dst, reason="r")
+            assert store.get(job_id).state == src, "a refused move changes nothing"
+
+
+def test_failed_needs_a_reason_and_retry_is_a_new_attempt(store):
+    add(store)
+    store.set_state("j1", "STARTING")
+    with pytest.raises(StoreError, match="FAILED needs a reason in words"):
+        store.set_state("j1", "FAILED", reason="  ")
+    store.set_state("j1", "FAILED", reason="worker 1 ran out of memory at step 120")
+    assert store.get("j1").reason == "worker 1 ran out of memory at step 120"
+    store.set_state("j1", "QUEUED", message="retried")
+    assert store.get("j1").reason is None
+    store.set_state("j1", "STARTING")
+    assert store.get("j1").attempt == 2
+    assert [(a["attempt"], a["outcome"]) for a in store.attempts("j1")] == [(1, "FAILED"), (2, None)]
+    with pytest.raises(UnknownJob, match="no job 'nope'"):
+        store.set_state("nope", "RUNNING")
+    with pytest.raises(StoreError, match="state 'DONE' is not one of QUEUED"):
+        store.set_state("j1", "DONE")
+
+
+def test_queue_order_and_listing(store):
+    add(store, "a", priority=0)
+    add(store, "b", priority=5)
+    add(store, "c", priority=0, name="other")
+    add(store, "d", priority=5)
+    assert [j.id for j in store.queue()] == ["b", "d", "a", "c"]
+    store.set_state("b", "STARTING")
+    assert [j.id for j in store.queue()] == ["d", "a", "c"]
+    assert [j.id for j in store.list(limit=2)] == ["d", "c"]
+    assert [j.id for j in store.list(limit=2, offset=2)] == ["b", "a"]
+    assert [j.id for j in store.list(state="STARTING")] == ["b"]
+    assert [j.id for j in store.list(name="other")] == ["c"]
+    with pytest.raises(StoreError, match="state 'queued' is not one of"):
+        store.list(state="queued")
+    with pytest.raises(StoreError, match="job id 'a' is taken"):
+        add(store, "a")
+
+
+def test_metrics_keep_the_latest_attempt_of_each_step(store):
+    add(store)
+    store.set_state("j1", "STARTING")
+    store.add_metrics("j1", [{"step": s, "loss": 1.0 / s, "time": s} for s in range(1, 7)])
+    store.add_metrics("j1", [{"step": 4, "split": "validation", "loss": 0.5, "time": 4}])
+    store.set_state("j1", "FAILED", reason="node lost")
+    store.set_state("j1", "QUEUED")
+    store.set_state("j1", "STARTING")  # attempt 2 goes on from the checkpoint at step 4
+    store.add_metrics("j1", [{"step": s, "loss": 0.1 / s, "time": 100 + s} for s in range(5, 9)])
+    train = store.metrics("j1", split="train")
+    assert [m["step"] for m in train] == list(range(1, 9))
+    assert [m["loss"] for m in train[4:]] == [0.1 / s for s in range(5, 9)], "redone steps: attempt 2's figures"
+    assert train[0]["loss"] == 1.0
+    assert [m["step"] for m in store.metrics("j1", split="validation")] == [4]
+    assert [m["step"] for m in store.metrics("j1", after_step=6)] == [7, 8]
+
+
+def _claim(path, ids, out):
+    s = Store(path)
+    won = []
+    for job_id in ids:
+        try:
+            s.set_state(job_id, "STARTING", expect="QUEUED")
+            won.append(job_id)
+        except InvalidTransition:
+            pass
+    out.put(won)
+    s.close()
+
+
+def test_no_job_is_dispatched_twice_by_racing_processes(tmp_path):
+    path = tmp_path / "runner.db"
+    s = Store(path)
+    ids = [f"j{i}" for i in range(40)]
+    for i in ids:
+        add(s, i)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(path, ids if k % 2 else ids[::-1], out)) for k in range(4)]
+    for p in procs:
+        p.start()
+    won = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    claimed = [j for w in won for j in w]
+    assert sorted(claimed) == sorted(ids), "each job claimed exactly once"
+    assert all(s.get(i).attempt == 1 for i in ids)
+    assert all(len(s.attempts(i)) == 1 for i in ids)
+
+
+def test_no_secret_reaches_the_store(tmp_path, monkeypatch):
+    from jobs.recipe import parse_recipe
+
+    secret = "hf_sEcReT1234567890"
+    r = parse_recipe("name: s\nmodel:\n  name: m\n  token: ${HF_TOKEN}\ntask: classification\ndata:\n"
+                     "  train: t.jsonl\n", env={"HF_TOKEN": secret})
+    assert r.model.token.get_secret_value() == secret
+    s = Store(tmp_path / "runner.db")
+    s.add_job("s1", r.name, r.snapshot_yaml(), "/tmp/s1", 1, 1, 0)
+    s.note("s1", "started")
+    s.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert secret.encode() not in raw
+    assert b"${HF_TOKEN}" in sqlite3.connect(tmp_path / "runner.db").execute("SELECT recipe FROM jobs").fetchone()[0].encode()
