@@ -258,6 +258,10 @@ class ExportSpec(_Strict):
     calibration_samples: int = Field(64, ge=1, le=10_000, description="Train rows that calibrate `int8_static`.")
 
 
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # also a folder name: no '/', no leading '.'
+NAME_RULE = "use letters, digits, '-', '_' and '.', starting with a letter or digit (at most 100)"
+
+
 class Recipe(_Strict):
     """A fine-tuning job."""
 
@@ -274,8 +278,8 @@ class Recipe(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
-            raise ValueError("use letters, digits, '-', '_' and '.', starting with a letter or digit (at most 100)")
+        if not NAME_RE.fullmatch(v):
+            raise ValueError(NAME_RULE)
         return v
 
     @field_validator("tuning", mode="before")

@@ -1,0 +1,178 @@
+"""The runner server's REST API over the job store (FastAPI). The CLI talks only to it.
+
+Bound to 127.0.0.1 by default. Bound to any other address it refuses to start without a token, and with a token
+every route but /health needs `Authorization: Bearer <token>`. Jobs live under <RUNNER_HOME>/artifacts/<job id>;
+ids are made here from the recipe's name (letters, digits, `-`, `_`, `.`), and every path is checked to stay
+inside that root. Recipes are kept as their snapshot, secrets as `${VAR}` references.
+
+Dispatch to Ray (the queue's decisions, the Ray Jobs API) is not wired in yet: jobs created here stay QUEUED until
+it is. See issue 5.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+import time
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from jobs.recipe import NAME_RE, NAME_RULE, RecipeError, parse_recipe
+from runner.store import STATES, InvalidTransition, Store, StoreError, UnknownJob
+
+
+class JobRequest(BaseModel):
+    recipe: str = Field(description="The recipe's YAML text.")
+    base_dir: str | None = Field(None, description="Folder that relative paths of the recipe are resolved from.")
+    priority: int | None = Field(None, ge=-100, le=100)
+    name: str | None = Field(None, description="Overrides the recipe's name.")
+    env: dict[str, str] = Field(default_factory=dict, description="Values for the recipe's ${VAR} references; used "
+                                                                  "to check the recipe, never stored.")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Off loopback the server needs a token; raises ValueError with the fix."""
+    if not is_loopback(host) and not token:
+        raise ValueError(f"refusing to listen on {host} without a token: set RUNNER_TOKEN (for example "
+                         f"RUNNER_TOKEN={secrets.token_urlsafe(24)}), or bind to 127.0.0.1")
+
+
+def create_app(home: Path, token: str | None = None, clock=time.time) -> FastAPI:
+    home = Path(home)
+    root = (home / "artifacts").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    store = Store(home / "runner.db", clock=clock)
+    app = FastAPI(title="runner", version="0.1")
+    app.state.store = store
+
+    def auth(request: Request) -> None:
+        if not token:
+            return
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
+            raise HTTPException(401, "missing or wrong token: send Authorization: Bearer $RUNNER_TOKEN")
+
+    @app.exception_handler(UnknownJob)
+    async def _unknown(_, e: UnknownJob):
+        return JSONResponse({"detail": str(e)}, status_code=404)
+
+    @app.exception_handler(StoreError)
+    async def _refused(_, e: StoreError):
+        return JSONResponse({"detail": str(e)}, status_code=409)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"ok": True}
+
+    @app.post("/jobs", status_code=201, dependencies=[Depends(auth)])
+    def create(req: JobRequest) -> dict:
+        text = req.recipe
+        try:
+            recipe = parse_recipe(text, source="recipe.yaml", base_dir=Path(req.base_dir) if req.base_dir else None,
+                                  env=req.env)
+        except RecipeError as e:
+            raise HTTPException(422, {"message": "the recipe has problems", "problems": [
+                {"path": p.path, "line": p.line, "message": p.message} for p in e.problems]}) from None
+        name = recipe.name if req.name is None else req.name
+        if not NAME_RE.fullmatch(name):
+            raise HTTPException(422, f"name {name!r}: {NAME_RULE}")
+        recipe = recipe.model_copy(update={"name": name})
+        job_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(clock()))}-{secrets.token_hex(2)}"
+        job_dir = (root / job_id).resolve()
+        if job_dir.parent != root:  # the name rules make this impossible; the check keeps it so
+            raise HTTPException(422, f"name {name!r} would leave the artifacts folder")
+        job_dir.mkdir()
+        (job_dir / "recipe.yaml").write_text(recipe.snapshot_yaml(), encoding="utf-8")
+        res = recipe.resources
+        job = store.add_job(job_id, name, recipe.snapshot_yaml(), str(job_dir), res.workers, res.cpus_per_worker,
+                            res.gpus_per_worker, priority=req.priority or 0)
+        return job.to_json()
+
+    @app.get("/jobs", dependencies=[Depends(auth)])
+    def list_jobs(state: str | None = Query(None), name: str | None = Query(None),
+                  limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+        if state is not None and state.upper() not in STATES:
+            raise HTTPException(422, f"state {state!r}: one of {', '.join(STATES)}")
+        jobs = store.list(state=state.upper() if state else None, name=name, limit=limit, offset=offset)
+        queue = {j.id: i + 1 for i, j in enumerate(store.queue())}
+        return {"jobs": [{**j.to_json(), "queue_position": queue.get(j.id)} for j in jobs], "limit": limit,
+                "offset": offset}
+
+    @app.get("/jobs/{job_id}", dependencies=[Depends(auth)])
+    def get_job(job_id: str) -> dict:
+        return store.get(job_id).to_json()
+
+    @app.get("/jobs/{job_id}/recipe", dependencies=[Depends(auth)])
+    def get_recipe(job_id: str) -> dict:
+        return {"recipe": store.get(job_id).recipe}
+
+    @app.get("/jobs/{job_id}/events", dependencies=[Depends(auth)])
+    def events(job_id: str, after: int = Query(0, ge=0)) -> dict:
+        store.get(job_id)
+        return {"events": store.events(job_id, after)}
+
+    @app.get("/jobs/{job_id}/metrics", dependencies=[Depends(auth)])
+    def metrics(job_id: str, split: str | None = None, after_step: int = Query(0, ge=0)) -> dict:
+        store.get(job_id)
+        return {"metrics": store.metrics(job_id, split=split, after_step=after_step)}
+
+    @app.post("/jobs/{job_id}/cancel", dependencies=[Depends(auth)])
+    def cancel(job_id: str) -> dict:
+        job = store.get(job_id)
+        try:
+            return store.set_state(job_id, "CANCELLED", reason="cancelled by the user", expect=job.state).to_json()
+        except InvalidTransition as e:
+            raise HTTPException(409, str(e)) from None
+
+    @app.post("/jobs/{job_id}/retry", dependencies=[Depends(auth)])
+    def retry(job_id: str) -> dict:
+        job = store.get(job_id)
+        if job.state not in ("FAILED", "CANCELLED"):
+            raise HTTPException(409, f"job {job_id} is {job.state}; only a FAILED or CANCELLED job can be retried")
+        return store.set_state(job_id, "QUEUED", message=f"retry (attempt {job.attempt + 1})",
+                               expect=job.state).to_json()
+
+    return app
+
+
+def serve(home: Path, host: str = "127.0.0.1", port: int = 8642, token: str | None = None) -> None:
+    check_bind(host, token)
+    import uvicorn
+
+    uvicorn.run(create_app(home, token), host=host, port=port, log_level="warning")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m runner.server [--host H] [--port P]`; RUNNER_HOME and RUNNER_TOKEN from the environment."""
+    import argparse
+    import os
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m runner.server")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8642)
+    a = ap.parse_args(argv)
+    home = Path(os.environ.get("RUNNER_HOME") or Path.home() / ".runner")
+    try:
+        serve(home, a.host, a.port, os.environ.get("RUNNER_TOKEN") or None)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

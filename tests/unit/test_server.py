@@ -1,0 +1,128 @@
+"""The runner server over HTTP: a real uvicorn on a free port, the real store; token rules and path safety."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from runner.server import check_bind, create_app
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = "name: demo\nmodel:\n  name: m\n  token: ${HF_TOKEN}\ntask: classification\ndata:\n  train: t.jsonl\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    import uvicorn
+
+    def start(token=None):
+        port = free_port()
+        srv = uvicorn.Server(uvicorn.Config(create_app(tmp_path / "home", token), host="127.0.0.1", port=port,
+                                            log_level="error"))
+        t = threading.Thread(target=srv.run, daemon=True)
+        t.start()
+        for _ in range(100):
+            if srv.started:
+                break
+            time.sleep(0.05)
+        started.append((srv, t))
+        return f"http://127.0.0.1:{port}"
+
+    started = []
+    yield start
+    for srv, t in started:
+        srv.should_exit = True
+        t.join(timeout=10)
+
+
+def call(url, method="GET", body=None, token=None):
+    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_jobs_are_created_listed_cancelled_and_retried(server, tmp_path):
+    url = server()
+    secret = "hf_ThisIsSecret42"
+    code, job = call(f"{url}/jobs", "POST", {"recipe": RECIPE, "env": {"HF_TOKEN": secret}, "priority": 3})
+    assert code == 201 and job["state"] == "QUEUED" and job["priority"] == 3 and job["id"].startswith("demo-")
+    job_dir = Path(job["job_dir"])
+    assert job_dir.parent == (tmp_path / "home" / "artifacts").resolve()
+    assert "${HF_TOKEN}" in (job_dir / "recipe.yaml").read_text()
+    code, other = call(f"{url}/jobs", "POST", {"recipe": RECIPE, "env": {"HF_TOKEN": "x"}, "name": "second"})
+    assert code == 201 and other["id"].startswith("second-")
+    code, listed = call(f"{url}/jobs?limit=1")
+    assert [j["id"] for j in listed["jobs"]] == [other["id"]]
+    code, listed = call(f"{url}/jobs?state=queued")
+    assert {j["id"]: j["queue_position"] for j in listed["jobs"]} == {job["id"]: 1, other["id"]: 2}
+    code, got = call(f"{url}/jobs/{job['id']}/recipe")
+    assert secret not in got["recipe"] and "${HF_TOKEN}" in got["recipe"]
+    code, done = call(f"{url}/jobs/{job['id']}/cancel", "POST")
+    assert code == 200 and done["state"] == "CANCELLED" and done["reason"] == "cancelled by the user"
+    code, again = call(f"{url}/jobs/{job['id']}/cancel", "POST")
+    assert code == 409 and "cannot go from CANCELLED to CANCELLED" in again["detail"]
+    code, back = call(f"{url}/jobs/{job['id']}/retry", "POST")
+    assert code == 200 and back["state"] == "QUEUED"
+    code, ev = call(f"{url}/jobs/{job['id']}/events")
+    assert [e["state_to"] for e in ev["events"]] == ["QUEUED", "CANCELLED", "QUEUED"]
+    code, err = call(f"{url}/jobs/{other['id']}/retry", "POST")
+    assert code == 409 and err["detail"].endswith("only a FAILED or CANCELLED job can be retried")
+    code, err = call(f"{url}/jobs/nope")
+    assert code == 404 and err["detail"] == "no job 'nope'"
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "home").glob("runner.db*"))
+    assert secret.encode() not in raw
+
+
+def test_bad_recipes_and_names_are_refused_without_a_trace(server, tmp_path):
+    url = server()
+    code, err = call(f"{url}/jobs", "POST", {"recipe": "name: x\nmodel:\n  name: m\ntask: clasification\n"})
+    assert code == 422 and err["detail"]["message"] == "the recipe has problems"
+    assert any(p["path"] == "task" and "did you mean 'classification'" in p["message"]
+               for p in err["detail"]["problems"])
+    for name in ("../../etc", "a/b", ".hidden", ""):
+        code, err = call(f"{url}/jobs", "POST", {"recipe": RECIPE, "env": {"HF_TOKEN": "x"}, "name": name})
+        assert code == 422, name
+    assert sorted(p.name for p in (tmp_path / "home" / "artifacts").iterdir()) == []
+    assert not (tmp_path / "etc").exists()
+
+
+def test_token_required_on_every_route_but_health(server):
+    url = server(token="s3cret")
+    assert call(f"{url}/health") == (200, {"ok": True})
+    for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/x"), ("POST", "/jobs/x/cancel")):
+        code, err = call(f"{url}{path}", method, {} if method == "POST" else None)
+        assert code == 401, path
+        code, _ = call(f"{url}{path}", method, {} if method == "POST" else None, token="wrong")
+        assert code == 401, path
+    code, _ = call(f"{url}/jobs", token="s3cret")
+    assert code == 200
+
+
+def test_off_loopback_needs_a_token():
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    check_bind("0.0.0.0", "tok")
+    with pytest.raises(ValueError, match="refusing to listen on 0.0.0.0 without a token: set RUNNER_TOKEN"):
+        check_bind("0.0.0.0", None)
+    out = subprocess.run([sys.executable, "-m", "runner.server", "--host", "0.0.0.0", "--port", str(free_port())],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "RUNNER_HOME": "/tmp/runner-test-unused"})
+    assert out.returncode == 2 and out.stderr.startswith("refusing to listen on 0.0.0.0 without a token")
