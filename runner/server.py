@@ -5,14 +5,15 @@ every route but /health needs `Authorization: Bearer <token>`. Jobs live under <
 ids are made here from the recipe's name (letters, digits, `-`, `_`, `.`), and every path is checked to stay
 inside that root. Recipes are kept as their snapshot, secrets as `${VAR}` references.
 
-Dispatch to Ray (the queue's decisions, the Ray Jobs API) is not wired in yet: jobs created here stay QUEUED until
-it is. See issue 5.
+With a Ray backend (`runner.dispatch.RayJobs`), a thread runs `Dispatcher.tick` every second: queued jobs start
+when they fit, and their states, reasons and metrics come back into the store. Without one, jobs stay QUEUED.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 import secrets
 import time
 from pathlib import Path
@@ -50,13 +51,40 @@ def check_bind(host: str, token: str | None) -> None:
                          f"RUNNER_TOKEN={secrets.token_urlsafe(24)}), or bind to 127.0.0.1")
 
 
-def create_app(home: Path, token: str | None = None, clock=time.time) -> FastAPI:
+def create_app(home: Path, token: str | None = None, clock=time.time, backend=None,
+               interval: float = 1.0) -> FastAPI:
+    import threading
+    from contextlib import asynccontextmanager
+
+    from runner.dispatch import Dispatcher
+
     home = Path(home)
     root = (home / "artifacts").resolve()
     root.mkdir(parents=True, exist_ok=True)
     store = Store(home / "runner.db", clock=clock)
-    app = FastAPI(title="runner", version="0.1")
+    dispatcher = Dispatcher(store, backend) if backend is not None else None
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                dispatcher.tick()
+            except Exception as e:  # noqa: BLE001 - Ray unreachable for a moment: say so, try again
+                print(f"dispatch: {type(e).__name__}: {e}", flush=True)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        thread = threading.Thread(target=loop, daemon=True, name="dispatch") if dispatcher else None
+        if thread:
+            thread.start()
+        yield
+        stop.set()
+        if thread:
+            thread.join(timeout=10)
+
+    app = FastAPI(title="runner", version="0.1", lifespan=lifespan)
     app.state.store = store
+    app.state.dispatcher = dispatcher
 
     def auth(request: Request) -> None:
         if not token:
@@ -97,6 +125,10 @@ def create_app(home: Path, token: str | None = None, clock=time.time) -> FastAPI
         job_dir.mkdir()
         (job_dir / "recipe.yaml").write_text(recipe.snapshot_yaml(), encoding="utf-8")
         res = recipe.resources
+        if dispatcher is not None:
+            why = dispatcher.refusal(need_of_recipe(recipe))
+            if why:
+                raise HTTPException(422, f"refused: the job {why}")
         job = store.add_job(job_id, name, recipe.snapshot_yaml(), str(job_dir), res.workers, res.cpus_per_worker,
                             res.gpus_per_worker, priority=req.priority or 0)
         return job.to_json()
@@ -132,6 +164,8 @@ def create_app(home: Path, token: str | None = None, clock=time.time) -> FastAPI
     @app.post("/jobs/{job_id}/cancel", dependencies=[Depends(auth)])
     def cancel(job_id: str) -> dict:
         job = store.get(job_id)
+        if dispatcher is not None and job.state != "QUEUED":
+            return dispatcher.cancel(job).to_json()
         try:
             return store.set_state(job_id, "CANCELLED", reason="cancelled by the user", expect=job.state).to_json()
         except InvalidTransition as e:
@@ -145,29 +179,52 @@ def create_app(home: Path, token: str | None = None, clock=time.time) -> FastAPI
         return store.set_state(job_id, "QUEUED", message=f"retry (attempt {job.attempt + 1})",
                                expect=job.state).to_json()
 
+    @app.get("/cluster", dependencies=[Depends(auth)])
+    def cluster() -> dict:
+        if dispatcher is None:
+            raise HTTPException(503, "no Ray cluster is attached to this server")
+        nodes = backend.nodes()
+        free = dispatcher.free(nodes)
+        return {"nodes": [{"id": n.id, "cpus": n.cpus, "gpus": n.gpus, "free_cpus": f.cpus, "free_gpus": f.gpus}
+                          for n, f in zip(nodes, free)],
+                "cpus": sum(n.cpus for n in nodes), "gpus": sum(n.gpus for n in nodes),
+                "free_cpus": sum(f.cpus for f in free), "free_gpus": sum(f.gpus for f in free)}
+
     return app
 
 
-def serve(home: Path, host: str = "127.0.0.1", port: int = 8642, token: str | None = None) -> None:
+def need_of_recipe(recipe):
+    from runner.queue import Need
+
+    r = recipe.resources
+    return Need(r.workers, r.cpus_per_worker, r.gpus_per_worker)
+
+
+def serve(home: Path, host: str = "127.0.0.1", port: int = 8642, token: str | None = None,
+          ray_dashboard: str | None = None) -> None:
     check_bind(host, token)
     import uvicorn
 
-    uvicorn.run(create_app(home, token), host=host, port=port, log_level="warning")
+    from runner.dispatch import RayJobs
+
+    backend = RayJobs(ray_dashboard, os.environ.get("RAY_AUTH_TOKEN")) if ray_dashboard else None
+    uvicorn.run(create_app(home, token, backend=backend), host=host, port=port, log_level="warning")
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m runner.server [--host H] [--port P]`; RUNNER_HOME and RUNNER_TOKEN from the environment."""
     import argparse
-    import os
     import sys
 
     ap = argparse.ArgumentParser(prog="python -m runner.server")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8642)
+    ap.add_argument("--ray", default=os.environ.get("RAY_DASHBOARD_ADDRESS"),
+                    help="The Ray dashboard's address (http://HEAD:8265); without it jobs stay QUEUED.")
     a = ap.parse_args(argv)
     home = Path(os.environ.get("RUNNER_HOME") or Path.home() / ".runner")
     try:
-        serve(home, a.host, a.port, os.environ.get("RUNNER_TOKEN") or None)
+        serve(home, a.host, a.port, os.environ.get("RUNNER_TOKEN") or None, a.ray)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
