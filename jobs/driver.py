@@ -223,6 +223,9 @@ def write_manifest(job_dir: Path, recipe: Recipe, timings: dict, result: dict, r
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m jobs.entrypoint JOB_DIR", file=sys.stderr)

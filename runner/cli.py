@@ -163,6 +163,10 @@ def _drive(job_dir: Path) -> None:
     """Run the job's driver (`python -m jobs.entrypoint`) in the foreground; Ctrl-C stops it and its workers."""
     import signal
 
+    # A shell that starts us in the background sets SIGINT to ignored, and Python then never raises
+    # KeyboardInterrupt; a foreground job must stop on Ctrl-C wherever it was started from.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.entrypoint", str(job_dir)], env=env,

@@ -55,8 +55,10 @@ def test_ctrl_c_leaves_no_process_and_resume_goes_on(tmp_path, tokenizer):
     env = {**os.environ, "RUNNER_HOME": str(tmp_path / "home"), marker.split("=")[0]: marker.split("=")[1],
            "RUNNER_TEST_HOOKS": json.dumps({"pause_after_step": 6, "record_seen": str(tmp_path / "seen")})}
     env.pop("RAY_ADDRESS", None)
+    # started as a shell starts a background job (SIGINT ignored): Ctrl-C must work all the same
     cli = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(tmp_path / "recipe.yaml")], env=env,
-                           cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                           cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         wait_for(lambda: list((tmp_path / "home" / "artifacts").glob("cc-*")), "the job folder")
         job = next((tmp_path / "home" / "artifacts").glob("cc-*"))
