@@ -306,16 +306,20 @@ def prompts(rows: list[dict], k: int) -> list[list[int]]:
     return out
 
 
-def latency_ms(run: Runner, rows: list[dict], pad_id: int, batch: int, repeats: int) -> float:
+def latencies_ms(runs: dict[str, Runner], rows: list[dict], pad_id: int, batch: int, repeats: int) -> dict:
+    """Median ms of one forward pass of a batch, per variant. The variants take turns, round after round, so a
+    burst of load on the machine slows them all alike rather than the one measured at that moment."""
     ids, mask = batch_arrays((rows * batch)[:batch], pad_id)
-    for _ in range(2):
-        run.logits(ids, mask)
-    times = []
+    for run in runs.values():
+        for _ in range(2):
+            run.logits(ids, mask)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run.logits(ids, mask)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run.logits(ids, mask)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,10 +427,12 @@ def export_job(job_dir: Path, recipe: Recipe, out: Path | None = None, threads: 
                 "onnx_fp32": (fp32_run, onnx_bytes(fp32))}
     if kind != "none":
         variants[f"onnx_{kind}"] = (Runner(task, kv, sess=session(qpath, threads)), onnx_bytes(qpath))
+    runs = {name: run for name, (run, _) in variants.items()}
+    b1 = latencies_ms(runs, rows, pad_id, 1, repeats)
+    b8 = latencies_ms(runs, rows, pad_id, 8, repeats)
     for name, (run, size) in variants.items():
         report["variants"][name] = {"bytes": size, **score(run, rows, pad_id, task),
-                                    "latency_ms_b1": round(latency_ms(run, rows, pad_id, 1, repeats), 3),
-                                    "latency_ms_b8": round(latency_ms(run, rows, pad_id, 8, repeats), 3)}
+                                    "latency_ms_b1": round(b1[name], 3), "latency_ms_b8": round(b8[name], 3)}
     if kind != "none":
         what, figure, ok = quality_check(task, bound, report["variants"]["pytorch_fp32"],
                                          report["variants"][f"onnx_{kind}"])
