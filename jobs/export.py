@@ -554,12 +554,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def latest_export(job_dir: Path) -> Path | None:
-    """The newest export that passed: a re-export under exports/, else onnx/."""
-    done = [d for d in (job_dir / "exports").glob("*") if (d / "export_report.json").exists()
-            and json.loads((d / "export_report.json").read_text()).get("passed")] if (job_dir / "exports").is_dir() else []
-    if done:
-        return max(done, key=lambda d: d.stat().st_mtime)
-    return job_dir / "onnx" if (job_dir / "onnx" / "export_report.json").exists() else None
+    """The newest export that passed: a re-export under exports/ (named by UTC time), else onnx/."""
+    for d in sorted((job_dir / "exports").glob("*"), reverse=True) + [job_dir / "onnx"]:
+        report = d / "export_report.json"
+        if report.exists() and json.loads(report.read_text()).get("passed"):
+            return d
+    return None
 
 
 def predict(export_dir: Path, texts: list[str], threads: int = 2, new_tokens: int = 32) -> list[dict]:

@@ -265,14 +265,17 @@ def view(
 ) -> None:
     """Open the job's ONNX graph in Netron on 127.0.0.1 and print the URL; Ctrl-C stops it."""
     job_dir = find_job(job)
-    dirs = sorted((job_dir / "exports").glob("*/export_report.json")) + [job_dir / "onnx" / "export_report.json"]
-    found = [d.parent for d in dirs if d.exists()]
+    # the export `runner predict` uses (jobs.export.latest_export): the newest passing re-export, else onnx/
+    found = [d for d in sorted((job_dir / "exports").glob("*"), reverse=True) + [job_dir / "onnx"]
+             if (d / "export_report.json").exists()
+             and json.loads((d / "export_report.json").read_text()).get("passed")]
     if not found:
-        _fail(f"job {job_dir.name} has no ONNX export; make one with: runner export {job_dir.name}")
+        _fail(f"job {job_dir.name} has no ONNX export that passed its checks; make one with: "
+              f"runner export {job_dir.name}")
     name = "model.quantized.onnx" if quantized else "model.onnx"
-    path = found[-1] / name
+    path = found[0] / name
     if not path.exists():
-        _fail(f"{path}: no such file (the export has {', '.join(sorted(p.name for p in found[-1].glob('*.onnx')))})")
+        _fail(f"{path}: no such file (the export has {', '.join(sorted(p.name for p in found[0].glob('*.onnx')))})")
     import netron
 
     netron.serve(str(path), None, address=("127.0.0.1", port), browse=False)

@@ -123,13 +123,14 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         if job_dir.parent != root:  # the name rules make this impossible; the check keeps it so
             raise HTTPException(422, f"name {name!r} would leave the artifacts folder")
         job_dir.mkdir()
-        (job_dir / "recipe.yaml").write_text(recipe.snapshot_yaml(), encoding="utf-8")
+        snapshot = recipe.snapshot_yaml()
+        (job_dir / "recipe.yaml").write_text(snapshot, encoding="utf-8")
         res = recipe.resources
         if dispatcher is not None:
             why = dispatcher.refusal(need_of_recipe(recipe))
             if why:
                 raise HTTPException(422, f"refused: the job {why}")
-        job = store.add_job(job_id, name, recipe.snapshot_yaml(), str(job_dir), res.workers, res.cpus_per_worker,
+        job = store.add_job(job_id, name, snapshot, str(job_dir), res.workers, res.cpus_per_worker,
                             res.gpus_per_worker, priority=req.priority or 0)
         return job.to_json()
 
