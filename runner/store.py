@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,6 +84,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (job_id, attempt)
     );
     """,
+    # 2: where each attempt's lines of metrics.jsonl and events.jsonl begin and how far they were copied (a
+    #    restarted server goes on from there, and a retry's figures never mix with the attempt before); whether
+    #    the next attempt goes on from the job's last checkpoint (runner retry --from-checkpoint)
+    """
+    ALTER TABLE attempts ADD COLUMN metrics_offset INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN events_offset INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN resume INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN resume INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 
@@ -115,6 +125,7 @@ class Job:
     updated_at: float
     started_at: float | None
     ended_at: float | None
+    resume: int = 0  # the next attempt goes on from the last checkpoint
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "recipe"}
@@ -125,15 +136,30 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.clock = clock
-        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA busy_timeout=30000")
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
         self._migrate()
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection. The server's request threads and its dispatch thread each have their own:
+        SQLite serializes their writes (BEGIN IMMEDIATE, busy timeout), and WAL lets reads go on beside them."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+            self._all.append(db)
+        return db
+
     def close(self) -> None:
-        self.db.close()
+        for db in self._all:
+            db.close()
+        self._all.clear()
+        self._local = threading.local()
 
     # --- schema ---------------------------------------------------------------------------------------------------
 
@@ -207,11 +233,13 @@ class Store:
             "SELECT * FROM jobs WHERE state = 'QUEUED' ORDER BY priority DESC, created_at, id")]
 
     def set_state(self, job_id: str, new: str, reason: str | None = None, *, expect: str | None = None,
-                  message: str | None = None) -> Job:
+                  message: str | None = None, resume: bool | None = None, offsets: tuple[int, int] = (0, 0)) -> Job:
         """Move a job to `new`, checked against TRANSITIONS, with an event; the only writer of `state`.
 
         expect: the state the caller saw. The move happens only if the job is still in it, so of two dispatchers
         racing for one QUEUED job, exactly one gets it; the other gets InvalidTransition.
+        resume: with a move to QUEUED (a retry), whether the next attempt goes on from the last checkpoint.
+        offsets: with a move to STARTING, where the new attempt's lines of metrics.jsonl and events.jsonl begin.
         """
         if new not in STATES:
             raise StoreError(f"state '{new}' is not one of {', '.join(STATES)}")
@@ -234,14 +262,17 @@ class Store:
             if new in TERMINAL:
                 sets.append("ended_at = ?")
                 args.append(now)
+            if resume is not None:
+                sets.append("resume = ?")
+                args.append(int(resume))
             done = self.db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state = ?",
                                    (*args, job_id, cur)).rowcount
             if done != 1:  # cannot happen inside BEGIN IMMEDIATE; kept as the invariant it is
                 raise InvalidTransition(f"job {job_id} changed state meanwhile")
             job = self.get(job_id)
             if new == "STARTING":
-                self.db.execute("INSERT INTO attempts (job_id, attempt, started_at) VALUES (?, ?, ?)",
-                                (job_id, job.attempt, now))
+                self.db.execute("INSERT INTO attempts (job_id, attempt, started_at, metrics_offset, events_offset, "
+                                "resume) VALUES (?, ?, ?, ?, ?, ?)", (job_id, job.attempt, now, *offsets, job.resume))
             if new in TERMINAL and job.attempt:
                 self.db.execute("UPDATE attempts SET ended_at = ?, outcome = ?, reason = ? WHERE job_id = ? AND "
                                 "attempt = ?", (now, new, reason, job_id, job.attempt))
@@ -252,6 +283,18 @@ class Store:
         job = self.get(job_id)
         self.db.execute("UPDATE attempts SET submission = ? WHERE job_id = ? AND attempt = ?",
                         (submission, job_id, job.attempt))
+
+    def attempt(self, job_id: str) -> dict | None:
+        """The current attempt's row (submission, offsets, resume), or None before the first."""
+        row = self.db.execute("SELECT a.* FROM attempts a JOIN jobs j ON j.id = a.job_id AND j.attempt = a.attempt "
+                              "WHERE a.job_id = ?", (job_id,)).fetchone()
+        return dict(row) if row else None
+
+    def set_offsets(self, job_id: str, attempt: int, metrics: int | None = None, events: int | None = None) -> None:
+        for col, value in (("metrics_offset", metrics), ("events_offset", events)):
+            if value is not None:
+                self.db.execute(f"UPDATE attempts SET {col} = ? WHERE job_id = ? AND attempt = ?",
+                                (value, job_id, attempt))
 
     def attempts(self, job_id: str) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt",

@@ -38,8 +38,37 @@ def test_new_store_is_migrated_in_wal_mode_and_reopens(tmp_path):
     assert again.version == len(MIGRATIONS) and again.get("j1").state == "QUEUED"
     again.db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     again.close()
-    with pytest.raises(StoreError, match=r"written by a newer runner \(schema 2; this one knows 1\)"):
+    with pytest.raises(StoreError, match=rf"written by a newer runner \(schema {len(MIGRATIONS) + 1}; this one "
+                                         rf"knows {len(MIGRATIONS)}\)"):
         Store(tmp_path / "runner.db")
+
+
+def test_a_store_of_schema_1_is_migrated_with_its_jobs(tmp_path):
+    db = sqlite3.connect(tmp_path / "runner.db")
+    db.executescript(MIGRATIONS[0] + ";PRAGMA user_version = 1;")
+    db.execute("INSERT INTO jobs (id, name, state, recipe, job_dir, workers, cpus, gpus, created_at, updated_at) "
+               "VALUES ('old', 'n', 'FAILED', 'name: n', '/tmp/old', 1, 1, 0, 1, 1)")
+    db.commit()
+    db.close()
+    s = Store(tmp_path / "runner.db")
+    assert s.version == len(MIGRATIONS) and s.get("old").state == "FAILED" and s.get("old").resume == 0
+    s.set_state("old", "QUEUED", resume=True)
+    assert s.set_state("old", "STARTING").attempt == 1
+
+
+def test_an_attempt_keeps_its_offsets_and_whether_it_resumes(store):
+    add(store)
+    store.set_state("j1", "STARTING", offsets=(0, 0))
+    store.set_offsets("j1", 1, metrics=120, events=40)
+    assert {k: store.attempt("j1")[k] for k in ("attempt", "metrics_offset", "events_offset", "resume")} == \
+        {"attempt": 1, "metrics_offset": 120, "events_offset": 40, "resume": 0}
+    store.set_state("j1", "CANCELLED", reason="by the user")
+    assert store.set_state("j1", "QUEUED", resume=True).resume == 1
+    store.set_state("j1", "STARTING", offsets=(120, 40))
+    row = store.attempt("j1")
+    assert (row["attempt"], row["metrics_offset"], row["events_offset"], row["resume"]) == (2, 120, 40, 1)
+    store.set_state("j1", "FAILED", reason="x")
+    assert store.set_state("j1", "QUEUED", resume=False).resume == 0, "a plain retry starts over"
 
 
 def test_the_life_of_a_job_with_events_and_attempts(store):
@@ -175,3 +204,30 @@ def test_no_secret_reaches_the_store(tmp_path, monkeypatch):
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert secret.encode() not in raw
     assert b"${HF_TOKEN}" in sqlite3.connect(tmp_path / "runner.db").execute("SELECT recipe FROM jobs").fetchone()[0].encode()
+
+
+def test_one_store_is_shared_by_threads(tmp_path):
+    """The server's request threads and its dispatch thread share one Store: no transaction may interleave."""
+    import threading
+
+    s = Store(tmp_path / "runner.db")
+    errors = []
+
+    def work(t):
+        try:
+            for i in range(15):
+                add(s, f"t{t}-{i}")
+                s.note(f"t{t}-{i}", "hello")
+                s.set_state(f"t{t}-{i}", "STARTING", expect="QUEUED")
+                s.list(limit=5)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(s.list(state="STARTING", limit=1000)) == 120
+    s.close()
