@@ -126,6 +126,7 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
         torch_config=TorchConfig(backend="nccl" if use_gpu and _has_cuda() else "gloo"),
         run_config=RunConfig(name="checkpoints", storage_path=str(job_dir),
                              failure_config=FailureConfig(max_failures=res.max_failures),
+                             callbacks=[_lifecycle_callback(job_dir, res.max_failures)],
                              checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
                              worker_runtime_env={"env_vars": env_vars}),
     )
@@ -142,6 +143,7 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
         from jobs.export import ExportFailed, export_job
 
         t0 = time.perf_counter()
+        event(job_dir, "exporting to ONNX and checking the export", state="EXPORTING")
         try:
             export = export_job(job_dir, recipe, log=lambda m: _note(job_dir, m))
         except ExportFailed as e:
@@ -171,11 +173,53 @@ def earlier_checkpoints(job_dir: Path) -> list[str]:
     return [d for _, d in sorted(found, reverse=True)]
 
 
+def event(job_dir: Path, message: str, state: str | None = None) -> None:
+    """A line of <job_dir>/events.jsonl: a change of the job's state (RETRYING, RUNNING, EXPORTING) or a note,
+    which the runner server copies into its store as it follows the job."""
+    with (job_dir / "events.jsonl").open("a") as f:
+        f.write(json.dumps({"time": time.time(), "state": state, "message": message}) + "\n")
+
+
+def _lifecycle_callback(job_dir: Path, max_failures: int):
+    """A Ray Train controller callback (it runs in the controller actor, beside the driver) that writes the
+    restarts of the worker group to events.jsonl: RETRYING with the failure, RUNNING when the workers are back."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class Lifecycle(ControllerCallback):
+        def __init__(self):
+            self.failures, self.announced = 0, 0
+
+        def after_controller_state_update(self, previous_state, current_state) -> None:
+            kind = current_state._state_type.name
+            if kind == "RESTARTING":
+                self.failures += 1
+                err = getattr(current_state, "training_failed_error", None)
+                _note(job_dir, f"the workers failed: {err}")
+                event(job_dir, f"the workers failed ({_lost_reason(err)}); restart {self.failures} of "
+                               f"{'unlimited' if max_failures < 0 else max_failures}, from the last checkpoint",
+                      state="RETRYING")
+            elif kind == "RUNNING" and self.announced < self.failures:
+                self.announced = self.failures
+                event(job_dir, f"workers running again after restart {self.failures}", state="RUNNING")
+
+    return Lifecycle()
+
+
 def _note(job_dir: Path, msg: str) -> None:
-    """A line for the person running the job: train.log, and stderr."""
-    print(msg, file=sys.stderr, flush=True)
+    """A line for the person running the job, in train.log (the driver's `Follow` shows it as it comes)."""
     with (job_dir / "train.log").open("a") as f:
         f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+
+
+def _lost_reason(e: BaseException | None) -> str:
+    """Why Ray Train's workers failed, in a line: the dead node or actor where Ray says so, else the error."""
+    lines = [ln.strip() for ln in str(e or "").splitlines() if ln.strip() and not ln.strip().endswith(":")]
+    for subject in ("node", "actor"):
+        for ln in lines:
+            low = ln.lower()
+            if subject in low and any(w in low for w in ("died", "dead", "lost", "unexpectedly")):
+                return ln[:300]
+    return _reason(e) if e else "no reason given"
 
 
 def _reason(e: BaseException) -> str:
@@ -199,7 +243,8 @@ def write_manifest(job_dir: Path, recipe: Recipe, timings: dict, result: dict, r
     files = []
     for p in sorted(job_dir.rglob("*")):
         rel = p.relative_to(job_dir)
-        if not p.is_file() or rel.parts[0] in ("prepared", "wandb") or rel.name == "manifest.json":
+        if not p.is_file() or rel.parts[0] in ("prepared", "wandb", "earlier") or \
+                str(rel) in ("manifest.json", "job.log", "driver.pid"):  # still being written, or not this attempt's
             continue
         h = hashlib.sha256()
         with p.open("rb") as f:
@@ -227,11 +272,40 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     args = sys.argv[1:] if argv is None else argv
+    fresh = "--fresh" in args
+    args = [a for a in args if a != "--fresh"]
     if len(args) != 1:
-        print("usage: python -m jobs.entrypoint JOB_DIR", file=sys.stderr)
+        print("usage: python -m jobs.entrypoint JOB_DIR [--fresh]", file=sys.stderr)
         return 2
+    job_dir = Path(args[0]).resolve()
+    (job_dir / "driver.pid").write_text(str(os.getpid()))
+    if os.environ.get("RUNNER_LOG_TO_FILE") == "1":  # under the runner server: the job's log is <job_dir>/job.log
+        log = os.open(job_dir / "job.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        for fd in (1, 2):
+            os.dup2(log, fd)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # bars redrawn in a file are noise
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if fresh:
+        set_aside(job_dir)
     hooks = json.loads(os.environ.get("RUNNER_TEST_HOOKS", "{}"))  # tests only: see train_func's config.get
-    return run_with_ray(Path(args[0]), hooks)
+    return run_with_ray(job_dir, hooks)
+
+
+RESULTS = ("checkpoints", "best", "eval.json", "model", "adapter", "onnx", "onnx.failed", "manifest.json",
+           "failure.txt")
+
+
+def set_aside(job_dir: Path) -> Path | None:
+    """Before a retry from the start: move what the earlier attempt left (checkpoints, results) into
+    <job_dir>/earlier/<UTC time>/, so nothing of it is resumed from or mistaken for this attempt's."""
+    there = [job_dir / n for n in RESULTS if (job_dir / n).exists()]
+    if not there:
+        return None
+    dest = job_dir / "earlier" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in there:
+        p.rename(dest / p.name)
+    return dest
 
 
 def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
@@ -257,11 +331,11 @@ def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             prepared.append(e)
 
-    preparing = threading.Thread(target=prepare, daemon=True)
-    preparing.start()
     from jobs.progress import Follow
 
-    follow = Follow(job_dir)
+    follow = Follow(job_dir)  # shows what is written from here on
+    preparing = threading.Thread(target=prepare, daemon=True)
+    preparing.start()
     follow.start()
     try:
         if not ray.is_initialized():

@@ -1,5 +1,6 @@
-"""Follow a running job's metrics.jsonl and show step, loss, samples/s and ETA (a bar on a terminal, lines
-elsewhere)."""
+"""Follow a running job: step, loss, samples/s and ETA from its metrics.jsonl (a bar on a terminal, lines
+elsewhere), and the new lines of its train.log (what the workers and the driver have to say: world size, resumes,
+restarts, the export's checks), so that the driver's output, which is the job's log, tells the whole story."""
 
 from __future__ import annotations
 
@@ -14,21 +15,31 @@ class Follow(threading.Thread):
     def __init__(self, job_dir: Path, interval: float = 0.5):
         super().__init__(daemon=True)
         self.path = Path(job_dir) / "metrics.jsonl"
+        self.log = Path(job_dir) / "train.log"
         self.interval = interval
         self._stop_event = threading.Event()
-        self._offset = 0
+        # from where the files end now: a resumed job does not show its earlier attempt again
+        self._offset, self._log_offset = (p.stat().st_size if p.exists() else 0 for p in (self.path, self.log))
         self.last: dict | None = None
 
-    def _read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with self.path.open() as f:
-            f.seek(self._offset)
+    @staticmethod
+    def _whole_lines(path: Path, offset: int) -> tuple[list[str], int]:
+        """Lines after `offset`; a line being written is read next time."""
+        if not path.exists():
+            return [], offset
+        with path.open("rb") as f:
+            f.seek(offset)
             chunk = f.read()
-        # only whole lines: a line being written is read next time
-        end = chunk.rfind("\n") + 1
-        self._offset += len(chunk[:end].encode())
-        return [json.loads(x) for x in chunk[:end].splitlines() if x.strip()]
+        end = chunk.rfind(b"\n") + 1
+        return chunk[:end].decode("utf-8", "replace").splitlines(), offset + end
+
+    def _read(self) -> list[dict]:
+        lines, self._offset = self._whole_lines(self.path, self._offset)
+        return [json.loads(x) for x in lines if x.strip()]
+
+    def _notes(self) -> list[str]:
+        lines, self._log_offset = self._whole_lines(self.log, self._log_offset)
+        return lines
 
     def run(self) -> None:
         from rich.console import Console
@@ -40,12 +51,15 @@ class Follow(threading.Thread):
         with Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task("train", total=None, info="starting workers")
-            while not self._stop_event.is_set():
+            while True:
+                stopping = self._stop_event.is_set()
+                for line in self._notes():
+                    bar.console.print(line, markup=False, highlight=False)
                 for rec in self._read():
                     self._show(bar, task, rec)
+                if stopping:
+                    break
                 self._stop_event.wait(self.interval)
-            for rec in self._read():
-                self._show(bar, task, rec)
 
     def _show(self, bar, task, rec: dict) -> None:
         if "split" in rec:
@@ -58,7 +72,10 @@ class Follow(threading.Thread):
 
     def _plain(self) -> None:
         shown = 0.0
-        while not self._stop_event.is_set():
+        while True:
+            stopping = self._stop_event.is_set()
+            for line in self._notes():
+                print(line, file=sys.stderr, flush=True)
             for rec in self._read():
                 if "split" in rec:
                     print(f"step {rec['step']}: validation loss={rec['loss']:.4f}", file=sys.stderr, flush=True)
@@ -66,6 +83,8 @@ class Follow(threading.Thread):
                     shown = time.time()
                     print(f"step {rec['step']}/{rec['total_steps']} loss {rec['loss']:.4f} "
                           f"{rec['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
+            if stopping:
+                break
             self._stop_event.wait(self.interval)
 
     def stop(self) -> None:

@@ -217,6 +217,8 @@ class ResourcesSpec(_Strict):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="How the workers share the model.")
     max_failures: int = Field(0, ge=-1, description="Worker or node losses survived by resuming from the last "
                               "checkpoint; -1 retries forever.")
+    priority: int = Field(0, ge=-100, le=100, description="Place in the runner's queue: a higher priority "
+                          "starts first, then the older job; `runner submit --priority` overrides it.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -496,6 +498,11 @@ def _index_lines(node: yaml.Node, path: tuple, lines: dict, problems: list[Probl
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             _index_lines(v, path + (str(i),), lines, problems)
+
+
+def env_refs(text: str) -> set[str]:
+    """The names of the environment variables a recipe's text refers to (`${VAR}`, `${VAR:-default}`)."""
+    return {m.group(1) for m in _ENV_REF.finditer(text)}
 
 
 def _interpolate(v: Any, path: tuple, env, secrets: dict, problems: list, lines: dict) -> Any:

@@ -241,6 +241,8 @@ def train_func(config: dict) -> None:
     recipe = parse_recipe((job_dir / "recipe.yaml").read_text(), source="recipe.yaml", env=os.environ)
     use_gpu = recipe.needs_gpu and torch.cuda.is_available()
     ctx = ray.train.get_context()
+    if not use_gpu:  # Ray points Accelerate at cuda:N whenever the worker holds a GPU, real or (in tests) not
+        os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
     acc = Accelerator(mixed_precision=recipe.resources.mixed_precision, cpu=not use_gpu)
     rank, world = acc.process_index, acc.num_processes
     if world != ctx.get_world_size():
@@ -275,6 +277,10 @@ def train_func(config: dict) -> None:
     raw = acc.unwrap_model(model)
     unit_of = [units(r, recipe.task) for r in train_ds] if recipe.task == "causal_lm" else None
     length_of = [len(x) for x in train_ds["input_ids"]]
+
+    if config.get("record_nodes") and rank == 0:  # tests: the node each start of the workers ran on
+        with (job_dir / "nodes.txt").open("a") as f:
+            f.write(ray.get_runtime_context().get_node_id() + "\n")
 
     # --- resume ---------------------------------------------------------------------------------------------------
     state = State()
@@ -361,7 +367,9 @@ def train_func(config: dict) -> None:
                 _checkpoint(report, state, raw, optimizer, scheduler, rank)
             elif done:  # the saved model is the end's record; a checkpoint would only be written and hashed
                 ray.train.report(report)
-            while config.get("pause_after_step") == state.step:  # tests: hold here until the job is stopped
+            hold = config.get("hold_file")  # tests: hold at pause_after_step until stopped, or while the file
+            hold = hold and job_dir / hold  # (relative to the job folder) is there
+            while config.get("pause_after_step") == state.step and (not hold or hold.exists()):
                 time.sleep(0.2)
             crash = config.get("crash_after_step")  # tests: a worker dies mid-run, once
             if crash and state.step == crash and rank == world - 1 and not (job_dir / "crashed").exists():

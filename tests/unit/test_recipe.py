@@ -77,7 +77,7 @@ def test_every_problem_at_once_in_file_order():
         "r.yaml:10: train.lr: -1 is out of range; must be > 0",
         "r.yaml:12: resources.workers: 0 is out of range; must be >= 1",
         "r.yaml:13: resources.gpus: unknown key (did you mean 'gpus_per_worker'?); allowed here: workers, "
-        "gpus_per_worker, cpus_per_worker, mixed_precision, strategy, max_failures",
+        "gpus_per_worker, cpus_per_worker, mixed_precision, strategy, max_failures, priority",
     ]
 
 
