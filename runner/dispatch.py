@@ -2,10 +2,18 @@
 
 `Dispatcher.tick()` is one pass; the server runs it every second. A pass
 1. follows every job it has started: Ray's job status moves the store's state (STARTING -> RUNNING -> SUCCEEDED,
-   or FAILED with the driver's reason from failure.txt), and new lines of the job's metrics.jsonl are copied into
-   the store (the server pulls: the job folder is on storage both can read);
+   or FAILED with the driver's reason from failure.txt); new lines of the job's metrics.jsonl and events.jsonl
+   (RETRYING when Ray Train restarts lost workers, RUNNING when they are back, EXPORTING) are copied into the
+   store. The server pulls: the job folder is on storage both can read, and the driver needs no way back to the
+   server. How far each file was copied is kept per attempt in the store, so a restarted server goes on where the
+   last one stopped;
 2. asks `runner.queue.plan` which queued jobs fit what the cluster has free, claims each (QUEUED -> STARTING,
-   compare-and-set, so no job is dispatched twice) and submits it with submission id `<job id>-<attempt>`.
+   compare-and-set) and submits it with submission id `<job id>-<attempt>`. Ray refuses a submission id it
+   already has, so a job claimed by a server that died before its submission is recorded is submitted again
+   safely: never twice.
+
+A job whose Ray submission has gone (the cluster was restarted), or whose cluster cannot be reached for
+LOST_AFTER seconds, is marked FAILED with that reason: never left RUNNING.
 
 What is free is the cluster's total (Ray's node list) less what the runner's own running jobs hold: the runner
 is taken to be the cluster's only user, as it is with the embedded defaults.
@@ -16,57 +24,110 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from runner.queue import Need, Node, place, plan, refusal
-from runner.store import Job, Store
+from runner.store import InvalidTransition, Job, Store
 
 ACTIVE = ("STARTING", "RUNNING", "RETRYING", "EXPORTING")
+LOST_AFTER = 30.0
 WORKER_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_MODE",
               "RUNNER_VERBOSE", "RUNNER_TEST_HOOKS")
+# Ray's own token is not among them: the drivers inherit it from the Ray head they run on, and env_vars of a job are
+# shown by Ray's API and dashboard.
 
 
 def need_of(job: Job) -> Need:
     return Need(job.workers, job.cpus, job.gpus)
 
 
+class RayUnreachable(Exception):
+    """The Ray cluster's dashboard does not answer; the message says where and why."""
+
+
+class UnknownSubmission(Exception):
+    """Ray has no job with this submission id."""
+
+
 class RayJobs:
     """The Ray Jobs API and Ray's node list, at a dashboard address, with Ray's token when auth is on."""
 
-    def __init__(self, address: str, token: str | None = None):
-        from ray.job_submission import JobSubmissionClient
+    def __init__(self, address: str, token: str | None = None, nodes_max_age: float = 3.0):
+        self.address = address.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._client = None
+        self.nodes_max_age = nodes_max_age  # the node list changes rarely; asking for it each pass slows dispatch
+        self._nodes: tuple[float, list[Node]] | None = None
 
-        self.address = address
-        self.client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else None)
+    @property
+    def client(self):
+        """Made on first use (it asks the dashboard for its version), made again after the cluster went away."""
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            try:
+                self._client = JobSubmissionClient(self.address, headers=self.headers)
+            except Exception as e:  # noqa: BLE001 - ConnectionError, or Ray's RuntimeError around it
+                raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({_first_line(e)})") \
+                    from None
+        return self._client
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - sorted into the two cases the dispatcher acts on
+            text = str(e)
+            if "does not exist" in text or "404" in text:
+                raise UnknownSubmission(text) from None
+            if "already exists" in text:
+                raise
+            self._client = None
+            raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({_first_line(e)})") from None
 
     def nodes(self) -> list[Node]:
+        """The ALIVE nodes with their CPUs and GPUs, at most `nodes_max_age` seconds old."""
         from ray.util.state import list_nodes
 
+        if self._nodes and time.monotonic() - self._nodes[0] < self.nodes_max_age:
+            return self._nodes[1]
+        try:
+            found = list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+        except Exception as e:  # noqa: BLE001
+            raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({_first_line(e)})") from None
         out = []
-        for n in list_nodes(address=self.address, filters=[("state", "=", "ALIVE")]):
+        for n in found:
             res = n.resources_total or {}
             out.append(Node(n.node_id, float(res.get("CPU", 0)), float(res.get("GPU", 0))))
+        self._nodes = (time.monotonic(), out)
         return out
 
-    def submit(self, submission_id: str, job_dir: str, env: dict[str, str]) -> None:
-        self.client.submit_job(entrypoint=f"{sys.executable} -m jobs.entrypoint {job_dir}",
-                               submission_id=submission_id, runtime_env={"env_vars": env},
-                               metadata={"runner_job_dir": job_dir})
+    def submit(self, submission_id: str, job_dir: str, env: dict[str, str], fresh: bool = False) -> None:
+        self._call(self.client.submit_job,
+                   entrypoint=f"{sys.executable} -m jobs.entrypoint {job_dir}{' --fresh' if fresh else ''}",
+                   submission_id=submission_id, runtime_env={"env_vars": {**env, "RUNNER_LOG_TO_FILE": "1"}},
+                   metadata={"runner_job_dir": job_dir})
 
     def status(self, submission_id: str) -> tuple[str, str]:
-        info = self.client.get_job_info(submission_id)
+        info = self._call(self.client.get_job_info, submission_id)
         return str(info.status.value if hasattr(info.status, "value") else info.status), info.message or ""
 
     def stop(self, submission_id: str) -> None:
-        self.client.stop_job(submission_id)
+        self._call(self.client.stop_job, submission_id)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 class Dispatcher:
-    def __init__(self, store: Store, backend, env: dict[str, str] | None = None):
-        self.store, self.backend = store, backend
+    def __init__(self, store: Store, backend, env: dict[str, str] | None = None, clock=time.monotonic):
+        self.store, self.backend, self.clock = store, backend, clock
         base = os.environ if env is None else env
         self.env = {k: base[k] for k in WORKER_ENV if k in base}
-        self.offsets: dict[str, int] = {}  # job id -> bytes of metrics.jsonl already copied
+        self.unreachable_since: float | None = None
+        self.waiting: dict[str, tuple[int, str]] = {}  # queued job id -> (position, why it waits), as of the last pass
 
     @staticmethod
     def submission(job: Job) -> str:
@@ -77,78 +138,148 @@ class Dispatcher:
 
     def free(self, nodes: list[Node]) -> list[Node]:
         left = nodes
-        for job in self.store.list(limit=10_000):
-            if job.state in ACTIVE:
-                after = place(need_of(job), left)
-                left = after if after is not None else left
+        for job in self._active():
+            after = place(need_of(job), left)
+            left = after if after is not None else left
         return left
+
+    def _active(self) -> list[Job]:
+        return [j for state in ACTIVE for j in self.store.list(state=state, limit=100_000)]
 
     def tick(self) -> list[str]:
         """One pass; returns the ids of the jobs started in it."""
-        for job in self.store.list(limit=10_000):
-            if job.state in ACTIVE:
+        try:
+            for job in self._active():
                 self._follow(job)
-        nodes = self.backend.nodes()
+            nodes = self.backend.nodes()
+        except RayUnreachable as e:
+            self._lost(str(e))
+            return []
+        self.unreachable_since = None
         queue = self.store.queue()
         decision = plan([(j.id, need_of(j)) for j in queue], self.free(nodes))
+        self.waiting = decision.waiting
         started = []
         for job_id in decision.start:
+            job = self.store.get(job_id)
             try:
-                job = self.store.set_state(job_id, "STARTING", expect="QUEUED")
-            except Exception:  # noqa: BLE001 - another dispatcher took it, or it was cancelled meanwhile
+                job = self.store.set_state(job_id, "STARTING", expect="QUEUED", offsets=self._sizes(job))
+            except InvalidTransition:  # another dispatcher took it, or it was cancelled meanwhile
                 continue
-            try:
-                self.backend.submit(self.submission(job), job.job_dir, self.env)
-            except Exception as e:  # noqa: BLE001 - Ray refused: the job cannot start; say why
-                self.store.set_state(job_id, "FAILED", reason=f"Ray did not take the job: {e}")
-                continue
-            self.store.set_submission(job_id, self.submission(job))
-            started.append(job_id)
+            if self._submit(job):
+                started.append(job_id)
         return started
 
+    @staticmethod
+    def _sizes(job: Job) -> tuple[int, int]:
+        d = Path(job.job_dir)
+        return tuple((d / n).stat().st_size if (d / n).exists() else 0 for n in ("metrics.jsonl", "events.jsonl"))
+
+    def _submit(self, job: Job) -> bool:
+        try:
+            self.backend.submit(self.submission(job), job.job_dir, self.env, fresh=job.attempt > 1 and not job.resume)
+        except RayUnreachable:
+            raise
+        except Exception as e:  # noqa: BLE001 - Ray refused: the job cannot start; say why
+            if "already exists" in str(e):  # submitted before this server's restart: it is Ray's already
+                self.store.set_submission(job.id, self.submission(job))
+                return True
+            self.store.set_state(job.id, "FAILED", reason=f"Ray did not take the job: {_first_line(e)}")
+            return False
+        self.store.set_submission(job.id, self.submission(job))
+        return True
+
+    def _lost(self, why: str) -> None:
+        """Ray does not answer: after LOST_AFTER seconds of that, the jobs it held are marked FAILED."""
+        now = self.clock()
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+        if now - self.unreachable_since < LOST_AFTER:
+            return
+        for job in self._active():
+            self.store.set_state(job.id, "FAILED", reason=f"lost: {why} for {LOST_AFTER:.0f} s; the job's driver "
+                                                          "cannot be followed", expect=job.state)
+
     def _follow(self, job: Job) -> None:
-        self._copy_metrics(job)
+        attempt = self.store.attempt(job.id)
         try:
             status, message = self.backend.status(self.submission(job))
-        except Exception:  # noqa: BLE001 - not known to Ray (yet): try again next pass
-            return
-        if status == "RUNNING" and job.state == "STARTING":
-            self.store.set_state(job.id, "RUNNING", expect="STARTING")
-        elif status == "SUCCEEDED":
-            self._copy_metrics(job)
-            if job.state == "STARTING":
-                job = self.store.set_state(job.id, "RUNNING", expect="STARTING")
-            self.store.set_state(job.id, "SUCCEEDED", expect=job.state)
-        elif status in ("FAILED", "STOPPED"):
-            self._copy_metrics(job)
-            failure = Path(job.job_dir) / "failure.txt"
-            if status == "STOPPED":
-                self.store.set_state(job.id, "CANCELLED", reason="stopped", expect=job.state)
+        except UnknownSubmission:
+            if attempt and attempt["submission"] is None and job.state == "STARTING":
+                self._submit(job)  # claimed by a server that died before it submitted
             else:
-                reason = failure.read_text().strip() if failure.exists() else \
-                    f"the driver failed: {message.strip().splitlines()[-1] if message.strip() else 'no message'}"
-                self.store.set_state(job.id, "FAILED", reason=reason, expect=job.state)
+                self.store.set_state(job.id, "FAILED", expect=job.state, reason=(
+                    f"Ray no longer knows the job's submission {self.submission(job)}: the Ray cluster was "
+                    "restarted or replaced while the job ran"))
+            return
+        if attempt and attempt["submission"] is None:
+            self.store.set_submission(job.id, self.submission(job))
+        if status == "RUNNING" and job.state == "STARTING":
+            job = self.store.set_state(job.id, "RUNNING", expect="STARTING")
+        job = self._copy(job, attempt)
+        if status == "SUCCEEDED":
+            self._end(job, "SUCCEEDED")
+        elif status == "STOPPED":
+            self._end(job, "CANCELLED", "stopped")
+        elif status == "FAILED":
+            failure = Path(job.job_dir) / "failure.txt"
+            if failure.exists():
+                reason = failure.read_text().strip()
+            else:
+                reason = f"the job's driver ended without a reason: {_first_line(Exception(message)) or 'no message'}"
+            self._end(job, "FAILED", reason)
 
-    def _copy_metrics(self, job: Job) -> None:
-        path = Path(job.job_dir) / "metrics.jsonl"
-        if not path.exists():
-            return
-        with path.open("rb") as f:
-            f.seek(self.offsets.get(job.id, 0))
-            chunk = f.read()
-        end = chunk.rfind(b"\n") + 1  # whole lines only; a line being written comes next pass
-        if not end:
-            return
-        records = [json.loads(x) for x in chunk[:end].decode().splitlines() if x.strip()]
-        self.offsets[job.id] = self.offsets.get(job.id, 0) + end
+    def _end(self, job: Job, state: str, reason: str | None = None) -> None:
+        if state == "SUCCEEDED" and job.state in ("STARTING", "RETRYING"):
+            job = self.store.set_state(job.id, "RUNNING", expect=job.state)
+        self.store.set_state(job.id, state, reason=reason, expect=job.state)
+
+    def _copy(self, job: Job, attempt: dict | None) -> Job:
+        """New whole lines of metrics.jsonl and events.jsonl into the store; events move the state."""
+        if attempt is None:
+            return job
+        records, offset = _read_lines(Path(job.job_dir) / "metrics.jsonl", attempt["metrics_offset"])
         if records:
             self.store.add_metrics(job.id, records)
+        self.store.set_offsets(job.id, attempt["attempt"], metrics=offset)
+        events, offset = _read_lines(Path(job.job_dir) / "events.jsonl", attempt["events_offset"])
+        for ev in events:
+            new = ev.get("state")
+            if new and new != job.state:
+                try:
+                    job = self.store.set_state(job.id, new, expect=job.state, message=ev.get("message"))
+                    continue
+                except InvalidTransition:
+                    pass
+            self.store.note(job.id, ev.get("message") or str(ev))
+        self.store.set_offsets(job.id, attempt["attempt"], events=offset)
+        return job
 
     def cancel(self, job: Job) -> Job:
         """A queued job is cancelled at once; a running one is stopped through Ray (the next pass records it)."""
         if job.state == "QUEUED":
             return self.store.set_state(job.id, "CANCELLED", reason="cancelled by the user", expect="QUEUED")
         if job.state in ACTIVE:
-            self.backend.stop(self.submission(job))
+            try:
+                self.backend.stop(self.submission(job))
+            except UnknownSubmission:  # claimed, not yet submitted: nothing runs
+                return self.store.set_state(job.id, "CANCELLED", reason="cancelled by the user", expect=job.state)
             self.store.note(job.id, "cancel requested: stopping the job's processes")
         return self.store.get(job.id)
+
+
+def whole_lines(path: Path, offset: int, limit: int = 1 << 24) -> tuple[str, int]:
+    """The whole lines of a file after a byte offset (a line being written comes next time), and the offset after
+    them."""
+    if not path.exists():
+        return "", offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read(limit)
+    end = chunk.rfind(b"\n") + 1
+    return chunk[:end].decode("utf-8", "replace"), offset + end
+
+
+def _read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
+    text, end = whole_lines(path, offset)
+    return [json.loads(x) for x in text.splitlines() if x.strip()], end

@@ -56,7 +56,8 @@ def shape(nodes: list[Node]) -> str:
     kinds: dict[tuple, int] = {}
     for n in nodes:
         kinds[(n.cpus, n.gpus)] = kinds.get((n.cpus, n.gpus), 0) + 1
-    parts = [f"{k} x ({_n(c)} CPUs{f', {_n(g)} GPUs' if g else ''})" for (c, g), k in kinds.items()]
+    parts = [f"{k} x ({_n(c)} CPUs{f', {_n(g)} GPUs' if g else ''})"
+             for (c, g), k in sorted(kinds.items(), key=lambda x: (-x[0][1], -x[0][0]))]  # biggest first
     return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: " + ", ".join(parts)
 
 

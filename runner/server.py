@@ -5,25 +5,36 @@ every route but /health needs `Authorization: Bearer <token>`. Jobs live under <
 ids are made here from the recipe's name (letters, digits, `-`, `_`, `.`), and every path is checked to stay
 inside that root. Recipes are kept as their snapshot, secrets as `${VAR}` references.
 
-With a Ray backend (`runner.dispatch.RayJobs`), a thread runs `Dispatcher.tick` every second: queued jobs start
-when they fit, and their states, reasons and metrics come back into the store. Without one, jobs stay QUEUED.
+With a Ray backend (`runner.dispatch.RayJobs`), a thread runs `Dispatcher.tick` every `interval` seconds, and at
+once after a submit, cancel or retry: queued jobs start when they fit, and their states, reasons and metrics come
+back into the store. Without one, jobs stay QUEUED.
+
+A job's log is <job dir>/job.log (the driver writes it); GET /jobs/{id}/logs returns it from an offset, or with
+`follow=true` streams it as Server-Sent Events (`event: log`, one line of data each, `id:` the byte offset after
+it) until the job has ended and the log is read to its end (`event: end`, the final state).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
+import json
 import os
 import secrets
 import time
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from jobs.recipe import NAME_RE, NAME_RULE, RecipeError, parse_recipe
-from runner.store import STATES, InvalidTransition, Store, StoreError, UnknownJob
+from runner.store import STATES, TERMINAL, InvalidTransition, Store, StoreError, UnknownJob
+
+
+class RetryRequest(BaseModel):
+    from_checkpoint: bool = Field(False, description="Go on from the job's last checkpoint instead of the start.")
 
 
 class JobRequest(BaseModel):
@@ -56,20 +67,24 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     import threading
     from contextlib import asynccontextmanager
 
-    from runner.dispatch import Dispatcher
+    from runner.dispatch import Dispatcher, RayUnreachable, whole_lines
 
     home = Path(home)
     root = (home / "artifacts").resolve()
     root.mkdir(parents=True, exist_ok=True)
     store = Store(home / "runner.db", clock=clock)
     dispatcher = Dispatcher(store, backend) if backend is not None else None
-    stop = threading.Event()
+    stop, wake = threading.Event(), threading.Event()
 
     def loop() -> None:
-        while not stop.wait(interval):
+        while not stop.is_set():
+            wake.wait(interval)
+            wake.clear()
+            if stop.is_set():
+                break
             try:
                 dispatcher.tick()
-            except Exception as e:  # noqa: BLE001 - Ray unreachable for a moment: say so, try again
+            except Exception as e:  # noqa: BLE001 - a pass that failed: say so, try again next pass
                 print(f"dispatch: {type(e).__name__}: {e}", flush=True)
 
     @asynccontextmanager
@@ -79,6 +94,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
             thread.start()
         yield
         stop.set()
+        wake.set()
         if thread:
             thread.join(timeout=10)
 
@@ -101,6 +117,22 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     async def _refused(_, e: StoreError):
         return JSONResponse({"detail": str(e)}, status_code=409)
 
+    @app.exception_handler(RayUnreachable)
+    async def _no_ray(_, e: RayUnreachable):
+        return JSONResponse({"detail": f"{e}; is it running? (`runner server start` starts the local one)"},
+                            status_code=503)
+
+    def described(job) -> dict:
+        """A job as the API shows it: with its place in the queue and why it waits, while it is QUEUED."""
+        out = job.to_json()
+        if job.state == "QUEUED":
+            order = [j.id for j in store.queue()]
+            waits = dispatcher.waiting.get(job.id) if dispatcher else None
+            out["queue_position"] = order.index(job.id) + 1 if job.id in order else None
+            out["waiting_for"] = waits[1] if waits else ("no Ray cluster attached" if dispatcher is None
+                                                         else "the next dispatch pass")
+        return out
+
     @app.get("/health")
     def health() -> dict:
         return {"ok": True}
@@ -122,17 +154,19 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         job_dir = (root / job_id).resolve()
         if job_dir.parent != root:  # the name rules make this impossible; the check keeps it so
             raise HTTPException(422, f"name {name!r} would leave the artifacts folder")
-        job_dir.mkdir()
-        snapshot = recipe.snapshot_yaml()
-        (job_dir / "recipe.yaml").write_text(snapshot, encoding="utf-8")
         res = recipe.resources
         if dispatcher is not None:
             why = dispatcher.refusal(need_of_recipe(recipe))
             if why:
                 raise HTTPException(422, f"refused: the job {why}")
+        job_dir.mkdir()
+        snapshot = recipe.snapshot_yaml()
+        (job_dir / "recipe.yaml").write_text(snapshot, encoding="utf-8")
+        priority = req.priority if req.priority is not None else recipe.resources.priority
         job = store.add_job(job_id, name, snapshot, str(job_dir), res.workers, res.cpus_per_worker,
-                            res.gpus_per_worker, priority=req.priority or 0)
-        return job.to_json()
+                            res.gpus_per_worker, priority=priority)
+        wake.set()
+        return described(job)
 
     @app.get("/jobs", dependencies=[Depends(auth)])
     def list_jobs(state: str | None = Query(None), name: str | None = Query(None),
@@ -140,13 +174,53 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         if state is not None and state.upper() not in STATES:
             raise HTTPException(422, f"state {state!r}: one of {', '.join(STATES)}")
         jobs = store.list(state=state.upper() if state else None, name=name, limit=limit, offset=offset)
-        queue = {j.id: i + 1 for i, j in enumerate(store.queue())}
-        return {"jobs": [{**j.to_json(), "queue_position": queue.get(j.id)} for j in jobs], "limit": limit,
-                "offset": offset}
+        return {"jobs": [described(j) for j in jobs], "limit": limit, "offset": offset}
 
     @app.get("/jobs/{job_id}", dependencies=[Depends(auth)])
     def get_job(job_id: str) -> dict:
-        return store.get(job_id).to_json()
+        job = store.get(job_id)
+        out = described(job)
+        out["attempts"] = store.attempts(job_id)
+        result = Path(job.job_dir) / "eval.json"
+        if job.state == "SUCCEEDED" and result.exists():
+            out["result"] = json.loads(result.read_text())
+        return out
+
+    @app.get("/jobs/{job_id}/artifacts", dependencies=[Depends(auth)])
+    def artifacts(job_id: str) -> dict:
+        """The job folder's files (path, bytes), the test metrics and the export's checks where there are any."""
+        job_dir = Path(store.get(job_id).job_dir)
+        files = [{"path": str(p.relative_to(job_dir)), "bytes": p.stat().st_size}
+                 for p in sorted(job_dir.rglob("*")) if p.is_file() and p.relative_to(job_dir).parts[0] != "prepared"]
+        out: dict = {"job_dir": str(job_dir), "files": files}
+        for key, rel in (("eval", "eval.json"), ("export", "onnx/export_report.json")):
+            if (job_dir / rel).exists():
+                out[key] = json.loads((job_dir / rel).read_text())
+        return out
+
+    @app.get("/jobs/{job_id}/logs", dependencies=[Depends(auth)])
+    async def logs(job_id: str, offset: int = Query(0, ge=0), follow: bool = False):
+        path = Path(store.get(job_id).job_dir) / "job.log"
+        if not follow:
+            text, end = whole_lines(path, offset, 1 << 20)
+            return {"text": text, "offset": end}
+
+        async def stream():
+            at = offset
+            while True:
+                ended = store.get(job_id).state in TERMINAL  # read before the file: its last lines come after
+                text, at_new = whole_lines(path, at, 1 << 20)
+                for line in text.splitlines():
+                    at += len(line.encode()) + 1
+                    yield f"id: {at}\nevent: log\ndata: {line}\n\n"
+                at = at_new
+                if ended and not text:
+                    yield f"event: end\ndata: {store.get(job_id).state}\n\n"
+                    return
+                await asyncio.sleep(0.3)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/jobs/{job_id}/recipe", dependencies=[Depends(auth)])
     def get_recipe(job_id: str) -> dict:
@@ -165,25 +239,31 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     @app.post("/jobs/{job_id}/cancel", dependencies=[Depends(auth)])
     def cancel(job_id: str) -> dict:
         job = store.get(job_id)
+        if job.state in TERMINAL:
+            raise HTTPException(409, f"job {job_id} has already ended ({job.state})")
         if dispatcher is not None and job.state != "QUEUED":
-            return dispatcher.cancel(job).to_json()
-        try:
-            return store.set_state(job_id, "CANCELLED", reason="cancelled by the user", expect=job.state).to_json()
-        except InvalidTransition as e:
-            raise HTTPException(409, str(e)) from None
+            out = dispatcher.cancel(job).to_json()
+        else:
+            out = store.set_state(job_id, "CANCELLED", reason="cancelled by the user", expect=job.state).to_json()
+        wake.set()
+        return out
 
     @app.post("/jobs/{job_id}/retry", dependencies=[Depends(auth)])
-    def retry(job_id: str) -> dict:
+    def retry(job_id: str, req: RetryRequest | None = None) -> dict:
         job = store.get(job_id)
         if job.state not in ("FAILED", "CANCELLED"):
             raise HTTPException(409, f"job {job_id} is {job.state}; only a FAILED or CANCELLED job can be retried")
-        return store.set_state(job_id, "QUEUED", message=f"retry (attempt {job.attempt + 1})",
-                               expect=job.state).to_json()
+        resume = bool(req and req.from_checkpoint)
+        how = "from its last checkpoint" if resume else "from the start"
+        out = store.set_state(job_id, "QUEUED", message=f"retry {how} (attempt {job.attempt + 1})", expect=job.state,
+                              resume=resume)
+        wake.set()
+        return described(out)
 
     @app.get("/cluster", dependencies=[Depends(auth)])
     def cluster() -> dict:
         if dispatcher is None:
-            raise HTTPException(503, "no Ray cluster is attached to this server")
+            raise HTTPException(503, "no Ray cluster is attached to this server (start it with --ray URL)")
         nodes = backend.nodes()
         free = dispatcher.free(nodes)
         return {"nodes": [{"id": n.id, "cpus": n.cpus, "gpus": n.gpus, "free_cpus": f.cpus, "free_gpus": f.gpus}
@@ -202,14 +282,15 @@ def need_of_recipe(recipe):
 
 
 def serve(home: Path, host: str = "127.0.0.1", port: int = 8642, token: str | None = None,
-          ray_dashboard: str | None = None) -> None:
+          ray_dashboard: str | None = None, interval: float = 0.25) -> None:
     check_bind(host, token)
     import uvicorn
 
     from runner.dispatch import RayJobs
 
     backend = RayJobs(ray_dashboard, os.environ.get("RAY_AUTH_TOKEN")) if ray_dashboard else None
-    uvicorn.run(create_app(home, token, backend=backend), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(home, token, backend=backend, interval=interval), host=host, port=port,
+                log_level="warning")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8642)
     ap.add_argument("--ray", default=os.environ.get("RAY_DASHBOARD_ADDRESS"),
                     help="The Ray dashboard's address (http://HEAD:8265); without it jobs stay QUEUED.")
+    ap.add_argument("--interval", type=float, default=0.25, help="Seconds between dispatch passes.")
     a = ap.parse_args(argv)
     home = Path(os.environ.get("RUNNER_HOME") or Path.home() / ".runner")
     try:
-        serve(home, a.host, a.port, os.environ.get("RUNNER_TOKEN") or None, a.ray)
+        serve(home, a.host, a.port, os.environ.get("RUNNER_TOKEN") or None, a.ray, a.interval)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2

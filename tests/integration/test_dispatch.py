@@ -1,8 +1,16 @@
-"""Dispatch through the real Ray Jobs API on a local Ray with its dashboard: queueing while the cluster is full,
-results and reasons back in the store, metrics copied, refusal of what can never fit."""
+"""The control plane on real Ray: a simulated two-node cluster with fake GPUs (`ray.cluster_utils.Cluster`, one GPU
+and one CPU a node, the head holding none), the real runner server as a process, the real Ray Jobs API.
+
+One long test walks a queue through what can go wrong around it (the server SIGKILLed and restarted, a driver
+killed without a word, a cancel); another loses the node a job trains on.
+"""
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,137 +19,248 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "disabled"
 ray = pytest.importorskip("ray")
 
-from jobs.recipe import parse_recipe  # noqa: E402
-from runner.dispatch import Dispatcher, RayJobs  # noqa: E402
-from runner.queue import Need  # noqa: E402
-from runner.store import Store  # noqa: E402
 from tiny import keyword_rows, tiny_model_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+ACTIVE = ("STARTING", "RUNNING", "RETRYING", "EXPORTING")
+ENDED = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def dashboard():
-    ctx = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                   object_store_memory=150 * 2**20)
-    yield f"http://{ctx.dashboard_url}"
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    port = free_port()
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+        "object_store_memory": 150 * 2**20,
+        # a lost node is noticed in ~3 s instead of ~30 s
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                           "health_check_failure_threshold": 3}})
+    nodes = [c.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 * 2**20) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, nodes, f"http://127.0.0.1:{port}"
     ray.shutdown()
+    c.shutdown()
 
 
-def add_job(store: Store, root: Path, model: Path, name: str, body: str, rows, task="classification") -> str:
-    (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = parse_recipe(f"name: {name}\nmodel:\n  name: {model}\ntask: {task}\ndata:\n  train: {name}.jsonl\n"
-                     f"  max_seq_len: 16\n{body}", base_dir=root, env={})
-    job_dir = root / "artifacts" / name
-    job_dir.mkdir(parents=True)
-    (job_dir / "recipe.yaml").write_text(r.snapshot_yaml())
-    res = r.resources
-    store.add_job(name, name, r.snapshot_yaml(), str(job_dir), res.workers, res.cpus_per_worker, res.gpus_per_worker)
-    return name
+class Server:
+    """`python -m runner.server` as a process of its own, so that it can be SIGKILLed."""
+
+    def __init__(self, home: Path, dashboard: str, hooks: dict):
+        self.home, self.dashboard, self.hooks = home, dashboard, hooks
+        self.proc = None
+
+    def start(self) -> None:
+        port = free_port()
+        env = {**os.environ, "RUNNER_HOME": str(self.home), "RUNNER_TEST_HOOKS": json.dumps(self.hooks)}
+        self.log = open(self.home / f"server-{port}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "runner.server", "--port", str(port), "--ray",
+                                      self.dashboard, "--interval", "0.5"], env=env, cwd=ROOT, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            if self.call("/health", quiet=True)[0] == 200:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"server did not start: {(self.home / f'server-{port}.log').read_text()}")
+
+    def call(self, path, body=None, quiet=False):
+        import httpx
+
+        try:
+            r = httpx.request("POST" if body is not None else "GET", self.url + path, json=body, timeout=30)
+        except httpx.TransportError:
+            if quiet:
+                return 0, None
+            raise
+        return r.status_code, r.json()
+
+    def job(self, job_id: str) -> dict:
+        return self.call(f"/jobs/{job_id}")[1]
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
 
 
-def test_jobs_queue_while_full_and_report_back(dashboard, tmp_path, tokenizer):
-    model = tiny_model_dir(tmp_path / "bert", "bert", tokenizer, weights=True)
-    store = Store(tmp_path / "runner.db")
-    d = Dispatcher(store, RayJobs(dashboard))
-    whole = "train:\n  max_steps: 6\n  batch_size: 8\nresources:\n  workers: 1\n  cpus_per_worker: 2\n"
-    first = add_job(store, tmp_path, model, "first", whole, keyword_rows(80))
-    second = add_job(store, tmp_path, model, "second", whole, keyword_rows(80, seed=1))
-    bad = add_job(store, tmp_path, model, "diverges", "train:\n  epochs: 3\n  optimizer: sgd\n  lr: 10\n"
-                  "  max_grad_norm: null\nresources:\n  workers: 1\n  cpus_per_worker: 2\n",
-                  [{"text": r["text"], "label": float(i * 1000)} for i, r in enumerate(keyword_rows(60))],
-                  task="regression")
-
-    assert d.refusal(Need(2, 2, 0)).startswith("needs 2 workers x (2 CPUs), which this cluster can never hold "
-                                               "(1 node: 1 x (2 CPUs))")
-    assert d.tick() == [first], "one job fills the cluster; the others wait"
-    assert store.get(second).state == "QUEUED"
-    seen_active, order = [], []
-    deadline = time.monotonic() + 420
+def wait_for(what, check, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        started = d.tick()
-        order += started
-        active = [j.id for j in store.list() if j.state in ("STARTING", "RUNNING", "RETRYING", "EXPORTING")]
-        seen_active.append(active)
-        if all(store.get(j).state in ("SUCCEEDED", "FAILED", "CANCELLED") for j in (first, second, bad)):
-            break
-        time.sleep(1)
-    assert max(len(a) for a in seen_active) == 1, "never two jobs on a cluster that holds one"
-    assert order == [second, bad], "then in queue order"
-    assert store.get(first).state == "SUCCEEDED" and store.get(second).state == "SUCCEEDED"
-    failed = store.get(bad)
-    assert failed.state == "FAILED" and failed.reason.startswith("the loss became ")
-    steps = [m["step"] for m in store.metrics(first, split="train")]
-    assert steps == list(range(1, 7)), "every step's metrics reached the store"
-    assert [e["state_to"] for e in store.events(first)] == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
-    assert [a["submission"] for a in store.attempts(first)] == [f"{first}-1"]
-    assert (Path(store.get(first).job_dir) / "model" / "config.json").exists()
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_server_refuses_what_never_fits_runs_and_cancels(dashboard, tmp_path, tokenizer, monkeypatch):
-    import threading
-    import urllib.error
-    import urllib.request
+def recipe(model: Path, data: Path, name: str, steps: int = 6, extra: str = "", task="classification") -> str:
+    return (f"name: {name}\nmodel:\n  name: {model}\ntask: {task}\ndata:\n  train: {data}\n  max_seq_len: 16\n"
+            f"train:\n  max_steps: {steps}\n  batch_size: 8\n{extra}"
+            "resources:\n  workers: 1\n  cpus_per_worker: 1\n  gpus_per_worker: 1\n")
 
-    import uvicorn
+
+def train_actors(node_of: bool = False):
     from ray.util.state import list_actors
 
-    from runner.server import create_app
+    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if "Train" in a.class_name]
+    return [a.node_id for a in alive if a.class_name.endswith("Worker")] if node_of else alive
 
-    model = tiny_model_dir(tmp_path / "bert", "bert", tokenizer, weights=True)
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(80)))
-    monkeypatch.setenv("RUNNER_TEST_HOOKS", json.dumps({"pause_after_step": 2}))  # the job holds at step 2
-    app = create_app(tmp_path / "home", backend=RayJobs(dashboard), interval=0.5)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
 
-    def call(path, body=None, method=None):
-        req = urllib.request.Request(url + path, method=method or ("POST" if body is not None else "GET"),
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    recipe = (f"name: held\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: d.jsonl\n"
-              "  max_seq_len: 16\ntrain:\n  max_steps: 50\nresources:\n  workers: {w}\n  cpus_per_worker: 2\n")
+def pid_alive(pid: int) -> bool:
     try:
-        code, err = call("/jobs", {"recipe": recipe.replace("{w}", "2"), "base_dir": str(tmp_path)})
-        assert code == 422 and err["detail"] == ("refused: the job needs 2 workers x (2 CPUs), which this cluster "
-                                                 "can never hold (1 node: 1 x (2 CPUs))")
-        assert call("/cluster")[1]["cpus"] == 2
-        code, job = call("/jobs", {"recipe": recipe.replace("{w}", "1"), "base_dir": str(tmp_path)})
-        assert code == 201
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            got = call(f"/jobs/{job['id']}")[1]
-            if got["state"] == "RUNNING" and len(call(f"/jobs/{job['id']}/metrics")[1]["metrics"]) >= 2:
-                break
-            time.sleep(0.5)
-        assert got["state"] == "RUNNING"
-        assert call("/cluster")[1]["free_cpus"] == 0
-        code, _ = call(f"/jobs/{job['id']}/cancel", {})
-        assert code == 200
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 60 and call(f"/jobs/{job['id']}")[1]["state"] != "CANCELLED":
-            time.sleep(0.5)
-        assert call(f"/jobs/{job['id']}")[1]["state"] == "CANCELLED"
-        took = time.monotonic() - t0
-        for _ in range(40):  # the training workers and their controller go with the job
-            alive = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])
-                     if "Train" in a.class_name]
-            if not alive:
-                break
-            time.sleep(0.5)
-        assert not alive, alive
-        assert took < 30, took
-        assert call("/cluster")[1]["free_cpus"] == 2, "its resources are free for the next job"
-    finally:
-        srv.should_exit = True
-        t.join(timeout=10)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+
+
+@pytest.fixture
+def servers():
+    started = []
+    yield started
+    for srv in started:
+        if srv.proc and srv.proc.poll() is None:
+            srv.kill()
+
+
+def test_queue_survives_server_kill_driver_death_and_cancel(cluster, tmp_path, tokenizer, servers):
+    from ray.job_submission import JobSubmissionClient
+
+    _, _, dashboard = cluster
+    model = tiny_model_dir(tmp_path / "bert", "bert", tokenizer, weights=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(80)))
+    diverging = tmp_path / "r.jsonl"
+    diverging.write_text("".join(json.dumps({"text": r["text"], "label": float(i * 1000)}) + "\n"
+                                 for i, r in enumerate(keyword_rows(60))))
+    home = tmp_path / "home"
+    home.mkdir()
+    srv = Server(home, dashboard, {"pause_after_step": 2, "hold_file": "hold"})
+    servers.append(srv)
+    srv.start()
+
+    def submit(name, body, priority=0, hold=True):
+        code, job = srv.call("/jobs", {"recipe": body, "priority": priority})
+        assert code == 201, job
+        if hold:  # the job waits at step 2 while this file is there
+            (Path(job["job_dir"]) / "hold").touch()
+        return job["id"]
+
+    code, err = srv.call("/jobs", {"recipe": recipe(model, data, "big").replace("workers: 1", "workers: 3")})
+    assert code == 422 and err["detail"] == ("refused: the job needs 3 workers x (1 CPU + 1 GPU), which this "
+                                             "cluster can never hold (3 nodes: 2 x (1 CPUs, 1 GPUs), 1 x (0 CPUs))")
+    a = submit("a", recipe(model, data, "a"))
+    b = submit("b", recipe(model, data, "b"))
+    wait_for("a and b running", lambda: all(srv.job(j)["state"] == "RUNNING" for j in (a, b)), 120)
+    c = submit("c", recipe(model, diverging, "c", steps=30, task="regression",
+                           extra="  epochs: 3\n  optimizer: sgd\n  lr: 10\n  max_grad_norm: null\n"), hold=False)
+    d = submit("d", recipe(model, data, "d"), priority=5)
+    assert srv.job(d)["state"] == "QUEUED"
+    got = wait_for("queue reasons", lambda: (lambda x: x if x["waiting_for"].startswith("needs") else None)(
+        srv.job(d)), 10)
+    assert got["queue_position"] == 1 and got["waiting_for"] == "needs 1 GPUs, 0 free", got
+    assert srv.job(c)["waiting_for"] == f"waiting behind {d}" and srv.job(c)["queue_position"] == 2
+    wait_for("a and b at step 2", lambda: all(len(srv.call(f"/jobs/{j}/metrics?split=train")[1]["metrics"]) >= 2
+                                              for j in (a, b)), 120)
+
+    # --- the server dies without a word; a finishes meanwhile ------------------------------------------------------
+    srv.kill()
+    (home / "artifacts" / a / "hold").unlink()
+    wait_for("a done while the server is down", lambda: (home / "artifacts" / a / "eval.json").exists(), 120)
+    srv.start()
+    wait_for("a recorded", lambda: srv.job(a)["state"] == "SUCCEEDED", 30)
+    steps = [m["step"] for m in srv.call(f"/jobs/{a}/metrics?split=train")[1]["metrics"]]
+    assert steps == list(range(1, 7)), "every step of a, written while no server ran, reached the store once"
+    wait_for("d, the higher priority, takes a's place", lambda: srv.job(d)["state"] in ACTIVE, 30)
+    assert srv.job(c)["state"] == "QUEUED", "c waits: one job a GPU"
+
+    # --- d is cancelled while it runs: nothing of it is left, and its GPU goes to c, next in the queue -------------
+    wait_for("d at step 2", lambda: len(srv.call(f"/jobs/{d}/metrics?split=train")[1]["metrics"]) >= 2, 120)
+    d_driver = int((home / "artifacts" / d / "driver.pid").read_text())
+    assert srv.call(f"/jobs/{d}/cancel", {})[0] == 200
+    wait_for("d CANCELLED", lambda: srv.job(d)["state"] == "CANCELLED", 30)
+    wait_for("d's driver gone", lambda: not pid_alive(d_driver), 30)
+    wait_for("c started in d's place", lambda: srv.job(c)["state"] != "QUEUED", 30)
+
+    # --- b's driver is killed without a word: b is FAILED, with a reason, within 30 s --------------------------------
+    driver = int((home / "artifacts" / b / "driver.pid").read_text())
+    os.kill(driver, signal.SIGKILL)
+    t0 = time.monotonic()
+    wait_for("b FAILED", lambda: srv.job(b)["state"] == "FAILED", 30)
+    assert time.monotonic() - t0 < 30
+    assert srv.job(b)["reason"].startswith("the job's driver ended without a reason"), srv.job(b)["reason"]
+    wait_for("c, the last, fails on its own", lambda: srv.job(c)["state"] in ENDED, 180)
+    assert srv.job(c)["reason"].startswith("the loss became "), srv.job(c)["reason"]
+    wait_for("no training actor left", lambda: not train_actors(), 30)
+    assert srv.call("/cluster")[1]["free_gpus"] == 2
+
+    # --- nothing lost, nothing twice ------------------------------------------------------------------------------
+    ray_jobs = [j.submission_id for j in JobSubmissionClient(dashboard).list_jobs()]
+    for j in (a, b, c, d):
+        assert ray_jobs.count(f"{j}-1") == 1, (j, ray_jobs)
+        assert [x["attempt"] for x in srv.call(f"/jobs/{j}")[1]["attempts"]] == [1]
+    events = [e["state_to"] for e in srv.call(f"/jobs/{a}/events")[1]["events"] if e["state_to"]]
+    assert events == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+
+
+def test_lost_node_job_resumes_from_checkpoint_on_the_other(cluster, tmp_path, tokenizer):
+    from runner.dispatch import Dispatcher, RayJobs
+    from runner.store import Store
+
+    c, nodes, dashboard = cluster
+    model = tiny_model_dir(tmp_path / "bert", "bert", tokenizer, weights=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(80)))
+    from jobs.recipe import parse_recipe
+
+    r = parse_recipe(recipe(model, data, "lost", steps=8, extra="  checkpoint_every: 2\n").replace(
+        "gpus_per_worker: 1\n", "gpus_per_worker: 1\n  max_failures: 1\n"), env={})
+    job_dir = tmp_path / "artifacts" / "lost"
+    job_dir.mkdir(parents=True)
+    (job_dir / "recipe.yaml").write_text(r.snapshot_yaml())
+    (job_dir / "hold").touch()
+    store = Store(tmp_path / "runner.db")
+    store.add_job("lost", "lost", r.snapshot_yaml(), str(job_dir), 1, 1, 1)
+    d = Dispatcher(store, RayJobs(dashboard), env={**os.environ, "RUNNER_TEST_HOOKS": json.dumps(
+        {"pause_after_step": 4, "hold_file": "hold", "record_nodes": True})})
+    assert d.tick() == ["lost"]
+
+    def at_checkpoint():  # written by the worker, and registered by Ray Train's controller
+        d.tick()
+        try:
+            snap = json.loads((job_dir / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return (snap.get("latest_checkpoint_result") or {}).get("metrics", {}).get("step") == 4
+
+    wait_for("the checkpoint at step 4", at_checkpoint, 180)
+    first = (job_dir / "nodes.txt").read_text().split()
+    assert len(first) == 1
+    node = next(n for n in nodes if n.node_id == first[0])
+    c.remove_node(node, allow_graceful=False)
+
+    def ended():
+        d.tick()
+        return store.get("lost").state in ENDED
+
+    wait_for("the job to end", ended, 240)
+    job = store.get("lost")
+    assert job.state == "SUCCEEDED", job.reason
+    moves = [e["state_to"] for e in store.events("lost") if e["state_to"]]
+    assert moves == ["QUEUED", "STARTING", "RUNNING", "RETRYING", "RUNNING", "SUCCEEDED"], moves
+    retrying = next(e for e in store.events("lost") if e["state_to"] == "RETRYING")["message"]
+    assert retrying.startswith(f"the workers failed (The actor died because its node has died. Node Id: {first[0]})")
+    starts = (job_dir / "nodes.txt").read_text().split()
+    assert len(starts) == 2 and starts[1] != starts[0], "the workers came back on the node that remains"
+    assert "resumed from checkpoint at step 4" in (job_dir / "train.log").read_text()
+    assert [m["step"] for m in store.metrics("lost", split="train")] == list(range(1, 9))
+    assert store.attempts("lost")[0]["attempt"] == 1, "Ray Train's restart, inside the one attempt"

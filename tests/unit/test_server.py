@@ -78,9 +78,9 @@ def test_jobs_are_created_listed_cancelled_and_retried(server, tmp_path):
     code, done = call(f"{url}/jobs/{job['id']}/cancel", "POST")
     assert code == 200 and done["state"] == "CANCELLED" and done["reason"] == "cancelled by the user"
     code, again = call(f"{url}/jobs/{job['id']}/cancel", "POST")
-    assert code == 409 and "cannot go from CANCELLED to CANCELLED" in again["detail"]
-    code, back = call(f"{url}/jobs/{job['id']}/retry", "POST")
-    assert code == 200 and back["state"] == "QUEUED"
+    assert code == 409 and again["detail"] == f"job {job['id']} has already ended (CANCELLED)"
+    code, back = call(f"{url}/jobs/{job['id']}/retry", "POST", {"from_checkpoint": True})
+    assert code == 200 and back["state"] == "QUEUED" and back["resume"] == 1
     code, ev = call(f"{url}/jobs/{job['id']}/events")
     assert [e["state_to"] for e in ev["events"]] == ["QUEUED", "CANCELLED", "QUEUED"]
     code, err = call(f"{url}/jobs/{other['id']}/retry", "POST")
@@ -126,3 +126,50 @@ def test_off_loopback_needs_a_token():
                          capture_output=True, text=True, cwd=ROOT, timeout=60,
                          env={"PATH": "/usr/bin:/bin", "RUNNER_HOME": "/tmp/runner-test-unused"})
     assert out.returncode == 2 and out.stderr.startswith("refusing to listen on 0.0.0.0 without a token")
+
+
+def test_logs_are_read_from_an_offset_and_followed_to_the_end(server, tmp_path):
+    import httpx
+
+    from runner.store import Store
+
+    url = server()
+    code, job = call(f"{url}/jobs", "POST", {"recipe": RECIPE, "env": {"HF_TOKEN": "x"}})
+    log = Path(job["job_dir"]) / "job.log"
+    log.write_text("one\ntwo\nthr")  # a line being written is not shown yet
+    code, got = call(f"{url}/jobs/{job['id']}/logs")
+    assert got == {"text": "one\ntwo\n", "offset": 8}
+    assert call(f"{url}/jobs/{job['id']}/logs?offset=4")[1]["text"] == "two\n"
+    store = Store(tmp_path / "home" / "runner.db")
+
+    def finish():  # the job writes on, then ends, while the client follows
+        time.sleep(1)
+        with log.open("a") as f:
+            f.write("ee\nfour\n")
+        store.set_state(job["id"], "CANCELLED", reason="by the test")
+
+    threading.Thread(target=finish).start()
+    seen = []
+    with httpx.stream("GET", f"{url}/jobs/{job['id']}/logs", params={"follow": "true", "offset": 4},
+                      timeout=20) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith(("event:", "data:", "id:")):
+                seen.append(line)
+    assert seen == ["id: 8", "event: log", "data: two", "id: 14", "event: log", "data: three", "id: 19",
+                    "event: log", "data: four", "event: end", "data: CANCELLED"]
+
+
+def test_artifacts_list_the_job_folder(server):
+    url = server()
+    code, job = call(f"{url}/jobs", "POST", {"recipe": RECIPE, "env": {"HF_TOKEN": "x"}})
+    d = Path(job["job_dir"])
+    (d / "model").mkdir()
+    (d / "model" / "config.json").write_text("{}")
+    (d / "eval.json").write_text(json.dumps({"test": {"accuracy": 0.9}, "validation": {}}))
+    (d / "prepared").mkdir()
+    (d / "prepared" / "x").write_text("tokenized rows are not an artifact")
+    code, out = call(f"{url}/jobs/{job['id']}/artifacts")
+    assert code == 200 and out["eval"]["test"] == {"accuracy": 0.9}
+    assert [f["path"] for f in out["files"]] == ["eval.json", "model/config.json", "recipe.yaml"]
+    assert out["files"][1]["bytes"] == 2
