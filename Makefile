@@ -34,9 +34,11 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -ra tests/unit
 
+# Through the runner server, as a user submits: the first `runner submit` starts a local Ray head and runner server
+# in the background (127.0.0.1); they stay up for the next job until `runner server stop` and `runner cluster down`.
 demo: install
-	$(BIN)/runner validate recipes/quickstart.yaml
-	$(BIN)/runner run recipes/quickstart.yaml
+	$(BIN)/runner submit recipes/quickstart.yaml
+	@echo "the local runner server and Ray head stay up for the next job; stop them with: $(BIN)/runner server stop && $(BIN)/runner cluster down"
 
 docs: install
 	$(BIN)/python -m jobs.recipe_doc --write README.md

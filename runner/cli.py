@@ -294,6 +294,9 @@ def schema() -> None:
     typer.echo(json.dumps(json_schema(), indent=2))
 
 
+from runner import commands  # noqa: E402,F401 - registers the verbs that go through the runner server
+
+
 def main() -> None:
     app()
 

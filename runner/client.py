@@ -1,0 +1,109 @@
+"""The CLI's side of the runner server's REST API: one `Client`, errors as one line a person can act on.
+
+`connect()` picks the server: RUNNER_SERVER (and RUNNER_TOKEN) when set, else the local one, started on first use
+(`runner.local.ensure_local`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+class ClientError(Exception):
+    """One line for the person at the terminal; `code` is the HTTP status where there was one."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+def runner_home() -> Path:
+    return Path(os.environ.get("RUNNER_HOME") or Path.home() / ".runner")
+
+
+class Client:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def _unreachable(self, e: Exception) -> ClientError:
+        hint = "check RUNNER_SERVER" if os.environ.get("RUNNER_SERVER") else "runner server status says more"
+        return ClientError(f"cannot reach the runner server at {self.url} ({type(e).__name__}); {hint}")
+
+    def call(self, method: str, path: str, **kwargs) -> dict:
+        try:
+            r = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from None
+        if r.status_code == 401:
+            raise ClientError(f"the runner server at {self.url} refused the token: set RUNNER_TOKEN to its token",
+                              401)
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail")
+            except ValueError:
+                detail = r.text.strip()
+            raise ClientError(_words(detail) or f"HTTP {r.status_code}", r.status_code)
+        return r.json()
+
+    def get(self, path: str, **params) -> dict:
+        return self.call("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: dict | None = None) -> dict:
+        return self.call("POST", path, json=body or {})
+
+    def events(self, path: str, **params) -> Iterator[tuple[str, str]]:
+        """A Server-Sent Events stream as (event, data) pairs."""
+        try:
+            with self.http.stream("GET", path, params=params, timeout=httpx.Timeout(30.0, read=None)) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise ClientError(_words(r.json().get("detail")) or f"HTTP {r.status_code}", r.status_code)
+                event, data = "message", []
+                for line in r.iter_lines():
+                    if not line:
+                        if data:
+                            yield event, "\n".join(data)
+                        event, data = "message", []
+                    elif line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:][1:] if line[5:].startswith(" ") else line[5:])
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from None
+
+
+def _words(detail) -> str:
+    """FastAPI's detail (a string, or the recipe's problems, or validation errors) as lines of text."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, dict) and "problems" in detail:
+        return "\n".join([detail.get("message", "")] + [
+            f"  {p.get('path') or ''}{':' + str(p['line']) if p.get('line') else ''}: {p['message']}"
+            for p in detail["problems"]])
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(str(x) for x in d.get('loc', []))}: {d.get('msg')}" for d in detail)
+    return str(detail) if detail else ""
+
+
+def connect(autostart: bool = True, say=lambda m: None) -> Client:
+    url = os.environ.get("RUNNER_SERVER")
+    if url:
+        return Client(url, os.environ.get("RUNNER_TOKEN") or None)
+    from runner.local import LocalError, ensure_local, healthy, read_state
+
+    home = runner_home()
+    if not autostart:
+        server = read_state(home).get("server") or {}
+        if not healthy(server.get("url", "")):
+            raise ClientError("no local runner server is running (runner server start starts one)")
+        return Client(server["url"])
+    try:
+        return Client(ensure_local(home, say))
+    except LocalError as e:
+        raise ClientError(str(e)) from None

@@ -1,0 +1,375 @@
+"""The CLI verbs that go through the runner server: submit, list, status, logs, cancel, retry, artifacts, and the
+local server and cluster (`runner server start|stop|status`, `runner cluster status|down`).
+
+Each ends with the next useful commands. A user's mistake, an unknown job, an unreachable server or a stopped Ray
+is one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from jobs.recipe import RecipeError, env_refs, load_recipe
+from runner.cli import EXIT_INVALID, _fail, _render, app, run_preflight
+from runner.client import Client, ClientError, connect, runner_home
+
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+EXIT_FAILED = 1
+
+server_app = typer.Typer(help="The local runner server: start, stop, status.", no_args_is_help=True)
+cluster_app = typer.Typer(help="The Ray cluster behind the server: status, and `down` for the local one.",
+                          no_args_is_help=True)
+app.add_typer(server_app, name="server")
+app.add_typer(cluster_app, name="cluster")
+
+
+def _client(autostart: bool = True) -> Client:
+    try:
+        return connect(autostart, say=lambda m: typer.echo(m, err=True))
+    except ClientError as e:
+        _fail(str(e), code=EXIT_FAILED)
+        raise AssertionError from e
+
+
+def _api(fn, *args, **kwargs):
+    """A call to the server; its refusal (404, 409, 422, 503, unreachable) becomes one line and exit 1 (2 for a
+    recipe the server finds invalid)."""
+    try:
+        return fn(*args, **kwargs)
+    except ClientError as e:
+        msg = str(e)
+        if e.code == 404 and msg.startswith("no job"):
+            msg += " (runner list shows the jobs)"
+        _fail(msg.splitlines(), code=EXIT_INVALID if e.code == 422 else EXIT_FAILED)
+
+
+def _next(*cmds: str) -> None:
+    typer.echo("next: " + "   |   ".join(cmds))
+
+
+def _ago(t: float | None) -> str:
+    if not t:
+        return "-"
+    s = max(0, time.time() - t)
+    return f"{s:.0f}s ago" if s < 90 else f"{s / 60:.0f}m ago" if s < 5400 else f"{s / 3600:.1f}h ago"
+
+
+def _when(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+# --- submit and follow --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    recipe: Path = typer.Argument(..., help="The recipe file.", show_default=False),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Queue the job and return at once."),
+    priority: Optional[int] = typer.Option(None, "--priority", min=-100, max=100,
+                                           help="Higher starts first (default: the recipe's, else 0)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The job's name (default: the recipe's)."),
+) -> None:
+    """Check a recipe and its data, queue it on the runner server, and follow it to the end.
+
+    The job runs on the server's Ray cluster and survives this command: Ctrl-C only stops following it
+    (`runner logs -f ID` follows it again). Exit 0 when the job SUCCEEDED (or was detached), 1 when it failed,
+    2 when the recipe or its data has problems (nothing is queued then).
+    """
+    import os
+
+    try:
+        load_recipe(recipe)
+    except RecipeError as e:
+        _fail(e.render())
+    report = run_preflight(recipe)
+    if not report["ok"]:
+        n = len(report["problems"])
+        _fail([f"{recipe}: {n} problem{'s' if n != 1 else ''}; nothing was queued"]
+              + ["  " + _render(p, str(recipe)) for p in report["problems"]])
+    client = _client()
+    text = recipe.read_text(encoding="utf-8")
+    env = {k: os.environ[k] for k in env_refs(text) if k in os.environ}  # for the server's check; never stored
+    job = _api(client.post, "/jobs", {"recipe": text,
+                                      "base_dir": str(recipe.resolve().parent), "priority": priority, "name": name,
+                                      "env": env})
+    where = f", #{job['queue_position']} in the queue ({job['waiting_for']})" if job.get("queue_position") else ""
+    typer.echo(f"job {job['id']} QUEUED{where}")
+    if detach:
+        _next(f"runner logs -f {job['id']}", f"runner status {job['id']}", f"runner cancel {job['id']}")
+        return
+    follow(client, job["id"])
+
+
+def follow(client: Client, job_id: str) -> None:
+    """States as lines, a progress bar of the training steps (lines when not on a terminal), then the result.
+
+    Ctrl-C detaches: the job goes on."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(file=sys.stderr)
+    bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), console=console, disable=not console.is_terminal)
+    task = bar.add_task("train", total=None, info="")
+    state, step, shown = None, 0, 0.0
+    try:
+        with bar:
+            while True:
+                job = _api(client.get, f"/jobs/{job_id}")
+                if job["state"] != state:
+                    state = job["state"]
+                    extra = f" ({job['waiting_for']})" if state == "QUEUED" else \
+                        f": {job['reason']}" if job.get("reason") else ""
+                    bar.console.print(f"{time.strftime('%H:%M:%S')} {state}{extra}")
+                for m in _api(client.get, f"/jobs/{job_id}/metrics", split="train", after_step=step)["metrics"]:
+                    step = m["step"]
+                    bar.update(task, completed=step, total=m.get("total_steps"),
+                               info=f"loss {m['loss']:.4f}  {m.get('samples_per_s', 0):.1f} samples/s")
+                    if not console.is_terminal and (time.monotonic() - shown > 5 or step == m.get("total_steps")):
+                        shown = time.monotonic()
+                        typer.echo(f"step {step}/{m.get('total_steps')} loss {m['loss']:.4f}", err=True)
+                if state in TERMINAL:
+                    break
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        typer.echo(f"\ndetached: job {job_id} goes on", err=True)
+        _next(f"runner logs -f {job_id}", f"runner status {job_id}", f"runner cancel {job_id}")
+        raise typer.Exit(0)
+    _ending(job)
+
+
+def _ending(job: dict) -> None:
+    jid = job["id"]
+    if job["state"] == "SUCCEEDED":
+        test = (job.get("result") or {}).get("test", {})
+        typer.echo(f"job {jid} SUCCEEDED")
+        if test:
+            typer.echo("test: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in test.items()))
+        _next(f"runner artifacts {jid}", f"runner predict {jid} \"some text\"")
+        return
+    typer.echo(f"job {jid} {job['state']}: {job.get('reason') or 'no reason given'}", err=True)
+    _next(f"runner logs {jid}", f"runner retry {jid}", f"runner retry {jid} --from-checkpoint")
+    raise typer.Exit(EXIT_FAILED)
+
+
+# --- read verbs ---------------------------------------------------------------------------------------------------
+
+
+@app.command("list")
+def list_jobs(
+    state: Optional[str] = typer.Option(None, "--state", help="Only jobs in this state (QUEUED, RUNNING, ...)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Only jobs of this name."),
+    limit: int = typer.Option(20, "--limit", min=1, max=500, help="How many, newest first."),
+    offset: int = typer.Option(0, "--offset", min=0, help="Skip this many first (paging)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the server's answer as JSON."),
+) -> None:
+    """The jobs, newest first; a queued job with its place in the queue and what it waits for."""
+    out = _api(_client().get, "/jobs", state=state, name=name, limit=limit, offset=offset)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    jobs = out["jobs"]
+    if not jobs:
+        typer.echo("no jobs" + (" match" if state or name else " yet"))
+        _next("runner submit recipe.yaml")
+        return
+    width = max(len(j["id"]) for j in jobs)
+    typer.echo(f"{'ID':<{width}}  {'STATE':<10} {'PRI':>4}  {'UPDATED':<10} NOTE")
+    for j in jobs:
+        note = f"#{j['queue_position']}: {j['waiting_for']}" if j["state"] == "QUEUED" else (j.get("reason") or "")
+        typer.echo(f"{j['id']:<{width}}  {j['state']:<10} {j['priority']:>4}  {_ago(j['updated_at']):<10} {note}")
+    _next("runner status ID", "runner logs -f ID")
+
+
+@app.command()
+def status(
+    job_id: str = typer.Argument(..., metavar="ID", help="The job's id.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the job, its events and last metrics as JSON."),
+) -> None:
+    """One job: state and reason, queue place, attempts, progress, the last events."""
+    client = _client()
+    job = _api(client.get, f"/jobs/{job_id}")
+    events = _api(client.get, f"/jobs/{job_id}/events")["events"]
+    train = _api(client.get, f"/jobs/{job_id}/metrics", split="train")["metrics"]
+    if as_json:
+        typer.echo(json.dumps({**job, "events": events, "last_metrics": train[-1] if train else None}, indent=2))
+        return
+    typer.echo(f"job {job['id']}   ({job['name']})")
+    typer.echo(f"state:     {job['state']}" + (f": {job['reason']}" if job.get("reason") else ""))
+    if job["state"] == "QUEUED":
+        typer.echo(f"queue:     #{job['queue_position']}, {job['waiting_for']}")
+    typer.echo(f"resources: {job['workers']} worker(s) x ({job['cpus']:g} CPUs"
+               + (f", {job['gpus']:g} GPUs)" if job["gpus"] else ")") + f", priority {job['priority']}")
+    typer.echo(f"attempt:   {job['attempt']}   created {_when(job['created_at'])}, started {_when(job['started_at'])},"
+               f" ended {_when(job['ended_at'])}")
+    if train:
+        m = train[-1]
+        typer.echo(f"progress:  step {m['step']}/{m.get('total_steps', '?')}, loss {m['loss']:.4f}")
+    if job.get("result"):
+        typer.echo("test:      " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in job["result"].get("test", {}).items()))
+    typer.echo(f"folder:    {job['job_dir']}")
+    typer.echo("events:")
+    for e in events[-8:]:
+        move = f"{e['state_from'] or ''} -> {e['state_to']}  " if e["state_to"] else ""
+        typer.echo(f"  {time.strftime('%H:%M:%S', time.localtime(e['at']))}  {move}{e['message']}")
+    jid = job["id"]
+    if job["state"] in TERMINAL:
+        _next(f"runner artifacts {jid}", f"runner logs {jid}", *([f"runner retry {jid}"]
+                                                                 if job["state"] != "SUCCEEDED" else []))
+    else:
+        _next(f"runner logs -f {jid}", f"runner cancel {jid}")
+
+
+@app.command()
+def logs(
+    job_id: str = typer.Argument(..., metavar="ID", help="The job's id.", show_default=False),
+    follow_: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the job ends."),
+) -> None:
+    """The job's log (its driver's output: pre-flight, progress, evaluation, export); -f follows it live."""
+    client = _client()
+    if not follow_:
+        typer.echo(_api(client.get, f"/jobs/{job_id}/logs")["text"], nl=False)
+        return
+    try:
+        for event, data in client.events(f"/jobs/{job_id}/logs", follow="true"):
+            if event == "log":
+                typer.echo(data)
+            elif event == "end":
+                typer.echo(f"job {job_id} ended: {data}", err=True)
+                break
+    except ClientError as e:
+        _fail(str(e), code=EXIT_FAILED)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+    _next(f"runner status {job_id}", f"runner artifacts {job_id}")
+
+
+@app.command()
+def artifacts(
+    job_id: str = typer.Argument(..., metavar="ID", help="The job's id.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the file list and results as JSON."),
+) -> None:
+    """The job's folder: its files with sizes, the test metrics and the export's checks."""
+    out = _api(_client().get, f"/jobs/{job_id}/artifacts")
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"folder: {out['job_dir']}")
+    for f in out["files"]:
+        typer.echo(f"  {f['bytes']:>12,}  {f['path']}")
+    if out.get("eval"):
+        typer.echo("test: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in out["eval"].get("test", {}).items()))
+    if out.get("export"):
+        typer.echo(f"export: {'passed' if out['export'].get('passed') else 'FAILED'} its checks "
+                   f"(onnx/export_report.json)")
+    _next(f"runner predict {job_id} \"some text\"", f"runner export {job_id} --quantize int8_static")
+
+
+# --- write verbs --------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def cancel(job_id: str = typer.Argument(..., metavar="ID", help="The job's id.", show_default=False)) -> None:
+    """Cancel a job: a queued one at once; a running one's processes stop within seconds."""
+    job = _api(_client().post, f"/jobs/{job_id}/cancel")
+    if job["state"] == "CANCELLED":
+        typer.echo(f"job {job_id} CANCELLED")
+    else:
+        typer.echo(f"job {job_id}: stopping (was {job['state']}); its resources go to the next queued job")
+    _next(f"runner status {job_id}", f"runner retry {job_id} --from-checkpoint")
+
+
+@app.command()
+def retry(
+    job_id: str = typer.Argument(..., metavar="ID", help="A FAILED or CANCELLED job.", show_default=False),
+    from_checkpoint: bool = typer.Option(False, "--from-checkpoint",
+                                         help="Go on from the job's last checkpoint, at the step and data "
+                                              "position it recorded (default: from the start)."),
+) -> None:
+    """Queue an ended job again as a new attempt, with the same recipe, id and folder."""
+    job = _api(_client().post, f"/jobs/{job_id}/retry", {"from_checkpoint": from_checkpoint})
+    how = "from its last checkpoint" if from_checkpoint else "from the start (the earlier attempt's results move " \
+                                                             "to earlier/)"
+    typer.echo(f"job {job_id} QUEUED again, attempt {job['attempt'] + 1}, {how}")
+    _next(f"runner logs -f {job_id}", f"runner status {job_id}")
+
+
+# --- the local server and cluster ---------------------------------------------------------------------------------
+
+
+@server_app.command("start")
+def server_start() -> None:
+    """Start the local runner server and Ray head in the background (bound to 127.0.0.1), where not running."""
+    client = _client()
+    typer.echo(f"runner server: {client.url}   (log: {runner_home() / 'server.log'})")
+    _next("runner submit recipe.yaml", "runner server status")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local runner server. Running jobs go on in Ray; a later start picks them up again."""
+    from runner.local import stop
+
+    typer.echo("runner server stopped" if stop(runner_home(), "server") else "no local runner server was running")
+    _next("runner server start", "runner cluster down")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Where the server is, whether it answers, and what the cluster behind it has."""
+    from runner.local import alive, read_state
+
+    try:
+        client = connect(autostart=False)
+    except ClientError as e:
+        ray = read_state(runner_home()).get("ray") or {}
+        typer.echo(str(e))
+        if alive(ray.get("pid")):
+            typer.echo(f"local Ray head: running, dashboard {ray['dashboard']}")
+        raise typer.Exit(EXIT_FAILED) from None
+    _api(client.get, "/health")
+    typer.echo(f"runner server: {client.url}, answering")
+    _cluster_lines(client)
+    _next("runner list", "runner server stop")
+
+
+def _cluster_lines(client: Client) -> None:
+    try:
+        c = client.get("/cluster")
+    except ClientError as e:
+        typer.echo(f"cluster: {e}")
+        return
+    typer.echo(f"cluster: {len(c['nodes'])} node(s), CPUs {c['free_cpus']:g} free of {c['cpus']:g}, "
+               f"GPUs {c['free_gpus']:g} free of {c['gpus']:g}")
+    for n in c["nodes"]:
+        typer.echo(f"  {n['id'][:12]}  CPUs {n['free_cpus']:g}/{n['cpus']:g}  GPUs {n['free_gpus']:g}/{n['gpus']:g}")
+
+
+@cluster_app.command("status")
+def cluster_status(as_json: bool = typer.Option(False, "--json", help="The server's answer as JSON.")) -> None:
+    """The nodes of the Ray cluster, with CPUs and GPUs in total and free."""
+    client = _client()
+    if as_json:
+        typer.echo(json.dumps(_api(client.get, "/cluster"), indent=2))
+        return
+    _api(client.get, "/cluster")
+    _cluster_lines(client)
+
+
+@cluster_app.command("down")
+def cluster_down() -> None:
+    """Stop the local Ray head, and the jobs running on it (the server marks them FAILED)."""
+    from runner.local import stop
+
+    typer.echo("local Ray head stopped" if stop(runner_home(), "ray") else "no local Ray head was running")
+    _next("runner server start   (starts it again)")

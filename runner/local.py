@@ -1,0 +1,217 @@
+"""The embedded defaults: a local Ray head and a local runner server, started in the background on first use.
+
+With nothing configured (no RUNNER_SERVER), the CLI calls `ensure_local()`: it starts what is not running yet, both
+bound to 127.0.0.1, and records them in <RUNNER_HOME>/local.json. Each runs in a session of its own, so it outlives
+the CLI that started it: `runner server stop` stops the server, `runner cluster down` the Ray head (and with it
+every job on it).
+
+- Ray: `ray start --head --block` as one process whose SIGTERM stops exactly the Ray it started (`ray stop` would
+  stop every Ray of the machine). Ray 2.60 turns token auth on for local clusters; the runner makes its own token
+  (<RUNNER_HOME>/ray_token, mode 0600) and hands it to Ray, the server and, through Ray, to the job drivers, so no
+  step depends on what ~/.ray holds. Ports are free ones, picked at start.
+- The server: `python -m runner.server --ray <the dashboard>`; its output in <RUNNER_HOME>/server.log.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class LocalError(Exception):
+    """The local server or Ray could not be started or stopped; the message says why and where to look."""
+
+
+def state_path(home: Path) -> Path:
+    return home / "local.json"
+
+
+def read_state(home: Path) -> dict:
+    try:
+        return json.loads(state_path(home).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(home: Path, state: dict) -> None:
+    tmp = state_path(home).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(state_path(home))
+
+
+def alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by the CLI that started it) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def free_port(preferred: int | None = None) -> int:
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise LocalError("no free TCP port on 127.0.0.1")
+
+
+def ray_token(home: Path) -> str:
+    path = home / "ray_token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    if not url:
+        return False
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
+            return r.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def _lock(home: Path):
+    """One CLI at a time starts or stops the local services (two `runner submit` at once start one server)."""
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "local.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _spawn(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, close_fds=True)
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return "no output"
+    return " | ".join(lines[-n:])[-600:] or "no output"
+
+
+def _wait(ok, proc: subprocess.Popen, what: str, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        if proc.poll() is not None:
+            raise LocalError(f"{what} exited at start (code {proc.returncode}): {_tail(log)}; see {log}")
+        time.sleep(0.3)
+    raise LocalError(f"{what} did not come up in {timeout:.0f} s: {_tail(log)}; see {log}")
+
+
+def _ray_env(home: Path) -> dict:
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token(home), "RUNNER_HOME": str(home),
+            "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _dashboard_up(url: str, token: str) -> bool:
+    """The dashboard answers and the head node has registered its CPUs (the queue needs them to place jobs)."""
+    req = urllib.request.Request(f"{url}/api/v0/nodes?limit=10", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            nodes = json.loads(r.read())["data"]["result"]["result"]
+    except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError):
+        return False
+    return any(n.get("state") == "ALIVE" and (n.get("resources_total") or {}).get("CPU") for n in nodes)
+
+
+def start_ray(home: Path, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
+    port, dash = free_port(), free_port(8265)
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           "--include-dashboard=true", f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats",
+           f"--num-cpus={num_cpus or os.cpu_count() or 1}"]
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    log = home / "ray.log"
+    proc = _spawn(cmd, log, _ray_env(home))
+    url = f"http://127.0.0.1:{dash}"
+    _wait(lambda: _dashboard_up(url, ray_token(home)), proc, "the local Ray head", log, 120)
+    return {"pid": proc.pid, "address": f"127.0.0.1:{port}", "dashboard": url}
+
+
+def start_server(home: Path, ray_dashboard: str) -> dict:
+    port = free_port(int(os.environ.get("RUNNER_PORT", "8642")))
+    cmd = [sys.executable, "-m", "runner.server", "--host", "127.0.0.1", "--port", str(port), "--ray", ray_dashboard]
+    log = home / "server.log"
+    proc = _spawn(cmd, log, _ray_env(home))
+    url = f"http://127.0.0.1:{port}"
+    _wait(lambda: healthy(url), proc, "the runner server", log, 60)
+    return {"pid": proc.pid, "url": url}
+
+
+def ensure_local(home: Path, say=lambda m: None) -> str:
+    """The local server's URL, starting the Ray head and the server where they are not running."""
+    with _lock(home):
+        state = read_state(home)
+        ray = state.get("ray") or {}
+        server = state.get("server") or {}
+        if not (alive(ray.get("pid")) and _dashboard_up(ray.get("dashboard", ""), ray_token(home))):
+            if alive(server.get("pid")):  # it follows the Ray that is gone; the new one has other ports
+                _terminate(server["pid"])
+            say("starting a local Ray head (runner cluster down stops it)")
+            ray = start_ray(home)
+            state, server = {"ray": ray}, {}
+            _write_state(home, state)
+        if not (alive(server.get("pid")) and healthy(server.get("url", ""))):
+            say("starting the local runner server (runner server stop stops it)")
+            server = start_server(home, ray["dashboard"])
+            _write_state(home, {**state, "server": server})
+        return server["url"]
+
+
+def _terminate(pid: int, timeout: float = 30.0) -> bool:
+    """SIGTERM, then SIGKILL after `timeout`; whether it was running."""
+    if not alive(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def stop(home: Path, which: str) -> bool:
+    """Stop the local 'server' or 'ray'; whether it was running."""
+    with _lock(home):
+        state = read_state(home)
+        part = state.pop(which, None) or {}
+        was = _terminate(part.get("pid"))
+        _write_state(home, state)
+        return was
