@@ -310,6 +310,11 @@ def retry(
 @server_app.command("start")
 def server_start() -> None:
     """Start the local runner server and Ray head in the background (bound to 127.0.0.1), where not running."""
+    import os
+
+    if os.environ.get("RUNNER_SERVER"):
+        _fail(f"RUNNER_SERVER is set ({os.environ['RUNNER_SERVER']}): the CLI uses that server and starts none "
+              "here; unset it to use a local one", code=EXIT_FAILED)
     client = _client()
     typer.echo(f"runner server: {client.url}   (log: {runner_home() / 'server.log'})")
     _next("runner submit recipe.yaml", "runner server status")
