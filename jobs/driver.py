@@ -340,7 +340,9 @@ def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
     try:
         if not ray.is_initialized():
             try:
-                ray.init(address=address or None, include_dashboard=False if not address else None,
+                # "local": a Ray of its own, even where `ray start` (the runner's local head) left its address
+                # for ray.init() to find
+                ray.init(address=address or "local", include_dashboard=False if not address else None,
                          logging_level=logging.WARNING, log_to_driver=os.environ.get("RUNNER_VERBOSE") == "1",
                          **({} if address else {"object_store_memory": 200 * 2**20}))
             except (ConnectionError, RuntimeError, ValueError) as e:

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -214,4 +215,11 @@ def stop(home: Path, which: str) -> bool:
         part = state.pop(which, None) or {}
         was = _terminate(part.get("pid"))
         _write_state(home, state)
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        try:  # what `ray stop` does: the next plain ray.init() must not look for the Ray that is gone
+            port = part.get("address", "").rsplit(":", 1)[-1]
+            if which == "ray" and port and current.read_text().strip().rsplit(":", 1)[-1] == port:
+                current.unlink()
+        except OSError:
+            pass
         return was

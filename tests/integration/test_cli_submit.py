@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -90,6 +91,9 @@ def test_submit_starts_the_local_server_and_ray_and_follows_the_job(runner, tmp_
     # --- the Ray head goes down: with the server named explicitly, one line says so --------------------------------
     server = state["server"]["url"]
     assert runner("cluster", "down").stdout.startswith("local Ray head stopped")
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # a plain ray.init() would look there
+    port = state["ray"]["address"].rsplit(":", 1)[-1]
+    assert not (current.exists() and current.read_text().strip().endswith(f":{port}")), "stale Ray address left"
     out = runner("submit", "--detach", str(good), RUNNER_SERVER=server)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith(f"the Ray cluster at {state['ray']['dashboard']} does not answer"), out.stderr
