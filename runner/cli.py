@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from jobs.recipe import RecipeError, json_schema, load_recipe
+from runner.client import runner_home
 
 app = typer.Typer(
     add_completion=False,
@@ -98,8 +99,9 @@ def _render(p: dict, source: str) -> str:
     return f"{where}: {p['path']}: {p['message']}" if p.get("path") else f"{where}: {p['message']}"
 
 
-def runner_home() -> Path:
-    return Path(os.environ.get("RUNNER_HOME") or Path.home() / ".runner")
+def metrics_line(figures: dict) -> str:
+    """'loss=0.3120, accuracy=0.9950, examples=200': a split's metrics on one line."""
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
 
 
 def new_job_dir(name: str) -> Path:
@@ -192,8 +194,7 @@ def _drive(job_dir: Path) -> None:
     result = json.loads((job_dir / "eval.json").read_text())
     typer.echo(f"job {job_dir.name} SUCCEEDED")
     typer.echo(f"artifacts: {job_dir}")
-    typer.echo("test: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in result["test"].items()))
+    typer.echo("test: " + metrics_line(result["test"]))
     typer.echo(f"next: ls {job_dir / 'model'}   (loads with from_pretrained)")
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from jobs.recipe import RecipeError, env_refs, load_recipe
-from runner.cli import EXIT_INVALID, _fail, _render, app, run_preflight
+from runner.cli import EXIT_INVALID, _fail, _render, app, metrics_line, run_preflight
 from runner.client import Client, ClientError, connect, runner_home
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -151,8 +151,7 @@ def _ending(job: dict) -> None:
         test = (job.get("result") or {}).get("test", {})
         typer.echo(f"job {jid} SUCCEEDED")
         if test:
-            typer.echo("test: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                             for k, v in test.items()))
+            typer.echo("test: " + metrics_line(test))
         _next(f"runner artifacts {jid}", f"runner predict {jid} \"some text\"")
         return
     typer.echo(f"job {jid} {job['state']}: {job.get('reason') or 'no reason given'}", err=True)
@@ -214,8 +213,7 @@ def status(
         m = train[-1]
         typer.echo(f"progress:  step {m['step']}/{m.get('total_steps', '?')}, loss {m['loss']:.4f}")
     if job.get("result"):
-        typer.echo("test:      " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                             for k, v in job["result"].get("test", {}).items()))
+        typer.echo("test:      " + metrics_line(job["result"].get("test", {})))
     typer.echo(f"folder:    {job['job_dir']}")
     typer.echo("events:")
     for e in events[-8:]:
@@ -267,8 +265,7 @@ def artifacts(
     for f in out["files"]:
         typer.echo(f"  {f['bytes']:>12,}  {f['path']}")
     if out.get("eval"):
-        typer.echo("test: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in out["eval"].get("test", {}).items()))
+        typer.echo("test: " + metrics_line(out["eval"].get("test", {})))
     if out.get("export"):
         typer.echo(f"export: {'passed' if out['export'].get('passed') else 'FAILED'} its checks "
                    f"(onnx/export_report.json)")

@@ -122,11 +122,12 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         return JSONResponse({"detail": f"{e}; is it running? (`runner server start` starts the local one)"},
                             status_code=503)
 
-    def described(job) -> dict:
-        """A job as the API shows it: with its place in the queue and why it waits, while it is QUEUED."""
+    def described(job, order: list[str] | None = None) -> dict:
+        """A job as the API shows it: with its place in the queue and why it waits, while it is QUEUED.
+        order: the queue's job ids, when the caller describes many jobs (read once, not once a job)."""
         out = job.to_json()
         if job.state == "QUEUED":
-            order = [j.id for j in store.queue()]
+            order = order if order is not None else [j.id for j in store.queue()]
             waits = dispatcher.waiting.get(job.id) if dispatcher else None
             out["queue_position"] = order.index(job.id) + 1 if job.id in order else None
             out["waiting_for"] = waits[1] if waits else ("no Ray cluster attached" if dispatcher is None
@@ -174,7 +175,8 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         if state is not None and state.upper() not in STATES:
             raise HTTPException(422, f"state {state!r}: one of {', '.join(STATES)}")
         jobs = store.list(state=state.upper() if state else None, name=name, limit=limit, offset=offset)
-        return {"jobs": [described(j) for j in jobs], "limit": limit, "offset": offset}
+        order = [j.id for j in store.queue()]
+        return {"jobs": [described(j, order) for j in jobs], "limit": limit, "offset": offset}
 
     @app.get("/jobs/{job_id}", dependencies=[Depends(auth)])
     def get_job(job_id: str) -> dict:

@@ -4,7 +4,6 @@ server and a local Ray head (token auth on) by itself on first use; then the err
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,16 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from runner.local import free_port
 from tiny import keyword_rows, tiny_model_dir
 
 pytestmark = pytest.mark.slow
 RUNNER = str(Path(sys.executable).parent / "runner")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

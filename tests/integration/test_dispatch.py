@@ -8,7 +8,6 @@ killed without a word, a cancel); another loses the node a job trains on.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,14 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "disabled"
 ray = pytest.importorskip("ray")
 
+from runner.local import alive as pid_alive  # noqa: E402
+from runner.local import free_port  # noqa: E402
 from tiny import keyword_rows, tiny_model_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 ACTIVE = ("STARTING", "RUNNING", "RETRYING", "EXPORTING")
 ENDED = ("SUCCEEDED", "FAILED", "CANCELLED")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +108,6 @@ def train_actors(node_of: bool = False):
 
     alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if "Train" in a.class_name]
     return [a.node_id for a in alive if a.class_name.endswith("Worker")] if node_of else alive
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
 
 
 @pytest.fixture

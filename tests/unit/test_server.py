@@ -1,7 +1,6 @@
 """The runner server over HTTP: a real uvicorn on a free port, the real store; token rules and path safety."""
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -12,16 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from runner.local import free_port
 from runner.server import check_bind, create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "name: demo\nmodel:\n  name: m\n  token: ${HF_TOKEN}\ntask: classification\ndata:\n  train: t.jsonl\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
