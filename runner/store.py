@@ -34,7 +34,29 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "CANCELLED": ("QUEUED",),
 }
 
-MIGRATIONS: list[str] = [
+def _backfill_model_mode(db: sqlite3.Connection) -> None:
+    """Migration 3's second half: the model and mode of the jobs stored before it, read from their recipes."""
+    for job_id, text in db.execute("SELECT id, recipe FROM jobs WHERE model IS NULL").fetchall():
+        model, mode = recipe_summary(text)
+        db.execute("UPDATE jobs SET model = ?, mode = ? WHERE id = ?", (model, mode, job_id))
+
+
+def recipe_summary(text: str) -> tuple[str | None, str | None]:
+    """(base model, tuning mode) of a recipe's snapshot; None for what it does not say."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        return None, None
+    model = (doc.get("model") or {}).get("name") if isinstance(doc.get("model"), dict) else doc.get("model")
+    tuning = doc.get("tuning")
+    mode = tuning.get("mode", "full") if isinstance(tuning, dict) else (tuning or "full")
+    return (str(model) if model else None), str(mode)
+
+
+# Each step is SQL (statements split on ';') or a function of the connection, run inside the migration's transaction.
+MIGRATIONS: list = [
     # 1: jobs, events, metrics, attempts
     """
     CREATE TABLE jobs (
@@ -93,6 +115,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE attempts ADD COLUMN resume INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN resume INTEGER NOT NULL DEFAULT 0
     """,
+    # 3: what the dashboard's job table shows without opening each recipe or reading each job's metrics: the base
+    #    model, the tuning mode, and the latest training figures (step, total, loss, throughput, and where this
+    #    attempt's timing began, for the ETA); the newest-first index the table pages through
+    """
+    ALTER TABLE jobs ADD COLUMN model TEXT;
+    ALTER TABLE jobs ADD COLUMN mode TEXT;
+    ALTER TABLE jobs ADD COLUMN progress TEXT;
+    CREATE INDEX jobs_created ON jobs (created_at DESC, id DESC)
+    """,
+    _backfill_model_mode,
 ]
 
 
@@ -126,9 +158,14 @@ class Job:
     started_at: float | None
     ended_at: float | None
     resume: int = 0  # the next attempt goes on from the last checkpoint
+    model: str | None = None
+    mode: str | None = None
+    progress: str | None = None  # JSON: the latest training figures (see Store.add_metrics)
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "recipe"}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "recipe"}
+        out["progress"] = json.loads(self.progress) if self.progress else None
+        return out
 
 
 class Store:
@@ -173,8 +210,12 @@ class Store:
             if have > len(MIGRATIONS):
                 raise StoreError(f"{self.path} was written by a newer runner (schema {have}; this one knows "
                                  f"{len(MIGRATIONS)}); upgrade runner")
-            for n, sql in enumerate(MIGRATIONS[have:], start=have + 1):
-                for stmt in (s.strip() for s in sql.split(";")):
+            for n, step in enumerate(MIGRATIONS[have:], start=have + 1):
+                if callable(step):
+                    step(self.db)
+                    self.db.execute(f"PRAGMA user_version = {n}")
+                    continue
+                for stmt in (s.strip() for s in step.split(";")):
                     if stmt:
                         self.db.execute(stmt)
                 self.db.execute(f"PRAGMA user_version = {n}")
@@ -195,12 +236,13 @@ class Store:
     def add_job(self, job_id: str, name: str, recipe_snapshot: str, job_dir: str, workers: int, cpus: float,
                 gpus: float, priority: int = 0) -> Job:
         now = self.clock()
+        model, mode = recipe_summary(recipe_snapshot)
         with self._tx():
             try:
                 self.db.execute(
                     "INSERT INTO jobs (id, name, state, priority, recipe, job_dir, workers, cpus, gpus, created_at, "
-                    "updated_at) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, name, priority, recipe_snapshot, job_dir, workers, cpus, gpus, now, now))
+                    "updated_at, model, mode) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, name, priority, recipe_snapshot, job_dir, workers, cpus, gpus, now, now, model, mode))
             except sqlite3.IntegrityError:
                 raise StoreError(f"job id '{job_id}' is taken") from None
             self._event(job_id, None, "QUEUED", "submitted", now)
@@ -212,8 +254,24 @@ class Store:
             raise UnknownJob(f"no job '{job_id}'")
         return Job(**dict(row))
 
-    def list(self, state: str | None = None, name: str | None = None, limit: int = 50, offset: int = 0) -> list[Job]:
-        """Newest first; filters by state and by name (exact)."""
+    def list(self, state: str | None = None, name: str | None = None, limit: int = 50, offset: int = 0,
+             text: str | None = None) -> list[Job]:
+        """Newest first; filters by state, by name (exact) and by text (a part of the id, name or model, any case)."""
+        where, args = self._where(state, name, text)
+        sql = "SELECT * FROM jobs" + where + " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
+        return [Job(**dict(r)) for r in self.db.execute(sql, (*args, limit, offset))]
+
+    def count(self, state: str | None = None, name: str | None = None, text: str | None = None) -> int:
+        where, args = self._where(state, name, text)
+        return self.db.execute("SELECT COUNT(*) FROM jobs" + where, args).fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by state, every state present (0 where none)."""
+        have = dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        return {s: have.get(s, 0) for s in STATES}
+
+    @staticmethod
+    def _where(state: str | None, name: str | None, text: str | None) -> tuple[str, list]:
         if state is not None and state not in STATES:
             raise StoreError(f"state '{state}' is not one of {', '.join(STATES)}")
         where, args = [], []
@@ -223,9 +281,11 @@ class Store:
         if name:
             where.append("name = ?")
             args.append(name)
-        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
-        return [Job(**dict(r)) for r in self.db.execute(sql, (*args, limit, offset))]
+        if text:
+            like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where.append("(id LIKE ? ESCAPE '\\' OR name LIKE ? ESCAPE '\\' OR model LIKE ? ESCAPE '\\')")
+            args += [like] * 3
+        return (" WHERE " + " AND ".join(where) if where else ""), args
 
     def queue(self) -> list[Job]:
         """QUEUED jobs in dispatch order: priority, then age."""
@@ -321,13 +381,30 @@ class Store:
         resumed attempt repeats the steps after its checkpoint) replaces the earlier figure of that attempt."""
         job = self.get(job_id)
         now = self.clock()
+        train = [r for r in records if r.get("split", "train") == "train"]
         with self._tx():
             for rec in records:
                 self.db.execute("INSERT OR REPLACE INTO metrics (job_id, attempt, step, split, at, data) VALUES "
                                 "(?, ?, ?, ?, ?, ?)", (job_id, job.attempt, int(rec["step"]),
                                                        rec.get("split", "train"), rec.get("time", now),
                                                        json.dumps(rec)))
+            if train:
+                self.db.execute("UPDATE jobs SET progress = ? WHERE id = ?",
+                                (json.dumps(_progress(job, train[0], train[-1], now)), job_id))
         return len(records)
+
+    def metrics_columns(self, job_id: str, split: str, keys: tuple[str, ...]) -> dict[str, list]:
+        """One split's figures as columns (step and each key), latest attempt's figure of each step, in step
+        order: what a chart needs, read without building a dict a record."""
+        cols = ", ".join(f"json_extract(m.data, '$.{k}')" for k in keys)
+        rows = self.db.execute(
+            f"SELECT m.step, {cols} FROM metrics m WHERE m.job_id = ? AND m.split = ? AND m.attempt = (SELECT "
+            "MAX(attempt) FROM metrics x WHERE x.job_id = m.job_id AND x.step = m.step AND x.split = m.split) "
+            "ORDER BY m.step", (job_id, split)).fetchall()
+        out = {"step": [r[0] for r in rows]}
+        for i, k in enumerate(keys, start=1):
+            out[k] = [r[i] for r in rows]
+        return out
 
     def metrics(self, job_id: str, split: str | None = None, after_step: int = 0) -> list[dict]:
         """The latest attempt's figure of each step (earlier attempts' steps that it did not redo stay)."""
@@ -336,3 +413,26 @@ class Store:
             "m.attempt = (SELECT MAX(attempt) FROM metrics x WHERE x.job_id = m.job_id AND x.step = m.step AND "
             "x.split = m.split) ORDER BY m.step, m.split", (job_id, after_step, split, split))
         return [json.loads(r[0]) for r in rows]
+
+
+def _progress(job: Job, first: dict, last: dict, now: float) -> dict:
+    """The jobs table's figures: the latest training record, and the step and time this attempt's timing began at
+    (kept from the attempt's first record), from which the ETA is reckoned."""
+    before = json.loads(job.progress) if job.progress else {}
+    if before.get("attempt") == job.attempt and "t0" in before:
+        t0, step0 = before["t0"], before["step0"]
+    else:
+        t0, step0 = first.get("time", now), int(first["step"])
+    return {"attempt": job.attempt, "step": int(last["step"]), "total_steps": last.get("total_steps"),
+            "loss": last.get("loss"), "samples_per_s": last.get("samples_per_s"),
+            "tokens_per_s": last.get("tokens_per_s"), "time": last.get("time", now), "t0": t0, "step0": step0}
+
+
+def eta_seconds(progress: dict | None) -> float | None:
+    """Seconds left at the pace of this attempt so far; None until two steps have been timed."""
+    if not progress or not progress.get("total_steps"):
+        return None
+    steps, spent = progress["step"] - progress["step0"], progress["time"] - progress["t0"]
+    if steps <= 0 or spent <= 0:
+        return None
+    return max(0.0, (progress["total_steps"] - progress["step"]) * spent / steps)

@@ -50,8 +50,20 @@ def test_a_store_of_schema_1_is_migrated_with_its_jobs(tmp_path):
                "VALUES ('old', 'n', 'FAILED', 'name: n', '/tmp/old', 1, 1, 0, 1, 1)")
     db.commit()
     db.close()
+    db = sqlite3.connect(tmp_path / "runner.db")
+    db.execute("INSERT INTO jobs (id, name, state, recipe, job_dir, workers, cpus, gpus, created_at, updated_at) "
+               "VALUES ('lora', 'n', 'SUCCEEDED', 'name: n\nmodel:\n  name: org/m\ntuning:\n  mode: lora\n  r: 8\n', "
+               "'/tmp/l', 1, 1, 0, 2, 2)")
+    db.execute("INSERT INTO jobs (id, name, state, recipe, job_dir, workers, cpus, gpus, created_at, updated_at) "
+               "VALUES ('short', 'n', 'SUCCEEDED', 'name: n\nmodel: org/x\ntuning: freeze\n', '/tmp/s', 1, 1, 0, 3, 3)")
+    db.commit()
+    db.close()
     s = Store(tmp_path / "runner.db")
     assert s.version == len(MIGRATIONS) and s.get("old").state == "FAILED" and s.get("old").resume == 0
+    # migration 3 read the model and mode of the jobs stored before it from their recipes
+    assert [(s.get(j).model, s.get(j).mode) for j in ("old", "lora", "short")] == \
+        [(None, "full"), ("org/m", "lora"), ("org/x", "freeze")]
+    assert [j.id for j in s.list(text="ORG/")] == ["short", "lora"]
     s.set_state("old", "QUEUED", resume=True)
     assert s.set_state("old", "STARTING").attempt == 1
 
