@@ -58,24 +58,33 @@ class Client:
         return self.call("POST", path, json=body or {})
 
     def events(self, path: str, **params) -> Iterator[tuple[str, str]]:
-        """A Server-Sent Events stream as (event, data) pairs."""
-        try:
-            with self.http.stream("GET", path, params=params, timeout=httpx.Timeout(30.0, read=None)) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    raise ClientError(_words(r.json().get("detail")) or f"HTTP {r.status_code}", r.status_code)
-                event, data = "message", []
-                for line in r.iter_lines():
-                    if not line:
-                        if data:
-                            yield event, "\n".join(data)
-                        event, data = "message", []
-                    elif line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:][1:] if line[5:].startswith(" ") else line[5:])
-        except httpx.TransportError as e:
-            raise self._unreachable(e) from None
+        """A Server-Sent Events stream as (event, data) pairs, until an `end` event. A stream the server closes
+        before that (it bounds each one) is opened again from the last `id:` seen, as a browser would."""
+        last = None
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                with self.http.stream("GET", path, params=params, headers=headers,
+                                      timeout=httpx.Timeout(30.0, read=None)) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        raise ClientError(_words(r.json().get("detail")) or f"HTTP {r.status_code}", r.status_code)
+                    event, data = "message", []
+                    for line in r.iter_lines():
+                        if not line:
+                            if data:
+                                yield event, "\n".join(data)
+                                if event == "end":
+                                    return
+                            event, data = "message", []
+                        elif line.startswith("event:"):
+                            event = line[6:].strip()
+                        elif line.startswith("id:"):
+                            last = line[3:].strip()
+                        elif line.startswith("data:"):
+                            data.append(line[5:][1:] if line[5:].startswith(" ") else line[5:])
+            except httpx.TransportError as e:
+                raise self._unreachable(e) from None
 
 
 def _words(detail) -> str:

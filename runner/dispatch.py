@@ -59,6 +59,7 @@ class RayJobs:
         self._client = None
         self.nodes_max_age = nodes_max_age  # the node list changes rarely; asking for it each pass slows dispatch
         self._nodes: tuple[float, list[Node]] | None = None
+        self._details: tuple[float, dict] | None = None
 
     @property
     def client(self):
@@ -98,8 +99,51 @@ class RayJobs:
         out = []
         for n in found:
             res = n.resources_total or {}
-            out.append(Node(n.node_id, float(res.get("CPU", 0)), float(res.get("GPU", 0))))
+            out.append(Node(n.node_id, float(res.get("CPU", 0)), float(res.get("GPU", 0)),
+                            float(res.get("memory", 0))))
         self._nodes = (time.monotonic(), out)
+        return out
+
+    def details(self) -> dict:
+        """The dashboard's view of the cluster, at most `nodes_max_age` seconds old: each ALIVE node with its host,
+        its resources (CPUs, GPUs, Ray's schedulable memory), its physical memory (Ray's node summary, where the
+        dashboard gives it), and what each Ray job's placement groups hold on it, by submission id."""
+        from ray.util.state import list_placement_groups
+
+        if self._details and time.monotonic() - self._details[0] < self.nodes_max_age:
+            return self._details[1]
+        nodes = {n.id: {"id": n.id, "cpus": n.cpus, "gpus": n.gpus, "memory_bytes": n.memory, "host": None,
+                        "ip": None, "head": False, "mem_total": None, "mem_used": None, "held": []}
+                 for n in self.nodes()}
+        try:
+            import httpx
+
+            r = httpx.get(f"{self.address}/nodes", params={"view": "summary"}, headers=self.headers, timeout=5)
+            for s in r.json()["data"]["summary"]:
+                node = nodes.get((s.get("raylet") or {}).get("nodeId"))
+                if node is not None:
+                    total, _avail, _pct, used = (s.get("mem") or [None] * 4)[:4]
+                    node.update(host=s.get("hostname"), ip=s.get("ip"), head=bool(s["raylet"].get("isHeadNode")),
+                                mem_total=total, mem_used=used)
+        except Exception:  # noqa: BLE001 - the physical figures are extras; the resources above still stand
+            pass
+        try:
+            owners = {j.job_id: j.submission_id for j in self._call(self.client.list_jobs) if j.job_id}
+            groups = list_placement_groups(address=self.address, filters=[("state", "=", "CREATED")], detail=True,
+                                           raise_on_missing_output=False)
+        except Exception as e:  # noqa: BLE001
+            raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({_first_line(e)})") from None
+        for g in groups:
+            held: dict[str, dict[str, float]] = {}
+            for b in g.bundles or []:
+                res = held.setdefault(b.get("node_id"), {"cpus": 0.0, "gpus": 0.0})
+                res["cpus"] += float((b.get("unit_resources") or {}).get("CPU", 0))
+                res["gpus"] += float((b.get("unit_resources") or {}).get("GPU", 0))
+            for node_id, res in held.items():
+                if node_id in nodes:
+                    nodes[node_id]["held"].append({"submission": owners.get(g.creator_job_id), **res})
+        out = {"nodes": list(nodes.values())}
+        self._details = (time.monotonic(), out)
         return out
 
     def submit(self, submission_id: str, job_dir: str, env: dict[str, str], fresh: bool = False) -> None:
@@ -138,18 +182,18 @@ class Dispatcher:
 
     def free(self, nodes: list[Node]) -> list[Node]:
         left = nodes
-        for job in self._active():
+        for job in self.active():
             after = place(need_of(job), left)
             left = after if after is not None else left
         return left
 
-    def _active(self) -> list[Job]:
+    def active(self) -> list[Job]:
         return [j for state in ACTIVE for j in self.store.list(state=state, limit=100_000)]
 
     def tick(self) -> list[str]:
         """One pass; returns the ids of the jobs started in it."""
         try:
-            for job in self._active():
+            for job in self.active():
                 self._follow(job)
             nodes = self.backend.nodes()
         except RayUnreachable as e:
@@ -196,7 +240,7 @@ class Dispatcher:
             self.unreachable_since = now
         if now - self.unreachable_since < LOST_AFTER:
             return
-        for job in self._active():
+        for job in self.active():
             self.store.set_state(job.id, "FAILED", reason=f"lost: {why} for {LOST_AFTER:.0f} s; the job's driver "
                                                           "cannot be followed", expect=job.state)
 

@@ -29,6 +29,7 @@ class Node:
     id: str
     cpus: float
     gpus: float = 0.0
+    memory: float = 0.0  # bytes Ray may schedule on the node (shown, not planned with: jobs ask for none)
 
 
 def _n(x: float) -> str:

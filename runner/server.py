@@ -1,9 +1,14 @@
 """The runner server's REST API over the job store (FastAPI). The CLI talks only to it.
 
 Bound to 127.0.0.1 by default. Bound to any other address it refuses to start without a token, and with a token
-every route but /health needs `Authorization: Bearer <token>`. Jobs live under <RUNNER_HOME>/artifacts/<job id>;
-ids are made here from the recipe's name (letters, digits, `-`, `_`, `.`), and every path is checked to stay
-inside that root. Recipes are kept as their snapshot, secrets as `${VAR}` references.
+every route but /health (and the login page) needs it: `Authorization: Bearer <token>` from programs, or the
+session cookie that the dashboard's login form (or a token link, /login?token=...) sets. Requests that change
+something refuse to come from another site: a browser's `Sec-Fetch-Site` must be same-origin and its `Origin` this
+server's, and a request that rides on the cookie must carry the page's CSRF token (`X-Runner-CSRF`). Bound to
+loopback, requests must name a loopback host (no DNS rebinding of a page onto the local server).
+
+Jobs live under <RUNNER_HOME>/artifacts/<job id>; ids are made here from the recipe's name (letters, digits, `-`,
+`_`, `.`), and every path is checked to stay inside that root. Recipes are kept as their snapshot, secrets as `${VAR}` references.
 
 With a Ray backend (`runner.dispatch.RayJobs`), a thread runs `Dispatcher.tick` every `interval` seconds, and at
 once after a submit, cancel or retry: queued jobs start when they fit, and their states, reasons and metrics come
@@ -26,11 +31,12 @@ import time
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from jobs.recipe import NAME_RE, NAME_RULE, RecipeError, parse_recipe
-from runner.store import STATES, TERMINAL, InvalidTransition, Store, StoreError, UnknownJob
+from runner.series import CHARTED, MAX_POINTS, thin
+from runner.store import STATES, TERMINAL, Store, StoreError, UnknownJob, eta_seconds
 
 
 class RetryRequest(BaseModel):
@@ -62,8 +68,36 @@ def check_bind(host: str, token: str | None) -> None:
                          f"RUNNER_TOKEN={secrets.token_urlsafe(24)}), or bind to 127.0.0.1")
 
 
+SESSION_COOKIE = "runner_session"
+UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
+DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def derived(secret: str, purpose: str) -> str:
+    """A value made from the token for one purpose (the session cookie, the CSRF token): neither gives the token."""
+    return hmac.new(secret.encode(), purpose.encode(), "sha256").hexdigest()
+
+
+def cross_site(request: Request) -> str | None:
+    """Why a request that changes something looks sent by another site's page, or None. Browsers say where a
+    request comes from (Sec-Fetch-Site, Origin); programs such as the CLI send neither and are let through to the
+    token check."""
+    site = request.headers.get("sec-fetch-site")
+    if site and site not in ("same-origin", "none"):
+        return f"a {site} request (Sec-Fetch-Site); this server takes changes only from its own pages"
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and origin.split("://", 1)[-1] != request.headers.get("host"):
+        return f"the request comes from {origin}, not from this server's pages"
+    if origin == "null":
+        return "the request comes from an opaque origin, not from this server's pages"
+    return None
+
+
 def create_app(home: Path, token: str | None = None, clock=time.time, backend=None,
-               interval: float = 1.0) -> FastAPI:
+               interval: float = 1.0, host: str | None = None, sse_max_s: float | None = None) -> FastAPI:
+    """host: the address the server listens on (a loopback one turns on the Host check).
+    sse_max_s: a log stream ends after this many seconds without `event: end` and the browser reconnects from
+    the last id it saw (RUNNER_SSE_MAX_S, default 30): proxies drop idle long streams, and this tests reconnects."""
     import threading
     from contextlib import asynccontextmanager
 
@@ -101,13 +135,44 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     app = FastAPI(title="runner", version="0.1", lifespan=lifespan)
     app.state.store = store
     app.state.dispatcher = dispatcher
+    session = derived(token, "runner-session") if token else None
+    csrf = derived(token or secrets.token_hex(32), "runner-csrf")
+    sse_max_s = sse_max_s if sse_max_s is not None else float(os.environ.get("RUNNER_SSE_MAX_S", "30"))
+    loopback_only = host is not None and is_loopback(host)
+
+    def bearer_ok(request: Request) -> bool:
+        given = request.headers.get("authorization", "")
+        return bool(token) and given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(),
+                                                                                     token.encode())
+
+    def authorized(request: Request) -> bool:
+        if not token or bearer_ok(request):
+            return True
+        return hmac.compare_digest(request.cookies.get(SESSION_COOKIE, "").encode(), session.encode())
 
     def auth(request: Request) -> None:
-        if not token:
-            return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
+        if not authorized(request):
             raise HTTPException(401, "missing or wrong token: send Authorization: Bearer $RUNNER_TOKEN")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """Host check (loopback servers) and cross-site refusal for every request that changes something."""
+        name = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]")
+        if loopback_only and not is_loopback(name):
+            return JSONResponse({"detail": f"host {name!r} is not served here: use 127.0.0.1 or localhost"},
+                                status_code=421)
+        if request.url.path in DOCS and not authorized(request):  # the API's own pages need the token too
+            return JSONResponse({"detail": "missing or wrong token: send Authorization: Bearer $RUNNER_TOKEN"},
+                                status_code=401)
+        if request.method in UNSAFE:
+            why = cross_site(request)
+            if why is None and token and not bearer_ok(request) and authorized(request) and \
+                    request.url.path not in ("/login", "/logout") and \
+                    not hmac.compare_digest(request.headers.get("x-runner-csrf", "").encode(), csrf.encode()):
+                why = "a request riding on the session cookie needs the page's X-Runner-CSRF token"
+            if why:
+                return JSONResponse({"detail": f"refused: {why}"}, status_code=403)
+        return await call_next(request)
 
     @app.exception_handler(UnknownJob)
     async def _unknown(_, e: UnknownJob):
@@ -126,6 +191,9 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         """A job as the API shows it: with its place in the queue and why it waits, while it is QUEUED.
         order: the queue's job ids, when the caller describes many jobs (read once, not once a job)."""
         out = job.to_json()
+        now = clock()
+        out["duration_s"] = round((job.ended_at or now) - job.started_at, 1) if job.started_at else None
+        out["eta_s"] = eta_seconds(out["progress"]) if job.state in ("RUNNING", "RETRYING") else None
         if job.state == "QUEUED":
             order = order if order is not None else [j.id for j in store.queue()]
             waits = dispatcher.waiting.get(job.id) if dispatcher else None
@@ -169,14 +237,22 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         wake.set()
         return described(job)
 
-    @app.get("/jobs", dependencies=[Depends(auth)])
-    def list_jobs(state: str | None = Query(None), name: str | None = Query(None),
-                  limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+    def listing(state: str | None, name: str | None, q: str | None, limit: int, offset: int) -> dict:
         if state is not None and state.upper() not in STATES:
             raise HTTPException(422, f"state {state!r}: one of {', '.join(STATES)}")
-        jobs = store.list(state=state.upper() if state else None, name=name, limit=limit, offset=offset)
-        order = [j.id for j in store.queue()]
-        return {"jobs": [described(j, order) for j in jobs], "limit": limit, "offset": offset}
+        state = state.upper() if state else None
+        jobs = store.list(state=state, name=name, limit=limit, offset=offset, text=q)
+        order = [j.id for j in store.queue()] if any(j.state == "QUEUED" for j in jobs) else []
+        return {"jobs": [described(j, order) for j in jobs], "limit": limit, "offset": offset,
+                "total": store.count(state=state, name=name, text=q), "counts": store.counts()}
+
+    app.state.listing = listing
+
+    @app.get("/jobs", dependencies=[Depends(auth)])
+    def list_jobs(state: str | None = Query(None), name: str | None = Query(None),
+                  q: str | None = Query(None, description="A part of the id, name or model."),
+                  limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+        return listing(state, name, q, limit, offset)
 
     @app.get("/jobs/{job_id}", dependencies=[Depends(auth)])
     def get_job(job_id: str) -> dict:
@@ -186,7 +262,41 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         result = Path(job.job_dir) / "eval.json"
         if job.state == "SUCCEEDED" and result.exists():
             out["result"] = json.loads(result.read_text())
+        attempt = store.attempt(job_id)
+        if ray_url and attempt and attempt.get("submission"):
+            out["ray_url"] = f"{ray_url}/#/jobs/{attempt['submission']}"
         return out
+
+    ray_url = getattr(backend, "address", None)
+    app.state.described = described
+    app.state.ray_url = ray_url
+
+    @app.get("/jobs/{job_id}/series", dependencies=[Depends(auth)])
+    def series(job_id: str, max_points: int = Query(MAX_POINTS, ge=10, le=MAX_POINTS)) -> dict:
+        """The job's curves: for each split, each charted figure thinned to at most max_points points."""
+        store.get(job_id)
+        return {split: thin(store.metrics_columns(job_id, split, keys), max_points)
+                for split, keys in CHARTED.items()}
+
+    @app.get("/jobs/{job_id}/checkpoints", dependencies=[Depends(auth)])
+    def checkpoints(job_id: str) -> dict:
+        """The job's Ray Train checkpoints (step, bytes, time written), and the best model kept beside them."""
+        job_dir = Path(store.get(job_id).job_dir)
+        out = []
+        for d in sorted(d for d in (job_dir / "checkpoints").glob("checkpoint_*") if d.is_dir()):
+            step = json.loads((d / "step.json").read_text()).get("step") if (d / "step.json").exists() else None
+            files = [f for f in d.rglob("*") if f.is_file()]
+            out.append({"name": d.name, "step": step, "bytes": sum(f.stat().st_size for f in files),
+                        "written_at": max((f.stat().st_mtime for f in files), default=None)})
+        return {"checkpoints": out}
+
+    @app.get("/jobs/{job_id}/files/{path:path}", dependencies=[Depends(auth)])
+    def download(job_id: str, path: str):
+        job_dir = Path(store.get(job_id).job_dir).resolve()
+        target = (job_dir / path).resolve()
+        if job_dir not in target.parents or not target.is_file():
+            raise HTTPException(404, f"job {job_id} has no file {path!r}")
+        return FileResponse(target, filename=target.name)
 
     @app.get("/jobs/{job_id}/artifacts", dependencies=[Depends(auth)])
     def artifacts(job_id: str) -> dict:
@@ -201,22 +311,26 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         return out
 
     @app.get("/jobs/{job_id}/logs", dependencies=[Depends(auth)])
-    async def logs(job_id: str, offset: int = Query(0, ge=0), follow: bool = False):
+    async def logs(request: Request, job_id: str, offset: int = Query(0, ge=0), follow: bool = False):
         path = Path(store.get(job_id).job_dir) / "job.log"
         if not follow:
             text, end = whole_lines(path, offset, 1 << 20)
             return {"text": text, "offset": end}
+        last = request.headers.get("last-event-id", "")  # a browser's EventSource reconnecting: go on from there
+        at = int(last) if last.isdigit() else offset
+        until = time.monotonic() + sse_max_s
 
         async def stream():
-            at = offset
+            nonlocal at
+            yield "retry: 1000\n\n"
             while True:
+                if time.monotonic() > until:  # the client reconnects with Last-Event-ID
+                    return
                 ended = store.get(job_id).state in TERMINAL  # read before the file: its last lines come after
-                text, at_new = whole_lines(path, at, 1 << 20)
-                for line in text.splitlines():
-                    at += len(line.encode()) + 1
-                    yield f"id: {at}\nevent: log\ndata: {line}\n\n"
-                at = at_new
-                if ended and not text:
+                lines = log_lines(path, at, 1 << 20)
+                for at, line in lines:  # SSE data cannot hold a bare CR (a progress bar's): it would split the line
+                    yield f"id: {at}\nevent: log\ndata: {line.replace(chr(13), '')}\n\n"
+                if ended and not lines:
                     yield f"event: end\ndata: {store.get(job_id).state}\n\n"
                     return
                 await asyncio.sleep(0.3)
@@ -264,16 +378,53 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
 
     @app.get("/cluster", dependencies=[Depends(auth)])
     def cluster() -> dict:
+        """Each node with its CPUs, GPUs and memory, what is free, and which of the runner's jobs holds what."""
         if dispatcher is None:
             raise HTTPException(503, "no Ray cluster is attached to this server (start it with --ray URL)")
         nodes = backend.nodes()
-        free = dispatcher.free(nodes)
-        return {"nodes": [{"id": n.id, "cpus": n.cpus, "gpus": n.gpus, "free_cpus": f.cpus, "free_gpus": f.gpus}
-                          for n, f in zip(nodes, free)],
+        free = {n.id: f for n, f in zip(nodes, dispatcher.free(nodes))}
+        detail = {n["id"]: n for n in backend.details()["nodes"]} if hasattr(backend, "details") else {}
+        jobs = {dispatcher.submission(j): j.id for j in dispatcher.active()}
+        out = []
+        for n in nodes:
+            d = detail.get(n.id, {})
+            held = [{"job": jobs.get(h["submission"]), "submission": h["submission"], "cpus": h["cpus"],
+                     "gpus": h["gpus"]} for h in d.get("held", [])]
+            out.append({"id": n.id, "host": d.get("host"), "ip": d.get("ip"), "head": d.get("head", False),
+                        "cpus": n.cpus, "gpus": n.gpus, "free_cpus": free[n.id].cpus, "free_gpus": free[n.id].gpus,
+                        "memory_bytes": n.memory, "mem_total": d.get("mem_total"), "mem_used": d.get("mem_used"),
+                        "held": held})
+        return {"nodes": out, "ray_url": ray_url,
                 "cpus": sum(n.cpus for n in nodes), "gpus": sum(n.gpus for n in nodes),
-                "free_cpus": sum(f.cpus for f in free), "free_gpus": sum(f.gpus for f in free)}
+                "free_cpus": sum(f.cpus for f in free.values()), "free_gpus": sum(f.gpus for f in free.values())}
+
+    @app.get("/metrics", dependencies=[Depends(auth)])
+    def prometheus():
+        from runner.prometheus import exposition
+
+        body, kind = exposition(store)
+        return Response(body, media_type=kind)
+
+    from runner.dashboard import pages
+
+    app.include_router(pages(app, store, authorized, csrf, session, token))
 
     return app
+
+
+def log_lines(path: Path, offset: int, limit: int) -> list[tuple[int, str]]:
+    """The whole lines of a log after a byte offset, each with the byte offset after it (the SSE id a reconnect
+    goes on from): counted in bytes, so that a line of invalid UTF-8 does not shift the ids."""
+    if not path.exists():
+        return []
+    with path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read(limit)
+    out, at = [], offset
+    for raw in chunk.split(b"\n")[:-1]:  # the part after the last newline is a line still being written
+        at += len(raw) + 1
+        out.append((at, raw.decode("utf-8", "replace")))
+    return out
 
 
 def need_of_recipe(recipe):
@@ -291,7 +442,7 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 8642, token: str | No
     from runner.dispatch import RayJobs
 
     backend = RayJobs(ray_dashboard, os.environ.get("RAY_AUTH_TOKEN")) if ray_dashboard else None
-    uvicorn.run(create_app(home, token, backend=backend, interval=interval), host=host, port=port,
+    uvicorn.run(create_app(home, token, backend=backend, interval=interval, host=host), host=host, port=port,
                 log_level="warning")
 
 

@@ -1,0 +1,486 @@
+// runner dashboard: draws the page from the JSON inlined in it, then keeps it live from the runner server's REST
+// API (the same routes the CLI uses). DOM built with textContent only: no server text is ever parsed as HTML.
+"use strict";
+
+const DATA = JSON.parse(document.getElementById("data").textContent);
+const CSRF = document.querySelector('meta[name="csrf"]').content;
+const PAGE = document.body.dataset.page;
+const MAIN = document.getElementById("main");
+const ACTIVE = ["STARTING", "RUNNING", "RETRYING", "EXPORTING"];
+const ENDED = ["SUCCEEDED", "FAILED", "CANCELLED"];
+const STATES = ["QUEUED", ...ACTIVE, ...ENDED];
+
+// ---- helpers --------------------------------------------------------------------------------------------------
+
+function h(tag, attrs, ...kids) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k === "text") el.textContent = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "dataset") Object.assign(el.dataset, v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const kid of kids.flat()) {
+    if (kid === null || kid === undefined || kid === false) continue;
+    el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+  }
+  return el;
+}
+const $ = (sel, el = document) => el.querySelector(sel);
+const SVG = "http://www.w3.org/2000/svg";
+function s(tag, attrs) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
+  return el;
+}
+
+class ApiError extends Error {
+  constructor(message, status) { super(message); this.status = status; }
+}
+
+async function api(path, options = {}) {
+  const init = { credentials: "same-origin", ...options, headers: { ...(options.headers || {}) } };
+  if (init.method && init.method !== "GET") {
+    init.headers["X-Runner-CSRF"] = CSRF;
+    init.headers["Content-Type"] = "application/json";
+  }
+  const r = await fetch(path, init);
+  if (r.status === 401) {
+    location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
+    throw new ApiError("log in again", 401);
+  }
+  const body = (r.headers.get("content-type") || "").includes("json") ? await r.json() : await r.text();
+  if (!r.ok) {
+    const d = body && body.detail;
+    throw new ApiError(typeof d === "string" ? d : JSON.stringify(d || body), r.status);
+  }
+  return body;
+}
+
+const post = (path, body) => api(path, { method: "POST", body: JSON.stringify(body || {}) });
+
+function stateBadge(state) { return h("span", { class: "state " + state, text: state }); }
+
+function duration(sec) {
+  if (sec === null || sec === undefined || isNaN(sec)) return "";
+  sec = Math.round(sec);
+  if (sec < 60) return sec + " s";
+  const m = Math.floor(sec / 60), r = sec % 60;
+  if (m < 60) return m + " min " + String(r).padStart(2, "0") + " s";
+  const hh = Math.floor(m / 60);
+  if (hh < 48) return hh + " h " + String(m % 60).padStart(2, "0") + " min";
+  return Math.floor(hh / 24) + " d " + (hh % 24) + " h";
+}
+function when(t) {
+  if (!t) return "";
+  const d = new Date(t * 1000), now = new Date();
+  const same = d.toDateString() === now.toDateString();
+  return same ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" })
+              : d.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+}
+function num(x, digits = 3) {
+  if (x === null || x === undefined) return "";
+  if (typeof x !== "number") return String(x);
+  if (Number.isInteger(x)) return x.toLocaleString();
+  const a = Math.abs(x);
+  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return x.toExponential(2);
+  return x.toLocaleString(undefined, { maximumFractionDigits: digits });
+}
+function bytes(n) {
+  if (n === null || n === undefined) return "";
+  const u = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1000 && i < u.length - 1) { n /= 1000; i++; }
+  return (i ? n.toFixed(n < 10 ? 2 : 1) : n) + " " + u[i];
+}
+function bar(fraction, cls) {
+  const b = h("div", { class: "bar" + (cls ? " " + cls : "") }, h("span"));
+  b.firstChild.style.width = Math.max(0, Math.min(1, fraction || 0)) * 100 + "%";
+  return b;
+}
+function gpus(job) {
+  return job.workers + " × " + (job.gpus ? num(job.gpus) + " GPU" : num(job.cpus) + " CPU");
+}
+
+// Calls fn now and every `ms` while the tab is visible; the header's "live" mark says whether the last call worked.
+function every(ms, fn) {
+  const live = $("#live");
+  let timer = null, stopped = false;
+  async function tick() {
+    if (stopped) return;
+    if (document.visibilityState !== "visible") { live.className = "live paused"; live.textContent = "paused"; return; }
+    try {
+      const more = await fn();
+      live.className = "live"; live.textContent = "live";
+      if (more === false) { stopped = true; live.textContent = "up to date"; return; }
+    } catch (e) {
+      live.className = "live stale"; live.textContent = "cannot reach the server";
+    }
+    timer = setTimeout(tick, ms);
+  }
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible" && !stopped) { clearTimeout(timer); tick(); }
+  });
+  tick();
+  return { stop() { stopped = true; clearTimeout(timer); } };
+}
+
+// ---- theme and navigation ---------------------------------------------------------------------------------------
+
+(function theme() {
+  const saved = localStorage.getItem("runner-theme");
+  if (saved) document.documentElement.dataset.theme = saved;
+  $("#theme").addEventListener("click", () => {
+    const dark = document.documentElement.dataset.theme
+      ? document.documentElement.dataset.theme === "dark"
+      : matchMedia("(prefers-color-scheme: dark)").matches;
+    document.documentElement.dataset.theme = dark ? "light" : "dark";
+    localStorage.setItem("runner-theme", document.documentElement.dataset.theme);
+  });
+  const nav = document.querySelector(`[data-nav="${PAGE === "job" ? "jobs" : PAGE}"]`);
+  if (nav) nav.classList.add("here");
+})();
+
+// ---- charts -----------------------------------------------------------------------------------------------------
+
+// series: [{label, step: [...], value: [...]}]. Draws lines on shared axes; data-points on the svg counts the points.
+function chart(series, opts = {}) {
+  const W = 460, H = 200, L = 58, R = 10, T = 10, B = 24;
+  const svg = s("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": opts.title || "chart" });
+  const drawn = series.filter((x) => x.step.length);
+  const total = drawn.reduce((a, x) => a + x.step.length, 0);
+  svg.dataset.points = String(total);
+  if (!drawn.length) {
+    const t = s("text", { x: W / 2, y: H / 2, "text-anchor": "middle" });
+    t.textContent = opts.empty || "no figures yet";
+    svg.append(t);
+    return h("div", {}, svg);
+  }
+  let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+  for (const x of drawn) {
+    for (const v of x.step) { x0 = Math.min(x0, v); x1 = Math.max(x1, v); }
+    for (const v of x.value) { y0 = Math.min(y0, v); y1 = Math.max(y1, v); }
+  }
+  if (x0 === x1) { x0 -= 1; x1 += 1; }
+  const least = Math.max(Math.abs(y0), Math.abs(y1)) * 0.02 || 1;  // a flat line is drawn flat, not magnified
+  if (y1 - y0 < least) { const mid = (y0 + y1) / 2; y0 = mid - least / 2; y1 = mid + least / 2; }
+  const pad = (y1 - y0) * 0.05, floor = y0 >= 0 ? 0 : -Infinity;
+  y0 = Math.max(floor, y0 - pad); y1 += pad;
+  const X = (v) => L + ((v - x0) / (x1 - x0)) * (W - L - R);
+  const Y = (v) => T + (1 - (v - y0) / (y1 - y0)) * (H - T - B);
+  const tick = (y1 - y0) / 4, digits = Math.max(0, Math.min(8, 1 - Math.floor(Math.log10(tick))));
+  for (let i = 0; i <= 4; i++) {
+    const v = y0 + tick * i, y = Y(v);
+    svg.append(s("line", { class: "gridline", x1: L, x2: W - R, y1: y, y2: y }));
+    const t = s("text", { x: L - 6, y: y + 4, "text-anchor": "end" });
+    t.textContent = Math.abs(v) >= 1e5 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : v.toFixed(digits);
+    svg.append(t);
+  }
+  for (const [v, anchor] of [[x0, "start"], [x1, "end"]]) {
+    const t = s("text", { x: X(v), y: H - 8, "text-anchor": anchor });
+    t.textContent = "step " + num(Math.round(v));
+    svg.append(t);
+  }
+  drawn.forEach((x, i) => {
+    const cls = "s" + (series.indexOf(x) % 6);
+    if (x.step.length === 1) {
+      svg.append(s("circle", { class: cls, cx: X(x.step[0]), cy: Y(x.value[0]), r: 3 }));
+    } else {
+      const pts = x.step.map((st, j) => X(st).toFixed(1) + "," + Y(x.value[j]).toFixed(1)).join(" ");
+      svg.append(s("polyline", { class: cls, points: pts, "vector-effect": "non-scaling-stroke" }));
+    }
+  });
+  const legend = h("div", { class: "legend" }, series.map((x, i) => h("span", {},
+    h("i", { class: "s" + (i % 6) }), x.label + (x.points > x.step.length ? ` (${num(x.points)} steps, ${x.step.length} shown)` : ""))));
+  return h("div", { class: "chart-wrap", dataset: { points: String(total) } }, svg, legend);
+}
+
+// ---- jobs page --------------------------------------------------------------------------------------------------
+
+function jobsPage() {
+  const st = { state: DATA.state || "", q: DATA.q || "", page: DATA.page || 1, size: DATA.page_size };
+  const counts = h("div", { class: "counts" });
+  const search = h("input", { type: "search", placeholder: "Filter by id, name or model", value: st.q,
+                              "aria-label": "filter" });
+  const pager = h("div", { class: "pager" });
+  const body = h("tbody");
+  const table = h("table", { id: "jobs" },
+    h("thead", {}, h("tr", {}, ["State", "Name", "Model", "Mode", "Workers", "Progress", "Throughput", "Queue",
+                                "Started", "Duration"].map((t) => h("th", { text: t, class: t === "Throughput" ? "num" : null })))),
+    body);
+  MAIN.append(h("h1", { text: "Jobs" }), h("div", { class: "toolbar" }, counts, search, pager),
+              h("div", { class: "panel" }, table));
+
+  function url() {
+    const p = new URLSearchParams();
+    if (st.state) p.set("state", st.state);
+    if (st.q) p.set("q", st.q);
+    p.set("limit", st.size); p.set("offset", (st.page - 1) * st.size);
+    return p;
+  }
+  function draw(list) {
+    counts.replaceChildren(
+      h("span", { class: "chip" + (st.state ? "" : " on"), text: "All " + num(Object.values(list.counts).reduce((a, b) => a + b, 0)),
+                  onclick: () => { st.state = ""; st.page = 1; refresh(); } }),
+      ...STATES.map((name) => h("span", { class: "chip" + (st.state === name ? " on" : ""), dataset: { state: name },
+        text: name.toLowerCase() + " " + num(list.counts[name] || 0),
+        onclick: () => { st.state = st.state === name ? "" : name; st.page = 1; refresh(); } })));
+    const first = list.total ? list.offset + 1 : 0, last = list.offset + list.jobs.length;
+    pager.replaceChildren(
+      h("button", { text: "‹ Newer", disabled: st.page <= 1, onclick: () => { st.page--; refresh(); } }),
+      h("span", { class: "muted small", text: `${num(first)}–${num(last)} of ${num(list.total)}` }),
+      h("button", { text: "Older ›", disabled: last >= list.total, onclick: () => { st.page++; refresh(); } }));
+    if (!list.jobs.length) {
+      body.replaceChildren(h("tr", {}, h("td", { colspan: 10, class: "empty",
+        text: st.state || st.q ? "No job matches these filters." : "No jobs yet: runner submit recipe.yaml" })));
+      return;
+    }
+    body.replaceChildren(...list.jobs.map(row));
+  }
+  function row(j) {
+    const p = j.progress || {};
+    const frac = p.total_steps ? p.step / p.total_steps : 0;
+    const progress = j.state === "QUEUED" ? "" : p.step ? h("div", {},
+      bar(j.state === "SUCCEEDED" ? 1 : frac, j.state === "RETRYING" ? "warn" : ""),
+      h("span", { class: "small", text: `step ${num(p.step)}/${p.total_steps ? num(p.total_steps) : "?"}` +
+                                        (j.eta_s !== null && j.eta_s !== undefined ? ` · ETA ${duration(j.eta_s)}` : "") })) : "";
+    const queue = j.state === "QUEUED"
+      ? h("div", {}, h("b", { text: j.queue_position ? "#" + j.queue_position : "" }), " ",
+          h("span", { class: "muted small", text: j.waiting_for || "" }))
+      : (j.state === "FAILED" && j.reason ? h("span", { class: "error small", text: j.reason }) : "");
+    return h("tr", { dataset: { id: j.id, state: j.state } },
+      h("td", {}, stateBadge(j.state)),
+      h("td", {}, h("a", { href: "/ui/jobs/" + encodeURIComponent(j.id), text: j.name }), h("span", { class: "sub mono", text: j.id })),
+      h("td", { class: "small", text: j.model || "" }),
+      h("td", { text: j.mode || "" }),
+      h("td", { class: "nowrap", text: gpus(j) }),
+      h("td", {}, progress),
+      h("td", { class: "num nowrap", text: ACTIVE.includes(j.state) && p.samples_per_s ? num(p.samples_per_s, 1) + " samples/s" : "" }),
+      h("td", { class: "queue" }, queue),
+      h("td", { class: "nowrap small", text: when(j.started_at) }),
+      h("td", { class: "nowrap small", text: duration(j.duration_s) }));
+  }
+  let typing = null;
+  search.addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { st.q = search.value.trim(); st.page = 1; refresh(); }, 250);
+  });
+  async function load() {
+    const list = await api("/jobs?" + url());
+    draw(list);
+    const shown = new URLSearchParams();
+    if (st.state) shown.set("state", st.state);
+    if (st.q) shown.set("q", st.q);
+    if (st.page > 1) shown.set("page", st.page);
+    history.replaceState(null, "", "/ui/jobs" + (shown.toString() ? "?" + shown : ""));
+  }
+  let poller = null;
+  function refresh() { if (poller) poller.stop(); poller = every(2000, load); }
+  draw(DATA.list);
+  poller = every(2000, load);
+}
+
+// ---- job page ---------------------------------------------------------------------------------------------------
+
+function jobPage() {
+  const id = DATA.id;
+  if (DATA.missing) {
+    MAIN.append(h("h1", { text: "No such job" }), h("p", { class: "muted", text: DATA.missing }),
+                h("a", { href: "/ui/jobs", text: "All jobs" }));
+    return;
+  }
+  const base = "/jobs/" + encodeURIComponent(id);
+  const title = h("h1", {});
+  const reason = h("div");
+  const cards = h("div", { class: "grid" });
+  const lossBox = h("div", { class: "panel", id: "loss" }, h("h2", { text: "Loss" }));
+  const evalBox = h("div", { class: "panel", id: "evaluation" }, h("h2", { text: "Evaluation (validation)" }));
+  const speedBox = h("div", { class: "panel", id: "throughput" }, h("h2", { text: "Throughput" }));
+  const lrBox = h("div", { class: "panel", id: "lr" }, h("h2", { text: "Learning rate" }));
+  const results = h("div", { class: "panel", id: "results" });
+  const exportBox = h("div", { class: "panel", id: "export" });
+  const ckpts = h("div", { class: "panel", id: "checkpoints" });
+  const files = h("div", { class: "panel", id: "artifacts" });
+  const events = h("ol", { class: "events" });
+  const log = h("pre", { class: "log", id: "log" });
+  const recipe = h("pre", { class: "recipe", id: "recipe" });
+  MAIN.append(title, reason, cards,
+    h("div", { class: "cols" }, lossBox, evalBox, speedBox, lrBox),
+    h("div", { class: "cols section" }, results, exportBox),
+    h("div", { class: "cols section" }, ckpts, files),
+    h("div", { class: "panel section", id: "logs" }, h("h2", { text: "Log" }), log),
+    h("div", { class: "cols" }, h("div", { class: "panel", id: "history" }, h("h2", { text: "State history" }), events),
+      h("div", { class: "panel" }, h("h2", { text: "Recipe (secrets redacted)" }), recipe)));
+
+  let job = DATA.job, lastEvent = 0, lastStep = -1, lastState = null, extrasAt = 0;
+
+  function drawHeader() {
+    const actions = h("span", { class: "actions" });
+    if (!ENDED.includes(job.state)) {
+      actions.append(h("button", { class: "danger", id: "cancel", text: "Cancel", onclick: async () => {
+        if (!confirm(`Cancel job ${id}? Its workers are stopped; a retry can go on from its last checkpoint.`)) return;
+        try { job = await post(base + "/cancel"); drawHeader(); } catch (e) { alert(e.message); }
+      } }));
+    }
+    if (job.state === "FAILED" || job.state === "CANCELLED") {
+      for (const [label, fromCkpt] of [["Retry", false], ["Retry from checkpoint", true]]) {
+        actions.append(h("button", { text: label, id: fromCkpt ? "retry-checkpoint" : "retry", onclick: async () => {
+          if (!confirm(`${label}: job ${id} goes back in the queue as attempt ${job.attempt + 1}.`)) return;
+          // a new attempt: the page starts over (the live updates and the log stream had stopped at the end)
+          try { await post(base + "/retry", { from_checkpoint: fromCkpt }); location.reload(); } catch (e) { alert(e.message); }
+        } }));
+      }
+    }
+    const ray = job.ray_url ? h("a", { href: job.ray_url, target: "_blank", rel: "noopener", class: "small",
+                                       text: "in Ray's dashboard ↗" }) : "";
+    title.replaceChildren(h("span", { text: job.name }), stateBadge(job.state),
+                          h("span", { class: "muted small mono", text: job.id }), ray, actions);
+    reason.replaceChildren();
+    if (job.state === "QUEUED") {
+      reason.append(h("div", { class: "reason wait", id: "waiting" },
+        h("b", { text: job.queue_position ? `#${job.queue_position} in the queue: ` : "queued: " }), job.waiting_for || ""));
+    } else if (job.reason && (job.state === "FAILED" || job.state === "CANCELLED")) {
+      reason.append(h("div", { class: "reason", id: "reason" }, h("b", { text: job.state === "FAILED" ? "Failed: " : "Cancelled: " }), job.reason));
+    }
+    const p = job.progress || {};
+    const card = (k, v, extra) => h("div", { class: "card" }, h("div", { class: "k", text: k }), h("div", { class: "v", text: v }), extra || "");
+    cards.replaceChildren(
+      card("Model", job.model || ""), card("Tuning", job.mode || ""), card("Workers", gpus(job)),
+      card("Progress", p.step ? `step ${num(p.step)}/${p.total_steps ? num(p.total_steps) : "?"}` : "—",
+           p.total_steps ? bar(job.state === "SUCCEEDED" ? 1 : p.step / p.total_steps) : ""),
+      card("ETA", job.eta_s !== null && job.eta_s !== undefined ? duration(job.eta_s) : "—"),
+      card("Throughput", !p.samples_per_s ? "—" : (ACTIVE.includes(job.state) ? "" : "last ") +
+                         `${num(p.samples_per_s, 1)} samples/s`),
+      card("Latest loss", p.loss !== undefined && p.loss !== null ? num(p.loss, 4) : "—"),
+      card("Attempt", String(job.attempt || 0)), card("Priority", String(job.priority)),
+      card("Started", when(job.started_at) || "—"), card("Duration", duration(job.duration_s) || "—"));
+  }
+
+  async function drawCharts() {
+    const sr = await api(base + "/series");
+    const t = sr.train || {}, v = sr.validation || {};
+    const line = (label, x) => x ? { label, step: x.step, value: x.value, points: x.points } : { label, step: [], value: [] };
+    lossBox.replaceChildren(h("h2", { text: "Loss" }), chart([line("train", t.loss), line("validation", v.loss)], { title: "loss" }));
+    const evalKeys = ["accuracy", "macro_f1", "mse", "mae", "perplexity"].filter((k) => v[k]);
+    evalBox.replaceChildren(h("h2", { text: "Evaluation (validation)" }),
+      chart(evalKeys.map((k) => line(k, v[k])), { title: "evaluation", empty: "no validation yet" }));
+    speedBox.replaceChildren(h("h2", { text: "Throughput" }), chart([line("samples/s", t.samples_per_s)], { title: "throughput" }),
+      t.tokens_per_s ? h("div", { class: "small muted", text: `latest: ${num(t.tokens_per_s.value.at(-1), 0)} tokens/s` }) : "");
+    lrBox.replaceChildren(h("h2", { text: "Learning rate" }), chart([line("lr", t.lr)], { title: "learning rate" }));
+  }
+
+  function table(head, rows) {
+    return h("table", {}, h("thead", {}, h("tr", {}, head.map((x) => h("th", { text: x })))),
+      h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c) => c instanceof Node ? h("td", {}, c) : h("td", { text: c }))))));
+  }
+
+  async function drawExtras() {
+    const [art, ck] = await Promise.all([api(base + "/artifacts"), api(base + "/checkpoints")]);
+    const ev = art.eval;
+    results.replaceChildren(h("h2", { text: "Evaluation metrics" }));
+    if (ev) {
+      const keys = [...new Set([...Object.keys(ev.validation || {}), ...Object.keys(ev.test || {})])];
+      results.append(table(["", "validation", "test"], keys.map((k) => [k, num((ev.validation || {})[k], 4), num((ev.test || {})[k], 4)])),
+        h("p", { class: "small muted", text: `${ev.selected_by ? "best checkpoint by " + ev.selected_by : ""}${ev.best_step ? ", step " + ev.best_step : ""}${ev.stopped_early ? "; stopped early" : ""}` }));
+    } else results.append(h("p", { class: "muted", text: "Written when training ends (eval.json)." }));
+
+    const ex = art.export;
+    exportBox.replaceChildren(h("h2", { text: "Export" }));
+    if (ex) {
+      const quality = ex.task === "classification" ? "accuracy" : ex.task === "regression" ? "mse" : "perplexity";
+      exportBox.append(table(["variant", "size", "latency b=1", "latency b=8", quality],
+        Object.entries(ex.variants || {}).map(([name, x]) => [name, bytes(x.bytes), num(x.latency_ms_b1, 1) + " ms", num(x.latency_ms_b8, 1) + " ms", num(x[quality], 4)])));
+      const checks = Object.entries(ex.checks || {}).map(([name, c]) => h("li", {},
+        h("span", { class: c.passed ? "ok" : "bad", text: c.passed ? "passed " : "failed " }), name,
+        c.value !== undefined ? ` (${c.compared}: ${num(c.value, 3)}, bound ${num(c.bound, 3)})` : (c.max_abs_diff !== undefined ? ` (max |diff| ${num(c.max_abs_diff)})` : "")));
+      exportBox.append(h("ul", { class: "small" }, checks),
+        h("p", { class: ex.passed ? "ok" : "bad", text: ex.passed ? "The export passed its checks." : "The export failed: " + (ex.failure || "see the checks") }));
+    } else exportBox.append(h("p", { class: "muted", text: "PyTorch, ONNX and quantized ONNX compared here once the job exports." }));
+
+    ckpts.replaceChildren(h("h2", { text: "Checkpoints" }), ck.checkpoints.length
+      ? table(["step", "size", "written"], ck.checkpoints.map((c) => [c.step === null ? c.name : num(c.step), bytes(c.bytes), when(c.written_at)]))
+      : h("p", { class: "muted", text: "None yet." }));
+
+    const shown = art.files.filter((f) => !f.path.startsWith("checkpoints/"));
+    files.replaceChildren(h("h2", { text: `Artifacts (${shown.length} files)` }), shown.length
+      ? table(["file", "size"], shown.map((f) => [h("a", { href: base + "/files/" + f.path.split("/").map(encodeURIComponent).join("/"), download: "", text: f.path }), bytes(f.bytes)]))
+      : h("p", { class: "muted", text: "None yet." }));
+  }
+
+  async function drawEvents() {
+    const got = await api(base + "/events?after=" + lastEvent);
+    for (const e of got.events) {
+      lastEvent = e.id;
+      events.append(h("li", {}, h("span", { class: "muted small", text: when(e.at) + " " }),
+        e.state_to ? h("b", { text: (e.state_from ? e.state_from + " → " : "") + e.state_to + " " }) : "", e.message));
+    }
+  }
+
+  function follow() {
+    // EventSource reconnects by itself, sending the last id (a byte offset): the server goes on from there.
+    const src = new EventSource(base + "/logs?follow=true");
+    const atBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 30;
+    src.addEventListener("log", (e) => {
+      const stick = atBottom();
+      log.append(e.data + "\n");
+      if (stick) log.scrollTop = log.scrollHeight;
+    });
+    src.addEventListener("end", () => { src.close(); log.dataset.ended = "true"; });
+  }
+
+  async function poll() {
+    const was = lastState;
+    job = await api(base);
+    lastState = job.state;
+    drawHeader();
+    const p = job.progress || {};
+    await drawEvents();
+    if (p.step !== lastStep || job.state !== was) { lastStep = p.step; await drawCharts(); }
+    if (job.state !== was || Date.now() - extrasAt > 10000) { extrasAt = Date.now(); await drawExtras(); }
+    return !ENDED.includes(job.state);  // false: the job has ended and nothing more will change
+  }
+
+  drawHeader();
+  api(base + "/recipe").then((r) => { recipe.textContent = r.recipe; });
+  follow();
+  every(2000, poll);
+}
+
+// ---- cluster page -----------------------------------------------------------------------------------------------
+
+function clusterPage() {
+  const head = h("h1", { text: "Cluster" });
+  const cards = h("div", { class: "grid" });
+  const body = h("div", { class: "panel" });
+  MAIN.append(head, cards, body);
+  if (DATA.ray_url) head.append(h("a", { href: DATA.ray_url, target: "_blank", rel: "noopener", class: "small", text: "Ray's dashboard ↗" }));
+  const used = (total, free) => total - free;
+  async function load() {
+    let c;
+    try { c = await api("/cluster"); } catch (e) {
+      if (e.status === 503) { body.replaceChildren(h("p", { class: "muted", text: e.message })); return true; }
+      throw e;
+    }
+    const card = (k, v, frac) => h("div", { class: "card" }, h("div", { class: "k", text: k }), h("div", { class: "v", text: v }), frac === undefined ? "" : bar(frac));
+    cards.replaceChildren(card("Nodes", String(c.nodes.length)),
+      card("CPUs in use", `${num(used(c.cpus, c.free_cpus))} of ${num(c.cpus)}`, c.cpus ? used(c.cpus, c.free_cpus) / c.cpus : 0),
+      card("GPUs in use", `${num(used(c.gpus, c.free_gpus))} of ${num(c.gpus)}`, c.gpus ? used(c.gpus, c.free_gpus) / c.gpus : 0));
+    const rows = c.nodes.map((n) => h("tr", { dataset: { node: n.id } },
+      h("td", {}, h("b", { text: n.host || n.ip || "node" }), n.head ? h("span", { class: "muted small", text: " head" }) : "",
+        h("span", { class: "sub mono", text: (n.ip ? n.ip + " · " : "") + n.id.slice(0, 12) })),
+      h("td", {}, h("span", { text: `${num(used(n.cpus, n.free_cpus))} / ${num(n.cpus)} used` }), bar(n.cpus ? used(n.cpus, n.free_cpus) / n.cpus : 0)),
+      h("td", {}, h("span", { text: n.gpus ? `${num(used(n.gpus, n.free_gpus))} / ${num(n.gpus)} used` : "none" }), n.gpus ? bar(used(n.gpus, n.free_gpus) / n.gpus) : ""),
+      h("td", {}, n.mem_total ? h("span", { text: `${bytes(n.mem_used)} / ${bytes(n.mem_total)} used` }) : "",
+        n.mem_total ? bar(n.mem_used / n.mem_total) : "", h("span", { class: "sub", text: `Ray may schedule ${bytes(n.memory_bytes)}` })),
+      h("td", { class: "held" }, n.held.length ? n.held.map((x) => h("div", {},
+        x.job ? h("a", { href: "/ui/jobs/" + encodeURIComponent(x.job), text: x.job }) : h("span", { class: "muted", text: x.submission || "a Ray job outside the runner" }),
+        h("span", { class: "muted small", text: ` ${num(x.cpus)} CPU${x.gpus ? ", " + num(x.gpus) + " GPU" : ""}` }))) : h("span", { class: "muted", text: "free" }))));
+    const thead = h("thead", {}, h("tr", {}, ["Node", "CPUs", "GPUs", "Memory", "Held by"].map((t) => h("th", { text: t }))));
+    body.replaceChildren(h("table", { id: "nodes" }, thead, h("tbody", {}, rows)));
+  }
+  every(3000, load);
+}
+
+({ jobs: jobsPage, job: jobPage, cluster: clusterPage })[PAGE]();
