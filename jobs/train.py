@@ -367,6 +367,8 @@ def train_func(config: dict) -> None:
                 _checkpoint(report, state, raw, optimizer, scheduler, rank)
             elif done:  # the saved model is the end's record; a checkpoint would only be written and hashed
                 ray.train.report(report)
+            if config.get("step_delay"):  # tests: slow steps, so that a watcher sees the run go on
+                time.sleep(config["step_delay"])
             hold = config.get("hold_file")  # tests: hold at pause_after_step until stopped, or while the file
             hold = hold and job_dir / hold  # (relative to the job folder) is there
             while config.get("pause_after_step") == state.step and (not hold or hold.exists()):

@@ -301,6 +301,23 @@ def retry(
     _next(f"runner logs -f {job_id}", f"runner status {job_id}")
 
 
+@app.command()
+def dashboard(no_open: bool = typer.Option(False, "--no-open", help="Print the address; open no browser.")) -> None:
+    """Open the dashboard (jobs, their curves and logs, the cluster) in the browser; starts the local server first
+    where none runs. A server with a token asks for it once on a login page."""
+    import os
+    import webbrowser
+
+    client = _client()
+    page = f"{client.url}/ui/jobs"
+    typer.echo(f"dashboard: {page}")
+    if os.environ.get("RUNNER_TOKEN"):
+        typer.echo("the server asks for its token once (the value of RUNNER_TOKEN) on its login page")
+    if not no_open and not webbrowser.open(page):
+        typer.echo("no browser to open here: open the address above in yours", err=True)
+    _next("runner list", "runner submit recipe.yaml")
+
+
 # --- the local server and cluster ---------------------------------------------------------------------------------
 
 

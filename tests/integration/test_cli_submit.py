@@ -77,6 +77,12 @@ def test_submit_starts_the_local_server_and_ray_and_follows_the_job(runner, tmp_
     files = [f["path"] for f in json.loads(runner("artifacts", job_id, "--json").stdout)["files"]]
     assert "model/config.json" in files and "eval.json" in files
 
+    out = runner("dashboard", "--no-open")
+    page = out.stdout.split()[1]
+    assert out.returncode == 0 and page == f"{state['server']['url']}/ui/jobs"
+    with urllib.request.urlopen(page, timeout=10) as r:  # the page the browser would open, with the job in it
+        assert r.status == 200 and job_id in r.read().decode()
+
     out = runner("status", "nope")
     assert out.returncode == 1 and out.stderr.strip() == "no job 'nope' (runner list shows the jobs)"
     out = runner("retry", job_id)

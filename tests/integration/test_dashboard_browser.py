@@ -1,0 +1,179 @@
+"""The dashboard in a real browser: Debian's Chromium, headless, driven by Playwright, over the runner's own local
+Ray head and server (`runner.local`, token auth on), with real jobs on a tiny BERT.
+
+A job submitted while the jobs page is open appears on it; a second one waits with its reason; the first job's
+loss curve grows while it runs and its log streams (the server cuts each stream after 2 s, so the browser's
+EventSource reconnects many times: the page's log must still equal job.log line for line); the cluster page says
+which job holds the CPUs; Cancel on the job's page, confirmed, stops it. Each page is saved as a screenshot, light
+and dark, under build/screenshots/ (RUNNER_SCREENSHOTS moves them).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("playwright", reason="the playwright package is not installed (pip install -e '.[dev]')")
+CHROMIUM = os.environ.get("RUNNER_CHROMIUM", "/usr/bin/chromium")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's (apt-get install chromium; .ci/run does) or set "
+                "RUNNER_CHROMIUM", allow_module_level=True)
+
+import httpx  # noqa: E402
+
+from tiny import keyword_rows, tiny_model_dir  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = Path(os.environ.get("RUNNER_SCREENSHOTS") or ROOT / "build" / "screenshots")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """The runner's local Ray head (2 CPUs) and server, as `runner submit` starts them, with test hooks set."""
+    from runner import local
+
+    home = tmp_path_factory.mktemp("home")
+    saved = {k: os.environ.get(k) for k in ("RUNNER_TEST_HOOKS", "RUNNER_SSE_MAX_S", "RUNNER_PORT")}
+    os.environ.update(RUNNER_TEST_HOOKS=json.dumps({"step_delay": 0.2, "pause_after_step": 20,
+                                                     "hold_file": "hold"}),
+                      RUNNER_SSE_MAX_S="2", RUNNER_PORT=str(local.free_port()))
+    try:
+        ray = local.start_ray(home, num_cpus=2)
+        local._write_state(home, {"ray": ray})
+        server = local.start_server(home, ray["dashboard"])
+        local._write_state(home, {"ray": ray, "server": server})
+        yield server["url"], home
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        local.stop(home, "server")
+        local.stop(home, "ray")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def shoot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        page.wait_for_timeout(150)
+        page.screenshot(path=str(SHOTS / f"{name}-{scheme}.png"), full_page=True)
+    page.emulate_media(color_scheme="light")
+
+
+def test_jobs_live_in_the_browser(local, browser, tmp_path, tokenizer):
+    url, home = local
+    model = tiny_model_dir(tmp_path / "bert", "bert", tokenizer, weights=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(160)))
+    recipe = (f"name: {{name}}\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: {data}\n"
+              "  max_seq_len: 16\ntrain:\n  max_steps: 40\n  batch_size: 4\n  eval_every: 10\n"
+              "resources:\n  workers: 1\n  cpus_per_worker: 2\n")
+    if SHOTS.exists():
+        shutil.rmtree(SHOTS)
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    follows: list[str] = []
+    page.on("request", lambda r: follows.append(r.url) if "/logs?follow=true" in r.url else None)
+
+    def submit(name: str) -> dict:
+        r = httpx.post(f"{url}/jobs", json={"recipe": recipe.format(name=name)}, timeout=30)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    page.goto(f"{url}/ui/jobs")
+    page.wait_for_selector("text=No jobs yet")
+    a = submit("alpha")
+    (Path(a["job_dir"]) / "hold").write_text("")  # alpha holds at step 20 until cancelled
+    row_a = page.locator(f'tr[data-id="{a["id"]}"]')
+    row_a.wait_for(timeout=10_000)  # appeared without a reload
+    b = submit("beta")
+    row_b = page.locator(f'tr[data-id="{b["id"]}"]')
+    page.wait_for_function(f"""() => {{
+        const r = document.querySelector('tr[data-id="{b["id"]}"]');
+        return r && r.dataset.state === "QUEUED" && r.querySelector(".queue").textContent.includes("needs 2 CPUs, 0 free");
+    }}""", timeout=60_000)
+    assert "#1" in row_b.locator(".queue").inner_text()
+    page.wait_for_function(f"""() => ["RUNNING"].includes(
+        document.querySelector('tr[data-id="{a["id"]}"]').dataset.state)""", timeout=90_000)
+    page.fill('input[type="search"]', "beta")
+    page.wait_for_function(f"""() => document.querySelectorAll('#jobs tbody tr').length === 1 &&
+        document.querySelector('tr[data-id="{b["id"]}"]')""", timeout=10_000)
+    assert "q=beta" in page.url
+    page.fill('input[type="search"]', "")
+    row_a.wait_for(timeout=10_000)
+    shoot(page, "jobs")
+
+    page.goto(f"{url}/ui/jobs/{a['id']}")
+    points = "Number(document.querySelector('#loss svg')?.dataset.points || 0)"
+    page.wait_for_function(f"() => {points} >= 2", timeout=60_000)
+    first = page.evaluate(f"() => {points}")
+    page.wait_for_function(f"() => {points} >= {first + 4}", timeout=30_000)  # the curve grows while it runs
+    page.wait_for_function("() => document.querySelector('#log').textContent.includes('step ')", timeout=30_000)
+    lines_then = page.evaluate("() => document.querySelector('#log').textContent.split('\\n').length")
+    page.wait_for_function(f"() => document.querySelector('#log').textContent.split('\\n').length > {lines_then}",
+                           timeout=30_000)  # and the log streams
+
+    cluster = browser.new_page(viewport={"width": 1366, "height": 768})
+    cluster.on("pageerror", lambda e: errors.append(str(e)))
+    cluster.goto(f"{url}/ui/cluster")
+    held = cluster.locator(f'#nodes td.held a[href="/ui/jobs/{a["id"]}"]')
+    held.wait_for(timeout=20_000)
+    assert "2 CPU" in cluster.locator("#nodes td.held").first.inner_text()
+    assert "2 / 2 used" in cluster.locator("#nodes tbody tr").first.inner_text()
+    shoot(cluster, "cluster")
+    cluster.close()
+
+    page.wait_for_function("() => document.querySelector('.card .v') && "
+                           "[...document.querySelectorAll('.card .v')].some(e => e.textContent.startsWith('step 20/'))",
+                           timeout=60_000)
+    shoot(page, "job")
+    dialogs = []
+
+    def confirm(d):
+        dialogs.append(d.message)
+        d.accept()
+
+    page.on("dialog", confirm)
+    page.click("#cancel")
+    page.wait_for_function("() => document.querySelector('h1 .state').textContent === 'CANCELLED'", timeout=60_000)
+    assert dialogs and dialogs[0].startswith(f"Cancel job {a['id']}?")
+    page.wait_for_selector("#log[data-ended='true']", timeout=30_000)
+    shown = page.evaluate("() => document.querySelector('#log').textContent").split("\n")[:-1]
+    on_disk = (Path(a["job_dir"]) / "job.log").read_bytes().decode("utf-8", "replace").replace("\r", "")
+    assert shown == on_disk.split("\n")[:-1] and len(shown) >= 6  # nothing lost or repeated
+    assert len(follows) >= 4, follows  # across the EventSource's reconnections
+    ray_dashboard = json.loads((home / "local.json").read_text())["ray"]["dashboard"]
+    assert page.get_attribute("h1 a[target=_blank]", "href") == f"{ray_dashboard}/#/jobs/{a['id']}-1"
+    shoot(page, "job-cancelled")
+
+    # Retry, confirmed: alpha goes back in the queue, behind beta, which took its place, and says so
+    page.click("#retry")
+    page.wait_for_function("() => document.querySelector('h1 .state').textContent === 'QUEUED'", timeout=30_000)
+    assert len(dialogs) == 2 and "attempt 2" in dialogs[1]
+    page.wait_for_function("() => (document.querySelector('#waiting')?.textContent || '').includes('0 free')",
+                           timeout=30_000)
+    # stop both, as a user of the API would
+    for job in (b, a):
+        assert httpx.post(f"{url}/jobs/{job['id']}/cancel", timeout=30).status_code == 200
+    page.goto(f"{url}/ui/jobs?state=CANCELLED")
+    page.wait_for_function("() => document.querySelectorAll('#jobs tbody tr[data-state=\"CANCELLED\"]').length === 2",
+                           timeout=60_000)
+    shoot(page, "jobs-cancelled")
+    assert not errors, errors
+    assert {p.name for p in SHOTS.iterdir()} >= {f"{n}-{s}.png" for n in ("jobs", "job", "cluster")
+                                                   for s in ("light", "dark")}
