@@ -194,17 +194,23 @@ def ensure_local(home: Path, say=lambda m: None) -> str:
         return server["url"]
 
 
-def _terminate(pid: int, timeout: float = 30.0) -> bool:
-    """SIGTERM, then SIGKILL after `timeout`; whether it was running."""
+def _terminate(pid: int, timeout: float = 30.0, group: bool = False) -> bool:
+    """SIGTERM, then SIGKILL after `timeout`; whether it was running. group: to the whole process group the
+    process leads (it was started in a session of its own), as `ray stop` signals every Ray process at once."""
     if not alive(pid):
         return False
-    os.kill(pid, signal.SIGTERM)
+    group = group and os.getpgid(pid) == pid  # it leads its group (else: only the process)
+    send = (lambda sig: os.killpg(pid, sig)) if group else (lambda sig: os.kill(pid, sig))
+    send(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive(pid):
             return True
         time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
+    try:
+        send(signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     return True
 
 
@@ -213,7 +219,9 @@ def stop(home: Path, which: str) -> bool:
     with _lock(home):
         state = read_state(home)
         part = state.pop(which, None) or {}
-        was = _terminate(part.get("pid"))
+        # Ray's head (`ray start --block`) took 30 s to stop after Train jobs had run, signalled alone or with its
+        # whole group; its state is nothing the runner keeps, so after 5 s it is killed
+        was = _terminate(part.get("pid"), timeout=5 if which == "ray" else 30, group=which == "ray")
         _write_state(home, state)
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         try:  # what `ray stop` does: the next plain ray.init() must not look for the Ray that is gone

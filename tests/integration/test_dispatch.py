@@ -245,7 +245,12 @@ def test_lost_node_job_resumes_from_checkpoint_on_the_other(cluster, tmp_path, t
     moves = [e["state_to"] for e in store.events("lost") if e["state_to"]]
     assert moves == ["QUEUED", "STARTING", "RUNNING", "RETRYING", "RUNNING", "SUCCEEDED"], moves
     retrying = next(e for e in store.events("lost") if e["state_to"] == "RETRYING")["message"]
-    assert retrying.startswith(f"the workers failed (The actor died because its node has died. Node Id: {first[0]})")
+    # Ray says the node died, or, when the worker's RPC fails before the node's death is known, that the actor is
+    # unavailable (seen once in ~10 runs); either way the restart is the lost worker's
+    node_died = f"the workers failed (The actor died because its node has died. Node Id: {first[0]})"
+    unavailable = retrying.startswith("the workers failed (The actor ") and " is unavailable: " in retrying
+    assert retrying.startswith(node_died) or unavailable, retrying
+    assert retrying.endswith("restart 1 of 1, from the last checkpoint"), retrying
     starts = (job_dir / "nodes.txt").read_text().split()
     assert len(starts) == 2 and starts[1] != starts[0], "the workers came back on the node that remains"
     assert "resumed from checkpoint at step 4" in (job_dir / "train.log").read_text()
