@@ -130,14 +130,13 @@ function every(ms, fn) {
 // ---- theme and navigation ---------------------------------------------------------------------------------------
 
 (function theme() {
-  const saved = localStorage.getItem("runner-theme");
-  if (saved) document.documentElement.dataset.theme = saved;
+  const root = document.documentElement, system = matchMedia("(prefers-color-scheme: dark)");
+  const apply = () => { root.dataset.theme = localStorage.getItem("runner-theme") || (system.matches ? "dark" : "light"); };
+  apply();
+  system.addEventListener("change", apply);
   $("#theme").addEventListener("click", () => {
-    const dark = document.documentElement.dataset.theme
-      ? document.documentElement.dataset.theme === "dark"
-      : matchMedia("(prefers-color-scheme: dark)").matches;
-    document.documentElement.dataset.theme = dark ? "light" : "dark";
-    localStorage.setItem("runner-theme", document.documentElement.dataset.theme);
+    localStorage.setItem("runner-theme", root.dataset.theme === "dark" ? "light" : "dark");
+    apply();
   });
   const nav = document.querySelector(`[data-nav="${PAGE === "job" ? "jobs" : PAGE}"]`);
   if (nav) nav.classList.add("here");

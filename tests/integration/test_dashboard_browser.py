@@ -67,6 +67,7 @@ def browser():
 
 def shoot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")  # else the sticky header lands mid-page in a full-page capture
     for scheme in ("light", "dark"):
         page.emulate_media(color_scheme=scheme)
         page.wait_for_timeout(150)
@@ -177,3 +178,68 @@ def test_jobs_live_in_the_browser(local, browser, tmp_path, tokenizer):
     assert not errors, errors
     assert {p.name for p in SHOTS.iterdir()} >= {f"{n}-{s}.png" for n in ("jobs", "job", "cluster")
                                                    for s in ("light", "dark")}
+
+
+def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path):
+    """A SUCCEEDED job's page over a store of its own (no Ray needed): evaluation metrics, the export report of the
+    three variants with its checks, checkpoints, and a file downloaded from the page."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from runner.local import free_port
+    from runner.server import create_app
+
+    home = tmp_path / "home"
+    app = create_app(home)
+    job_dir = home / "artifacts" / "done-1"
+    (job_dir / "onnx").mkdir(parents=True)
+    (job_dir / "checkpoints" / "checkpoint_2026-11-28_00-01-54").mkdir(parents=True)
+    (job_dir / "checkpoints" / "checkpoint_2026-11-28_00-01-54" / "step.json").write_text('{"step": 15}')
+    (job_dir / "checkpoints" / "checkpoint_manager_snapshot.json").write_text("{}")
+    (job_dir / "eval.json").write_text(json.dumps({
+        "selected_by": "validation accuracy", "best_step": 15,
+        "validation": {"loss": 0.31, "accuracy": 0.9917, "macro_f1": 0.9916, "examples": 120},
+        "test": {"loss": 0.29, "accuracy": 0.995, "macro_f1": 0.99499, "examples": 200}}))
+    variant = {"examples": 200, "latency_ms_b1": 13.4, "latency_ms_b8": 43.7}
+    (job_dir / "onnx" / "export_report.json").write_text(json.dumps({
+        "task": "classification", "passed": True,
+        "checks": {"fp32_parity": {"max_abs_diff": 1.1e-7, "passed": True},
+                   "quantized_quality": {"compared": "accuracy drop in points", "value": 0.5, "bound": 1.0,
+                                         "passed": True}},
+        "variants": {"pytorch_fp32": {**variant, "bytes": 90_859_024, "accuracy": 0.995},
+                     "onnx_fp32": {**variant, "bytes": 91_742_487, "accuracy": 0.995},
+                     "onnx_int8_dynamic": {**variant, "bytes": 23_002_606, "accuracy": 0.99}}}))
+    (job_dir / "onnx" / "labels.json").write_text('["sports", "weather"]')
+    store = app.state.store
+    store.add_job("done-1", "done", "name: done\nmodel:\n  name: org/m\n", str(job_dir), 1, 1, 0)
+    for state in ("STARTING", "RUNNING", "SUCCEEDED"):
+        store.set_state("done-1", state)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        page = browser.new_page(viewport={"width": 1366, "height": 768}, accept_downloads=True)
+        page.goto(f"http://127.0.0.1:{port}/ui/jobs/done-1")
+        page.wait_for_selector("#export table")
+        export = page.inner_text("#export")
+        for name, size in (("pytorch_fp32", "90.9 MB"), ("onnx_fp32", "91.7 MB"), ("onnx_int8_dynamic", "23.0 MB")):
+            assert name in export and size in export
+        assert "passed quantized_quality (accuracy drop in points: 0.5, bound 1)" in export
+        assert "The export passed its checks." in export
+        results = page.inner_text("#results")
+        assert "0.995" in results and "best checkpoint by validation accuracy, step 15" in results
+        assert page.locator("#checkpoints tbody tr").count() == 1 and "15" in page.inner_text("#checkpoints")
+        with page.expect_download() as got:
+            page.click('#artifacts a:text("onnx/labels.json")')
+        assert Path(got.value.path()).read_text() == '["sports", "weather"]'
+        assert page.inner_text("#live") == "up to date"  # an ended job is not polled any more
+        assert not page.locator("#cancel").count()
+        shoot(page, "job-succeeded")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
