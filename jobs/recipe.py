@@ -260,6 +260,60 @@ class ExportSpec(_Strict):
     calibration_samples: int = Field(64, ge=1, le=10_000, description="Train rows that calibrate `int8_static`.")
 
 
+CRON_FIELDS = "five fields: minute hour day-of-month month day-of-week (for example '30 2 * * *': 02:30 every day)"
+
+
+class ScheduleSpec(_Strict):
+    """When the runner server retrains this recipe by itself (`runner schedule add recipe.yaml`)."""
+
+    cron: str | None = Field(None, description="Cron expression, five fields, read in `timezone`: `30 2 * * *` is "
+                             "02:30 every day. Across daylight-saving changes a daily time fires once a local day: "
+                             "a skipped time at the first minute after the gap, a repeated one the first time.")
+    timezone: str = Field("UTC", description="IANA time zone of `cron` (`Europe/Berlin`, `America/New_York`).")
+    on_data_change: bool = Field(False, description="Also retrain when the data changes (sizes, times and hashes of "
+                                 "local files; the revision of hub datasets).")
+    poll_interval: int = Field(600, ge=10, description="Seconds between two looks at the data (`on_data_change`).")
+    concurrency: Literal["forbid", "allow", "replace"] = Field(
+        "forbid", description="A fire while the previous run still goes: `forbid` records it as skipped, `allow` "
+        "starts another, `replace` cancels the running one first.")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
+
+        try:
+            CronSim(v, datetime(2000, 1, 1))
+        except CronSimError as e:  # "Bad minute", "Bad day-of-week", "Wrong number of fields"
+            what = f"the {str(e)[4:]} field is wrong" if str(e).startswith("Bad ") else str(e).lower()
+            raise ValueError(f"{v!r}: {what}; {CRON_FIELDS}") from None
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            close = difflib.get_close_matches(v, sorted(available_timezones()), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else \
+                "an IANA name such as 'UTC', 'Europe/Berlin' or 'America/New_York'"
+            raise ValueError(f"unknown time zone {v!r}: {hint}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> "ScheduleSpec":
+        if self.cron is None and not self.on_data_change:
+            raise ValueError("a schedule needs `cron`, `on_data_change: true`, or both")
+        return self
+
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # also a folder name: no '/', no leading '.'
 NAME_RULE = "use letters, digits, '-', '_' and '.', starting with a letter or digit (at most 100)"
 
@@ -276,6 +330,8 @@ class Recipe(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    schedule: ScheduleSpec | None = Field(None, description="Retrain on a cron schedule or when the data changes; "
+                                          "used by `runner schedule add`, ignored by `runner run` and `submit`.")
 
     @field_validator("name")
     @classmethod

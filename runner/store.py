@@ -125,6 +125,38 @@ MIGRATIONS: list = [
     CREATE INDEX jobs_created ON jobs (created_at DESC, id DESC)
     """,
     _backfill_model_mode,
+    # 4: schedules (a recipe retrained on a cron or when its data changes) and their fires. A fire is one time slot
+    #    of one schedule (`cron:<UTC instant>`, `data:<fingerprint>`, `manual:<n>`), unique per schedule: recorded
+    #    once, with its outcome, before anything is submitted, so that no slot runs twice, across restarts too
+    """
+    CREATE TABLE schedules (
+        id              TEXT PRIMARY KEY,
+        recipe          TEXT NOT NULL,
+        base_dir        TEXT,
+        cron            TEXT,
+        timezone        TEXT NOT NULL,
+        on_data_change  INTEGER NOT NULL,
+        poll_s          REAL NOT NULL,
+        concurrency     TEXT NOT NULL,
+        paused          INTEGER NOT NULL DEFAULT 0,
+        created_at      REAL NOT NULL,
+        checked_until   REAL NOT NULL,
+        data_checked_at REAL,
+        fingerprint     TEXT
+    );
+    CREATE TABLE fires (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        schedule_id  TEXT NOT NULL REFERENCES schedules (id) ON DELETE CASCADE,
+        slot         TEXT NOT NULL,
+        slot_at      REAL NOT NULL,
+        at           REAL NOT NULL,
+        outcome      TEXT NOT NULL,
+        reason       TEXT NOT NULL,
+        job_id       TEXT,
+        UNIQUE (schedule_id, slot)
+    );
+    CREATE INDEX fires_schedule ON fires (schedule_id, id)
+    """,
 ]
 
 
