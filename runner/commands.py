@@ -392,3 +392,6 @@ def cluster_down() -> None:
 
     typer.echo("local Ray head stopped" if stop(runner_home(), "ray") else "no local Ray head was running")
     _next("runner server start   (starts it again)")
+
+
+from runner import schedule_commands  # noqa: E402,F401 - `runner schedule ...`, which uses the helpers above

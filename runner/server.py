@@ -8,9 +8,11 @@ server's, and a request that rides on the cookie must carry the page's CSRF toke
 loopback, requests must name a loopback host (no DNS rebinding of a page onto the local server).
 
 Jobs live under <RUNNER_HOME>/artifacts/<job id>; ids are made here from the recipe's name (letters, digits, `-`,
-`_`, `.`), and every path is checked to stay inside that root. Recipes are kept as their snapshot, secrets as `${VAR}` references.
+`_`, `.`), and every path is checked to stay inside that root. Recipes are kept as their snapshot, secrets as
+`${VAR}` references.
 
-With a Ray backend (`runner.dispatch.RayJobs`), a thread runs `Dispatcher.tick` every `interval` seconds, and at
+A thread runs the schedules' pass (`runner.schedules.Scheduler.tick`) and, with a Ray backend
+(`runner.dispatch.RayJobs`), `Dispatcher.tick`, every `interval` seconds, and at
 once after a submit, cancel or retry: queued jobs start when they fit, and their states, reasons and metrics come
 back into the store. Without one, jobs stay QUEUED.
 
@@ -116,21 +118,21 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
             wake.clear()
             if stop.is_set():
                 break
-            try:
-                dispatcher.tick()
-            except Exception as e:  # noqa: BLE001 - a pass that failed: say so, try again next pass
-                print(f"dispatch: {type(e).__name__}: {e}", flush=True)
+            for what, tick in (("schedules", scheduler.tick), ("dispatch", dispatcher and dispatcher.tick)):
+                try:
+                    if tick:
+                        tick()
+                except Exception as e:  # noqa: BLE001 - a pass that failed: say so, try again next pass
+                    print(f"{what}: {type(e).__name__}: {e}", flush=True)
 
     @asynccontextmanager
     async def lifespan(_app):
-        thread = threading.Thread(target=loop, daemon=True, name="dispatch") if dispatcher else None
-        if thread:
-            thread.start()
+        thread = threading.Thread(target=loop, daemon=True, name="dispatch")
+        thread.start()
         yield
         stop.set()
         wake.set()
-        if thread:
-            thread.join(timeout=10)
+        thread.join(timeout=10)
 
     app = FastAPI(title="runner", version="0.1", lifespan=lifespan)
     app.state.store = store
@@ -206,20 +208,21 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     def health() -> dict:
         return {"ok": True}
 
-    @app.post("/jobs", status_code=201, dependencies=[Depends(auth)])
-    def create(req: JobRequest) -> dict:
-        text = req.recipe
+    def parsed(text: str, base_dir: str | None, env: dict, source: str = "recipe.yaml"):
         try:
-            recipe = parse_recipe(text, source="recipe.yaml", base_dir=Path(req.base_dir) if req.base_dir else None,
-                                  env=req.env)
+            return parse_recipe(text, source=source, base_dir=Path(base_dir) if base_dir else None, env=env)
         except RecipeError as e:
             raise HTTPException(422, {"message": "the recipe has problems", "problems": [
                 {"path": p.path, "line": p.line, "message": p.message} for p in e.problems]}) from None
-        name = recipe.name if req.name is None else req.name
+
+    def queue_recipe(recipe, name: str | None = None, priority: int | None = None, job_id: str | None = None):
+        """A checked recipe as a new QUEUED job: its folder, its snapshot, its row."""
+        name = recipe.name if name is None else name
+        fixed = job_id is not None  # a scheduled fire's id, made from its slot
         if not NAME_RE.fullmatch(name):
             raise HTTPException(422, f"name {name!r}: {NAME_RULE}")
         recipe = recipe.model_copy(update={"name": name})
-        job_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(clock()))}-{secrets.token_hex(2)}"
+        job_id = job_id or f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(clock()))}-{secrets.token_hex(2)}"
         job_dir = (root / job_id).resolve()
         if job_dir.parent != root:  # the name rules make this impossible; the check keeps it so
             raise HTTPException(422, f"name {name!r} would leave the artifacts folder")
@@ -228,14 +231,18 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
             why = dispatcher.refusal(need_of_recipe(recipe))
             if why:
                 raise HTTPException(422, f"refused: the job {why}")
-        job_dir.mkdir()
+        job_dir.mkdir(exist_ok=fixed)  # a fire's folder may be there from a server that died before its row
         snapshot = recipe.snapshot_yaml()
         (job_dir / "recipe.yaml").write_text(snapshot, encoding="utf-8")
-        priority = req.priority if req.priority is not None else recipe.resources.priority
+        priority = priority if priority is not None else recipe.resources.priority
         job = store.add_job(job_id, name, snapshot, str(job_dir), res.workers, res.cpus_per_worker,
                             res.gpus_per_worker, priority=priority)
         wake.set()
-        return described(job)
+        return job
+
+    @app.post("/jobs", status_code=201, dependencies=[Depends(auth)])
+    def create(req: JobRequest) -> dict:
+        return described(queue_recipe(parsed(req.recipe, req.base_dir, req.env), req.name, req.priority))
 
     def listing(state: str | None, name: str | None, q: str | None, limit: int, offset: int) -> dict:
         if state is not None and state.upper() not in STATES:
@@ -352,17 +359,20 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         store.get(job_id)
         return {"metrics": store.metrics(job_id, split=split, after_step=after_step)}
 
-    @app.post("/jobs/{job_id}/cancel", dependencies=[Depends(auth)])
-    def cancel(job_id: str) -> dict:
+    def stop_job(job_id: str, reason: str = "cancelled by the user"):
         job = store.get(job_id)
         if job.state in TERMINAL:
             raise HTTPException(409, f"job {job_id} has already ended ({job.state})")
         if dispatcher is not None and job.state != "QUEUED":
-            out = dispatcher.cancel(job).to_json()
+            out = dispatcher.cancel(job)
         else:
-            out = store.set_state(job_id, "CANCELLED", reason="cancelled by the user", expect=job.state).to_json()
+            out = store.set_state(job_id, "CANCELLED", reason=reason, expect=job.state)
         wake.set()
         return out
+
+    @app.post("/jobs/{job_id}/cancel", dependencies=[Depends(auth)])
+    def cancel(job_id: str) -> dict:
+        return stop_job(job_id).to_json()
 
     @app.post("/jobs/{job_id}/retry", dependencies=[Depends(auth)])
     def retry(job_id: str, req: RetryRequest | None = None) -> dict:
@@ -405,6 +415,9 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         body, kind = exposition(store)
         return Response(body, media_type=kind)
 
+    from runner.schedule_api import schedule_routes
+
+    scheduler = schedule_routes(app, store, auth, parsed, queue_recipe, stop_job, clock, wake)
     from runner.dashboard import pages
 
     app.include_router(pages(app, store, authorized, csrf, session, token))

@@ -12,34 +12,10 @@ from pathlib import Path
 import pytest
 
 from runner.local import free_port
-from runner.server import check_bind, create_app
+from runner.server import check_bind
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "name: demo\nmodel:\n  name: m\n  token: ${HF_TOKEN}\ntask: classification\ndata:\n  train: t.jsonl\n"
-
-
-@pytest.fixture
-def server(tmp_path):
-    import uvicorn
-
-    def start(token=None, **kwargs):
-        port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(create_app(tmp_path / "home", token, **kwargs), host="127.0.0.1",
-                                            port=port, log_level="error"))
-        t = threading.Thread(target=srv.run, daemon=True)
-        t.start()
-        for _ in range(100):
-            if srv.started:
-                break
-            time.sleep(0.05)
-        started.append((srv, t))
-        return f"http://127.0.0.1:{port}"
-
-    started = []
-    yield start
-    for srv, t in started:
-        srv.should_exit = True
-        t.join(timeout=10)
 
 
 def call(url, method="GET", body=None, token=None):

@@ -1,0 +1,111 @@
+"""The runner server's schedule routes (`runner schedule ...` talks to them), and its Scheduler, whose pass runs
+with each dispatch pass. A fire queues the schedule's recipe as the POST /jobs route does; `${VAR}` references in
+it are filled from the server's environment at each fire (never stored)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from runner.schedules import Scheduler, UnknownSchedule, data_fingerprint, next_fires
+
+
+class ScheduleRequest(BaseModel):
+    recipe: str = Field(description="The recipe's YAML text, with a `schedule` section.")
+    base_dir: str | None = Field(None, description="Folder that relative paths of the recipe are resolved from.")
+    env: dict[str, str] = Field(default_factory=dict, description="Values for ${VAR} references; used to check the "
+                                                                  "recipe now, never stored.")
+
+
+def schedule_routes(app, store, auth, parsed, queue_recipe, stop_job, clock, wake) -> Scheduler:
+    router = APIRouter(dependencies=[Depends(auth)])
+
+    def recipe_of(s):
+        return parsed(s.recipe, s.base_dir, dict(os.environ), source=f"the recipe of schedule {s.id}")
+
+    def submit(s, job_id: str, reason: str) -> None:
+        try:
+            queue_recipe(recipe_of(s), job_id=job_id)
+        except HTTPException as e:
+            detail = e.detail
+            if isinstance(detail, dict):
+                detail = "; ".join(f"{p['path']}: {p['message']}" for p in detail.get("problems", [])) or str(detail)
+            raise ValueError(detail) from None
+        store.note(job_id, f"queued by schedule {s.id}: {reason}")
+
+    def cancel(job_id: str, reason: str) -> None:
+        try:
+            stop_job(job_id, reason)
+        except HTTPException:  # it ended meanwhile
+            pass
+
+    scheduler = Scheduler(store, submit, cancel, clock=clock, fingerprint=lambda s: data_fingerprint(recipe_of(s)))
+
+    def described(s, fires: int = 1) -> dict:
+        out = s.to_json()
+        out["what"] = s.describe()
+        out["next"] = next_fires(s.cron, s.timezone, clock(), 1) if s.cron and not s.paused else []
+        out["fires"] = scheduler.fires(s.id, limit=fires)
+        return out
+
+    @app.exception_handler(UnknownSchedule)
+    async def _unknown(_, e: UnknownSchedule):
+        return JSONResponse({"detail": str(e)}, status_code=404)
+
+    @router.post("/schedules", status_code=201)
+    def add(req: ScheduleRequest) -> dict:
+        recipe = parsed(req.recipe, req.base_dir, req.env)
+        if recipe.schedule is None:
+            raise HTTPException(422, "the recipe has no `schedule` section: add one with `cron` (and `timezone`) "
+                                     "or `on_data_change: true`")
+        fingerprint = None
+        if recipe.schedule.on_data_change:
+            try:
+                fingerprint = data_fingerprint(recipe)
+            except Exception as e:  # noqa: BLE001 - a file that cannot be read, a hub that does not answer
+                raise HTTPException(422, f"the data cannot be fingerprinted now: {e}") from None
+        base = str(Path(req.base_dir).resolve()) if req.base_dir else None
+        s = scheduler.add(recipe.name, req.recipe, base, recipe.schedule, fingerprint)
+        wake.set()
+        return described(s)
+
+    @router.get("/schedules")
+    def listing() -> dict:
+        return {"schedules": [described(s) for s in scheduler.all()]}
+
+    @router.get("/schedules/{sched_id}")
+    def show(sched_id: str, fires: int = Query(20, ge=1, le=1000)) -> dict:
+        return {**described(scheduler.get(sched_id), fires), "recipe": scheduler.get(sched_id).recipe}
+
+    @router.get("/schedules/{sched_id}/next")
+    def upcoming(sched_id: str, n: int = Query(5, ge=1, le=100)) -> dict:
+        s = scheduler.get(sched_id)
+        if not s.cron:
+            raise HTTPException(409, f"schedule {sched_id} has no cron: it fires when its data changes")
+        return {"timezone": s.timezone, "next": next_fires(s.cron, s.timezone, clock(), n)}
+
+    @router.post("/schedules/{sched_id}/pause")
+    def pause(sched_id: str) -> dict:
+        return described(scheduler.set_paused(sched_id, True))
+
+    @router.post("/schedules/{sched_id}/resume")
+    def resume(sched_id: str) -> dict:
+        return described(scheduler.set_paused(sched_id, False))
+
+    @router.post("/schedules/{sched_id}/trigger")
+    def trigger(sched_id: str) -> dict:
+        fire = scheduler.trigger(sched_id)
+        wake.set()
+        return fire
+
+    @router.delete("/schedules/{sched_id}")
+    def remove(sched_id: str) -> dict:
+        scheduler.remove(sched_id)
+        return {"removed": sched_id}
+
+    app.include_router(router)
+    return scheduler
