@@ -90,11 +90,11 @@ def next_fires(cron: str, tz: str, now: float, n: int) -> list[dict]:
     return out
 
 
-def data_fingerprint(recipe) -> str:
+def data_fingerprint(recipe, splits: tuple[str, ...] = ("train", "validation", "test")) -> str:
     """What the recipe's data is now: for local files (or folders) each file's path, size, modification time and
     sha256; for hub datasets the revision the hub names for the recipe's. Raises OSError when a file cannot be read."""
     h = hashlib.sha256()
-    for split in ("train", "validation", "test"):
+    for split in splits:
         src = getattr(recipe.data, split)
         if src is None:
             continue
@@ -122,6 +122,7 @@ class Scheduler:
         self.fingerprint = fingerprint
         self.grace = grace
         self._recovered = False  # fires left without their job are looked for once, at the first pass
+        self._due: dict[tuple, float] = {}  # (id, cron, zone, checked_until) -> its next slot: no cron work before it
 
     # --- the schedules --------------------------------------------------------------------------------------------
 
@@ -186,7 +187,15 @@ class Scheduler:
         return self._fire(s, f"manual:{n + 1}", self.clock(), "run now by hand", paused_skips=False)
 
     def _cron(self, s: Schedule, now: float) -> list[dict]:
+        key = (s.id, s.cron, s.timezone, s.checked_until)
+        if now < self._due.get(key, -1.0):  # the server passes 4 times a second; a cron slot comes far less often
+            return []
         slots = cron_slots(s.cron, s.timezone, s.checked_until, now)
+        if not slots:
+            upcoming = cron_slots(s.cron, s.timezone, now, now + 86400 * 400, limit=1)
+            self._due = {k: v for k, v in self._due.items() if k[0] != s.id}
+            self._due[key] = upcoming[0] if upcoming else float("inf")
+            return []
         out = []
         late = [t for t in slots if now - t > self.grace]
         on_time = [t for t in slots if now - t <= self.grace]
