@@ -314,6 +314,23 @@ class ScheduleSpec(_Strict):
         return self
 
 
+# The test metric a registered model is judged by, per task, and whether higher is better.
+GATE_METRICS = {
+    "classification": {"accuracy": True, "macro_f1": True, "loss": False},
+    "regression": {"mse": False, "mae": False},
+    "causal_lm": {"perplexity": False, "loss": False},
+}
+
+
+class PromotionSpec(_Strict):
+    """When a new version of a registered model (`register_as`) becomes its `champion`."""
+
+    metric: str | None = Field(None, description="Test metric compared: default `accuracy` for classification, "
+                               "`mse` for regression, `perplexity` for causal LM (also `macro_f1`, `loss`, `mae`).")
+    min_improvement: float = Field(0.0, ge=0, description="How much better than the champion's it must be (in the "
+                                   "metric's units; any gain when 0).")
+
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # also a folder name: no '/', no leading '.'
 NAME_RULE = "use letters, digits, '-', '_' and '.', starting with a letter or digit (at most 100)"
 
@@ -332,6 +349,26 @@ class Recipe(_Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     schedule: ScheduleSpec | None = Field(None, description="Retrain on a cron schedule or when the data changes; "
                                           "used by `runner schedule add`, ignored by `runner run` and `submit`.")
+    register_as: str | None = Field(None, description="Model registry name: each SUCCEEDED job of the runner "
+                                    "server becomes a version of it, promoted to `champion` when it beats the current "
+                                    "one (see `promotion`).")
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
+
+    @model_validator(mode="after")
+    def _gate_metric(self) -> "Recipe":
+        if self.register_as is not None and not NAME_RE.fullmatch(self.register_as):
+            raise ValueError(f"register_as {self.register_as!r}: {NAME_RULE}")
+        known = GATE_METRICS[self.task]
+        if self.promotion.metric is not None and self.promotion.metric not in known:
+            raise ValueError(f"promotion.metric {self.promotion.metric!r} is not a test metric of {self.task}: one "
+                             f"of {', '.join(known)}")
+        return self
+
+    @property
+    def gate_metric(self) -> tuple[str, bool]:
+        """(metric, higher is better) that promotion compares."""
+        metric = self.promotion.metric or next(iter(GATE_METRICS[self.task]))
+        return metric, GATE_METRICS[self.task][metric]
 
     @field_validator("name")
     @classmethod

@@ -72,7 +72,7 @@ def render() -> str:
             continue
         doc = f.description or (_unwrap(f.annotation).__doc__ or "").strip()
         lines.append(f"| `{name}` | {_type(f.annotation)} | {_default(f)} | {doc} |")
-    for section in ("model", "data", "train", "resources", "tracking", "export", "schedule"):
+    for section in ("model", "data", "train", "resources", "tracking", "export", "schedule", "promotion"):
         cls = _unwrap(Recipe.model_fields[section].annotation)
         lines += ["", f"### `{section}`", "", (cls.__doc__ or "").strip(), "",
                   "| key | type | default | meaning |", "|---|---|---|---|"]

@@ -394,4 +394,4 @@ def cluster_down() -> None:
     _next("runner server start   (starts it again)")
 
 
-from runner import schedule_commands  # noqa: E402,F401 - `runner schedule ...`, which uses the helpers above
+from runner import model_commands, schedule_commands  # noqa: E402,F401 - `runner schedule|models ...` use the above

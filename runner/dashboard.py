@@ -1,4 +1,5 @@
-"""The dashboard's pages, served by the runner server: Jobs (/ui/jobs), a job (/ui/jobs/<id>), Cluster (/ui/cluster).
+"""The dashboard's pages, served by the runner server: Jobs (/ui/jobs), a job (/ui/jobs/<id>), Cluster (/ui/cluster),
+Schedules (/ui/schedules) and Models (/ui/models).
 
 Each page is one HTML shell (runner/ui/page.html) with the page's first data inlined as JSON, so the first response
 shows the table without a second round trip; runner/ui/app.js draws it and keeps it live from the same REST API the
@@ -77,6 +78,14 @@ def pages(app, store, authorized, csrf: str, session: str | None, token: str | N
     @router.get("/ui/cluster")
     def cluster_page(request: Request):
         return render(request, "cluster", "Cluster", {"ray_url": app.state.ray_url})
+
+    @router.get("/ui/schedules")
+    def schedules_page(request: Request):
+        return render(request, "schedules", "Schedules", {})
+
+    @router.get("/ui/models")
+    def models_page(request: Request):
+        return render(request, "models", "Models", {})
 
     @router.get("/ui/static/{name}")
     def static(request: Request, name: str):

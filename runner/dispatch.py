@@ -166,8 +166,10 @@ def _first_line(e: BaseException) -> str:
 
 
 class Dispatcher:
-    def __init__(self, store: Store, backend, env: dict[str, str] | None = None, clock=time.monotonic):
-        self.store, self.backend, self.clock = store, backend, clock
+    def __init__(self, store: Store, backend, env: dict[str, str] | None = None, clock=time.monotonic,
+                 on_success=None):
+        """on_success(job): called once a job is recorded SUCCEEDED (the model registry takes its version)."""
+        self.store, self.backend, self.clock, self.on_success = store, backend, clock, on_success
         base = os.environ if env is None else env
         self.env = {k: base[k] for k in WORKER_ENV if k in base}
         self.unreachable_since: float | None = None
@@ -276,7 +278,12 @@ class Dispatcher:
     def _end(self, job: Job, state: str, reason: str | None = None) -> None:
         if state == "SUCCEEDED" and job.state in ("STARTING", "RETRYING"):
             job = self.store.set_state(job.id, "RUNNING", expect=job.state)
-        self.store.set_state(job.id, state, reason=reason, expect=job.state)
+        job = self.store.set_state(job.id, state, reason=reason, expect=job.state)
+        if state == "SUCCEEDED" and self.on_success is not None:
+            try:
+                self.on_success(job)
+            except Exception as e:  # noqa: BLE001 - the job stands; say in its events why it was not registered
+                self.store.note(job.id, f"not registered in the model registry: {type(e).__name__}: {e}")
 
     def _copy(self, job: Job, attempt: dict | None) -> Job:
         """New whole lines of metrics.jsonl and events.jsonl into the store; events move the state."""

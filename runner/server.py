@@ -109,7 +109,16 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     root = (home / "artifacts").resolve()
     root.mkdir(parents=True, exist_ok=True)
     store = Store(home / "runner.db", clock=clock)
-    dispatcher = Dispatcher(store, backend) if backend is not None else None
+    from runner.registry import Registry
+
+    registry = Registry(store, clock=clock)
+
+    def registered(job) -> None:
+        version = registry.register(job)
+        if version is not None:
+            store.note(job.id, f"registered as {version['model']} v{version['version']}: {version['decision']}")
+
+    dispatcher = Dispatcher(store, backend, on_success=registered) if backend is not None else None
     stop, wake = threading.Event(), threading.Event()
 
     def loop() -> None:
@@ -415,7 +424,10 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         body, kind = exposition(store)
         return Response(body, media_type=kind)
 
+    from runner.model_api import model_routes
     from runner.schedule_api import schedule_routes
+
+    model_routes(app, registry, auth)
 
     scheduler = schedule_routes(app, store, auth, parsed, queue_recipe, stop_job, clock, wake)
     from runner.dashboard import pages

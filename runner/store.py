@@ -157,6 +157,45 @@ MIGRATIONS: list = [
     );
     CREATE INDEX fires_schedule ON fires (schedule_id, id)
     """,
+    # 5: the model registry: a version per SUCCEEDED job of a recipe with `register_as`, aliases (`champion` and any
+    #    a team names) pointing at versions, and every move of an alias as an event
+    """
+    CREATE TABLE versions (
+        model        TEXT NOT NULL,
+        version      INTEGER NOT NULL,
+        job_id       TEXT NOT NULL UNIQUE,
+        created_at   REAL NOT NULL,
+        metric       TEXT NOT NULL,
+        value        REAL,
+        higher       INTEGER NOT NULL,
+        metrics      TEXT NOT NULL,
+        test_data    TEXT,
+        data         TEXT,
+        recipe_hash  TEXT NOT NULL,
+        export       TEXT,
+        artifacts    TEXT NOT NULL,
+        decision     TEXT NOT NULL,
+        PRIMARY KEY (model, version)
+    );
+    CREATE TABLE aliases (
+        model       TEXT NOT NULL,
+        alias       TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        updated_at  REAL NOT NULL,
+        PRIMARY KEY (model, alias)
+    );
+    CREATE TABLE model_events (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        model         TEXT NOT NULL,
+        at            REAL NOT NULL,
+        alias         TEXT,
+        from_version  INTEGER,
+        to_version    INTEGER,
+        kind          TEXT NOT NULL,
+        message       TEXT NOT NULL
+    );
+    CREATE INDEX model_events_model ON model_events (model, id)
+    """,
 ]
 
 

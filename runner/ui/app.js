@@ -482,4 +482,80 @@ function clusterPage() {
   every(3000, load);
 }
 
-({ jobs: jobsPage, job: jobPage, cluster: clusterPage })[PAGE]();
+// ---- schedules page ---------------------------------------------------------------------------------------------
+
+function schedulesPage() {
+  const body = h("div", { class: "panel" });
+  MAIN.append(h("h1", { text: "Schedules" }), body);
+  async function act(path, question) {
+    if (question && !confirm(question)) return;
+    try { await post(path); await load(); } catch (e) { alert(e.message); }
+  }
+  async function load() {
+    const got = await api("/schedules");
+    if (!got.schedules.length) {
+      body.replaceChildren(h("p", { class: "empty", text: "No schedules: runner schedule add recipe.yaml" }));
+      return;
+    }
+    const rows = got.schedules.map((s) => {
+      const base = "/schedules/" + encodeURIComponent(s.id);
+      const last = s.fires[0];
+      return h("tr", { dataset: { id: s.id } },
+        h("td", {}, h("b", { text: s.id + " " }), s.paused ? h("span", { class: "state CANCELLED", text: "PAUSED" }) : ""),
+        h("td", { class: "small", text: s.what + " · concurrency " + s.concurrency }),
+        h("td", { class: "small nowrap" }, s.next.length ? [s.next[0].local, h("span", { class: "sub", text: s.next[0].utc })] : "—"),
+        h("td", { class: "small last" }, last ? [h("b", { text: last.outcome + " " }), when(last.slot_at), h("span", { class: "sub", text: last.reason }),
+          last.job_id ? h("a", { href: "/ui/jobs/" + encodeURIComponent(last.job_id), text: last.job_id }) : ""] : "no fire yet"),
+        h("td", { class: "nowrap" },
+          h("button", { text: s.paused ? "Resume" : "Pause", class: "pause", onclick: () => act(base + (s.paused ? "/resume" : "/pause")) }), " ",
+          h("button", { text: "Run now", class: "trigger", onclick: () => act(base + "/trigger", `Run schedule ${s.id} now?`) })));
+    });
+    body.replaceChildren(h("table", { id: "schedules" }, h("thead", {}, h("tr", {},
+      ["Schedule", "Fires", "Next fire", "Last fire", ""].map((t) => h("th", { text: t })))), h("tbody", {}, rows)));
+  }
+  every(3000, load);
+}
+
+// ---- models page ------------------------------------------------------------------------------------------------
+
+function modelsPage() {
+  const body = h("div");
+  MAIN.append(h("h1", { text: "Models" }), body);
+  async function act(path, payload, question) {
+    if (!confirm(question)) return;
+    try { await post(path, payload); await load(); } catch (e) { alert(e.message); }
+  }
+  async function load() {
+    const got = await api("/models");
+    if (!got.models.length) {
+      body.replaceChildren(h("p", { class: "panel empty", text: "No registered models: a recipe with register_as: NAME registers its SUCCEEDED jobs." }));
+      return;
+    }
+    const panels = [];
+    for (const m of got.models) {
+      const detail = await api("/models/" + encodeURIComponent(m.model));
+      const base = "/models/" + encodeURIComponent(m.model);
+      const marks = {};
+      for (const [alias, v] of Object.entries(detail.aliases)) (marks[v] = marks[v] || []).push(alias);
+      const rows = detail.versions.slice().reverse().map((v) => h("tr", { dataset: { version: v.version } },
+        h("td", {}, h("b", { text: "v" + v.version }), " ", (marks[v.version] || []).map((a) => h("span", { class: "state SUCCEEDED", text: a }))),
+        h("td", {}, h("a", { href: "/ui/jobs/" + encodeURIComponent(v.job_id), text: v.job_id })),
+        h("td", { class: "num", text: v.metric + " " + num(v.value, 4) }),
+        h("td", { class: "small " + (v.promoted ? "" : "muted"), text: v.decision }),
+        h("td", {}, marks[v.version] && marks[v.version].includes("champion") ? "" :
+          h("button", { text: "Make champion", class: "promote", onclick: () => act(base + "/promote", { version: v.version, alias: "champion" },
+            `Make v${v.version} the champion of ${m.model}?`) }))));
+      const moves = detail.events.filter((e) => e.alias).reverse().map((e) => h("li", {},
+        h("span", { class: "muted small", text: when(e.at) + " " }), h("b", { text: `${e.alias}: ${e.from_version ? "v" + e.from_version : "none"} → v${e.to_version} ` }), e.message));
+      panels.push(h("div", { class: "panel", dataset: { model: m.model } },
+        h("h2", {}, m.model + " ", h("button", { text: "Roll back champion", class: "rollback",
+          onclick: () => act(base + "/rollback", { alias: "champion" }, `Move ${m.model}'s champion back to its previous version?`) })),
+        h("table", {}, h("thead", {}, h("tr", {}, ["Version", "Job", "Test metric", "Gate", ""].map((t) => h("th", { text: t })))), h("tbody", {}, rows)),
+        h("h2", { class: "section", text: "Moves" }), h("ol", { class: "events" }, moves)));
+    }
+    body.replaceChildren(...panels);
+  }
+  every(3000, load);
+}
+
+({ jobs: jobsPage, job: jobPage, cluster: clusterPage, schedules: schedulesPage, models: modelsPage })[PAGE]();

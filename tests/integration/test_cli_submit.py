@@ -1,12 +1,17 @@
 """`runner submit` and the read verbs as a user runs them: the real `runner` command, which starts the local runner
-server and a local Ray head (token auth on) by itself on first use; then the errors a user meets, one line each."""
+server and a local Ray head (token auth on) by itself on first use; scheduled retraining and the model registry on
+the same server; then the errors a user meets, one line each.
+
+Registry, end to end: the submitted job (registered as `topics`, exported to ONNX) is version 1, the first champion.
+A schedule fires (by hand, `runner schedule trigger`; the server firing a due cron slot by itself is
+test_schedule_cli's) a better recipe (more steps), while a worse one (the same, on shuffled labels) is submitted
+beside it: the gate promotes the better and refuses the worse, both judged on the same test file by test loss.
+Rollback puts version 1 back."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
+import random
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,38 +22,38 @@ from runner.local import free_port
 from tiny import keyword_rows, tiny_model_dir
 
 pytestmark = pytest.mark.slow
-RUNNER = str(Path(sys.executable).parent / "runner")
 
 
-@pytest.fixture
-def runner(tmp_path):
-    home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS", "RUNNER_SERVER", "RUNNER_TOKEN")}
-    env.update(RUNNER_HOME=str(home), RUNNER_PORT=str(free_port()))
-
-    def run(*args, timeout=300, **extra):
-        return subprocess.run([RUNNER, *args], env={**env, **extra}, capture_output=True, text=True,
-                              timeout=timeout, cwd=tmp_path)
-
-    run.home = home
-    yield run
-    state = json.loads((home / "local.json").read_text()) if (home / "local.json").exists() else {}
-    for part in state.values():  # whatever a failed test left running
-        try:
-            os.kill(part["pid"], signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+def recipe(model, train: str, steps: int, extra: str = "") -> str:
+    return (f"name: topics\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: {train}\n"
+            f"  test: test.jsonl\n  max_seq_len: 16\ntrain:\n  max_steps: {steps}\n  batch_size: 8\n  lr: 0.003\n"
+            "resources:\n  workers: 1\n  cpus_per_worker: 1\nexport:\n  onnx: true\n  quantize: none\n"
+            f"register_as: topics\npromotion:\n  metric: loss\n{extra}")
 
 
-def test_submit_starts_the_local_server_and_ray_and_follows_the_job(runner, tmp_path, tokenizer):
+def wait_ended(runner, job_id, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = json.loads(runner("status", job_id, "--json").stdout)
+        if job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not end in {timeout} s")
+
+
+def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenizer):
     model = tiny_model_dir(tmp_path / "bert", "bert", tokenizer, weights=True)
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(80)))
+    rows = keyword_rows(240)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:200]))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[200:]))
+    labels = [r["label"] for r in rows[:200]]
+    random.Random(1).shuffle(labels)
+    (tmp_path / "shuffled.jsonl").write_text("".join(json.dumps({**r, "label": y}) + "\n"
+                                                     for r, y in zip(rows[:200], labels)))
     good = tmp_path / "good.yaml"
-    good.write_text(f"name: cli\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: d.jsonl\n"
-                    "  max_seq_len: 16\ntrain:\n  max_steps: 6\n  batch_size: 8\n")
+    good.write_text(recipe(model, "d.jsonl", 60))
     bad = tmp_path / "bad.yaml"
-    bad.write_text(good.read_text().replace("max_steps: 6", "max_step: 6"))
+    bad.write_text(good.read_text().replace("max_steps: 60", "max_step: 60"))
 
     out = runner("submit", str(bad))
     assert out.returncode == 2 and "train.max_step: unknown key (did you mean 'max_steps'?)" in out.stderr
@@ -59,7 +64,7 @@ def test_submit_starts_the_local_server_and_ray_and_follows_the_job(runner, tmp_
     assert "starting a local Ray head" in out.stderr and "starting the local runner server" in out.stderr
     job_id = out.stdout.split()[1]
     assert f"job {job_id} SUCCEEDED" in out.stdout and "test: loss=" in out.stdout and "accuracy=" in out.stdout
-    assert "step 6/6" in out.stderr and "RUNNING" in out.stderr
+    assert "step 60/60" in out.stderr and "RUNNING" in out.stderr
     assert "next: runner artifacts" in out.stdout
 
     state = json.loads((runner.home / "local.json").read_text())
@@ -82,6 +87,40 @@ def test_submit_starts_the_local_server_and_ray_and_follows_the_job(runner, tmp_
     assert out.returncode == 0 and page == f"{state['server']['url']}/ui/jobs"
     with urllib.request.urlopen(page, timeout=10) as r:  # the page the browser would open, with the job in it
         assert r.status == 200 and job_id in r.read().decode()
+
+    # --- the model registry and a schedule ---------------------------------------------------------------------------
+    shown = json.loads(runner("models", "show", "topics", "--json").stdout)
+    assert shown["aliases"] == {"champion": 1} and shown["versions"][0]["job_id"] == job_id
+    assert shown["versions"][0]["decision"].startswith("promoted to champion: the first version")
+    better, worse = tmp_path / "better.yaml", tmp_path / "worse.yaml"
+    better.write_text(recipe(model, "d.jsonl", 200, "schedule:\n  cron: '0 3 * * *'\n  timezone: Europe/Berlin\n"))
+    worse.write_text(recipe(model, "shuffled.jsonl", 200))
+    out = runner("schedule", "add", str(better))
+    assert out.returncode == 0 and "schedule topics: cron '0 3 * * *' (Europe/Berlin)" in out.stdout, out.stderr
+    out = runner("schedule", "trigger", "topics")
+    assert out.stdout.startswith("submitted: run now by hand -> job topics-"), out.stdout + out.stderr
+    ids = {"better": out.stdout.split("-> job ")[1].split()[0]}
+    out = runner("submit", "--detach", str(worse), "--name", "worse")
+    assert out.returncode == 0, out.stdout + out.stderr
+    ids["worse"] = out.stdout.split()[1]
+    for jid in ids.values():
+        assert wait_ended(runner, jid)["state"] == "SUCCEEDED"
+    shown = json.loads(runner("models", "show", "topics", "--json").stdout)
+    by_job = {v["job_id"]: v for v in shown["versions"]}
+    good_v, bad_v = by_job[ids["better"]], by_job[ids["worse"]]
+    assert good_v["promoted"] and good_v["decision"].startswith("promoted to champion: loss "), good_v["decision"]
+    assert not bad_v["promoted"] and bad_v["decision"].startswith("not promoted: loss "), bad_v["decision"]
+    assert good_v["value"] < shown["versions"][0]["value"] < bad_v["value"]
+    assert shown["aliases"] == {"champion": good_v["version"]} and good_v["export"] == {"passed": True}
+    out = runner("models", "rollback", "topics")
+    assert out.stdout.startswith(f"topics:champion rolled back from v{good_v['version']} to v1"), out.stdout
+    assert json.loads(runner("models", "show", "topics", "--json").stdout)["aliases"] == {"champion": 1}
+    text = runner("models", "show", "topics").stdout
+    assert "v1 [champion]" in text and "rolled back" in text
+    d = runner("models", "diff", "topics", "1", str(good_v["version"])).stdout
+    assert "same test data: yes" in d and "max_steps: 200" in d
+    fires = json.loads(runner("schedule", "show", "topics", "--json").stdout)["fires"]
+    assert [(f["outcome"], f["job_id"]) for f in fires] == [("submitted", ids["better"])]
 
     out = runner("status", "nope")
     assert out.returncode == 1 and out.stderr.strip() == "no job 'nope' (runner list shows the jobs)"

@@ -11,6 +11,7 @@ and dark, under build/screenshots/ (RUNNER_SCREENSHOTS moves them).
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -180,15 +181,32 @@ def test_jobs_live_in_the_browser(local, browser, tmp_path, tokenizer):
                                                    for s in ("light", "dark")}
 
 
-def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path):
-    """A SUCCEEDED job's page over a store of its own (no Ray needed): evaluation metrics, the export report of the
-    three variants with its checks, checkpoints, and a file downloaded from the page."""
+@contextmanager
+def served(app):
+    """The app on a real uvicorn in a thread; its URL."""
     import threading
     import time
 
     import uvicorn
 
     from runner.local import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path):
+    """A SUCCEEDED job's page over a store of its own (no Ray needed): evaluation metrics, the export report of the
+    three variants with its checks, checkpoints, and a file downloaded from the page."""
     from runner.server import create_app
 
     home = tmp_path / "home"
@@ -216,15 +234,9 @@ def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path
     store.add_job("done-1", "done", "name: done\nmodel:\n  name: org/m\n", str(job_dir), 1, 1, 0)
     for state in ("STARTING", "RUNNING", "SUCCEEDED"):
         store.set_state("done-1", state)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
+    with served(app) as url:
         page = browser.new_page(viewport={"width": 1366, "height": 768}, accept_downloads=True)
-        page.goto(f"http://127.0.0.1:{port}/ui/jobs/done-1")
+        page.goto(f"{url}/ui/jobs/done-1")
         page.wait_for_selector("#export table")
         export = page.inner_text("#export")
         for name, size in (("pytorch_fp32", "90.9 MB"), ("onnx_fp32", "91.7 MB"), ("onnx_int8_dynamic", "23.0 MB")):
@@ -240,6 +252,60 @@ def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path
         assert page.inner_text("#live") == "up to date"  # an ended job is not polled any more
         assert not page.locator("#cancel").count()
         shoot(page, "job-succeeded")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+
+
+def test_schedules_and_models_pages(browser, tmp_path):
+    """Schedules: next fire, Run now (confirmed) records a fire that queues a job, Pause. Models: versions with the
+    gate's decisions and the champion's mark; Roll back (confirmed) moves the mark. A store of its own, no Ray."""
+    import httpx
+
+    from runner.server import create_app
+
+    home = tmp_path / "home"
+    app = create_app(home)
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    (tmp_path / "test.jsonl").write_text('{"text": "c", "label": "x"}\n')
+    base = (f"name: topics\nmodel:\n  name: org/m\ntask: classification\ndata:\n  train: {tmp_path}/train.jsonl\n"
+            f"  test: {tmp_path}/test.jsonl\nregister_as: topics\nexport:\n  onnx: true\n")
+    store = app.state.store
+    for i, accuracy in enumerate((0.8, 0.9, 0.4), start=1):  # v2 better, v3 worse
+        job_dir = home / "artifacts" / f"t-{i}"
+        (job_dir / "onnx").mkdir(parents=True)
+        (job_dir / "eval.json").write_text(json.dumps({"test": {"accuracy": accuracy}}))
+        (job_dir / "onnx" / "export_report.json").write_text('{"passed": true}')
+        store.add_job(f"t-{i}", "topics", base, str(job_dir), 1, 1, 0)
+        for state in ("STARTING", "RUNNING", "SUCCEEDED"):
+            store.set_state(f"t-{i}", state)
+    with served(app) as url:
+        from runner.registry import Registry
+
+        registry = Registry(store)
+        for i in (1, 2, 3):
+            registry.register(store.get(f"t-{i}"))
+        r = httpx.post(f"{url}/schedules", json={"recipe": base + "schedule:\n  cron: '30 2 * * *'\n  timezone: "
+                                                 "Europe/Berlin\n"}, timeout=10)
+        assert r.status_code == 201, r.text
+        page = browser.new_page(viewport={"width": 1366, "height": 768})
+        page.on("dialog", lambda d: d.accept())
+        page.goto(f"{url}/ui/schedules")
+        row = page.locator('#schedules tr[data-id="topics"]')
+        row.wait_for()
+        assert "T02:30:00+0" in row.inner_text() and "no fire yet" in row.inner_text()
+        row.locator("button.trigger").click()
+        page.wait_for_function("() => document.querySelector('#schedules td.last').textContent.includes('submitted')")
+        assert "run now by hand" in row.inner_text() and "topics-" in row.locator("td.last a").inner_text()
+        row.locator("button.pause").click()
+        page.wait_for_function("() => document.querySelector('#schedules tr[data-id=topics]').textContent"
+                               ".includes('PAUSED')")
+        shoot(page, "schedules")
+
+        page.goto(f"{url}/ui/models")
+        champion = "() => document.querySelector('tr[data-version] .state')?.closest('tr').dataset.version"
+        page.wait_for_function(f"() => ({champion})() === '2'")
+        text = page.inner_text('[data-model="topics"]')
+        assert "promoted to champion: accuracy 0.9 against champion v1's 0.8" in text
+        assert "not promoted: accuracy 0.4 against champion v2's 0.9" in text
+        page.click("button.rollback")
+        page.wait_for_function(f"() => ({champion})() === '1'")
+        assert "rolled back from v2 to v1" in page.inner_text('[data-model="topics"]')
+        shoot(page, "models")

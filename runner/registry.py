@@ -1,0 +1,213 @@
+"""The model registry: a named model (`register_as` in the recipe) gets a version for each SUCCEEDED job of the runner
+server, with the job's id, test metrics, data fingerprints, recipe hash and artifact paths. Aliases point at
+versions: `champion`, and any others a team names. Every move of an alias is an event.
+
+The promotion gate: a new version becomes `champion` only when its test metric (`promotion.metric`, by default
+accuracy, mse or perplexity by task) beats the champion's by at least `promotion.min_improvement` (any gain when 0)
+on the same test data (the same fingerprint), and its export checks passed. Otherwise it is registered, not
+promoted, and the reason is recorded. A promotion moves the alias and writes its event in one transaction;
+`rollback` moves it back to the version it pointed at before, in one command.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from jobs.recipe import env_refs, parse_recipe
+from runner.schedules import data_fingerprint
+from runner.store import Store, StoreError
+
+CHAMPION = "champion"
+
+
+class UnknownModel(StoreError):
+    pass
+
+
+def _recipe(text: str):
+    env = {k: os.environ.get(k, "unset") for k in env_refs(text)}  # only the data paths and the gate are read
+    return parse_recipe(text, source="the job's recipe.yaml", env=env)
+
+
+def fingerprint_of_test_split(recipe) -> str:
+    """What the test split is made of: the test files, or, when the test split is cut from train, the train files
+    and how it is cut (so that two versions are compared on the same rows, or not at all)."""
+    if recipe.data.test is not None:
+        return data_fingerprint(recipe, ("test",))
+    how = json.dumps({"split": recipe.data.split.model_dump(mode="json"), "seed": recipe.train.seed}, sort_keys=True)
+    return hashlib.sha256((data_fingerprint(recipe, ("train",)) + how).encode()).hexdigest()
+
+
+class Registry:
+    def __init__(self, store: Store, clock=time.time):
+        self.store, self.clock = store, clock
+
+    # --- reading --------------------------------------------------------------------------------------------------
+
+    def models(self) -> list[dict]:
+        rows = self.store.db.execute("SELECT model, COUNT(*) AS versions, MAX(version) AS latest, MAX(created_at) AS "
+                                     "updated_at FROM versions GROUP BY model ORDER BY model").fetchall()
+        return [{**dict(r), "aliases": self.aliases(r["model"])} for r in rows]
+
+    def aliases(self, model: str) -> dict[str, int]:
+        return {r["alias"]: r["version"] for r in self.store.db.execute(
+            "SELECT alias, version FROM aliases WHERE model = ? ORDER BY alias", (model,))}
+
+    def versions(self, model: str) -> list[dict]:
+        rows = self.store.db.execute("SELECT * FROM versions WHERE model = ? ORDER BY version", (model,)).fetchall()
+        if not rows:
+            raise UnknownModel(f"no model '{model}' in the registry (runner models list shows them)")
+        return [_version(r) for r in rows]
+
+    def version(self, model: str, version: int) -> dict:
+        row = self.store.db.execute("SELECT * FROM versions WHERE model = ? AND version = ?",
+                                    (model, version)).fetchone()
+        if row is None:
+            have = [v["version"] for v in self.versions(model)]
+            raise UnknownModel(f"model '{model}' has no version {version} (it has {', '.join(map(str, have))})")
+        return _version(row)
+
+    def events(self, model: str) -> list[dict]:
+        return [dict(r) for r in self.store.db.execute("SELECT * FROM model_events WHERE model = ? ORDER BY id",
+                                                       (model,))]
+
+    # --- registering and the gate ---------------------------------------------------------------------------------
+
+    def register(self, job) -> dict | None:
+        """The version of a SUCCEEDED job whose recipe has `register_as` (None without it), with the gate's decision;
+        the same version when asked again."""
+        recipe = _recipe(job.recipe)
+        if recipe.register_as is None:
+            return None
+        model = recipe.register_as
+        row = self.store.db.execute("SELECT * FROM versions WHERE job_id = ?", (job.id,)).fetchone()
+        if row is not None:
+            return _version(row)
+        job_dir = Path(job.job_dir)
+        result = json.loads((job_dir / "eval.json").read_text())
+        test = result.get("test") or {}
+        metric, higher = recipe.gate_metric
+        export_file = job_dir / "onnx" / "export_report.json"
+        export = json.loads(export_file.read_text()) if export_file.exists() else None
+        try:
+            data, test_data = data_fingerprint(recipe), fingerprint_of_test_split(recipe)
+        except OSError as e:
+            data = test_data = None
+            unreadable = str(e)
+        else:
+            unreadable = None
+        artifacts = {k: str(job_dir / k) for k in ("model", "adapter", "onnx", "eval.json", "manifest.json")
+                     if (job_dir / k).exists()}
+        now = self.clock()
+        with self.store._tx():
+            version = self.store.db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE model = ?",
+                                            (model,)).fetchone()[0]
+            champion = self.aliases(model).get(CHAMPION)
+            champ = _version(self.store.db.execute("SELECT * FROM versions WHERE model = ? AND version = ?",
+                                                   (model, champion)).fetchone()) if champion else None
+            promote, decision = _gate(metric, higher, test.get(metric), test_data, export, champ,
+                                      recipe.promotion.min_improvement, unreadable)
+            self.store.db.execute(
+                "INSERT INTO versions (model, version, job_id, created_at, metric, value, higher, metrics, test_data, "
+                "data, recipe_hash, export, artifacts, decision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (model, version, job.id, now, metric, test.get(metric), int(higher), json.dumps(result), test_data,
+                 data, hashlib.sha256(job.recipe.encode()).hexdigest(),
+                 json.dumps({"passed": export.get("passed")}) if export else None, json.dumps(artifacts), decision))
+            self._event(model, None, None, version, "register", f"v{version} registered from job {job.id}: "
+                                                                 f"{decision}", now)
+            if promote:
+                self._move(model, CHAMPION, version, "promote", decision, now)
+        return self.version(model, version)
+
+    # --- aliases --------------------------------------------------------------------------------------------------
+
+    def promote(self, model: str, version: int, alias: str = CHAMPION, why: str = "promoted by hand") -> dict:
+        """Point `alias` at `version` (by hand: no gate), as one event."""
+        self.version(model, version)
+        with self.store._tx():
+            self._move(model, alias, version, "promote", why, self.clock())
+        return {"model": model, "alias": alias, "version": version}
+
+    def rollback(self, model: str, alias: str = CHAMPION) -> dict:
+        """Move `alias` back to the version it pointed at before the promotion that put it where it is."""
+        self.versions(model)
+        with self.store._tx():
+            current = self.aliases(model).get(alias)
+            if current is None:
+                raise StoreError(f"model '{model}' has no alias '{alias}'")
+            row = self.store.db.execute(
+                "SELECT from_version FROM model_events WHERE model = ? AND alias = ? AND to_version = ? AND kind = "
+                "'promote' ORDER BY id DESC LIMIT 1", (model, alias, current)).fetchone()
+            if row is None or row[0] is None:
+                raise StoreError(f"{model}:{alias} is v{current}, its first version: there is nothing to roll back to")
+            self._move(model, alias, row[0], "rollback", f"rolled back from v{current} to v{row[0]}", self.clock())
+        return {"model": model, "alias": alias, "version": row[0], "from": current}
+
+    def diff(self, model: str, a: int, b: int) -> dict:
+        va, vb = self.version(model, a), self.version(model, b)
+        keys = sorted(set(va["metrics"].get("test", {})) | set(vb["metrics"].get("test", {})))
+        metrics = {k: {"a": va["metrics"].get("test", {}).get(k), "b": vb["metrics"].get("test", {}).get(k)}
+                   for k in keys}
+        for m in metrics.values():
+            if isinstance(m["a"], (int, float)) and isinstance(m["b"], (int, float)):
+                m["change"] = m["b"] - m["a"]
+        recipes = {}
+        for v in (va, vb):
+            row = self.store.db.execute("SELECT recipe FROM jobs WHERE id = ?", (v["job_id"],)).fetchone()
+            recipes[v["version"]] = row[0].splitlines(keepends=True) if row else []
+        return {"model": model, "a": a, "b": b, "metrics": metrics,
+                "same_test_data": va["test_data"] == vb["test_data"], "same_data": va["data"] == vb["data"],
+                "same_recipe": va["recipe_hash"] == vb["recipe_hash"],
+                "recipe_diff": "".join(difflib.unified_diff(recipes[a], recipes[b], f"v{a}/recipe.yaml",
+                                                            f"v{b}/recipe.yaml"))}
+
+    def _move(self, model: str, alias: str, version: int, kind: str, message: str, now: float) -> None:
+        before = self.aliases(model).get(alias)
+        self.store.db.execute("INSERT INTO aliases (model, alias, version, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT "
+                              "(model, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+                              (model, alias, version, now))
+        self._event(model, alias, before, version, kind, message, now)
+
+    def _event(self, model, alias, before, after, kind, message, now) -> None:
+        self.store.db.execute("INSERT INTO model_events (model, at, alias, from_version, to_version, kind, message) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?)", (model, now, alias, before, after, kind, message))
+
+
+def _gate(metric: str, higher: bool, value, test_data, export, champ, min_gain: float, unreadable) \
+        -> tuple[bool, str]:
+    """(promote?, the reason in words)."""
+    if value is None:
+        return False, f"not promoted: the job's test metrics have no {metric}"
+    if export is None:
+        return False, "not promoted: no export checks ran (set export.onnx: true)"
+    if not export.get("passed"):
+        return False, "not promoted: its export checks failed"
+    if unreadable:
+        return False, f"not promoted: its data could not be fingerprinted ({unreadable})"
+    if champ is None:
+        return True, f"promoted to champion: the first version ({metric} {value:.4g})"
+    if champ["test_data"] != test_data:
+        return False, (f"not promoted: tested on other data than champion v{champ['version']} (test data "
+                       f"fingerprint {str(test_data)[:12]} vs {str(champ['test_data'])[:12]})")
+    old = champ["value"]
+    gain = value - old if higher else old - value
+    words = f"{metric} {value:.4g} against champion v{champ['version']}'s {old:.4g}"
+    if gain > 0 and gain >= min_gain:
+        return True, f"promoted to champion: {words} (better by {gain:.4g}, at least {min_gain:g} asked)"
+    if gain <= 0:
+        return False, f"not promoted: {words} ({f'worse by {-gain:.4g}' if gain < 0 else 'no better'})"
+    return False, f"not promoted: {words} (better by only {gain:.4g}, less than the {min_gain:g} asked)"
+
+
+def _version(row) -> dict:
+    out = dict(row)
+    for k in ("metrics", "artifacts", "export"):
+        out[k] = json.loads(out[k]) if out[k] else None
+    out["higher"] = bool(out["higher"])
+    out["promoted"] = out["decision"].startswith("promoted")
+    return out
