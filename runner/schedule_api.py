@@ -1,6 +1,7 @@
 """The runner server's schedule routes (`runner schedule ...` talks to them), and its Scheduler, whose pass runs
-with each dispatch pass. A fire queues the schedule's recipe as the POST /jobs route does; `${VAR}` references in
-it are filled from the server's environment at each fire (never stored)."""
+with each dispatch pass. A schedule keeps its recipe's snapshot (local paths absolute, secrets as `${VAR}`
+references); a fire queues it as the POST /jobs route does, the references filled from the server's environment
+at that moment (never stored)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def schedule_routes(app, store, auth, parsed, queue_recipe, stop_job, clock, wak
         if recipe.schedule is None:
             raise HTTPException(422, "the recipe has no `schedule` section: add one with `cron` (and `timezone`) "
                                      "or `on_data_change: true`")
+        if recipe.model.token is not None and ("model", "token") not in recipe._secrets:
+            raise HTTPException(422, "model.token: a token written into a scheduled recipe would be kept by the "
+                                     "server; write ${HF_TOKEN} and set HF_TOKEN in the server's environment")
         fingerprint = None
         if recipe.schedule.on_data_change:
             try:
@@ -69,7 +73,8 @@ def schedule_routes(app, store, auth, parsed, queue_recipe, stop_job, clock, wak
             except Exception as e:  # noqa: BLE001 - a file that cannot be read, a hub that does not answer
                 raise HTTPException(422, f"the data cannot be fingerprinted now: {e}") from None
         base = str(Path(req.base_dir).resolve()) if req.base_dir else None
-        s = scheduler.add(recipe.name, req.recipe, base, recipe.schedule, fingerprint)
+        # kept as its snapshot: paths absolute, secrets as ${VAR} references (a pasted token redacted), never values
+        s = scheduler.add(recipe.name, recipe.snapshot_yaml(), base, recipe.schedule, fingerprint)
         wake.set()
         return described(s)
 

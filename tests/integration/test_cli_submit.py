@@ -3,10 +3,10 @@ server and a local Ray head (token auth on) by itself on first use; scheduled re
 the same server; then the errors a user meets, one line each.
 
 Registry, end to end: the submitted job (registered as `topics`, exported to ONNX) is version 1, the first champion.
-A schedule fires (by hand, `runner schedule trigger`; the server firing a due cron slot by itself is
-test_schedule_cli's) a better recipe (more steps), while a worse one (the same, on shuffled labels) is submitted
-beside it: the gate promotes the better and refuses the worse, both judged on the same test file by test loss.
-Rollback puts version 1 back."""
+A schedule on a better recipe (more steps) fires by itself when its training data changes (the server firing a due
+cron slot is test_schedule_cli's, with a fake clock), while a worse recipe (the same, on shuffled labels) is
+submitted beside it: the gate promotes the better and refuses the worse, both judged on the same test file by test
+loss. Rollback puts version 1 back."""
 
 import json
 import random
@@ -93,16 +93,22 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     assert shown["aliases"] == {"champion": 1} and shown["versions"][0]["job_id"] == job_id
     assert shown["versions"][0]["decision"].startswith("promoted to champion: the first version")
     better, worse = tmp_path / "better.yaml", tmp_path / "worse.yaml"
-    better.write_text(recipe(model, "d.jsonl", 200, "schedule:\n  cron: '0 3 * * *'\n  timezone: Europe/Berlin\n"))
+    better.write_text(recipe(model, "d.jsonl", 200, "schedule:\n  on_data_change: true\n  poll_interval: 10\n"))
     worse.write_text(recipe(model, "shuffled.jsonl", 200))
     out = runner("schedule", "add", str(better))
-    assert out.returncode == 0 and "schedule topics: cron '0 3 * * *' (Europe/Berlin)" in out.stdout, out.stderr
-    out = runner("schedule", "trigger", "topics")
-    assert out.stdout.startswith("submitted: run now by hand -> job topics-"), out.stdout + out.stderr
-    ids = {"better": out.stdout.split("-> job ")[1].split()[0]}
-    out = runner("submit", "--detach", str(worse), "--name", "worse")
+    assert out.returncode == 0 and "schedule topics: when the data changes" in out.stdout, out.stdout + out.stderr
+    (tmp_path / "d.jsonl").write_text((tmp_path / "d.jsonl").read_text() + json.dumps(rows[0]) + "\n")
+    out = runner("submit", "--detach", str(worse), "--name", "worse")  # trains beside the scheduled run
     assert out.returncode == 0, out.stdout + out.stderr
-    ids["worse"] = out.stdout.split()[1]
+    ids = {"worse": out.stdout.split()[1]}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "better" not in ids:  # the server looks at the data every 10 s
+        fires = json.loads(runner("schedule", "show", "topics", "--json").stdout)["fires"]
+        if fires:
+            assert fires[0]["outcome"] == "submitted" and fires[0]["reason"].startswith("the data changed")
+            ids["better"] = fires[0]["job_id"]
+        time.sleep(1)
+    assert "better" in ids, "the data changed and the schedule did not fire in 60 s"
     for jid in ids.values():
         assert wait_ended(runner, jid)["state"] == "SUCCEEDED"
     shown = json.loads(runner("models", "show", "topics", "--json").stdout)
@@ -120,7 +126,7 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     d = runner("models", "diff", "topics", "1", str(good_v["version"])).stdout
     assert "same test data: yes" in d and "max_steps: 200" in d
     fires = json.loads(runner("schedule", "show", "topics", "--json").stdout)["fires"]
-    assert [(f["outcome"], f["job_id"]) for f in fires] == [("submitted", ids["better"])]
+    assert [(f["outcome"], f["job_id"]) for f in fires] == [("submitted", ids["better"])]  # once for one change
 
     out = runner("status", "nope")
     assert out.returncode == 1 and out.stderr.strip() == "no job 'nope' (runner list shows the jobs)"

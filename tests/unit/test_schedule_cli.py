@@ -107,3 +107,25 @@ def test_the_server_fires_due_slots_by_itself(tmp_path):
     assert len(jobs) == 1 and jobs[0]["state"] == "QUEUED" and jobs[0]["name"] == "nightly"
     assert [(f["outcome"], f["job_id"]) for f in fires] == [("submitted", jobs[0]["id"])]
     assert fires[0]["reason"] == "cron '30 2 * * *' at 2026-03-29T03:00:00+02:00"
+
+
+def test_a_schedule_keeps_no_secret(cli, tmp_path, monkeypatch):
+    import sqlite3
+
+    monkeypatch.setenv("HF_TOKEN", "hf_FromTheEnvironment1")
+    for name, token in (("refd", "${HF_TOKEN}"), ("pasted", "hf_PastedIntoTheRecipe2")):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(RECIPE.format(policy="forbid").replace("name: nightly", f"name: {name}")
+                          .replace("  name: m\n", f"  name: m\n  token: {token}\n"))
+        out = cli("schedule", "add", str(recipe))
+        if name == "pasted":
+            assert out.exit_code == 2 and "model.token: a token written into a scheduled recipe" in out.output
+            assert "hf_PastedIntoTheRecipe2" not in out.output
+        else:
+            assert out.exit_code == 0, out.output
+    shown = cli("schedule", "show", "refd", "--json").output
+    db = sqlite3.connect(tmp_path / "home" / "runner.db")
+    stored = "\n".join(r[0] for r in db.execute("SELECT recipe FROM schedules"))
+    for secret in ("hf_FromTheEnvironment1", "hf_PastedIntoTheRecipe2"):
+        assert secret not in stored and secret not in shown
+    assert "${HF_TOKEN}" in stored and f"{tmp_path}/train.jsonl" in stored  # paths made absolute

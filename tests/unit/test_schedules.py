@@ -305,3 +305,25 @@ def test_schedule_section_is_checked_at_validation():
         parse_recipe(base + "  timezone: UTC\n", source="r.yaml")
     r = parse_recipe(base + "  cron: '30 2 * * *'\n  timezone: Europe/Berlin\n", source="r.yaml")
     assert (r.schedule.cron, r.schedule.concurrency, r.schedule.poll_interval) == ("30 2 * * *", "forbid", 600)
+
+
+def test_a_hub_dataset_is_fingerprinted_by_the_revision_the_hub_names(monkeypatch):
+    """The hub is the network edge: its answer is stood in for; a new commit on the dataset is a change."""
+    import huggingface_hub
+
+    from jobs.recipe import parse_recipe
+    from runner.schedules import data_fingerprint
+
+    asked, head = [], {"sha": "a" * 40}
+
+    def dataset_info(self, repo_id, revision=None, **kw):
+        asked.append((repo_id, revision))
+        return type("Info", (), {"sha": head["sha"]})()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    r = parse_recipe("name: h\nmodel:\n  name: m\ntask: classification\ndata:\n  train:\n    hub: org/reviews\n",
+                     source="r.yaml")
+    first = data_fingerprint(r)
+    assert data_fingerprint(r) == first and asked[0] == ("org/reviews", None)  # the default branch
+    head["sha"] = "b" * 40
+    assert data_fingerprint(r) != first
