@@ -37,7 +37,7 @@ def wait_ended(runner, job_id, timeout=300):
         job = json.loads(runner("status", job_id, "--json").stdout)
         if job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
             return job
-        time.sleep(1)
+        time.sleep(3)  # each look starts the CLI: on 2 cores, looking often slows the training looked at
     raise AssertionError(f"job {job_id} did not end in {timeout} s")
 
 
@@ -107,7 +107,7 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
         if fires:
             assert fires[0]["outcome"] == "submitted" and fires[0]["reason"].startswith("the data changed")
             ids["better"] = fires[0]["job_id"]
-        time.sleep(1)
+        time.sleep(2)
     assert "better" in ids, "the data changed and the schedule did not fire in 60 s"
     for jid in ids.values():
         assert wait_ended(runner, jid)["state"] == "SUCCEEDED"
