@@ -182,9 +182,8 @@ class Scheduler:
     def trigger(self, sched_id: str) -> dict:
         """Run now (`runner schedule trigger`): a fire of its own, under the concurrency policy."""
         s = self.get(sched_id)
-        n = self.store.db.execute("SELECT COUNT(*) FROM fires WHERE schedule_id = ? AND slot LIKE 'manual:%'",
-                                  (sched_id,)).fetchone()[0]
-        return self._fire(s, f"manual:{n + 1}", self.clock(), "run now by hand", paused_skips=False)
+        return self._fire(s, f"manual:{self._count(s, 'manual')}", self.clock(), "run now by hand",
+                          paused_skips=False)
 
     def _cron(self, s: Schedule, now: float) -> list[dict]:
         key = (s.id, s.cron, s.timezone, s.checked_until)
@@ -229,16 +228,19 @@ class Scheduler:
             return [fire] if fire else []
         out = []
         if s.fingerprint is not None and fp != s.fingerprint:
-            n = self.store.db.execute("SELECT COUNT(*) FROM fires WHERE schedule_id = ? AND slot LIKE 'data:%'",
-                                      (s.id,)).fetchone()[0]
-            fire = self._fire(s, f"data:{n + 1}:{fp[:16]}", now, f"the data changed (fingerprint {s.fingerprint[:12]} "
-                              f"-> {fp[:12]})")
+            fire = self._fire(s, f"data:{self._count(s, 'data')}:{fp[:16]}", now,
+                              f"the data changed (fingerprint {s.fingerprint[:12]} -> {fp[:12]})")
             out = [fire] if fire else []
         self.store.db.execute("UPDATE schedules SET fingerprint = ?, data_checked_at = ? WHERE id = ?",
                               (fp, now, s.id))
         return out
 
     # --- fires ----------------------------------------------------------------------------------------------------
+
+    def _count(self, s: Schedule, kind: str) -> int:
+        """The number the next fire of this kind (manual, data) takes: one more than those before it."""
+        return self.store.db.execute("SELECT COUNT(*) FROM fires WHERE schedule_id = ? AND slot LIKE ?",
+                                     (s.id, f"{kind}:%")).fetchone()[0] + 1
 
     def job_id(self, s: Schedule, slot: str, at: float) -> str:
         stamp = datetime.fromtimestamp(at, timezone.utc).strftime("%Y%m%d-%H%M%S")

@@ -73,29 +73,13 @@ def write(tmp_path):
 def server(tmp_path):
     """server(token=None, **create_app options) -> URL of a real runner server (uvicorn, in a thread) over
     <tmp_path>/home; stopped after the test."""
-    import threading
-    import time
+    from contextlib import ExitStack
 
-    import uvicorn
-
-    from runner.local import free_port
     from runner.server import create_app
+    from web import served
 
-    def start(token=None, **kwargs):
-        port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(create_app(tmp_path / "home", token, **kwargs), host="127.0.0.1",
-                                            port=port, log_level="error"))
-        t = threading.Thread(target=srv.run, daemon=True)
-        t.start()
-        for _ in range(100):
-            if srv.started:
-                break
-            time.sleep(0.05)
-        started.append((srv, t))
-        return f"http://127.0.0.1:{port}"
+    with ExitStack() as running:
+        def start(token=None, **kwargs):
+            return running.enter_context(served(create_app(tmp_path / "home", token, **kwargs)))
 
-    started = []
-    yield start
-    for srv, t in started:
-        srv.should_exit = True
-        t.join(timeout=10)
+        yield start

@@ -11,7 +11,6 @@ and dark, under build/screenshots/ (RUNNER_SCREENSHOTS moves them).
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ if not Path(CHROMIUM).exists():
 import httpx  # noqa: E402
 
 from tiny import keyword_rows, tiny_model_dir  # noqa: E402
+from web import served  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,29 +179,6 @@ def test_jobs_live_in_the_browser(local, browser, tmp_path, tokenizer):
     assert not errors, errors
     assert {p.name for p in SHOTS.iterdir()} >= {f"{n}-{s}.png" for n in ("jobs", "job", "cluster")
                                                    for s in ("light", "dark")}
-
-
-@contextmanager
-def served(app):
-    """The app on a real uvicorn in a thread; its URL."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from runner.local import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path):
