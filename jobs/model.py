@@ -113,9 +113,15 @@ def quantization_config(recipe: Recipe):
                               bnb_4bit_use_double_quant=recipe.tuning.double_quant, bnb_4bit_compute_dtype=compute)
 
 
-def build_model(recipe: Recipe, model_path: str, label_names: list[str] | None, pad_token_id: int | None = None):
+def build_model(recipe: Recipe, model_path: str, label_names: list[str] | None, pad_token_id: int | None = None,
+                gradient_checkpointing: bool = False):
     """Base model + tuning mode. Returns (model, trainable parameter count, total parameter count)."""
     model = load_base(recipe, model_path, label_names, quantization_config(recipe))
+    if gradient_checkpointing:  # non-reentrant: correct with frozen inputs (LoRA) and no_sync
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     model = TUNERS[recipe.tuning.mode](model, recipe)

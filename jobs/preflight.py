@@ -24,6 +24,7 @@ class Report:
     rows: dict[str, int] = field(default_factory=dict)
     labels: list[str] | None = None
     model_path: str | None = None
+    memory: dict | None = None  # jobs.memory's estimate of each GPU's (or worker's) peak
 
     @property
     def ok(self) -> bool:
@@ -121,7 +122,27 @@ def preflight(recipe: Recipe, lengths: bool = True) -> Report:
         return report
     for name, sp in splits.items() if lengths else ():
         report.problems += _length_check(recipe, tok, sp, label_ids, report.notes)
+    _memory_check(recipe, model_path, report)
     return report
+
+
+def _memory_check(recipe: Recipe, model_path: str, report: Report) -> None:
+    """The memory estimate of a GPU job, as a note, or a problem when it will not fit the GPUs it asks for."""
+    from jobs import memory
+
+    if not recipe.needs_gpu:
+        return
+    try:
+        est, problem, note = memory.check(recipe, model_path)
+    except Exception as e:  # noqa: BLE001 - an architecture the meta device cannot build: say so, do not refuse
+        report.notes.append(f"memory: no estimate for this model ({type(e).__name__}: {str(e)[:200]})")
+        return
+    report.memory = est.to_json()
+    if problem:
+        path = "resources.gpu_memory_gib" if recipe.resources.gpu_memory_gib else "resources"
+        report.problems.append(Problem(path, f"will not fit: {problem}"))
+    else:
+        report.notes.append(f"memory: {est.words()}" + (f"; {note}" if note else ""))
 
 
 def _length_check(recipe: Recipe, tok, sp, label_ids, notes: list[str]) -> list[Problem]:

@@ -214,7 +214,17 @@ class ResourcesSpec(_Strict):
     gpus_per_worker: float = Field(0, ge=0, le=16, description="GPUs each worker holds; 0 trains on CPUs.")
     cpus_per_worker: float = Field(1, gt=0, le=256, description="CPUs each worker holds.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision of the forward pass.")
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="How the workers share the model.")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="How the workers share the model: `ddp` keeps a whole copy on each GPU; `fsdp` shards "
+        "weights, gradients and optimizer states (each decoder layer a unit); `deepspeed` shards by `zero_stage`.")
+    zero_stage: Literal[2, 3] | None = Field(None, description="DeepSpeed ZeRO stage with strategy `deepspeed` "
+                                             "(default 2): 2 shards gradients and optimizer states, 3 the weights "
+                                             "as well.")
+    gradient_checkpointing: bool = Field(False, description="Keep only each layer's input and recompute the rest in "
+                                         "the backward pass: far less activation memory for about a third more "
+                                         "compute.")
+    gpu_memory_gib: float | None = Field(None, gt=0, le=4096, description="Memory of each GPU, for the pre-flight "
+                                         "memory check; default: the local GPU's, where there is one.")
     max_failures: int = Field(0, ge=-1, description="Worker or node losses survived by resuming from the last "
                               "checkpoint; -1 retries forever.")
     priority: int = Field(0, ge=-100, le=100, description="Place in the runner's queue: a higher priority "
@@ -552,6 +562,10 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
     if r.tuning.mode == "qlora" and not r.needs_gpu:
         out.append(("tuning.mode", "'qlora' quantizes the base model with bitsandbytes and needs GPUs; set "
                                    "resources.gpus_per_worker to 1 or more, or use mode 'lora' on CPUs"))
+    if r.tuning.mode == "qlora" and res.strategy != "ddp":
+        out.append(("resources.strategy", f"'{res.strategy}' with mode 'qlora' is not supported: the 4-bit base "
+                                          f"weights cannot be sharded here; use 'ddp' (each GPU holds the small "
+                                          f"4-bit model) or mode 'lora' with '{res.strategy}'"))
     if r.tuning.mode == "freeze" and r.task == "causal_lm" and r.tuning.train_last_layers == 0:
         out.append(("tuning.train_last_layers", "a causal LM's head is tied to its embeddings; with 0 layers "
                                                 "nothing would train. Set 1 or more, or use mode 'lora'"))
@@ -562,6 +576,8 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
         if res.strategy != "ddp":
             out.append(("resources.strategy", f"'{res.strategy}' needs GPUs; use 'ddp' on CPUs, or set "
                                               "resources.gpus_per_worker"))
+    if res.zero_stage is not None and res.strategy != "deepspeed":
+        out.append(("resources.zero_stage", f"applies to strategy 'deepspeed' only (strategy is '{res.strategy}')"))
     if res.gpus_per_worker > 1 and res.gpus_per_worker != int(res.gpus_per_worker):
         out.append(("resources.gpus_per_worker", f"{res.gpus_per_worker:g}: above 1, give a whole number of GPUs"))
     if r.train.eval_every and r.train.checkpoint_every and r.train.checkpoint_every % r.train.eval_every:
@@ -722,7 +738,8 @@ _SYNONYMS = {
     "gpus": "gpus_per_worker", "num_gpus": "gpus_per_worker", "cpus": "cpus_per_worker", "precision": "mixed_precision",
     "max_length": "max_seq_len", "cutoff_len": "max_seq_len", "seq_len": "max_seq_len", "eval": "validation",
     "valid": "validation", "val": "validation", "dev": "validation", "target_modules": "target_modules",
-    "method": "mode", "type": "mode", "finetuning_type": "mode", "quantization": "quantize",
+    "method": "mode", "type": "mode", "stage": "zero_stage",
+    "activation_checkpointing": "gradient_checkpointing", "gpu_memory": "gpu_memory_gib", "finetuning_type": "mode", "quantization": "quantize",
 }
 
 

@@ -230,23 +230,17 @@ def trainable_state(model) -> dict:
 def train_func(config: dict) -> None:
     import datasets
     import ray.train
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
     from jobs.model import build_model
+    from jobs.strategy import layer_classes, make_accelerator, plan
 
     job_dir = Path(config["job_dir"])
     prepared = job_dir / "prepared"
     recipe = parse_recipe((job_dir / "recipe.yaml").read_text(), source="recipe.yaml", env=os.environ)
     use_gpu = recipe.needs_gpu and torch.cuda.is_available()
     ctx = ray.train.get_context()
-    if not use_gpu:  # Ray points Accelerate at cuda:N whenever the worker holds a GPU, real or (in tests) not
-        os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
-    acc = Accelerator(mixed_precision=recipe.resources.mixed_precision, cpu=not use_gpu)
-    rank, world = acc.process_index, acc.num_processes
-    if world != ctx.get_world_size():
-        raise RuntimeError(f"Accelerate sees {world} processes but Ray started {ctx.get_world_size()} workers")
     torch.set_num_threads(max(1, int(recipe.resources.cpus_per_worker)))
     set_seed(recipe.train.seed)
 
@@ -257,15 +251,24 @@ def train_func(config: dict) -> None:
     os.environ["RUNNER_LABELS"] = json.dumps(labels or [])
     tokenizer = AutoTokenizer.from_pretrained(str(prepared / "tokenizer"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model, n_trainable, n_total = build_model(recipe, config["model_path"], labels, pad_id)
+    sp = plan(recipe, gpu=use_gpu)
+    model, n_trainable, n_total = build_model(recipe, config["model_path"], labels, pad_id,
+                                              gradient_checkpointing=sp["model_gradient_checkpointing"])
+    sp = plan(recipe, layer_classes(model), gpu=use_gpu)
+    acc = make_accelerator(sp)
+    rank, world = acc.process_index, acc.num_processes
+    if world != ctx.get_world_size():
+        raise RuntimeError(f"Accelerate sees {world} processes but Ray started {ctx.get_world_size()} workers")
+
     def note(msg: str) -> None:  # rank 0's words for the person running the job: train.log, and stdout
         if rank == 0:
             print(msg, flush=True)
             with (job_dir / "train.log").open("a") as f:
                 f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 
-    note(f"world size {world} ({acc.distributed_type.value}); parameters: {n_trainable:,} trainable of {n_total:,} "
-         f"({100 * n_trainable / n_total:.2f}%)")
+    note(f"world size {world} ({acc.distributed_type.value}); strategy {sp['strategy']}, mixed precision "
+         f"{sp['mixed_precision']}{', gradient checkpointing' if recipe.resources.gradient_checkpointing else ''}; "
+         f"parameters: {n_trainable:,} trainable of {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
     t = recipe.train
     steps = total_steps(recipe, len(train_ds), world)
     per_epoch = steps_per_epoch(len(train_ds), world, t.batch_size, t.grad_accum)
@@ -284,11 +287,12 @@ def train_func(config: dict) -> None:
 
     # --- resume ---------------------------------------------------------------------------------------------------
     state = State()
-    saved = _resume_state(ray.train.get_checkpoint(), config.get("resume_from", []), note)
+    saved = _resume_state(ray.train.get_checkpoint(), config.get("resume_from", []), note, acc)
     if saved:
-        raw.load_state_dict(saved["model"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        if "model" in saved:  # a whole-model checkpoint; a sharded one was loaded by _resume_state
+            raw.load_state_dict(saved["model"], strict=False)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
         state = State(**saved["state"])
         note(f"resumed from checkpoint at step {state.step} (epoch {state.epoch + 1}, "
              f"step {state.step_in_epoch} of the epoch)")
@@ -320,15 +324,17 @@ def train_func(config: dict) -> None:
                 weight = 1.0 if idx else 0.0  # a rank with no rows left still joins the all-reduce
                 rows = [train_ds[j] for j in (idx or [0])]
                 sync = m == len(micro) - 1
-                with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+                if sp["strategy"] == "deepspeed":  # DeepSpeed steps at the boundary Accelerate tells it
+                    acc.gradient_state._set_sync_gradients(sync)
+                with (contextlib.nullcontext() if sync or not sp["no_sync"] else acc.no_sync(model)), acc.autocast():
                     losses = per_example_loss(model, collate(rows, pad_id, recipe.task, acc.device), recipe.task)
-                    loss = losses.sum() * weight * world / step_units
+                    loss = losses.sum() * weight * world * sp["loss_multiplier"] / step_units
                 acc.backward(loss)
                 local_sum += losses.detach().sum() * weight
                 if seen_file and idx:
                     with open(f"{seen_file}.{rank}", "a") as f:
                         f.write(f"{epoch} " + " ".join(map(str, idx)) + "\n")
-            if t.max_grad_norm:
+            if t.max_grad_norm and not sp["clip_by_engine"]:
                 acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -349,6 +355,8 @@ def train_func(config: dict) -> None:
             rec = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "loss": loss_value,
                    "lr": scheduler.get_last_lr()[0], "samples_per_s": len(step_rows) / elapsed,
                    "tokens_per_s": n_tokens / elapsed, "total_steps": steps, "time": time.time()}
+            if use_gpu:  # the most this rank's tensors have held so far, for the memory pre-flight's comparison
+                rec["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             log(rec)
             if wb:
                 wb.log({k: v for k, v in rec.items() if k not in ("time", "total_steps")}, step=state.step)
@@ -361,10 +369,10 @@ def train_func(config: dict) -> None:
                 log({"step": state.step, "epoch": rec["epoch"], "split": "validation", **val, "time": time.time()})
                 if wb:
                     wb.log({f"val/{k}": v for k, v in val.items()}, step=state.step)
-                _track_best(state, val, recipe, raw, job_dir, rank)
+                _track_best(state, val, recipe, raw, job_dir, rank, acc if sp["sharded"] else None)
             done = finished or state.stopped_early
             if state.step % ckpt_every == 0 and not done:
-                _checkpoint(report, state, raw, optimizer, scheduler, rank)
+                _checkpoint(report, state, raw, optimizer, scheduler, rank, acc if sp["sharded"] else None)
             elif done:  # the saved model is the end's record; a checkpoint would only be written and hashed
                 ray.train.report(report)
             if config.get("step_delay"):  # tests: slow steps, so that a watcher sees the run go on
@@ -389,7 +397,9 @@ def train_func(config: dict) -> None:
     # --- test with the best weights, then save ------------------------------------------------------------------
     best = job_dir / "best" / "state.pt"
     if state.best_step != state.step or val is None:
-        if best.exists():
+        if sp["sharded"] and (job_dir / "best" / "state.json").exists():
+            acc.load_state(str(job_dir / "best"))
+        elif best.exists():
             raw.load_state_dict(torch.load(best, map_location="cpu"), strict=False)
         val = evaluate(model, val_ds, recipe, pad_id, acc, t.batch_size * 2)
     test = evaluate(model, test_ds, recipe, pad_id, acc, t.batch_size * 2)
@@ -401,12 +411,21 @@ def train_func(config: dict) -> None:
         if wb:
             wb.log({f"test/{k}": v for k, v in test.items()})
             wb.finish()
+    if sp["sharded"] or recipe.tuning.mode == "qlora":
+        # weights sharded across the ranks (gathered here, a collective) or 4-bit: saved from a CPU copy
+        whole = acc.get_state_dict(model) if sp["sharded"] else trainable_state(raw)
+        if rank == 0:
+            _save(_cpu_copy(recipe, config["model_path"], labels, pad_id, whole), tokenizer, recipe, labels,
+                  job_dir)
+    elif rank == 0:
         _save(raw, tokenizer, recipe, labels, job_dir)
     acc.wait_for_everyone()
     ray.train.report({"step": state.step, "done": 1})
 
 
-def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, rank: int) -> None:
+def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, rank: int, acc=None) -> None:
+    """Keep the weights of the best evaluation in <job_dir>/best: the trainable parameters (state.pt), or with
+    sharded weights (`acc` given) every rank's part through Accelerator.save_state, all ranks taking part."""
     name, bigger = SELECT[recipe.task]
     value = val[name]
     es = recipe.train.early_stopping
@@ -414,7 +433,9 @@ def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, ran
     improved = state.best is None or (value > state.best + delta if bigger else value < state.best - delta)
     if improved:
         state.best, state.best_step, state.evals_without_improvement = value, state.step, 0
-        if rank == 0:
+        if acc is not None:
+            _save_sharded(acc, job_dir / "best", state, rank)
+        elif rank == 0:
             (job_dir / "best").mkdir(exist_ok=True)
             tmp = job_dir / "best" / "state.pt.tmp"
             torch.save(trainable_state(raw), tmp)
@@ -428,31 +449,84 @@ def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, ran
                       f"{es.patience} evaluations (best {state.best:.4f} at step {state.best_step})", flush=True)
 
 
-def _resume_state(ckpt, candidates: list[str], note) -> dict | None:
+def _resume_state(ckpt, candidates: list[str], note, acc) -> dict | None:
     """What to go on from: this run's latest checkpoint (after a lost worker), else the newest readable one of
-    an earlier run of the job folder (`runner run --resume`), newest first, else nothing."""
+    an earlier run of the job folder (`runner run --resume`), newest first, else nothing.
+
+    A whole-model checkpoint comes back as its state.pt; a sharded one (state.json beside each rank's part) is
+    loaded into the prepared model and optimizer here, and only its loop state comes back."""
+    def load(d: Path) -> dict:
+        if (d / "state.json").exists():
+            acc.load_state(str(d))
+            return {"state": json.loads((d / "state.json").read_text())}
+        return torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+
     if ckpt:
         with ckpt.as_directory() as d:
-            return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+            return load(Path(d))
     for d in candidates:
         try:
-            return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+            return load(Path(d))
         except Exception as e:  # noqa: BLE001 - a checkpoint cut short when the job was killed: try the one before
             note(f"skipping checkpoint {Path(d).name}: unreadable ({type(e).__name__})")
     return None
 
 
-def _checkpoint(report: dict, state: State, raw, optimizer, scheduler, rank: int) -> None:
+def _checkpoint(report: dict, state: State, raw, optimizer, scheduler, rank: int, acc=None) -> None:
+    """Report a Ray Train checkpoint: rank 0's state.pt, or with sharded weights (`acc` given) each rank's part
+    (Accelerator.save_state), which Ray gathers into the one checkpoint folder."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         ck = None
-        if rank == 0:
+        if acc is not None:
+            acc.save_state(d)
+            if rank == 0:
+                (Path(d) / "state.json").write_text(json.dumps(asdict(state)))
+                (Path(d) / "step.json").write_text(json.dumps({"step": state.step}))
+            ck = ray.train.Checkpoint.from_directory(d)
+        elif rank == 0:
             torch.save({"model": trainable_state(raw), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "state": asdict(state)}, Path(d) / "state.pt")
             (Path(d) / "step.json").write_text(json.dumps({"step": state.step}))
             ck = ray.train.Checkpoint.from_directory(d)
         ray.train.report(report, checkpoint=ck)
+
+
+def _save_sharded(acc, dest: Path, state: State, rank: int) -> None:
+    """Every rank writes its part of model and optimizer into dest.tmp (shared storage), then rank 0 swaps it in."""
+    import shutil
+
+    tmp = dest.with_name(dest.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps(asdict(state)))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    acc.wait_for_everyone()
+
+
+def _cpu_copy(recipe: Recipe, model_path: str, labels, pad_id: int, state: dict):
+    """The recipe's model on the CPU (a QLoRA one with its base unquantized) holding `state`: what is saved and
+    exported when the trained weights are sharded across GPUs or 4-bit."""
+    from jobs.model import build_model
+
+    if recipe.tuning.mode == "qlora":
+        d = recipe.model_dump()
+        d["tuning"] = {k: v for k, v in d["tuning"].items() if k not in ("quant_type", "double_quant")}
+        d["tuning"]["mode"] = "lora"
+        recipe = Recipe.model_validate(d)
+    model, _, _ = build_model(recipe, model_path, labels, pad_id)
+    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
+    model = model.float()
+    missing = set(model.load_state_dict(state, strict=False).unexpected_keys)
+    if missing:
+        raise RuntimeError(f"the trained weights do not fit the model rebuilt to save them: {sorted(missing)[:5]}")
+    return model
 
 
 def _save(raw, tokenizer, recipe: Recipe, labels, job_dir: Path) -> None:

@@ -77,7 +77,7 @@ def test_every_problem_at_once_in_file_order():
         "r.yaml:10: train.lr: -1 is out of range; must be > 0",
         "r.yaml:12: resources.workers: 0 is out of range; must be >= 1",
         "r.yaml:13: resources.gpus: unknown key (did you mean 'gpus_per_worker'?); allowed here: workers, "
-        "gpus_per_worker, cpus_per_worker, mixed_precision, strategy, max_failures, priority",
+        "gpus_per_worker, cpus_per_worker, mixed_precision, strategy, zero_stage, gradient_checkpointing, gpu_memory_gib, max_failures, priority",
     ]
 
 
@@ -90,14 +90,15 @@ def test_missing_required_keys():
 
 
 def test_gpu_only_settings_without_gpus_are_refused():
-    text = BASE + "tuning: qlora\nresources:\n  mixed_precision: fp16\n  strategy: deepspeed\n"
+    text = BASE + "tuning: qlora\nresources:\n  mixed_precision: fp16\n"
     assert problems(text) == [
         "r.yaml:7: tuning.mode: 'qlora' quantizes the base model with bitsandbytes and needs GPUs; set "
         "resources.gpus_per_worker to 1 or more, or use mode 'lora' on CPUs",
         "r.yaml:9: resources.mixed_precision: 'fp16' needs GPUs; use 'bf16' or 'no' on CPUs, or set "
         "resources.gpus_per_worker",
-        "r.yaml:10: resources.strategy: 'deepspeed' needs GPUs; use 'ddp' on CPUs, or set resources.gpus_per_worker",
     ]
+    assert problems(BASE + "tuning: lora\nresources:\n  strategy: deepspeed\n") == [
+        "r.yaml:9: resources.strategy: 'deepspeed' needs GPUs; use 'ddp' on CPUs, or set resources.gpus_per_worker"]
     ok = parse_recipe(text + "  gpus_per_worker: 1\n", env={})
     assert ok.tuning.mode == "qlora" and ok.tuning.quant_type == "nf4"
 

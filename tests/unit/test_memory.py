@@ -1,0 +1,147 @@
+"""The memory pre-flight against figures worked by hand, and its refusal through `runner validate` and `submit`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+from jobs.memory import GIB, Shape, estimate, model_shape, suggestions
+from jobs.recipe import parse_recipe
+
+# Llama-2-7B's published config; 6,738,415,616 parameters is the figure Meta gives
+LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, dtype="float16")
+N7B = 6_738_415_616
+
+
+def recipe(tuning="full", resources="gpus_per_worker: 1, mixed_precision: bf16", train="batch_size: 1",
+           dtype="float32", seq=512):
+    return parse_recipe(f"name: m\nmodel: {{name: x, dtype: {dtype}}}\ntask: causal_lm\n"
+                        f"data: {{train: a.jsonl, max_seq_len: {seq}}}\ntuning: {tuning}\ntrain: {{{train}}}\n"
+                        f"resources: {{{resources}}}\n", source="r.yaml")
+
+
+@pytest.fixture(scope="module")
+def llama7b():
+    return model_shape(recipe(), LlamaConfig(**LLAMA7B))
+
+
+def test_shape_of_llama_7b_from_its_config_alone(llama7b):
+    assert llama7b.params == N7B
+    # each decoder layer: q, k, v, o (4 x 4096^2) + gate, up, down (3 x 4096 x 11008) + 2 norms
+    assert llama7b.layer_params == 4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096 == 202_383_360
+    assert llama7b.linear == 32 * (4 * 4096**2 + 3 * 4096 * 11008)  # embeddings, head and norms excluded
+    assert (llama7b.layers, llama7b.hidden, llama7b.intermediate, llama7b.vocab) == (32, 4096, 11008, 32000)
+    assert llama7b.layer_class == "LlamaDecoderLayer" and llama7b.dtype == "float16"
+
+
+def test_full_fine_tune_fp32_weights_bf16_autocast_one_gpu(llama7b):
+    e = estimate(recipe(), llama7b)
+    assert e.weights == 4 * N7B and e.gradients == 4 * N7B and e.optimizer == 8 * N7B  # AdamW: 2 fp32 states
+    assert e.overhead == GIB + 2 * N7B  # CUDA context, and autocast's bf16 copies of the weights
+    # 512 tokens x 32 layers x (17 x 4096 + 4.25 x 11008) values of 2 bytes
+    assert e.activations == 512 * 32 * (17 * 4096 + 4.25 * 11008)
+    assert e.logits == 512 * 32000 * (2 + 4 + 4 + 4)  # bf16 logits, fp32 copy, log-softmax, gradient
+    assert 115 < e.gib() < 117  # 18 bytes a parameter: the well-known "a 7B model needs ~120 GB to fine-tune"
+
+
+def test_checkpointing_keeps_only_layer_inputs(llama7b):
+    e = estimate(recipe(resources="gpus_per_worker: 1, mixed_precision: bf16, gradient_checkpointing: true",
+                        train="batch_size: 8"), llama7b)
+    tokens = 8 * 512
+    assert e.activations == 32 * tokens * 4096 * 2 + tokens * (17 * 4096 + 4.25 * 11008)
+
+
+def test_zero_and_fsdp_divide_as_the_zero_paper_says():
+    # ZeRO paper, figure 1: 7.5B parameters, Adam with mixed precision (K = 12), 64 GPUs:
+    # baseline 120 GB, ZeRO-2 ("Pos+g") 16.6 GB, ZeRO-3 ("Pos+g+p") 1.9 GB
+    psi = 7_500_000_000
+    shape = Shape(params=psi, linear=psi, head=0, layers=0, hidden=1, intermediate=1, vocab=0, layer_params=0,
+                  dtype="float16", last_layer_params=[], adafactor_rows_cols=0)
+
+    def states(res):
+        e = estimate(recipe(resources=f"workers: 64, gpus_per_worker: 1, mixed_precision: bf16, {res}",
+                            dtype="auto"), shape)
+        return (e.weights + e.gradients + e.optimizer) / 1e9
+
+    assert states("strategy: deepspeed, zero_stage: 2") == pytest.approx(2 * 7.5 + 14 * 7.5 / 64)  # 16.64
+    assert states("strategy: deepspeed, zero_stage: 3") == pytest.approx(16 * 7.5 / 64)  # 1.875
+
+
+def test_fsdp_shards_the_states_and_gathers_one_layer_at_a_time(llama7b):
+    one = estimate(recipe(), llama7b)
+    eight = estimate(recipe(resources="workers: 8, gpus_per_worker: 1, mixed_precision: bf16, strategy: fsdp"),
+                     llama7b)
+    assert eight.weights == one.weights / 8 and eight.optimizer == one.optimizer / 8
+    assert eight.gradients == one.gradients / 8
+    assert eight.overhead == one.overhead + 2 * 202_383_360 * 2  # two bf16 layers: in use and prefetched
+
+
+def test_lora_and_qlora_of_llama_7b(llama7b):
+    lora = estimate(recipe("{mode: lora, r: 8}", dtype="float16"), llama7b)
+    # r x (in + out) for q, k, v, o in 32 layers: 8 x 32 x 4 x 8192
+    assert lora.trainable == 8 * 32 * 4 * (4096 + 4096) == 8_388_608
+    assert lora.weights == 2 * N7B + 4 * lora.trainable  # fp16 base, fp32 adapters
+    assert lora.optimizer == 8 * lora.trainable
+    q = estimate(recipe("{mode: qlora, r: 8}", dtype="float16"), llama7b)
+    linear = 32 * (4 * 4096**2 + 3 * 4096 * 11008)
+    per = 0.5 + 1 / 64 + 4 / (64 * 256)  # nf4 + double-quantized absmax constants (blocks of 64, then 256)
+    assert q.weights == pytest.approx(linear * per + (N7B - linear) * 4 + 4 * q.trainable)
+    assert 4.5 < q.gib() < 6.5  # QLoRA's paper: a 7B model fine-tunes in about 5-6 GB at this length
+
+
+def test_suggestions_name_what_would_fit(llama7b):
+    r = recipe(train="batch_size: 16", resources="workers: 4, gpus_per_worker: 1, mixed_precision: bf16")
+    fits = suggestions(r, llama7b, 80 * GIB)
+    assert any(s.startswith("resources.strategy: fsdp") for s in fits)
+    assert any(s.startswith("tuning: lora") for s in fits)
+    assert not any(s.startswith("resources.gradient_checkpointing") for s in fits)  # 7B x 18 bytes > 80 GiB anyway
+    for s in fits:
+        assert float(s.rsplit("about ", 1)[1].split(" GiB")[0]) <= 80
+
+
+def _cli(args, env):
+    runner = str(Path(sys.executable).with_name("runner"))  # the installed command, every verb registered
+    return subprocess.run([runner, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def one_b_model(tmp_path_factory):
+    """A 1.2B-parameter Llama: its config and tokenizer only, no weights (none are needed for the estimate)."""
+    from tests.tiny import tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("m") / "llama-1b"
+    tok = tiny_tokenizer()
+    LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=22, num_attention_heads=16,
+                num_key_value_heads=16, vocab_size=32000, pad_token_id=tok.pad_token_id).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_validate_shows_the_estimate_and_validate_and_submit_refuse_what_will_not_fit(one_b_model, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} of the data"}) + "\n" for i in range(20)))
+    base = (f"name: big\nmodel: {{name: {one_b_model}, dtype: float32}}\ntask: causal_lm\n"
+            f"data: {{train: {data}, max_seq_len: 256}}\ntuning: full\ntrain: {{batch_size: 8}}\n")
+    env = {**os.environ, "RUNNER_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    fits = tmp_path / "fits.yaml"
+    fits.write_text(base + "resources: {gpus_per_worker: 1, mixed_precision: bf16, gpu_memory_gib: 80}\n")
+    out = _cli(["validate", str(fits)], env)
+    assert out.returncode == 0, out.stderr
+    assert "note: memory: about" in out.stdout and "per GPU" in out.stdout and "trainable" in out.stdout
+    report = json.loads(_cli(["validate", str(fits), "--json"], env).stdout)
+    assert 18 < report["memory"]["total_gib"] < 40
+
+    small = tmp_path / "small.yaml"
+    small.write_text(base + "resources: {gpus_per_worker: 1, mixed_precision: bf16, gpu_memory_gib: 16}\n")
+    for verb in ("validate", "submit"):
+        out = _cli([verb, str(small)], env)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "resources.gpu_memory_gib: will not fit: needs about" in out.stderr
+        assert "more than the 16.0 GiB of each GPU" in out.stderr and "tuning: lora (about" in out.stderr
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "home" / "local.json").exists()  # submit refused before any server or Ray started
