@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from jobs.recipe import Recipe, RecipeError, load_recipe
+from jobs.recipe import Recipe, RecipeError, load_recipe, shared_storage_problem
 
 
 class JobFailed(Exception):
@@ -348,6 +348,9 @@ def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
                 raise JobFailed(f"cannot start or reach {where}: {_reason(e)}") from None
+        storage = shared_storage_problem(job_dir, sum(1 for n in ray.nodes() if n.get("Alive")))
+        if storage:
+            raise JobFailed(storage)
         preparing.join()
         if isinstance(prepared[0], BaseException):
             raise prepared[0]

@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from jobs.recipe import RecipeError, json_schema, load_recipe
-from runner.client import runner_home
+from runner.client import artifacts_root
 
 app = typer.Typer(
     add_completion=False,
@@ -110,14 +110,14 @@ def new_job_dir(name: str) -> Path:
     import time
 
     job_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
-    d = runner_home() / "artifacts" / job_id
+    d = artifacts_root() / job_id
     d.mkdir(parents=True)
     return d
 
 
 def find_job(ref: str) -> Path:
     """A job by its id (a folder under $RUNNER_HOME/artifacts) or by its folder's path."""
-    root = runner_home() / "artifacts"
+    root = artifacts_root()
     for d in (Path(ref).expanduser(), root / ref):
         if d.is_dir() and (d / "recipe.yaml").is_file():
             return d.resolve()

@@ -25,6 +25,13 @@ def runner_home() -> Path:
     return Path(os.environ.get("RUNNER_HOME") or Path.home() / ".runner")
 
 
+def artifacts_root(home: Path | None = None) -> Path:
+    """Where job folders go: RUNNER_ARTIFACTS, else <RUNNER_HOME>/artifacts. On a cluster of several nodes it must
+    be storage every node mounts (the store, runner.db, stays in RUNNER_HOME: SQLite wants a local disk)."""
+    given = os.environ.get("RUNNER_ARTIFACTS")
+    return Path(given).expanduser() if given else (home or runner_home()) / "artifacts"
+
+
 class Client:
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0):
         self.url = url.rstrip("/")

@@ -33,7 +33,7 @@ from runner.store import InvalidTransition, Job, Store
 ACTIVE = ("STARTING", "RUNNING", "RETRYING", "EXPORTING")
 LOST_AFTER = 30.0
 WORKER_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_MODE",
-              "RUNNER_VERBOSE", "RUNNER_TEST_HOOKS")
+              "RUNNER_VERBOSE", "RUNNER_TEST_HOOKS", "RUNNER_SHARED_STORAGE")
 # Ray's own token is not among them: the drivers inherit it from the Ray head they run on, and env_vars of a job are
 # shown by Ray's API and dashboard.
 

@@ -36,7 +36,8 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from jobs.recipe import NAME_RE, NAME_RULE, RecipeError, parse_recipe
+from jobs.recipe import NAME_RE, NAME_RULE, RecipeError, parse_recipe, shared_storage_problem
+from runner.client import artifacts_root
 from runner.series import CHARTED, MAX_POINTS, thin
 from runner.store import STATES, TERMINAL, Store, StoreError, UnknownJob, eta_seconds
 
@@ -106,7 +107,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     from runner.dispatch import Dispatcher, RayUnreachable, whole_lines
 
     home = Path(home)
-    root = (home / "artifacts").resolve()
+    root = artifacts_root(home).resolve()
     root.mkdir(parents=True, exist_ok=True)
     store = Store(home / "runner.db", clock=clock)
     from runner.registry import Registry
@@ -240,6 +241,9 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
             why = dispatcher.refusal(need_of_recipe(recipe))
             if why:
                 raise HTTPException(422, f"refused: the job {why}")
+            storage = shared_storage_problem(root, len(dispatcher.backend.nodes()))
+            if storage:
+                raise HTTPException(422, f"refused: {storage}")
         job_dir.mkdir(exist_ok=fixed)  # a fire's folder may be there from a server that died before its row
         snapshot = recipe.snapshot_yaml()
         (job_dir / "recipe.yaml").write_text(snapshot, encoding="utf-8")

@@ -56,7 +56,9 @@ class Server:
 
     def start(self) -> None:
         port = free_port()
-        env = {**os.environ, "RUNNER_HOME": str(self.home), "RUNNER_TEST_HOOKS": json.dumps(self.hooks)}
+        # the simulated nodes share this machine's disk: vouch for it, or a 3-node cluster refuses a local path
+        env = {**os.environ, "RUNNER_HOME": str(self.home), "RUNNER_TEST_HOOKS": json.dumps(self.hooks),
+               "RUNNER_SHARED_STORAGE": "1"}
         self.log = open(self.home / f"server-{port}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "runner.server", "--port", str(port), "--ray",
                                       self.dashboard, "--interval", "0.5"], env=env, cwd=ROOT, stdout=self.log,
