@@ -138,15 +138,20 @@ def _ray_env(home: Path) -> dict:
             "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def _dashboard_up(url: str, token: str) -> bool:
-    """The dashboard answers and the head node has registered its CPUs (the queue needs them to place jobs)."""
-    req = urllib.request.Request(f"{url}/api/v0/nodes?limit=10", headers={"Authorization": f"Bearer {token}"})
+def _nodes(url: str, token: str) -> list[dict] | None:
+    """The ALIVE nodes Ray's dashboard at `url` lists, or None when it does not answer."""
+    req = urllib.request.Request(f"{url}/api/v0/nodes?limit=100", headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             nodes = json.loads(r.read())["data"]["result"]["result"]
     except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError):
-        return False
-    return any(n.get("state") == "ALIVE" and (n.get("resources_total") or {}).get("CPU") for n in nodes)
+        return None
+    return [n for n in nodes if n.get("state") == "ALIVE"]
+
+
+def _dashboard_up(url: str, token: str) -> bool:
+    """The dashboard answers and the head node has registered its CPUs (the queue needs them to place jobs)."""
+    return any((n.get("resources_total") or {}).get("CPU") for n in _nodes(url, token) or [])
 
 
 def start_ray(home: Path, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
@@ -231,3 +236,66 @@ def stop(home: Path, which: str) -> bool:
         except OSError:
             pass
         return was
+
+
+# --- cluster/local.sh ---------------------------------------------------------------------------------------------
+
+
+def _shape(nodes: list[dict]) -> str:
+    cpus = sum((n.get("resources_total") or {}).get("CPU", 0) for n in nodes)
+    gpus = sum((n.get("resources_total") or {}).get("GPU", 0) for n in nodes)
+    return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: {cpus:g} CPUs, {gpus:g} GPUs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m runner.local up [--cpus N] [--gpus N] | down | status`, what cluster/local.sh runs.
+
+    up: the local Ray head that `runner submit` uses (its server starts on the first submit); --gpus N declares N
+    GPUs to Ray, real or not, to try the queue and placement on a laptop. status: exit 0 when it runs, 3 when not.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="cluster/local.sh")
+    ap.add_argument("verb", choices=["up", "down", "status"])
+    ap.add_argument("--cpus", type=int, help="CPUs the head offers (default: this machine's)")
+    ap.add_argument("--gpus", type=int, help="GPUs the head declares (default: those Ray finds); fake ones "
+                                             "schedule like real ones, and a job asking for them trains on CPUs")
+    args = ap.parse_args(argv)
+    home = Path(os.environ.get("RUNNER_HOME", Path.home() / ".runner")).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    if args.verb == "down":
+        server, ray = stop(home, "server"), stop(home, "ray")
+        print(("runner server stopped; " if server else "") +
+              ("local Ray head stopped" if ray else "no local Ray head was running"))
+        return 0
+    with _lock(home):
+        state = read_state(home)
+        ray = state.get("ray") or {}
+        nodes = _nodes(ray.get("dashboard", ""), ray_token(home)) if alive(ray.get("pid")) else None
+        if args.verb == "up":
+            if nodes is not None:
+                print(f"the local Ray head is already running at {ray['address']} ({_shape(nodes)}); "
+                      f"`cluster/local.sh down` first to start it with other resources")
+                return 0
+            try:
+                ray = start_ray(home, args.cpus, args.gpus)
+            except LocalError as e:
+                print(f"cluster/local.sh up: {e}", file=sys.stderr)
+                return 1
+            _write_state(home, {"ray": ray})
+            nodes = _nodes(ray["dashboard"], ray_token(home)) or []
+            print(f"local Ray head up at {ray['address']} ({_shape(nodes)}); dashboard {ray['dashboard']}")
+            print(f"`runner submit recipe.yaml` queues on it (RUNNER_HOME={home}); `cluster/local.sh down` stops it")
+            return 0
+    if nodes is None:
+        print("local Ray head: not running (`cluster/local.sh up` starts it)")
+        return 3
+    server = state.get("server") or {}
+    print(f"local Ray head: running at {ray['address']} ({_shape(nodes)}), pid {ray['pid']}; "
+          f"dashboard {ray['dashboard']}")
+    print(f"runner server: {'running at ' + server['url'] if alive(server.get('pid')) else 'not running'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
