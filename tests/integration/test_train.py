@@ -128,9 +128,11 @@ def test_causal_lm_formats(tmp_path, llama_dir, fmt):
     }[fmt]
     tracking = "tracking:\n  mode: offline\nexport:\n  onnx: true\n" if fmt == "text" else ""
     tuning = "lora" if fmt == "text" else "full"
+    # the chat run recomputes activations in the backward pass (gradient checkpointing): it must learn the same
+    resources = "resources:\n  gradient_checkpointing: true\n" if fmt == "chat" else ""
     d = job(tmp_path, llama_dir, f"data:\n  train: data.jsonl\n  format: {fmt}\n  max_seq_len: 160\n"
-            f"tuning: {tuning}\ntrain:\n  max_steps: 12\n  batch_size: 8\n  lr: 0.01\n  eval_every: 6\n{tracking}",
-            task="causal_lm", rows=rows)
+            f"tuning: {tuning}\ntrain:\n  max_steps: 12\n  batch_size: 8\n  lr: 0.01\n  eval_every: 6\n{tracking}"
+            f"{resources}", task="causal_lm", rows=rows)
     result = run_job(d)
     evals = [m for m in metrics(d) if m.get("split") == "validation"]
     assert evals[-1]["loss"] < evals[0]["loss"]
@@ -139,6 +141,7 @@ def test_causal_lm_formats(tmp_path, llama_dir, fmt):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(d / "model")  # merged: plain transformers
+    assert ("gradient checkpointing" in (d / "train.log").read_text()) == (fmt == "chat")
     if fmt == "text":
         assert list((d / "wandb").glob("offline-run-*")), "W&B offline run written"
         report = json.loads((d / "onnx" / "export_report.json").read_text())  # LoRA merged, then exported
