@@ -169,8 +169,8 @@ def estimate(recipe: Recipe, shape: Shape) -> Estimate:
     else:
         optimizer = 4 * shape.adafactor_rows_cols * (trainable / n)
     overhead = CONTEXT_BYTES if recipe.needs_gpu else 0
-    if mixed and w == 4 and mode in ("full", "freeze"):
-        overhead += 2 * trainable  # autocast's cache of 16-bit copies of the trainable weights
+    # autocast's cache of 16-bit copies of the trainable weights (DDP; FSDP and DeepSpeed cast themselves)
+    autocast_cache = 2 * trainable if mixed and w == 4 and mode in ("full", "freeze") else 0
 
     # --- sharding ------------------------------------------------------------------------------------------------
     gathered = 2 * shape.layer_params * (2 if mixed else w)  # one layer in use, the next prefetched
@@ -189,8 +189,10 @@ def estimate(recipe: Recipe, shape: Shape) -> Estimate:
         weights, gradients, optimizer = weights / world, gradients / world, optimizer / world
         overhead += gathered
         notes.append(f"FSDP full shard over {world} worker(s)")
-    elif world > 1:
-        overhead += gradients  # DDP's gradient buckets: a second copy of the gradients
+    else:
+        overhead += autocast_cache
+        if world > 1:
+            overhead += gradients  # DDP's gradient buckets: a second copy of the gradients
 
     # --- activations ---------------------------------------------------------------------------------------------
     a = 2 if mixed or w == 2 else 4
@@ -234,6 +236,14 @@ def suggestions(recipe: Recipe, shape: Shape, capacity: float) -> list[str]:
         with_("resources.strategy: fsdp", resources__strategy="fsdp")
         with_("resources.strategy: deepspeed with zero_stage: 3", resources__strategy="deepspeed",
               resources__zero_stage=3)
+    elif res.workers == 1 and recipe.needs_gpu and recipe.tuning.mode != "qlora":
+        for n in (2, 4, 8):  # sharding over more GPUs: the fewest that fit
+            before = len(tries)
+            with_(f"resources.strategy: fsdp with resources.workers: {n}", resources__strategy="fsdp",
+                  resources__workers=n)
+            if estimate(tries[-1][1], shape).total <= capacity:
+                break
+            del tries[before:]
     if recipe.tuning.mode in ("full", "freeze"):
         tries.append(("tuning: lora", _with_tuning(recipe, {"mode": "lora"})))
     if recipe.tuning.mode in ("full", "freeze", "lora") and recipe.needs_gpu:

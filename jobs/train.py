@@ -255,6 +255,8 @@ def train_func(config: dict) -> None:
     model, n_trainable, n_total = build_model(recipe, config["model_path"], labels, pad_id,
                                               gradient_checkpointing=sp["model_gradient_checkpointing"])
     sp = plan(recipe, layer_classes(model), gpu=use_gpu)
+    if config.get("force_sharded"):  # tests: the sharded strategies' checkpoint, resume and save path, on CPUs
+        sp["sharded"] = True
     acc = make_accelerator(sp)
     rank, world = acc.process_index, acc.num_processes
     if world != ctx.get_world_size():

@@ -219,8 +219,8 @@ def test_lost_node_job_resumes_from_checkpoint_on_the_other(cluster, tmp_path, t
     (job_dir / "hold").touch()
     store = Store(tmp_path / "runner.db")
     store.add_job("lost", "lost", r.snapshot_yaml(), str(job_dir), 1, 1, 1)
-    d = Dispatcher(store, RayJobs(dashboard), env={**os.environ, "RUNNER_TEST_HOOKS": json.dumps(
-        {"pause_after_step": 4, "hold_file": "hold", "record_nodes": True})})
+    d = Dispatcher(store, RayJobs(dashboard), env={**os.environ, "RUNNER_SHARED_STORAGE": "1", "RUNNER_TEST_HOOKS":
+                   json.dumps({"pause_after_step": 4, "hold_file": "hold", "record_nodes": True})})
     assert d.tick() == ["lost"]
 
     def at_checkpoint():  # written by the worker, and registered by Ray Train's controller

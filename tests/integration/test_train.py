@@ -171,3 +171,29 @@ def test_resume_after_a_killed_worker(tmp_path, bert_dir):
     repeated = sorted({s for s in steps if steps.count(s) > 1})
     assert repeated == [5, 6], "only the steps after the last checkpoint run again"
     assert json.loads((d / "eval.json").read_text())["steps"] == total
+
+
+def test_sharded_checkpoints_resume_and_gather(tmp_path, bert_dir):
+    """The path FSDP and DeepSpeed take (each rank saves its part with Accelerator.save_state, Ray gathers the parts
+    into one checkpoint, a lost worker resumes from it, the best weights are kept the same way and the model is
+    gathered and saved from a CPU copy), run on CPUs with DDP, where Accelerate has no FSDP."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
+            "train:\n  epochs: 2\n  batch_size: 4\n  lr: 0.003\n  checkpoint_every: 4\n  eval_every: 4\n"
+            "resources:\n  workers: 2\n  max_failures: 1\n", rows=keyword_rows(120))
+    result = run_job(d, {"force_sharded": True, "crash_after_step": 6})
+    assert "resumed from checkpoint at step 4 " in (d / "train.log").read_text()
+    ckpts = [p.parent for p in (d / "checkpoints").rglob("state.json")]
+    assert ckpts, "no sharded checkpoint"
+    for ck in ckpts:  # both ranks' parts in the one folder
+        assert (ck / "random_states_0.pkl").exists() and (ck / "random_states_1.pkl").exists(), sorted(ck.iterdir())
+    assert (d / "best" / "state.json").exists() and not (d / "best" / "state.pt").exists()
+    best = load_file(d / "best" / "model.safetensors")
+    saved = AutoModelForSequenceClassification.from_pretrained(d / "model").state_dict()
+    shared = [k for k in best if k in saved]
+    assert len(shared) > 10
+    for k in shared:  # the saved model is the best evaluation's weights, gathered
+        assert (best[k].float() - saved[k].float()).abs().max() < 1e-6, k
+    assert result["test"]["accuracy"] > 0.7
