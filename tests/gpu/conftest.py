@@ -12,7 +12,7 @@ def pytest_collection_modifyitems(config, items):
         cuda = False
     if cuda:
         return
-    skip = pytest.mark.skip(reason="no CUDA device here; run them on a GPU machine (bench/gpu_check.sh runs them)")
+    skip = pytest.mark.skip(reason="no CUDA device here; they run on a GPU machine (python -m pytest tests/gpu)")
     for item in items:
         if "tests/gpu/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(skip)
