@@ -20,6 +20,7 @@ optimizer by the workers, ZeRO-3 and FSDP (full shard) divide everything.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -286,13 +287,19 @@ def check(recipe: Recipe, model_path: str) -> tuple[Estimate, str | None, str | 
     if not recipe.needs_gpu:
         return est, None, None
     given = recipe.resources.gpu_memory_gib
-    capacity = given * GIB if given else local_gpu_bytes()
+    cluster = os.environ.get("RUNNER_CLUSTER_GPU_MEMORY_GIB")  # `runner submit`: the server's smallest GPU
+    if given:
+        capacity, where = given * GIB, "resources.gpu_memory_gib"
+    elif cluster:
+        capacity = float(cluster) * GIB
+        where = f"the cluster's smallest GPU, {os.environ.get('RUNNER_CLUSTER_GPU_NAME') or 'unnamed'}"
+    else:
+        capacity, where = local_gpu_bytes(), "the local GPU"
     if capacity is None:
         return est, None, ("the GPUs' memory is not known here, so the estimate was not checked; set "
                            "resources.gpu_memory_gib to have validate and submit check it")
     if est.total <= capacity:
         return est, None, None
-    where = "resources.gpu_memory_gib" if given else "the local GPU"
     fits = suggestions(recipe, shape, capacity)
     hint = ("; would fit: " + "; or ".join(fits[:4])) if fits else \
         "; none of gradient checkpointing, a smaller batch, FSDP / ZeRO-3 or (Q)LoRA alone brings it under"

@@ -78,10 +78,10 @@ def validate(
     typer.echo(f"next: runner run {recipe}")
 
 
-def run_preflight(recipe: Path) -> dict:
+def run_preflight(recipe: Path, extra_env: dict | None = None) -> dict:
     """Run `jobs.preflight` in a child process (it imports datasets and transformers); return its report."""
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     proc = subprocess.run([sys.executable, "-m", "jobs.preflight", str(recipe), "--json"], capture_output=True,
                           text=True, env=env)
     try:

@@ -85,10 +85,10 @@ def submit(
     import os
 
     try:
-        load_recipe(recipe)
+        r = load_recipe(recipe)
     except RecipeError as e:
         _fail(e.render())
-    report = run_preflight(recipe)
+    report = run_preflight(recipe, _cluster_gpu_size(r))
     if not report["ok"]:
         n = len(report["problems"])
         _fail([f"{recipe}: {n} problem{'s' if n != 1 else ''}; nothing was queued"]
@@ -105,6 +105,26 @@ def submit(
         _next(f"runner logs -f {job['id']}", f"runner status {job['id']}", f"runner cancel {job['id']}")
         return
     follow(client, job["id"])
+
+
+def _cluster_gpu_size(recipe) -> dict:
+    """For a GPU recipe that does not say its GPUs' memory, sent to a remote server (RUNNER_SERVER): the smallest
+    GPU of the server's cluster, for the pre-flight memory check (a local cluster's GPUs are this machine's, which
+    the pre-flight reads itself). Nothing when the server does not answer or Ray reports no GPU memory."""
+    import os
+
+    if not (recipe.needs_gpu and recipe.resources.gpu_memory_gib is None and os.environ.get("RUNNER_SERVER")):
+        return {}
+    try:
+        nodes = connect(False).get("/cluster")["nodes"]
+    except ClientError:
+        return {}
+    gpus = [n for n in nodes if n.get("gpus") and n.get("gpu_memory_bytes")]
+    if not gpus:
+        return {}
+    small = min(gpus, key=lambda n: n["gpu_memory_bytes"])
+    return {"RUNNER_CLUSTER_GPU_MEMORY_GIB": f"{small['gpu_memory_bytes'] / 2**30:.3f}",
+            "RUNNER_CLUSTER_GPU_NAME": small.get("gpu_name") or ""}
 
 
 def follow(client: Client, job_id: str) -> None:
@@ -371,7 +391,10 @@ def _cluster_lines(client: Client) -> None:
     typer.echo(f"cluster: {len(c['nodes'])} node(s), CPUs {c['free_cpus']:g} free of {c['cpus']:g}, "
                f"GPUs {c['free_gpus']:g} free of {c['gpus']:g}")
     for n in c["nodes"]:
-        typer.echo(f"  {n['id'][:12]}  CPUs {n['free_cpus']:g}/{n['cpus']:g}  GPUs {n['free_gpus']:g}/{n['gpus']:g}")
+        kind = f"  ({n['gpu_name'] or 'GPU'}, {n['gpu_memory_bytes'] / 2**30:.1f} GiB each)" \
+            if n.get("gpu_memory_bytes") else ""
+        typer.echo(f"  {n['id'][:12]}  CPUs {n['free_cpus']:g}/{n['cpus']:g}  GPUs {n['free_gpus']:g}/{n['gpus']:g}"
+                   f"{kind}")
 
 
 @cluster_app.command("status")

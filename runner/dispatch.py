@@ -50,6 +50,22 @@ class UnknownSubmission(Exception):
     """Ray has no job with this submission id."""
 
 
+def apply_node_summary(nodes: dict[str, dict], summary: list[dict]) -> None:
+    """Fill host, IP, head, physical memory and GPU model and memory (the smallest of the node's GPUs, as the
+    dashboard's reporter reads them with NVML) into `nodes` (by node id) from Ray's `/nodes?view=summary`."""
+    for s in summary:
+        node = nodes.get((s.get("raylet") or {}).get("nodeId"))
+        if node is None:
+            continue
+        total, _avail, _pct, used = (s.get("mem") or [None] * 4)[:4]
+        node.update(host=s.get("hostname"), ip=s.get("ip"), head=bool(s["raylet"].get("isHeadNode")),
+                    mem_total=total, mem_used=used)
+        gpus = [g for g in s.get("gpus") or [] if g.get("memoryTotal")]
+        if gpus:
+            small = min(gpus, key=lambda g: g["memoryTotal"])
+            node.update(gpu_name=small.get("name"), gpu_memory_bytes=int(small["memoryTotal"]) * 2**20)  # MiB
+
+
 class RayJobs:
     """The Ray Jobs API and Ray's node list, at a dashboard address, with Ray's token when auth is on."""
 
@@ -113,18 +129,14 @@ class RayJobs:
         if self._details and time.monotonic() - self._details[0] < self.nodes_max_age:
             return self._details[1]
         nodes = {n.id: {"id": n.id, "cpus": n.cpus, "gpus": n.gpus, "memory_bytes": n.memory, "host": None,
-                        "ip": None, "head": False, "mem_total": None, "mem_used": None, "held": []}
+                        "ip": None, "head": False, "mem_total": None, "mem_used": None, "gpu_name": None,
+                        "gpu_memory_bytes": None, "held": []}
                  for n in self.nodes()}
         try:
             import httpx
 
             r = httpx.get(f"{self.address}/nodes", params={"view": "summary"}, headers=self.headers, timeout=5)
-            for s in r.json()["data"]["summary"]:
-                node = nodes.get((s.get("raylet") or {}).get("nodeId"))
-                if node is not None:
-                    total, _avail, _pct, used = (s.get("mem") or [None] * 4)[:4]
-                    node.update(host=s.get("hostname"), ip=s.get("ip"), head=bool(s["raylet"].get("isHeadNode")),
-                                mem_total=total, mem_used=used)
+            apply_node_summary(nodes, r.json()["data"]["summary"])
         except Exception:  # noqa: BLE001 - the physical figures are extras; the resources above still stand
             pass
         try:

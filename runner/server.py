@@ -416,7 +416,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
             out.append({"id": n.id, "host": d.get("host"), "ip": d.get("ip"), "head": d.get("head", False),
                         "cpus": n.cpus, "gpus": n.gpus, "free_cpus": free[n.id].cpus, "free_gpus": free[n.id].gpus,
                         "memory_bytes": n.memory, "mem_total": d.get("mem_total"), "mem_used": d.get("mem_used"),
-                        "held": held})
+                        "gpu_name": d.get("gpu_name"), "gpu_memory_bytes": d.get("gpu_memory_bytes"), "held": held})
         return {"nodes": out, "ray_url": ray_url,
                 "cpus": sum(n.cpus for n in nodes), "gpus": sum(n.gpus for n in nodes),
                 "free_cpus": sum(f.cpus for f in free.values()), "free_gpus": sum(f.gpus for f in free.values())}

@@ -154,3 +154,73 @@ def test_validate_shows_the_estimate_and_validate_and_submit_refuse_what_will_no
         assert "more than the 16.0 GiB of each GPU" in out.stderr and "tuning: lora (about" in out.stderr
         assert "Traceback" not in out.stderr
     assert not (tmp_path / "home" / "local.json").exists()  # submit refused before any server or Ray started
+
+
+# --- the GPUs of a remote cluster ---------------------------------------------------------------------------------
+
+A10G = {"index": 0, "name": "NVIDIA A10G", "uuid": "GPU-1", "memoryUsed": 0, "memoryTotal": 23028}
+
+
+def test_ray_node_summary_gives_each_nodes_smallest_gpu():
+    from runner.dispatch import apply_node_summary
+
+    nodes = {i: {"id": i} for i in ("head", "g1", "g2")}
+    apply_node_summary(nodes, [  # the shape of Ray 2.60's /nodes?view=summary
+        {"raylet": {"nodeId": "head", "isHeadNode": True}, "hostname": "h", "ip": "10.0.0.2",
+         "mem": [64 * GIB, 60 * GIB, 6.2, 4 * GIB], "gpus": []},
+        {"raylet": {"nodeId": "g1", "isHeadNode": False}, "hostname": "gpu-1", "ip": "10.0.0.5",
+         "mem": [192 * GIB, 180 * GIB, 6.2, 12 * GIB],
+         "gpus": [{**A10G, "index": i} for i in range(4)] + [{**A10G, "index": 4, "name": "small", "memoryTotal": 8000}]},
+        {"raylet": {"nodeId": "elsewhere"}, "gpus": [A10G]},  # a node Ray's state API no longer lists
+    ])
+    assert nodes["head"]["host"] == "h" and nodes["head"]["head"] and "gpu_memory_bytes" not in nodes["head"]
+    assert nodes["g1"]["gpu_name"] == "small" and nodes["g1"]["gpu_memory_bytes"] == 8000 * 2**20
+    assert nodes["g1"]["host"] == "gpu-1" and nodes["g1"]["head"] is False and "host" not in nodes["g2"]
+
+
+class GpuCluster:
+    """Ray at the edge: one node of 4 A10Gs, as the server's backend sees it."""
+
+    def nodes(self):
+        from runner.queue import Node
+
+        return [Node("g1", 48, 4)]
+
+    def details(self):
+        return {"nodes": [{"id": "g1", "host": "gpu-1", "held": [], "gpu_name": "NVIDIA A10G",
+                           "gpu_memory_bytes": 23028 * 2**20}]}
+
+    def submit(self, *a, **k):
+        raise AssertionError("nothing may be submitted")
+
+    def status(self, sid):
+        return "RUNNING", ""
+
+    def stop(self, sid):
+        pass
+
+
+def test_submit_to_a_remote_server_checks_against_its_clusters_gpus(one_b_model, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from runner.server import create_app
+    from tests.web import served
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} of the data"}) + "\n" for i in range(20)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: big\nmodel: {{name: {one_b_model}, dtype: float32}}\ntask: causal_lm\n"
+                      f"data: {{train: {data}, max_seq_len: 256}}\ntuning: full\ntrain: {{batch_size: 8}}\n"
+                      "resources: {gpus_per_worker: 1, mixed_precision: bf16}\n")  # no gpu_memory_gib
+    app = create_app(tmp_path / "server", backend=GpuCluster(), interval=3600)
+    with served(app) as url:
+        env = {**os.environ, "RUNNER_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "RUNNER_SERVER": url}
+        out = _cli(["submit", str(recipe)], env)
+        status = _cli(["cluster", "status"], env)
+    assert "GPUs 4/4  (NVIDIA A10G, 22.5 GiB each)" in status.stdout, status.stdout + status.stderr
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "resources: will not fit: needs about 25" in out.stderr
+    assert "more than the 22.5 GiB of each GPU (the cluster's smallest GPU, NVIDIA A10G)" in out.stderr
+    assert "tuning: lora (about" in out.stderr
+    with TestClient(app) as c:
+        assert c.get("/jobs").json()["total"] == 0
