@@ -158,11 +158,19 @@ def test_nan_loss_stops_with_reason_and_no_model(tmp_path, bert_dir):
     assert not (d / "model").exists() and not (d / "eval.json").exists()
 
 
-def test_resume_after_a_killed_worker(tmp_path, bert_dir):
+def test_sharded_checkpoints_resume_and_gather(tmp_path, bert_dir):
+    """Resume after a killed worker, no step lost or repeated beyond the checkpoint interval, on the path FSDP and
+    DeepSpeed take (each rank saves its part with Accelerator.save_state, Ray gathers the parts into one checkpoint,
+    the best weights are kept the same way and the model is gathered and saved from a CPU copy), run on CPUs with
+    DDP, where Accelerate has no FSDP. Whole-model checkpoints resume in test_dispatch's lost-node test and
+    test_cli_run's --resume."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
     d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
             "train:\n  epochs: 2\n  batch_size: 4\n  lr: 0.003\n  checkpoint_every: 4\n  eval_every: 4\n"
             "resources:\n  workers: 2\n  max_failures: 1\n", rows=keyword_rows(120))
-    run_job(d, {"crash_after_step": 6, "record_seen": str(d / "seen")})
+    result = run_job(d, {"force_sharded": True, "crash_after_step": 6})
     assert (d / "crashed").read_text() == "6"
     assert "resumed from checkpoint at step 4 " in (d / "train.log").read_text()
     steps = [m["step"] for m in metrics(d) if "split" not in m]
@@ -171,20 +179,6 @@ def test_resume_after_a_killed_worker(tmp_path, bert_dir):
     repeated = sorted({s for s in steps if steps.count(s) > 1})
     assert repeated == [5, 6], "only the steps after the last checkpoint run again"
     assert json.loads((d / "eval.json").read_text())["steps"] == total
-
-
-def test_sharded_checkpoints_resume_and_gather(tmp_path, bert_dir):
-    """The path FSDP and DeepSpeed take (each rank saves its part with Accelerator.save_state, Ray gathers the parts
-    into one checkpoint, a lost worker resumes from it, the best weights are kept the same way and the model is
-    gathered and saved from a CPU copy), run on CPUs with DDP, where Accelerate has no FSDP."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForSequenceClassification
-
-    d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
-            "train:\n  epochs: 2\n  batch_size: 4\n  lr: 0.003\n  checkpoint_every: 4\n  eval_every: 4\n"
-            "resources:\n  workers: 2\n  max_failures: 1\n", rows=keyword_rows(120))
-    result = run_job(d, {"force_sharded": True, "crash_after_step": 6})
-    assert "resumed from checkpoint at step 4 " in (d / "train.log").read_text()
     ckpts = [p.parent for p in (d / "checkpoints").rglob("state.json")]
     assert ckpts, "no sharded checkpoint"
     for ck in ckpts:  # both ranks' parts in the one folder
