@@ -38,6 +38,15 @@ def _client(autostart: bool = True) -> Client:
         raise AssertionError from e
 
 
+def _get(path: str, as_json: bool, **params) -> dict | None:
+    """The server's answer to GET path; with --json it is printed as it is and None comes back (nothing to add)."""
+    got = _api(_client().get, path, **params)
+    if as_json:
+        typer.echo(json.dumps(got, indent=2))
+        return None
+    return got
+
+
 def _api(fn, *args, **kwargs):
     """A call to the server; its refusal (404, 409, 422, 503, unreachable) becomes one line and exit 1 (2 for a
     recipe the server finds invalid)."""
@@ -191,9 +200,8 @@ def list_jobs(
     as_json: bool = typer.Option(False, "--json", help="Print the server's answer as JSON."),
 ) -> None:
     """The jobs, newest first; a queued job with its place in the queue and what it waits for."""
-    out = _api(_client().get, "/jobs", state=state, name=name, limit=limit, offset=offset)
-    if as_json:
-        typer.echo(json.dumps(out, indent=2))
+    out = _get("/jobs", as_json, state=state, name=name, limit=limit, offset=offset)
+    if out is None:
         return
     jobs = out["jobs"]
     if not jobs:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 
 import typer
 
 from runner.cli import app
-from runner.commands import _api, _client, _next
+from runner.commands import _api, _client, _get, _next
 
 models_app = typer.Typer(help="The model registry: versions of each registered model, aliases, promotion.",
                          no_args_is_help=True)
@@ -23,9 +22,8 @@ def _value(v) -> str:
 @models_app.command("list")
 def listing(as_json: bool = typer.Option(False, "--json", help="The server's answer as JSON.")) -> None:
     """Each registered model: how many versions, and where its aliases point."""
-    got = _api(_client().get, "/models")
-    if as_json:
-        typer.echo(json.dumps(got, indent=2))
+    got = _get("/models", as_json)
+    if got is None:
         return
     for m in got["models"]:
         aliases = ", ".join(f"{a}=v{v}" for a, v in m["aliases"].items()) or "no alias"
@@ -38,9 +36,8 @@ def listing(as_json: bool = typer.Option(False, "--json", help="The server's ans
 @models_app.command("show")
 def show(model: str = MODEL, as_json: bool = typer.Option(False, "--json", help="The server's answer as JSON.")) -> None:
     """Every version with its job, test metric and the gate's decision; the aliases; every move of an alias."""
-    got = _api(_client().get, f"/models/{model}")
-    if as_json:
-        typer.echo(json.dumps(got, indent=2))
+    got = _get(f"/models/{model}", as_json)
+    if got is None:
         return
     marks = {}
     for alias, v in got["aliases"].items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import datetime
 from pathlib import Path
@@ -11,7 +10,7 @@ import typer
 
 from jobs.recipe import RecipeError, env_refs, load_recipe
 from runner.cli import _fail, app
-from runner.commands import _api, _client, _next
+from runner.commands import _api, _client, _get, _next
 
 schedule_app = typer.Typer(help="Retrain a recipe on a cron or when its data changes (kept by the runner server).",
                            no_args_is_help=True)
@@ -50,9 +49,8 @@ def add(recipe: Path = typer.Argument(..., help="A recipe with a `schedule` sect
 @schedule_app.command("list")
 def listing(as_json: bool = typer.Option(False, "--json", help="The server's answer as JSON.")) -> None:
     """Every schedule with its next fire and its last outcome."""
-    got = _api(_client().get, "/schedules")
-    if as_json:
-        typer.echo(json.dumps(got, indent=2))
+    got = _get("/schedules", as_json)
+    if got is None:
         return
     for s in got["schedules"]:
         typer.echo(_line(s))
@@ -65,9 +63,8 @@ def listing(as_json: bool = typer.Option(False, "--json", help="The server's ans
 def show(name: str = NAME, fires: int = typer.Option(20, "--fires", help="How many of the last fires."),
          as_json: bool = typer.Option(False, "--json", help="The server's answer as JSON.")) -> None:
     """One schedule: what fires it, and each fire's outcome (submitted, skipped, missed) with its reason."""
-    s = _api(_client().get, f"/schedules/{name}", fires=fires)
-    if as_json:
-        typer.echo(json.dumps(s, indent=2))
+    s = _get(f"/schedules/{name}", as_json, fires=fires)
+    if s is None:
         return
     typer.echo(f"schedule {s['id']}: {s['what']}, concurrency {s['concurrency']}"
                f"{', PAUSED' if s['paused'] else ''}")
