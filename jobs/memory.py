@@ -219,8 +219,10 @@ def suggestions(recipe: Recipe, shape: Shape, capacity: float) -> list[str]:
     res, t = recipe.resources, recipe.train
     tries: list[tuple[str, Recipe]] = []
 
-    def with_(what: str, **changes) -> None:
+    def with_(what: str, tuning: dict | None = None, **changes) -> None:
         d = recipe.model_dump()
+        if tuning is not None:
+            d["tuning"] = tuning
         for dotted, v in changes.items():
             sec, key = dotted.split("__")
             d[sec][key] = v
@@ -246,21 +248,15 @@ def suggestions(recipe: Recipe, shape: Shape, capacity: float) -> list[str]:
                 break
             del tries[before:]
     if recipe.tuning.mode in ("full", "freeze"):
-        tries.append(("tuning: lora", _with_tuning(recipe, {"mode": "lora"})))
+        with_("tuning: lora", tuning={"mode": "lora"})
     if recipe.tuning.mode in ("full", "freeze", "lora") and recipe.needs_gpu:
-        tries.append(("tuning: qlora", _with_tuning(recipe, {"mode": "qlora"})))
+        with_("tuning: qlora", tuning={"mode": "qlora"})
     out = []
     for what, r in tries:
         est = estimate(r, shape)
         if est.total <= capacity:
             out.append(f"{what} (about {est.gib():.1f} GiB)")
     return out
-
-
-def _with_tuning(recipe: Recipe, tuning: dict) -> Recipe:
-    d = recipe.model_dump()
-    d["tuning"] = tuning
-    return Recipe.model_validate(d)
 
 
 def local_gpu_bytes() -> float | None:
