@@ -16,6 +16,8 @@ Goals: first_page_ms <= 300, first_page_kb <= 200, server_rss_mb <= 250.
 
 from __future__ import annotations
 
+import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
+
 import argparse
 import json
 import os
@@ -27,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 STATE_MIX = [("SUCCEEDED", 0.62), ("FAILED", 0.18), ("CANCELLED", 0.12), ("QUEUED", 0.05), ("RUNNING", 0.03)]
 MODELS = ["sentence-transformers/all-MiniLM-L6-v2", "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B",

@@ -9,6 +9,8 @@ on test rows, batch 1 and 8) and scored on the whole test split. Last line: one 
 Goals: size <= 0.3x, at least 2x faster at batch 1 and 8, accuracy drop <= 1 point.
 """
 
+import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
+
 import argparse
 import json
 import os
@@ -18,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def newest_quickstart() -> Path | None:

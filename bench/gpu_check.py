@@ -1,5 +1,7 @@
 """The body of bench/gpu_check.sh (read that first): model, data, the runs, the figures."""
 
+import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
+
 import argparse
 import json
 import os
@@ -11,7 +13,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 # Qwen2.5-0.5B's shape: 494M parameters, tied embeddings, grouped-query attention
 QWEN05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,

@@ -8,6 +8,8 @@ runner's figure includes starting Ray, pre-flight, tokenizing, checkpointing and
 runner_s, bare_s and ratio. Goal: ratio <= 1.15 on a job of about 2 minutes.
 """
 
+import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
+
 import argparse
 import json
 import os
