@@ -1,11 +1,13 @@
 """What the runner costs over a bare Accelerate script: the same training, one Ray worker against one process.
 
-    python bench/overhead.py [--steps 300]
+    python bench/overhead.py [--steps 300] [--rounds 2]
 
 Both sides fine-tune all-MiniLM-L6-v2 (full, batch 16, max_seq_len 64) on recipes/data/topics for the same steps,
 evaluate once at the end and save the model; each is timed as a whole command (interpreter start to exit), so the
-runner's figure includes starting Ray, pre-flight, tokenizing, checkpointing and the manifest. Last line: JSON with
-runner_s, bare_s and ratio. Goal: ratio <= 1.15 on a job of about 2 minutes.
+runner's figure includes starting Ray, pre-flight, tokenizing, checkpointing and the manifest. Each side runs
+--rounds times, in the order bare, runner, runner, bare, ... (the figures are means), so that a machine that slows
+down over the minutes weighs on both alike. Last line: JSON with runner_s, bare_s and ratio. Goal: ratio <= 1.15 on
+a job of about 2 minutes.
 """
 
 import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
@@ -42,7 +44,7 @@ def timed(cmd: list[str], env: dict) -> tuple[float, str]:
 
 def runner_phases(home: Path) -> dict:
     """Where the runner's time went, from its job folder: the loop (steps 2..N, as the bare figure) and the rest."""
-    job = next((home / "artifacts").iterdir())
+    job = max((home / "artifacts").iterdir(), key=lambda d: d.stat().st_mtime)
     steps = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "split" not in s]
     timings = json.loads((job / "manifest.json").read_text())["timings"]
@@ -52,24 +54,41 @@ def runner_phases(home: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="runs of each, in the order bare, runner, runner, bare, ... so that a machine that slows "
+                         "down or speeds up over the minutes weighs on both alike")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="overhead-"))
     (tmp / "recipe.yaml").write_text(recipe(args.steps))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUNNER_HOME": str(tmp / "home"), "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "2"}
-    bare_s, out = timed([sys.executable, "bench/bare_accelerate.py", str(tmp / "recipe.yaml"), str(tmp / "bare")],
-                        env)
-    print(out.strip().splitlines()[0], flush=True)
-    bare_loop = json.loads(out.strip().splitlines()[-1])["loop_s"]
-    runner_s, out = timed([sys.executable, "-m", "runner.cli", "run", str(tmp / "recipe.yaml")], env)
-    phases = runner_phases(tmp / "home")
-    print(f"runner: steps 2-{args.steps} took {phases['loop_s']:.1f} s; pre-flight {phases['preflight_s']:.1f} s, "
-          f"data {phases['prepare_s']:.1f} s, workers (start, loop, eval, save) {phases['train_s']:.1f} s")
-    print(f"steps {args.steps}: runner {runner_s:.1f} s, bare Accelerate {bare_s:.1f} s, ratio {runner_s / bare_s:.3f}; "
-          f"the loop alone {phases['loop_s']:.1f} s against {bare_loop:.1f} s, ratio {phases['loop_s'] / bare_loop:.3f}")
-    print(json.dumps({"steps": args.steps, "runner_s": round(runner_s, 2), "bare_s": round(bare_s, 2),
-                      "ratio": round(runner_s / bare_s, 3), "runner_loop_s": round(phases["loop_s"], 2),
-                      "bare_loop_s": round(bare_loop, 2), "loop_ratio": round(phases["loop_s"] / bare_loop, 3)}))
+    runs: dict[str, list[tuple[float, float]]] = {"bare": [], "runner": []}  # (whole command, steps 2..N)
+    order = [("bare", "runner")[(i + 1) // 2 % 2] for i in range(2 * args.rounds)]  # bare runner runner bare ...
+    for i, side in enumerate(order):
+        if side == "bare":
+            took, out = timed([sys.executable, "bench/bare_accelerate.py", str(tmp / "recipe.yaml"),
+                               str(tmp / f"bare{i}")], env)
+            loop = json.loads(out.strip().splitlines()[-1])["loop_s"]
+            print(f"bare:   {took:6.1f} s, steps 2-{args.steps} {loop:6.1f} s", flush=True)
+        else:
+            took, out = timed([sys.executable, "-m", "runner.cli", "run", str(tmp / "recipe.yaml")], env)
+            ph = runner_phases(tmp / "home")
+            loop = ph["loop_s"]
+            print(f"runner: {took:6.1f} s, steps 2-{args.steps} {loop:6.1f} s; pre-flight {ph['preflight_s']:.1f} s, "
+                  f"data {ph['prepare_s']:.1f} s, workers (start, loop, eval, save) {ph['train_s']:.1f} s",
+                  flush=True)
+        runs[side].append((took, loop))
+    runner_s, bare_s = (sum(t for t, _ in runs[k]) / args.rounds for k in ("runner", "bare"))
+    runner_loop, bare_loop = (sum(x for _, x in runs[k]) / args.rounds for k in ("runner", "bare"))
+    print(f"steps {args.steps}, mean of {args.rounds}: runner {runner_s:.1f} s, bare Accelerate {bare_s:.1f} s, "
+          f"ratio {runner_s / bare_s:.3f}; the loop alone {runner_loop:.1f} s against {bare_loop:.1f} s, ratio "
+          f"{runner_loop / bare_loop:.3f}; outside the loop {runner_s - runner_loop:.1f} s against "
+          f"{bare_s - bare_loop:.1f} s")
+    print(json.dumps({"steps": args.steps, "rounds": args.rounds, "runner_s": round(runner_s, 2),
+                      "bare_s": round(bare_s, 2), "ratio": round(runner_s / bare_s, 3),
+                      "runner_loop_s": round(runner_loop, 2), "bare_loop_s": round(bare_loop, 2),
+                      "loop_ratio": round(runner_loop / bare_loop, 3),
+                      "runs": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in runs.items()}}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -452,7 +453,8 @@ def tokenize_split(recipe: Recipe, tokenizer, sp: Split, label_ids: dict[str, in
         raise ValueError("instruction and chat formats need a fast tokenizer (offsets place the loss)")
     cols = sp.dataset.column_names
     return sp.dataset.map(lambda row: tokenize_example(recipe, tokenizer, row, label_ids), remove_columns=cols,
-                          desc=f"tokenizing {sp.name}", load_from_cache_file=False)
+                          desc=f"tokenizing {sp.name}", load_from_cache_file=False,
+                          new_fingerprint=uuid.uuid4().hex)  # not a hash of the tokenizer: 2 s of pickling
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -107,4 +107,11 @@ def make_accelerator(p: dict):
         from accelerate.utils import DeepSpeedPlugin
 
         kw["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=p["deepspeed"])
-    return Accelerator(**kw)
+    # One DDP worker has nothing to synchronise, but Ray Train sets LOCAL_RANK in every worker, and Accelerate then
+    # wraps the model in a DistributedDataParallel of one (a copy of every gradient each step, for nothing)
+    alone = p["strategy"] == "ddp" and os.environ.get("WORLD_SIZE", "1") == "1"
+    hidden = {"LOCAL_RANK": os.environ.pop("LOCAL_RANK")} if alone and "LOCAL_RANK" in os.environ else {}
+    try:
+        return Accelerator(**kw)
+    finally:
+        os.environ.update(hidden)

@@ -283,9 +283,10 @@ def train_func(config: dict) -> None:
     unit_of = [units(r, recipe.task) for r in train_ds] if recipe.task == "causal_lm" else None
     length_of = [len(x) for x in train_ds["input_ids"]]
 
-    if config.get("record_nodes") and rank == 0:  # tests: the node each start of the workers ran on
+    if config.get("record_nodes") and rank == 0:  # tests: the node each start of the workers ran on, its priority
         with (job_dir / "nodes.txt").open("a") as f:
             f.write(ray.get_runtime_context().get_node_id() + "\n")
+        (job_dir / "nice.txt").write_text(str(os.nice(0)))
 
     # --- resume ---------------------------------------------------------------------------------------------------
     state = State()

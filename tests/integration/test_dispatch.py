@@ -234,6 +234,7 @@ def test_lost_node_job_resumes_from_checkpoint_on_the_other(cluster, tmp_path, t
     wait_for("the checkpoint at step 4", at_checkpoint, 180)
     first = (job_dir / "nodes.txt").read_text().split()
     assert len(first) == 1
+    assert (job_dir / "nice.txt").read_text() == "0", "the training worker runs at the user's priority, not Ray's 15"
     node = next(n for n in nodes if n.node_id == first[0])
     c.remove_node(node, allow_graceful=False)
 

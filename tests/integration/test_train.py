@@ -115,7 +115,9 @@ def test_regression_error_falls_and_freeze(tmp_path, bert_dir):
     run_job(d)
     evals = [m for m in metrics(d) if m.get("split") == "validation"]
     assert evals[-1]["mse"] < evals[0]["mse"]
-    assert "trainable of" in (d / "train.log").read_text()
+    log = (d / "train.log").read_text()
+    assert "trainable of" in log
+    assert "world size 1 (NO)" in log, "one worker: no DistributedDataParallel of one around the model"
 
 
 @pytest.mark.parametrize("fmt", ["text", "instruction", "chat"])
