@@ -84,10 +84,15 @@ def main() -> None:
           f"ratio {runner_s / bare_s:.3f}; the loop alone {runner_loop:.1f} s against {bare_loop:.1f} s, ratio "
           f"{runner_loop / bare_loop:.3f}; outside the loop {runner_s - runner_loop:.1f} s against "
           f"{bare_s - bare_loop:.1f} s")
+    _, out = timed([sys.executable, "bench/ray_floor.py"], env)
+    floor = json.loads(out.strip().splitlines()[-1])["floor_s"]
+    print(f"Ray and Ray Train by themselves (bench/ray_floor.py: start, one worker that trains nothing, shutdown): "
+          f"{floor:.1f} s, so no runner on Ray Train gets below ratio {(bare_s + floor) / bare_s:.3f} here")
     print(json.dumps({"steps": args.steps, "rounds": args.rounds, "runner_s": round(runner_s, 2),
                       "bare_s": round(bare_s, 2), "ratio": round(runner_s / bare_s, 3),
                       "runner_loop_s": round(runner_loop, 2), "bare_loop_s": round(bare_loop, 2),
-                      "loop_ratio": round(runner_loop / bare_loop, 3),
+                      "loop_ratio": round(runner_loop / bare_loop, 3), "ray_floor_s": floor,
+                      "floor_ratio": round((bare_s + floor) / bare_s, 3),
                       "runs": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in runs.items()}}))
 
 

@@ -118,9 +118,7 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
     env_vars = {k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN",
                                              "WANDB_API_KEY", "WANDB_MODE", "TOKENIZERS_PARALLELISM") if k in os.environ}
     env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Ray starts its workers at nice 15 (under its own daemons and everything else on the node); the training
-    # loop is the node's work, at the priority a process of the user's would have
-    env_vars["RAY_worker_niceness"] = "0"
+    env_vars.update(WORKER_PRIORITY)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"job_dir": str(job_dir), "model_path": prep.model_path,
@@ -311,6 +309,22 @@ def set_aside(job_dir: Path) -> Path | None:
     return dest
 
 
+# Ray starts its workers at nice 15, under its own daemons and everything else on the node; the training loop is the
+# node's work, at the priority a process of the user's would have
+WORKER_PRIORITY = {"RAY_worker_niceness": "0"}
+
+
+def ray_settings(local: bool) -> None:
+    """Ray and Ray Train settings of a driver (environment variables, before ray.init; a setting already in the
+    environment wins). Ray Train's controller inherits them from the driver."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    # the controller polls the workers every 2 s by default, so a finished job waited up to 2 s to be seen
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if local:  # a one-node Ray of the driver's own: nothing to preempt, no one to collect its metrics
+        for k in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED", "RAY_enable_metrics_collection"):
+            os.environ.setdefault(k, "0")
+
+
 def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
     """Connect to RAY_ADDRESS, or start a local Ray for this job; print progress; exit 0 / 1 with the reason.
 
@@ -323,13 +337,8 @@ def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
     import ray
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
-    # Ray Train's controller polls the workers every 2 s by default, so a finished job waited up to 2 s to be seen
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     address = os.environ.get("RAY_ADDRESS")
-    if not address:  # the one-node Ray started below: nothing to preempt, no one to collect its metrics
-        for k in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED", "RAY_enable_metrics_collection"):
-            os.environ.setdefault(k, "0")
+    ray_settings(local=not address)
     job_dir = Path(job_dir).resolve()
     prepared: list = []
 
