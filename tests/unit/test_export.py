@@ -124,10 +124,12 @@ def test_impossibly_strict_bound_fails_and_reexport_never_mixes_files(tmp_path, 
     model_dir = tiny_model_dir(tmp_path / "gpt2", "gpt2", tokenizer, weights=True)
     rows = [{"text": " ".join(r["text"].split() * 3)} for r in keyword_rows(80)]
     job, recipe = make_job(tmp_path, model_dir, "causal_lm", rows)
+    # a ratio of 0.5 (the schema refuses it from a recipe): int8 can come out a hair better than fp32 on a model
+    # this small, so only a bound below 1 fails every time
     with pytest.raises(ExportFailed) as e:
-        export_job(job, with_export(recipe, quantize="int8_dynamic", max_quality_drop=1.0), log=lambda m: None,
+        export_job(job, with_export(recipe, quantize="int8_dynamic", max_quality_drop=0.5), log=lambda m: None,
                    repeats=1)
-    assert "perplexity ratio" in str(e.value) and "allowed 1 (export.max_quality_drop)" in str(e.value)
+    assert "perplexity ratio" in str(e.value) and "allowed 0.5 (export.max_quality_drop)" in str(e.value)
     # a first export that passes, then a second one into the same folder with other settings
     export_job(job, with_export(recipe, quantize="int8_dynamic"), log=lambda m: None, repeats=1)
     assert not (job / "onnx.failed").exists(), "a later success clears the failed attempt"
