@@ -174,11 +174,17 @@ def earlier_checkpoints(job_dir: Path) -> list[str]:
     return [d for _, d in sorted(found, reverse=True)]
 
 
-def event(job_dir: Path, message: str, state: str | None = None) -> None:
-    """A line of <job_dir>/events.jsonl: a change of the job's state (RETRYING, RUNNING, EXPORTING) or a note,
-    which the runner server copies into its store as it follows the job."""
-    with (job_dir / "events.jsonl").open("a") as f:
-        f.write(json.dumps({"time": time.time(), "state": state, "message": message}) + "\n")
+def event(job_dir: Path, message: str, state: str | None = None, level: str | None = None, **extra) -> None:
+    """A line of <job_dir>/events.jsonl: a change of the job's state (RETRYING, RUNNING, EXPORTING) or a note
+    (level "warning" for what a person should look at: an alarm, a baseline not beaten), which the runner server
+    copies into its store as it follows the job. One write of one line, so that lines from the driver and from
+    rank 0 never interleave."""
+    line = json.dumps({"time": time.time(), "state": state, "message": message, "level": level, **extra}) + "\n"
+    fd = os.open(job_dir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def _lifecycle_callback(job_dir: Path, max_failures: int):

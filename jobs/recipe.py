@@ -197,6 +197,10 @@ class TrainSpec(_Strict):
     )
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept, besides the best one.")
     early_stopping: EarlyStopping | None = Field(None, description="Off unless given.")
+    select_metric: str | None = Field(
+        None, description="Validation metric that picks the weights kept (and drives early stopping), its direction "
+        "known: default `accuracy` for classification, `mse` for regression, `loss` for causal LM (also `macro_f1`, "
+        "`loss`, `mae`, `perplexity`). Ties go to the lower validation loss, then the later step.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSpec":
@@ -324,6 +328,13 @@ class ScheduleSpec(_Strict):
         return self
 
 
+# The validation metric that picks the best weights, per task, and whether higher is better; the first is the default.
+SELECT_METRICS = {
+    "classification": {"accuracy": True, "macro_f1": True, "loss": False},
+    "regression": {"mse": False, "mae": False, "loss": False},
+    "causal_lm": {"loss": False, "perplexity": False},
+}
+
 # The test metric a registered model is judged by, per task, and whether higher is better.
 GATE_METRICS = {
     "classification": {"accuracy": True, "macro_f1": True, "loss": False},
@@ -373,6 +384,12 @@ class Recipe(_Strict):
             raise ValueError(f"promotion.metric {self.promotion.metric!r} is not a test metric of {self.task}: one "
                              f"of {', '.join(known)}")
         return self
+
+    @property
+    def select_metric(self) -> tuple[str, bool]:
+        """(validation metric that picks the best weights, higher is better)."""
+        metric = self.train.select_metric or next(iter(SELECT_METRICS[self.task]))
+        return metric, SELECT_METRICS[self.task][metric]
 
     @property
     def gate_metric(self) -> tuple[str, bool]:
@@ -628,6 +645,11 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
         out.append(("resources.zero_stage", f"applies to strategy 'deepspeed' only (strategy is '{res.strategy}')"))
     if res.gpus_per_worker > 1 and res.gpus_per_worker != int(res.gpus_per_worker):
         out.append(("resources.gpus_per_worker", f"{res.gpus_per_worker:g}: above 1, give a whole number of GPUs"))
+    known = SELECT_METRICS[r.task]
+    if r.train.select_metric is not None and r.train.select_metric not in known:
+        out.append(("train.select_metric", f"{r.train.select_metric!r} is not a validation metric of task "
+                                           f"'{r.task}'{_did_you_mean(r.train.select_metric, known)}; expected one "
+                                           f"of {', '.join(known)}"))
     if r.train.eval_every and r.train.checkpoint_every and r.train.checkpoint_every % r.train.eval_every:
         out.append(("train.checkpoint_every", f"{r.train.checkpoint_every} is not a multiple of train.eval_every "
                                               f"({r.train.eval_every}); the best checkpoint is chosen at evaluations"))

@@ -78,6 +78,24 @@ def plan(recipe: Recipe, layer_classes: list[str] | None = None, gpu: bool | Non
     return out
 
 
+def describe(p: dict, world: int, distributed: str = "NO") -> str:
+    """The workers and how they share the work, in words, for the job's log. distributed: Accelerate's
+    distributed type (one DDP worker should be "NO": no wrapper around the model)."""
+    device = "CPUs" if p["cpu"] else "GPUs"
+    name = {"ddp": "DDP", "fsdp": "FSDP full shard",
+            "deepspeed": f"DeepSpeed ZeRO stage {p.get('deepspeed', {}).get('zero_optimization', {}).get('stage')}"}
+    if world == 1 and p["strategy"] == "ddp":
+        if distributed != "NO":
+            return f"1 worker on {device}, wrapped for distribution ({distributed}) with no one to exchange with"
+        return f"1 worker on {device}: one process, no gradient exchange"
+    if world == 1:
+        return f"1 worker on {device} with {name[p['strategy']]} (sharded checkpoints; nothing to exchange)"
+    how = {"ddp": "each holds the whole model; gradients averaged across them every step",
+           "fsdp": "weights, gradients and optimizer states sharded across them",
+           "deepspeed": "optimizer states and gradients (and at stage 3 weights) sharded across them"}
+    return f"{world} workers, data-parallel on {device}: {how[p['strategy']]} ({name[p['strategy']]})"
+
+
 def layer_classes(model) -> list[str]:
     """The model's decoder layer classes: transformers' `_no_split_modules`, else the repeated block's class."""
     from jobs.model import transformer_layers

@@ -7,6 +7,14 @@ Data parallelism is planned here rather than by a DistributedSampler: each epoch
 rows from (seed, epoch); each optimizer step takes the next `workers x batch_size x grad_accum` rows and deals them
 out to the ranks. Every row is seen exactly once per epoch, the last uneven step included, and a resumed run
 restarts at the exact step and data position of its checkpoint.
+
+The learning rate is set before every update from the recipe's schedule at that step (`lr_schedule`), never by a
+scheduler object handed to `acc.prepare`: Accelerate steps a prepared scheduler once per process for each optimizer
+step, so on N workers the schedule ran N times too fast and ended at step total/N. As a function of the step it is
+the same whatever the workers, accumulation, strategy or resume point.
+
+The weights kept are those of the best evaluation by `train.select_metric` (ties to the lower validation loss);
+eval.json says which step was chosen and why, and holds the trivial baseline on the same test rows.
 """
 
 from __future__ import annotations
@@ -18,26 +26,28 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from jobs.recipe import Recipe, parse_recipe
 
-# Metric that picks the best checkpoint and drives early stopping, per task: (name, bigger is better).
-SELECT = {"classification": ("accuracy", True), "regression": ("mse", False), "causal_lm": ("loss", False)}
-
 
 @dataclass
 class State:
+    """The loop's position and judgments, saved in every checkpoint."""
+
     step: int = 0  # optimizer steps done
     epoch: int = 0
     step_in_epoch: int = 0
-    best: float | None = None
+    best: float | None = None  # the select metric's value at best_step
+    best_loss: float | None = None  # the validation loss at best_step (breaks ties)
     best_step: int | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    evals: list = field(default_factory=list)  # [step, select metric, validation loss] of every evaluation
+    baseline: dict | None = None  # a causal LM's test figures before tuning (the others' come from the data)
 
 
 class Diverged(RuntimeError):
@@ -128,30 +138,38 @@ def per_example_loss(model, batch: dict, task: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, ds, recipe: Recipe, pad_id: int, acc, batch_size: int) -> dict:
+def evaluate(model, ds, recipe: Recipe, pad_id: int, acc, batch_size: int, n_labels: int = 0) -> dict:
     """Metrics of `ds`, each rank scoring a shard, gathered so every rank holds the same numbers."""
     model.eval()
     rank, world = acc.process_index, acc.num_processes
     mine = list(range(rank, len(ds), world))
-    records = []  # (index, loss sum, units, prediction)
-    for i in range(0, len(mine), batch_size):
-        idx = mine[i:i + batch_size]
-        rows = [ds[j] for j in idx]
-        batch = collate(rows, pad_id, recipe.task, acc.device)
-        with acc.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        losses = _losses_from_logits(logits, batch["labels"], recipe.task)
-        preds = logits.argmax(-1).tolist() if recipe.task == "classification" else \
-            logits.squeeze(-1).tolist() if recipe.task == "regression" else [None] * len(idx)
-        for j, row, loss, p in zip(idx, rows, losses.tolist(), preds):
-            records.append((j, loss, units(row, recipe.task), p))
+    records = score_records(model, [ds[j] for j in mine], recipe.task, pad_id, acc.device, acc.autocast, batch_size)
+    records = [(mine[i], *rest) for i, *rest in records]
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, records)
         records = [r for part in gathered for r in part]
     records.sort()
     model.train()
-    return metrics(records, [ds[j]["labels"] for j, *_ in records], recipe)
+    return metrics(records, [ds[j]["labels"] for j, *_ in records], recipe.task, n_labels)
+
+
+@torch.no_grad()
+def score_records(model, rows: list[dict], task: str, pad_id: int, device, autocast, batch_size: int) -> list:
+    """(row index, summed loss, units, prediction) of each row: what `metrics` reduces. autocast: a context
+    manager factory (the Accelerator's, or contextlib.nullcontext)."""
+    records = []
+    for i in range(0, len(rows), batch_size):
+        part = rows[i:i + batch_size]
+        batch = collate(part, pad_id, task, device)
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        losses = _losses_from_logits(logits, batch["labels"], task)
+        preds = logits.argmax(-1).tolist() if task == "classification" else \
+            logits.squeeze(-1).tolist() if task == "regression" else [None] * len(part)
+        for j, (row, loss, p) in enumerate(zip(part, losses.tolist(), preds)):
+            records.append((i + j, loss, units(row, task), p))
+    return records
 
 
 def _losses_from_logits(logits, y, task):
@@ -164,27 +182,66 @@ def _losses_from_logits(logits, y, task):
                                              reduction="none").view(sy.shape).sum(-1)
 
 
-def metrics(records: list, labels: list, recipe: Recipe) -> dict:
+def metrics(records: list, labels: list, task: str, n_labels: int = 0) -> dict:
+    """The task's figures from score_records' records and each row's label. n_labels: the classes (macro-F1 is
+    averaged over those that occur among labels or predictions)."""
     n = len(records)
-    if recipe.task == "classification":
+    if task == "classification":
         preds = [r[3] for r in records]
-        k = len(json.loads(os.environ.get("RUNNER_LABELS", "[]"))) or (max(labels + preds) + 1)
-        f1s = []
-        for c in range(k):
-            tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
-            fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
-            fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
-            if tp + fp + fn:
-                f1s.append(2 * tp / (2 * tp + fp + fn))
-        return {"loss": sum(r[1] for r in records) / n, "accuracy": sum(p == y for p, y in zip(preds, labels)) / n,
-                "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0, "examples": n}
-    if recipe.task == "regression":
+        return {"loss": sum(r[1] for r in records) / n, **_class_figures(preds, labels, n_labels), "examples": n}
+    if task == "regression":
         err = [r[3] - float(y) for r, y in zip(records, labels)]
         mse = sum(e * e for e in err) / n
         return {"loss": mse, "mse": mse, "mae": sum(abs(e) for e in err) / n, "examples": n}
     tokens = sum(r[2] for r in records)
     loss = sum(r[1] for r in records) / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, "examples": n}
+
+
+def _class_figures(preds: list[int], labels: list[int], n_labels: int) -> dict:
+    k = n_labels or (max(list(labels) + list(preds)) + 1)
+    f1s = []
+    for c in range(k):
+        tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
+        fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
+        fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels),
+            "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
+
+
+def baseline(task: str, train_labels: list, test_labels: list, n_labels: int) -> dict:
+    """What a model that learned nothing from the text scores on the test rows: the majority class of train
+    (its loss: the train label frequencies, add-one smoothed, as the prediction), or the mean of train's targets.
+    A causal LM's baseline is the base model's own test figures before tuning, measured by the loop."""
+    if task == "classification":
+        counts = [0] * max(n_labels, 1 + max(list(train_labels) + list(test_labels)))
+        for y in train_labels:
+            counts[int(y)] += 1
+        majority = max(range(len(counts)), key=lambda c: (counts[c], -c))
+        prior = [(c + 1) / (len(train_labels) + len(counts)) for c in counts]
+        loss = sum(-math.log(prior[int(y)]) for y in test_labels) / len(test_labels)
+        return {"what": "predicting the majority class of train", "majority": majority, "loss": loss,
+                **_class_figures([majority] * len(test_labels), [int(y) for y in test_labels], n_labels),
+                "examples": len(test_labels)}
+    mean = sum(float(y) for y in train_labels) / len(train_labels)
+    err = [mean - float(y) for y in test_labels]
+    mse = sum(e * e for e in err) / len(err)
+    return {"what": "predicting the mean of train", "mean": mean, "loss": mse, "mse": mse,
+            "mae": sum(abs(e) for e in err) / len(err), "examples": len(err)}
+
+
+def versus_baseline(test: dict, base: dict, metric: str, higher: bool) -> tuple[bool, str]:
+    """(beats the baseline?, the verdict in words) on the metric the registry judges by."""
+    value, ref = test.get(metric), base.get(metric)
+    if value is None or ref is None:
+        return True, f"no baseline figure for {metric}"
+    beats = value > ref if higher else value < ref
+    words = f"test {metric} {value:.4g}"
+    if beats:
+        return True, f"{words} beats {base['what']}, {ref:.4g}"
+    return False, f"{words} is {'no better than' if value == ref else 'worse than'} {base['what']}, {ref:.4g}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,13 +265,27 @@ def make_optimizer(model, recipe: Recipe):
     return Adafactor(groups, lr=t.lr, scale_parameter=False, relative_step=False, warmup_init=False)
 
 
+def warmup_steps(recipe: Recipe, steps: int) -> int:
+    t = recipe.train
+    return t.warmup_steps or int(round(t.warmup_ratio * steps))
+
+
 def make_schedule(optimizer, recipe: Recipe, steps: int):
+    """transformers' scheduler for the recipe (linear, cosine or constant after a linear warm-up from 0), on
+    `optimizer`, for a loop of one process that steps it once per optimizer step (the bench scripts)."""
     from transformers import get_scheduler
 
-    t = recipe.train
-    warmup = t.warmup_steps or int(round(t.warmup_ratio * steps))
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[t.schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[recipe.train.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(recipe, steps), num_training_steps=steps)
+
+
+def lr_schedule(recipe: Recipe, steps: int):
+    """lr(k): the recipe's learning rate for the update after k optimizer steps, by transformers' own schedule
+    (make_schedule, read as a function on a throwaway optimizer) so that it is the one HF Trainer would use."""
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    factor = make_schedule(probe, recipe, steps).lr_lambdas[0]
+    peak = recipe.train.lr
+    return lambda k: peak * factor(k)
 
 
 def trainable_state(model) -> dict:
@@ -233,8 +304,9 @@ def train_func(config: dict) -> None:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
+    from jobs.alarms import Alarms
     from jobs.model import build_model
-    from jobs.strategy import layer_classes, make_accelerator, plan
+    from jobs.strategy import describe, layer_classes, make_accelerator, plan
 
     job_dir = Path(config["job_dir"])
     prepared = job_dir / "prepared"
@@ -248,7 +320,7 @@ def train_func(config: dict) -> None:
     data = datasets.load_from_disk(str(prepared / "data"))
     train_ds, val_ds, test_ds = data["train"], data["validation"], data["test"]
     labels = json.loads((prepared / "labels.json").read_text())
-    os.environ["RUNNER_LABELS"] = json.dumps(labels or [])
+    n_labels = len(labels or [])
     tokenizer = AutoTokenizer.from_pretrained(str(prepared / "tokenizer"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sp = plan(recipe, gpu=use_gpu)
@@ -268,8 +340,15 @@ def train_func(config: dict) -> None:
             with (job_dir / "train.log").open("a") as f:
                 f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 
-    note(f"world size {world} ({acc.distributed_type.value}); strategy {sp['strategy']}, mixed precision "
-         f"{sp['mixed_precision']}{', gradient checkpointing' if recipe.resources.gradient_checkpointing else ''}; "
+    def warn(kind: str, step: int, msg: str) -> None:  # rank 0: a warning in the log and in the job's events
+        from jobs.driver import event
+
+        if rank == 0:
+            note(f"warning: {msg}")
+            event(job_dir, msg, level="warning", kind=kind, step=step)
+
+    note(f"{describe(sp, world, acc.distributed_type.value)}; mixed precision {sp['mixed_precision']}"
+         f"{', gradient checkpointing' if recipe.resources.gradient_checkpointing else ''}; "
          f"parameters: {n_trainable:,} trainable of {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
     t = recipe.train
     steps = total_steps(recipe, len(train_ds), world)
@@ -277,8 +356,9 @@ def train_func(config: dict) -> None:
     eval_every = t.eval_every or per_epoch
     ckpt_every = t.checkpoint_every or eval_every
     optimizer = make_optimizer(model, recipe)
-    scheduler = make_schedule(optimizer, recipe, steps)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    groups = optimizer.param_groups  # the dicts every wrapper (DDP, FSDP2, ZeRO) steps with: the lr is set here
+    lr_at = lr_schedule(recipe, steps)
+    model, optimizer = acc.prepare(model, optimizer)  # not the schedule: see the module's docstring
     raw = acc.unwrap_model(model)
     unit_of = [units(r, recipe.task) for r in train_ds] if recipe.task == "causal_lm" else None
     length_of = [len(x) for x in train_ds["input_ids"]]
@@ -295,8 +375,7 @@ def train_func(config: dict) -> None:
         if "model" in saved:  # a whole-model checkpoint; a sharded one was loaded by _resume_state
             raw.load_state_dict(saved["model"], strict=False)
             optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-        state = State(**saved["state"])
+        state = State(**{k: v for k, v in saved["state"].items() if k in State.__dataclass_fields__})
         note(f"resumed from checkpoint at step {state.step} (epoch {state.epoch + 1}, "
              f"step {state.step_in_epoch} of the epoch)")
     metrics_file = job_dir / "metrics.jsonl"
@@ -308,6 +387,11 @@ def train_func(config: dict) -> None:
                 f.write(json.dumps(rec) + "\n")
 
     wb = _wandb(recipe, job_dir, config, rank)
+    if recipe.task == "causal_lm" and state.step == 0 and state.baseline is None:
+        # the base model before any update (LoRA's B starts at zero): what tuning must beat on the test rows
+        state.baseline = {"what": "the base model before tuning",
+                          **evaluate(model, test_ds, recipe, pad_id, acc, t.batch_size * 2)}
+    alarms = Alarms(steps, per_epoch, warmup_steps(recipe, steps), t.lr) if rank == 0 else None
 
     # --- the loop -------------------------------------------------------------------------------------------------
     model.train()
@@ -322,6 +406,9 @@ def train_func(config: dict) -> None:
             micro = plan[s][rank]
             step_rows = [j for r in plan[s] for m in r for j in m]
             step_units = len(step_rows) if unit_of is None else max(1, sum(unit_of[j] for j in step_rows))
+            lr = lr_at(state.step)
+            for g in groups:
+                g["lr"] = lr
             local_sum = torch.zeros((), device=acc.device)
             for m, idx in enumerate(micro):
                 weight = 1.0 if idx else 0.0  # a rank with no rows left still joins the all-reduce
@@ -337,27 +424,30 @@ def train_func(config: dict) -> None:
                 if seen_file and idx:
                     with open(f"{seen_file}.{rank}", "a") as f:
                         f.write(f"{epoch} " + " ".join(map(str, idx)) + "\n")
-            if t.max_grad_norm and not sp["clip_by_engine"]:
-                acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            if sp["clip_by_engine"]:  # DeepSpeed clipped (train.max_grad_norm) and stepped inside backward
+                grad_norm = _number(getattr(model, "get_global_grad_norm", lambda: None)())
+            else:  # the norm before clipping, measured whether or not the recipe clips
+                grad_norm = _number(acc.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf))
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.step_in_epoch += 1
             if state.step_in_epoch == len(plan):  # the position a checkpoint records is where to go on
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             loss_value = acc.reduce(local_sum, reduction="sum").item() / step_units
+            elapsed = time.perf_counter() - tick
+            n_tokens = sum(length_of[j] for j in step_rows)
+            rec = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "loss": loss_value, "lr": lr,
+                   "grad_norm": grad_norm, "samples_per_s": len(step_rows) / elapsed,
+                   "tokens_per_s": n_tokens / elapsed, "total_steps": steps, "time": time.time()}
+            for alarm in alarms.see(rec) if alarms else ():
+                warn(alarm["kind"], alarm["step"], alarm["message"])
             if not math.isfinite(loss_value):
                 reason = (f"the loss became {loss_value} at step {state.step} (epoch {epoch + 1}); no model "
                           f"was saved. Lower train.lr (now {t.lr:g}), or set train.max_grad_norm")
                 if rank == 0:
                     (job_dir / "failure.txt").write_text(reason)
                 raise Diverged(reason)
-            elapsed = time.perf_counter() - tick
-            n_tokens = sum(length_of[j] for j in step_rows)
-            rec = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "loss": loss_value,
-                   "lr": scheduler.get_last_lr()[0], "samples_per_s": len(step_rows) / elapsed,
-                   "tokens_per_s": n_tokens / elapsed, "total_steps": steps, "time": time.time()}
             if use_gpu:  # the most this rank's tensors have held so far, for the memory pre-flight's comparison
                 rec["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             log(rec)
@@ -367,7 +457,7 @@ def train_func(config: dict) -> None:
             report: dict = {"step": state.step, "loss": loss_value}
             val = None
             if state.step % eval_every == 0 or finished:
-                val = evaluate(model, val_ds, recipe, pad_id, acc, t.batch_size * 2)
+                val = evaluate(model, val_ds, recipe, pad_id, acc, t.batch_size * 2, n_labels)
                 report.update({f"val_{k}": v for k, v in val.items()})
                 log({"step": state.step, "epoch": rec["epoch"], "split": "validation", **val, "time": time.time()})
                 if wb:
@@ -375,7 +465,7 @@ def train_func(config: dict) -> None:
                 _track_best(state, val, recipe, raw, job_dir, rank, acc if sp["sharded"] else None)
             done = finished or state.stopped_early
             if state.step % ckpt_every == 0 and not done:
-                _checkpoint(report, state, raw, optimizer, scheduler, rank, acc if sp["sharded"] else None)
+                _checkpoint(report, state, raw, optimizer, rank, acc if sp["sharded"] else None)
             elif done:  # the saved model is the end's record; a checkpoint would only be written and hashed
                 ray.train.report(report)
             if config.get("step_delay"):  # tests: slow steps, so that a watcher sees the run go on
@@ -404,12 +494,22 @@ def train_func(config: dict) -> None:
             acc.load_state(str(job_dir / "best"))
         elif best.exists():
             raw.load_state_dict(torch.load(best, map_location="cpu"), strict=False)
-        val = evaluate(model, val_ds, recipe, pad_id, acc, t.batch_size * 2)
-    test = evaluate(model, test_ds, recipe, pad_id, acc, t.batch_size * 2)
+        val = evaluate(model, val_ds, recipe, pad_id, acc, t.batch_size * 2, n_labels)
+    test = evaluate(model, test_ds, recipe, pad_id, acc, t.batch_size * 2, n_labels)
     if rank == 0:
-        name, _ = SELECT[recipe.task]
+        name, higher = recipe.select_metric
+        chosen = selection(state, name, higher, steps)
+        note(f"kept the weights of step {chosen['step']} of {state.step}: {chosen['why']}")
+        base = state.baseline if recipe.task == "causal_lm" else \
+            baseline(recipe.task, train_ds["labels"], test_ds["labels"], n_labels)
+        if base is not None:  # None: a causal LM resumed from a checkpoint older than baselines
+            beats, verdict = versus_baseline(test, base, *recipe.gate_metric)
+            base = {**base, "beaten": beats, "verdict": verdict}
+            if not beats:
+                warn("baseline", state.step, f"the model does not beat its baseline: {verdict}")
         result = {"selected_by": f"validation {name}", "best_step": state.best_step, "steps": state.step,
-                  "stopped_early": state.stopped_early, "validation": val, "test": test}
+                  "stopped_early": state.stopped_early, "selection": chosen, "validation": val, "test": test,
+                  "baseline": base}
         (job_dir / "eval.json").write_text(json.dumps(result, indent=2))
         if wb:
             wb.log({f"test/{k}": v for k, v in test.items()})
@@ -426,16 +526,38 @@ def train_func(config: dict) -> None:
     ray.train.report({"step": state.step, "done": 1})
 
 
+def _number(x) -> float | None:
+    """A norm as a float (a tensor, a sharded DTensor, a number), or None where there is none."""
+    if x is None:
+        return None
+    try:
+        if hasattr(x, "full_tensor"):
+            x = x.full_tensor()
+        return float(x)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _improves(value: float, loss: float, state: State, higher: bool, min_delta: float) -> bool:
+    """Whether an evaluation replaces the kept one: better by more than min_delta on the select metric, or level
+    with it and a lower validation loss (so that a saturated accuracy still moves on to better weights)."""
+    if state.best is None:
+        return True
+    gain = value - state.best if higher else state.best - value
+    if gain > min_delta:
+        return True
+    return value == state.best and state.best_loss is not None and loss < state.best_loss
+
+
 def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, rank: int, acc=None) -> None:
     """Keep the weights of the best evaluation in <job_dir>/best: the trainable parameters (state.pt), or with
     sharded weights (`acc` given) every rank's part through Accelerator.save_state, all ranks taking part."""
-    name, bigger = SELECT[recipe.task]
-    value = val[name]
+    name, higher = recipe.select_metric
+    value, loss = val[name], val["loss"]
+    state.evals.append([state.step, value, loss])
     es = recipe.train.early_stopping
-    delta = es.min_delta if es else 0.0
-    improved = state.best is None or (value > state.best + delta if bigger else value < state.best - delta)
-    if improved:
-        state.best, state.best_step, state.evals_without_improvement = value, state.step, 0
+    if _improves(value, loss, state, higher, es.min_delta if es else 0.0):
+        state.best, state.best_loss, state.best_step, state.evals_without_improvement = value, loss, state.step, 0
         if acc is not None:
             _save_sharded(acc, job_dir / "best", state, rank)
         elif rank == 0:
@@ -450,6 +572,37 @@ def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, ran
             if rank == 0:
                 print(f"early stop at step {state.step}: validation {name} has not improved for "
                       f"{es.patience} evaluations (best {state.best:.4f} at step {state.best_step})", flush=True)
+
+
+def selection(state: State, name: str, higher: bool, steps: int) -> dict:
+    """Which evaluation's weights were kept and why, in words, from the evaluations' record."""
+    evals = [e for e in state.evals if e[0] == state.best_step]
+    if not evals:  # a run resumed from a checkpoint written before evaluations were recorded
+        return {"metric": name, "step": state.best_step, "value": state.best, "why": f"the best validation {name}"}
+    step, value, loss = evals[-1]
+    others = [e for e in state.evals if e[0] != step]
+    out = {"metric": name, "step": step, "value": value, "loss": loss, "evaluations": len(state.evals)}
+    if not others:
+        out["why"] = f"the only evaluation (validation {name} {value:.4g}, loss {loss:.4g})"
+        return out
+    tied = [e for e in others if e[1] == value]
+    better = [e for e in others if (e[1] > value if higher else e[1] < value)]
+    if tied:
+        out["why"] = (f"validation {name} {value:.4g}, the best, reached at {len(tied) + 1} evaluations (steps "
+                      f"{_steps([e[0] for e in tied] + [step])}); of those the lowest validation loss, {loss:.4g}")
+    else:
+        runner_up = sorted(others, key=lambda e: -e[1] if higher else e[1])[0]
+        out["why"] = (f"the best validation {name}, {value:.4g} (loss {loss:.4g}); next best {runner_up[1]:.4g} at "
+                      f"step {runner_up[0]}")
+    if better:  # early_stopping.min_delta: a later gain too small to count
+        out["why"] += (f"; later evaluations were better by no more than train.early_stopping.min_delta "
+                       f"(best {better[0][1]:.4g} at step {better[0][0]})")
+    return out
+
+
+def _steps(steps: list[int]) -> str:
+    steps = sorted(steps)
+    return ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}, {steps[1]}, ... {steps[-1]}"
 
 
 def _resume_state(ckpt, candidates: list[str], note, acc) -> dict | None:
@@ -475,7 +628,7 @@ def _resume_state(ckpt, candidates: list[str], note, acc) -> dict | None:
     return None
 
 
-def _checkpoint(report: dict, state: State, raw, optimizer, scheduler, rank: int, acc=None) -> None:
+def _checkpoint(report: dict, state: State, raw, optimizer, rank: int, acc=None) -> None:
     """Report a Ray Train checkpoint: rank 0's state.pt, or with sharded weights (`acc` given) each rank's part
     (Accelerator.save_state), which Ray gathers into the one checkpoint folder."""
     import ray.train
@@ -489,8 +642,8 @@ def _checkpoint(report: dict, state: State, raw, optimizer, scheduler, rank: int
                 (Path(d) / "step.json").write_text(json.dumps({"step": state.step}))
             ck = ray.train.Checkpoint.from_directory(d)
         elif rank == 0:
-            torch.save({"model": trainable_state(raw), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "state": asdict(state)}, Path(d) / "state.pt")
+            torch.save({"model": trainable_state(raw), "optimizer": optimizer.state_dict(), "state": asdict(state)},
+                       Path(d) / "state.pt")
             (Path(d) / "step.json").write_text(json.dumps({"step": state.step}))
             ck = ray.train.Checkpoint.from_directory(d)
         ray.train.report(report, checkpoint=ck)

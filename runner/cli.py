@@ -104,6 +104,36 @@ def metrics_line(figures: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
 
 
+def result_lines(result: dict | None, warnings: list[str]) -> list[str]:
+    """A finished job's eval.json and warnings as `status` and the end of `run` and `submit` print them: the test
+    metrics, which step's weights were kept and why, the verdict against the baseline, each warning."""
+    out = []
+    if result:
+        out.append("test:      " + metrics_line(result.get("test", {})))
+        sel = result.get("selection")
+        if sel:
+            out.append(f"kept:      step {sel['step']} of {result.get('steps')}: {sel['why']}")
+        base = result.get("baseline")
+        if base and base.get("verdict"):
+            out.append(f"baseline:  {base['verdict']}")
+        champ = result.get("champion")
+        if champ:
+            out.append(f"champion:  {_champion_words(champ, result)}")
+    out += [f"warning:   {w}" for w in warnings]
+    return out
+
+
+def _champion_words(champ: dict, result: dict) -> str:
+    who = f"{champ.get('model')} v{champ.get('version')}"
+    pair = champ.get("on_this_test")
+    if not pair:
+        return f"not compared with {who}: {champ.get('note', 'no figures')}"
+    keys = [k for k in ("accuracy", "mse", "perplexity", "loss") if k in pair["challenger"]][:1]
+    k = keys[0] if keys else next(iter(pair["challenger"]))
+    return (f"on this job's test split ({pair['rows']} rows) {k} {pair['challenger'][k]:.4g} here, "
+            f"{pair['champion'][k]:.4g} for {who}")
+
+
 def new_job_dir(name: str) -> Path:
     """<RUNNER_HOME>/artifacts/<name>-<UTC time>-<random>: sortable, unique, readable."""
     import secrets
@@ -194,8 +224,23 @@ def _drive(job_dir: Path) -> None:
     result = json.loads((job_dir / "eval.json").read_text())
     typer.echo(f"job {job_dir.name} SUCCEEDED")
     typer.echo(f"artifacts: {job_dir}")
-    typer.echo("test: " + metrics_line(result["test"]))
+    for line in result_lines(result, warnings_of(job_dir)):
+        typer.echo(line)
     typer.echo(f"next: ls {job_dir / 'model'}   (loads with from_pretrained)")
+
+
+def warnings_of(job_dir: Path) -> list[str]:
+    """The warnings the job wrote into its events.jsonl (alarms, a baseline not beaten)."""
+    out = []
+    path = job_dir / "events.jsonl"
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict) and ev.get("level") == "warning" and isinstance(ev.get("message"), str):
+            out.append(ev["message"])
+    return out
 
 
 def _finished(ref: str) -> Path:

@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from jobs.recipe import RecipeError, env_refs, load_recipe
-from runner.cli import EXIT_INVALID, _fail, _render, app, metrics_line, run_preflight
+from runner.cli import EXIT_INVALID, _fail, _render, app, metrics_line, result_lines, run_preflight
 from runner.client import Client, ClientError, connect, runner_home
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -144,9 +144,9 @@ def follow(client: Client, job_id: str) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(file=sys.stderr)
-    bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
+    bar = Progress(TextColumn("{task.fields[where]}"), BarColumn(), TextColumn("{task.fields[info]}"),
                    TimeRemainingColumn(), console=console, disable=not console.is_terminal)
-    task = bar.add_task("train", total=None, info="")
+    task = bar.add_task("train", total=None, where="waiting for the first step", info="")
     state, step, shown = None, 0, 0.0
     try:
         with bar:
@@ -160,6 +160,7 @@ def follow(client: Client, job_id: str) -> None:
                 for m in _api(client.get, f"/jobs/{job_id}/metrics", split="train", after_step=step)["metrics"]:
                     step = m["step"]
                     bar.update(task, completed=step, total=m.get("total_steps"),
+                               where=f"step {step}/{m.get('total_steps') or '?'}",
                                info=f"loss {m['loss']:.4f}  {m.get('samples_per_s', 0):.1f} samples/s")
                     if not console.is_terminal and (time.monotonic() - shown > 5 or step == m.get("total_steps")):
                         shown = time.monotonic()
@@ -177,10 +178,9 @@ def follow(client: Client, job_id: str) -> None:
 def _ending(job: dict) -> None:
     jid = job["id"]
     if job["state"] == "SUCCEEDED":
-        test = (job.get("result") or {}).get("test", {})
         typer.echo(f"job {jid} SUCCEEDED")
-        if test:
-            typer.echo("test: " + metrics_line(test))
+        for line in result_lines(job.get("result"), [w["message"] for w in job.get("warnings", [])]):
+            typer.echo(line)
         _next(f"runner artifacts {jid}", f"runner predict {jid} \"some text\"")
         return
     typer.echo(f"job {jid} {job['state']}: {job.get('reason') or 'no reason given'}", err=True)
@@ -240,8 +240,8 @@ def status(
     if train:
         m = train[-1]
         typer.echo(f"progress:  step {m['step']}/{m.get('total_steps', '?')}, loss {m['loss']:.4f}")
-    if job.get("result"):
-        typer.echo("test:      " + metrics_line(job["result"].get("test", {})))
+    for line in result_lines(job.get("result"), [w["message"] for w in job.get("warnings", [])]):
+        typer.echo(line)
     typer.echo(f"folder:    {job['job_dir']}")
     typer.echo("events:")
     for e in events[-8:]:

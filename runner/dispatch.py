@@ -314,7 +314,8 @@ class Dispatcher:
                     continue
                 except InvalidTransition:
                     pass
-            self.store.note(job.id, ev.get("message") or str(ev))
+            self.store.note(job.id, ev.get("message") or str(ev), level="warning" if ev.get("level") == "warning"
+                            else None)
         self.store.set_offsets(job.id, attempt["attempt"], events=offset)
         return job
 

@@ -196,7 +196,13 @@ MIGRATIONS: list = [
     );
     CREATE INDEX model_events_model ON model_events (model, id)
     """,
+    # 6: an event's level: NULL for a note or a change of state, 'warning' for what a person should look at (an
+    #    alarm during training, a model that does not beat its baseline)
+    """
+    ALTER TABLE events ADD COLUMN level TEXT
+    """,
 ]
+LEVELS = ("warning",)
 
 
 class StoreError(Exception):
@@ -433,19 +439,24 @@ class Store:
 
     # --- events and metrics ---------------------------------------------------------------------------------------
 
-    def _event(self, job_id: str, old: str | None, new: str | None, message: str, at: float) -> None:
-        self.db.execute("INSERT INTO events (job_id, at, state_from, state_to, message) VALUES (?, ?, ?, ?, ?)",
-                        (job_id, at, old, new, message))
+    def _event(self, job_id: str, old: str | None, new: str | None, message: str, at: float,
+               level: str | None = None) -> None:
+        self.db.execute("INSERT INTO events (job_id, at, state_from, state_to, message, level) VALUES "
+                        "(?, ?, ?, ?, ?, ?)", (job_id, at, old, new, message, level))
 
-    def note(self, job_id: str, message: str) -> None:
-        """An event that is not a change of state (a checkpoint, a resume, a message from the driver)."""
+    def note(self, job_id: str, message: str, level: str | None = None) -> None:
+        """An event that is not a change of state (a checkpoint, a resume, a message from the driver); level
+        'warning' for what a person should look at."""
+        if level is not None and level not in LEVELS:
+            raise StoreError(f"event level {level!r} is not one of {', '.join(LEVELS)}")
         self.get(job_id)
         with self._tx():
-            self._event(job_id, None, None, message, self.clock())
+            self._event(job_id, None, None, message, self.clock(), level)
 
-    def events(self, job_id: str, after: int = 0) -> list[dict]:
-        return [dict(r) for r in self.db.execute("SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id",
-                                                 (job_id, after))]
+    def events(self, job_id: str, after: int = 0, level: str | None = None) -> list[dict]:
+        return [dict(r) for r in self.db.execute(
+            "SELECT * FROM events WHERE job_id = ? AND id > ? AND (? IS NULL OR level = ?) ORDER BY id",
+            (job_id, after, level, level))]
 
     def add_metrics(self, job_id: str, records: list[dict]) -> int:
         """Records as metrics.jsonl holds them (step, optional split, the figures). A step written again (a

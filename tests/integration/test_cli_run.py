@@ -86,6 +86,10 @@ def test_ctrl_c_leaves_no_process_and_resume_goes_on(tmp_path, tokenizer):
     total = 2 * -(-n // 8)  # 2 epochs of 2 workers x batch 4
     steps = steps_logged(job)
     assert steps == list(range(1, 7)) + list(range(5, total + 1)), "steps 5-6 again after the checkpoint at 4"
+    lrs = {m["step"]: m["lr"] for m in map(json.loads, (job / "metrics.jsonl").read_text().splitlines())
+           if "split" not in m}  # a step's last record: the resumed run's
+    want = [0.003 * (total - (s - 1)) / total for s in range(1, total + 1)]  # linear, no warm-up, by hand
+    assert [lrs[s] for s in range(1, total + 1)] == pytest.approx(want, rel=1e-9), "the schedule resumed at step 4"
     # data position: epoch 0 saw every train row, and only the rows of steps 5-6 (2 steps x 2 ranks x 4) twice
     seen = {0: [], 1: []}
     for rank in (0, 1):

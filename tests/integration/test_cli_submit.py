@@ -63,7 +63,7 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     assert out.returncode == 0, out.stdout + out.stderr
     assert "starting a local Ray head" in out.stderr and "starting the local runner server" in out.stderr
     job_id = out.stdout.split()[1]
-    assert f"job {job_id} SUCCEEDED" in out.stdout and "test: loss=" in out.stdout and "accuracy=" in out.stdout
+    assert f"job {job_id} SUCCEEDED" in out.stdout and "test:      loss=" in out.stdout and "accuracy=" in out.stdout
     assert "step 60/60" in out.stderr and "RUNNING" in out.stderr
     assert "next: runner artifacts" in out.stdout
 
@@ -78,7 +78,7 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     assert [(j["id"], j["state"]) for j in listed["jobs"]] == [(job_id, "SUCCEEDED")]
     status = runner("status", job_id).stdout
     assert "state:     SUCCEEDED" in status and "QUEUED -> STARTING" in status and "next: " in status
-    assert "world size 1" in runner("logs", job_id).stdout
+    assert "1 worker on CPUs" in runner("logs", job_id).stdout
     files = [f["path"] for f in json.loads(runner("artifacts", job_id, "--json").stdout)["files"]]
     assert "model/config.json" in files and "eval.json" in files
 

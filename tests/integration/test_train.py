@@ -55,12 +55,47 @@ def metrics(d: Path) -> list[dict]:
     return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_worker_ddp_is_real_data_parallelism(tmp_path, bert_dir):
-    d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
-            "train:\n  epochs: 2\n  batch_size: 4\n  grad_accum: 2\n  lr: 0.003\n"
-            "resources:\n  workers: 2\n", rows=keyword_rows(103))
-    run_job(d, {"record_seen": str(d / "seen"), "record_weights": True})
-    assert "world size 2 (MULTI_CPU)" in (d / "train.log").read_text()
+def linear_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    """The lr the update of 1-based `step` uses under a linear schedule with warm-up, by hand: transformers'
+    get_linear_schedule_with_warmup after step - 1 updates (0 at the first warm-up step, 0 after the last)."""
+    k = step - 1
+    return peak * k / warmup if k < warmup else peak * max(0.0, (total - k) / (total - warmup))
+
+
+def train_records(d: Path) -> dict[int, dict]:
+    """The last record of each step (a resumed run writes the steps after its checkpoint again)."""
+    return {m["step"]: m for m in metrics(d) if "split" not in m}
+
+
+@pytest.fixture(scope="module")
+def still_bert_dir(tmp_path_factory, tokenizer):
+    """The tiny BERT with every dropout off: two runs over the same rows must then end with the same weights."""
+    from tiny import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("m") / "still", "bert", tokenizer, weights=True,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def test_workers_and_accumulation_change_the_speed_not_the_result(tmp_path, still_bert_dir):
+    """What data parallelism promises, checked against one process: 2 workers x batch 4 x accumulation 2, 1 worker
+    x batch 16, and 1 worker x batch 8 x accumulation 2 take the same 16 rows a step in the same order, so with
+    dropout off they must follow the same learning-rate schedule (the recipe's, by hand: linear with 25% warm-up),
+    the same losses, and end with the same weights. The 2-worker run also shows real data parallelism: each row
+    once an epoch across the ranks, both ranks training on different rows, identical weights on both."""
+    from safetensors.torch import load_file
+
+    rows = keyword_rows(103)
+    runs = {}
+    for name, (workers, batch, accum) in {"ddp": (2, 4, 2), "one": (1, 16, 1), "accum": (1, 8, 2)}.items():
+        (tmp_path / name).mkdir()
+        d = job(tmp_path / name, still_bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
+                f"train:\n  epochs: 2\n  batch_size: {batch}\n  grad_accum: {accum}\n  lr: 0.003\n"
+                f"  warmup_ratio: 0.25\n  eval_every: 1000\nresources:\n  workers: {workers}\n", rows=rows)
+        hooks = {"record_seen": str(d / "seen"), "record_weights": True} if workers == 2 else {}
+        run_job(d, hooks)
+        runs[name] = d
+    d = runs["ddp"]
+    assert "2 workers, data-parallel" in (d / "train.log").read_text()
     n_train = json.loads((d / "manifest.json").read_text())["rows"]["train"]
     by_epoch: dict = {}
     for rank in (0, 1):
@@ -74,6 +109,21 @@ def test_two_worker_ddp_is_real_data_parallelism(tmp_path, bert_dir):
     assert ranks[0] != ranks[1] and all(ranks)  # both ranks trained, on different rows
     assert (d / "weights.0.sha256").read_text() == (d / "weights.1.sha256").read_text()
 
+    total = 2 * -(-n_train // 16)
+    warmup = round(0.25 * total)
+    want = [linear_lr(s, total, warmup, 0.003) for s in range(1, total + 1)]
+    for name, d in runs.items():
+        recs = train_records(d)
+        assert sorted(recs) == list(range(1, total + 1)), name
+        got = [recs[s]["lr"] for s in range(1, total + 1)]
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12), f"{name}: lr by step {got} != the schedule's {want}"
+    losses = {name: [train_records(d)[s]["loss"] for s in range(1, total + 1)] for name, d in runs.items()}
+    weights = {name: load_file(d / "model" / "model.safetensors") for name, d in runs.items()}
+    for name in ("ddp", "accum"):
+        assert losses[name] == pytest.approx(losses["one"], rel=1e-4), name
+        worst = max((weights[name][k] - weights["one"][k]).abs().max().item() for k in weights["one"])
+        assert worst < 2e-5, f"{name} ends {worst:.2e} away from one worker with the whole batch"
+
 
 def test_classifier_learns_and_saves_everything(tmp_path, bert_dir):
     d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
@@ -86,7 +136,25 @@ def test_classifier_learns_and_saves_everything(tmp_path, bert_dir):
     assert result["test"]["accuracy"] >= 0.9 and result["test"]["macro_f1"] >= 0.9
     assert {"step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s"} <= set(steps[0])
     ev = json.loads((d / "eval.json").read_text())
-    assert ev["best_step"] and ev["selected_by"] == "validation accuracy"
+    assert ev["selected_by"] == "validation accuracy"
+    # the weights kept, by hand from the evaluations: the best accuracy, of those the lowest loss (accuracy levels
+    # off at its best on 20 validation rows: ties are the rule, and the earliest tie was kept before)
+    evals = [m for m in metrics(d) if m.get("split") == "validation"]
+    top = max(e["accuracy"] for e in evals)
+    tied = [e for e in evals if e["accuracy"] == top]
+    assert ev["best_step"] == min(tied, key=lambda e: (e["loss"], -e["step"]))["step"], (evals, ev["selection"])
+    assert ev["selection"]["step"] == ev["best_step"] and f"validation accuracy {top:.4g}" in ev["selection"]["why"]
+    assert len(tied) < 2 or f"reached at {len(tied)} evaluations" in ev["selection"]["why"]
+    assert f"kept the weights of step {ev['best_step']} of {ev['steps']}" in (d / "train.log").read_text()
+    # the baseline, by hand: the majority label of the train split the job cut, scored on its test split
+    import datasets
+
+    split = datasets.load_from_disk(str(d / "prepared" / "data"))
+    train_y, test_y = split["train"]["labels"], split["test"]["labels"]
+    majority = max(set(train_y), key=lambda y: (train_y.count(y), -y))
+    assert ev["baseline"]["accuracy"] == pytest.approx(test_y.count(majority) / len(test_y))
+    assert ev["baseline"]["beaten"] and ev["baseline"]["verdict"].startswith(f"test accuracy {ev['test']['accuracy']:.4g} "
+                                                                             "beats predicting the majority class")
     from transformers import AutoModelForSequenceClassification
 
     m = AutoModelForSequenceClassification.from_pretrained(d / "model")
@@ -115,9 +183,16 @@ def test_regression_error_falls_and_freeze(tmp_path, bert_dir):
     run_job(d)
     evals = [m for m in metrics(d) if m.get("split") == "validation"]
     assert evals[-1]["mse"] < evals[0]["mse"]
+    import datasets  # the baseline by hand: the train split's mean target, scored on the test split
+
+    split = datasets.load_from_disk(str(d / "prepared" / "data"))
+    mean = sum(split["train"]["labels"]) / len(split["train"])
+    mse = sum((mean - y) ** 2 for y in split["test"]["labels"]) / len(split["test"])
+    base = json.loads((d / "eval.json").read_text())["baseline"]
+    assert base["mean"] == pytest.approx(mean) and base["mse"] == pytest.approx(mse) and base["beaten"]
     log = (d / "train.log").read_text()
     assert "trainable of" in log
-    assert "world size 1 (NO)" in log, "one worker: no DistributedDataParallel of one around the model"
+    assert "1 worker on CPUs: one process, no gradient exchange" in log, "no DistributedDataParallel of one"
 
 
 @pytest.mark.parametrize("fmt", ["text", "instruction", "chat"])
@@ -139,6 +214,21 @@ def test_causal_lm_formats(tmp_path, llama_dir, fmt):
     evals = [m for m in metrics(d) if m.get("split") == "validation"]
     assert evals[-1]["loss"] < evals[0]["loss"]
     assert result["test"]["perplexity"] > 1
+    # the baseline is the base model's own test loss, by hand: transformers' loss over the same tokenized rows
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base_model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    nll = n = 0
+    with torch.no_grad():
+        for row in datasets.load_from_disk(str(d / "prepared" / "data"))["test"]:
+            out = base_model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]]))
+            k = sum(1 for y in row["labels"][1:] if y != -100)
+            nll, n = nll + out.loss.item() * k, n + k
+    base = json.loads((d / "eval.json").read_text())["baseline"]
+    assert base["what"] == "the base model before tuning" and base["loss"] == pytest.approx(nll / n, rel=1e-4)
+    assert base["beaten"] == (result["test"]["perplexity"] < base["perplexity"])
     assert (d / "adapter" / "adapter_config.json").exists() == (tuning == "lora")
     from transformers import AutoModelForCausalLM
 
@@ -150,6 +240,30 @@ def test_causal_lm_formats(tmp_path, llama_dir, fmt):
         assert report["passed"] and report["checks"]["generation"]["passed"]
 
 
+def events(d: Path) -> list[dict]:
+    return [json.loads(x) for x in (d / "events.jsonl").read_text().splitlines()] if (d / "events.jsonl").exists() \
+        else []
+
+
+def test_a_model_that_learns_nothing_says_so(tmp_path, bert_dir):
+    """A learning rate far too small: the loss stays flat over the first epoch (an alarm at its last step, with what
+    to try), and the model ends worse than predicting the train mean (a warning, and eval.json's verdict)."""
+    rng = random.Random(2)
+    rows = [{"text": " ".join(["good"] * k + rng.sample(WORDS, 3)), "label": float(k)}
+            for k in (rng.randint(0, 4) for _ in range(200))]
+    d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
+            "train:\n  epochs: 1\n  batch_size: 8\n  lr: 1.0e-9\n", task="regression", rows=rows)
+    run_job(d)
+    per_epoch = -(-json.loads((d / "manifest.json").read_text())["rows"]["train"] // 8)
+    warned = {e["kind"]: e for e in events(d) if e.get("level") == "warning"}
+    assert set(warned) == {"loss_flat", "baseline"}, warned
+    assert warned["loss_flat"]["step"] == per_epoch and "Try a larger train.lr (now 1e-09)" in warned["loss_flat"]["message"]
+    base = json.loads((d / "eval.json").read_text())["baseline"]
+    assert not base["beaten"] and base["verdict"].startswith("test mse ") and \
+        "is worse than predicting the mean of train" in base["verdict"]
+    assert f"warning: the model does not beat its baseline: {base['verdict']}" in (d / "train.log").read_text()
+
+
 def test_nan_loss_stops_with_reason_and_no_model(tmp_path, bert_dir):
     rows = [{"text": " ".join(random.Random(i).sample(WORDS, 3)), "label": float(i * 1000)} for i in range(60)]
     d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
@@ -157,6 +271,9 @@ def test_nan_loss_stops_with_reason_and_no_model(tmp_path, bert_dir):
     with pytest.raises(JobFailed) as e:
         run_job(d)
     assert str(e.value).startswith("the loss became ") and "no model was saved" in str(e.value)
+    step = int(str(e.value).split(" at step ")[1].split()[0])
+    alarm = [x for x in events(d) if x.get("kind") == "grad_norm"]  # said before the loss itself gave out
+    assert alarm and alarm[0]["step"] <= step and "Lower train.lr (now 10)" in alarm[0]["message"], events(d)
     assert not (d / "model").exists() and not (d / "eval.json").exists()
 
 
@@ -171,7 +288,7 @@ def test_sharded_checkpoints_resume_and_gather(tmp_path, bert_dir):
 
     d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
             "train:\n  epochs: 2\n  batch_size: 4\n  lr: 0.003\n  checkpoint_every: 4\n  eval_every: 4\n"
-            "resources:\n  workers: 2\n  max_failures: 1\n", rows=keyword_rows(120))
+            "  warmup_ratio: 0.2\nresources:\n  workers: 2\n  max_failures: 1\n", rows=keyword_rows(120))
     result = run_job(d, {"force_sharded": True, "crash_after_step": 6})
     assert (d / "crashed").read_text() == "6"
     assert "resumed from checkpoint at step 4 " in (d / "train.log").read_text()
@@ -180,6 +297,9 @@ def test_sharded_checkpoints_resume_and_gather(tmp_path, bert_dir):
     assert sorted(set(steps)) == list(range(1, total + 1)), "no step lost"
     repeated = sorted({s for s in steps if steps.count(s) > 1})
     assert repeated == [5, 6], "only the steps after the last checkpoint run again"
+    recs = train_records(d)  # the schedule goes on from the checkpoint's step, as if nothing had happened
+    want = [linear_lr(s, total, round(0.2 * total), 0.003) for s in range(1, total + 1)]
+    assert [recs[s]["lr"] for s in range(1, total + 1)] == pytest.approx(want, rel=1e-9, abs=1e-12)
     assert json.loads((d / "eval.json").read_text())["steps"] == total
     ckpts = [p.parent for p in (d / "checkpoints").rglob("state.json")]
     assert ckpts, "no sharded checkpoint"

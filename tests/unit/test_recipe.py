@@ -42,7 +42,7 @@ def test_unknown_key_with_suggestion():
     assert problems(BASE + "train:\n  learnig_rate: 0.1\n") == [
         "r.yaml:8: train.learnig_rate: unknown key (did you mean 'lr'?); allowed here: epochs, max_steps, optimizer, "
         "lr, schedule, warmup_ratio, warmup_steps, weight_decay, batch_size, grad_accum, max_grad_norm, seed, "
-        "eval_every, checkpoint_every, keep_checkpoints, early_stopping"
+        "eval_every, checkpoint_every, keep_checkpoints, early_stopping, select_metric"
     ]
 
 
@@ -231,3 +231,12 @@ def test_schema_command_prints_json_schema():
     schema = json.loads(out.stdout)
     assert schema["additionalProperties"] is False
     assert set(schema["required"]) == {"name", "model", "task", "data"}
+
+
+def test_select_metric_is_a_validation_metric_of_the_task():
+    r = parse_recipe(BASE + "train:\n  select_metric: macro_f1\n", env={})
+    assert r.select_metric == ("macro_f1", True)
+    assert parse_recipe(BASE, env={}).select_metric == ("accuracy", True)
+    assert problems(BASE + "train:\n  select_metric: mse\n") == [
+        "r.yaml:8: train.select_metric: 'mse' is not a validation metric of task 'classification'; expected one of "
+        "accuracy, macro_f1, loss"]
