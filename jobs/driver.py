@@ -138,6 +138,11 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
         reason = (job_dir / "failure.txt").read_text() if (job_dir / "failure.txt").exists() else _reason(e)
         raise JobFailed(reason) from None
     timings["train_s"] = time.perf_counter() - t0
+    from jobs.compare import compare_with_champion
+
+    t0 = time.perf_counter()
+    if compare_with_champion(job_dir, recipe, log=lambda m: _note(job_dir, m)) is not None:
+        timings["compare_s"] = time.perf_counter() - t0
     result = json.loads((job_dir / "eval.json").read_text())
     export = None
     if recipe.export.onnx:

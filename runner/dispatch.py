@@ -179,9 +179,11 @@ def _first_line(e: BaseException) -> str:
 
 class Dispatcher:
     def __init__(self, store: Store, backend, env: dict[str, str] | None = None, clock=time.monotonic,
-                 on_success=None):
-        """on_success(job): called once a job is recorded SUCCEEDED (the model registry takes its version)."""
+                 on_success=None, on_start=None):
+        """on_success(job): called once a job is recorded SUCCEEDED (the model registry takes its version).
+        on_start(job): called before each submission of a job to Ray (the registry leaves the champion to meet)."""
         self.store, self.backend, self.clock, self.on_success = store, backend, clock, on_success
+        self.on_start = on_start
         base = os.environ if env is None else env
         self.env = {k: base[k] for k in WORKER_ENV if k in base}
         self.unreachable_since: float | None = None
@@ -234,8 +236,15 @@ class Dispatcher:
         return tuple((d / n).stat().st_size if (d / n).exists() else 0 for n in ("metrics.jsonl", "events.jsonl"))
 
     def _submit(self, job: Job) -> bool:
+        if self.on_start is not None:
+            try:
+                self.on_start(job)
+            except Exception as e:  # noqa: BLE001 - the job runs all the same; its events say what was missed
+                self.store.note(job.id, f"could not prepare the job's comparison with its champion: "
+                                        f"{type(e).__name__}: {e}")
         try:
-            self.backend.submit(self.submission(job), job.job_dir, self.env, fresh=job.attempt > 1 and not job.resume)
+            self.backend.submit(self.submission(job), job.job_dir, {**self.env, "RUNNER_ATTEMPT": str(job.attempt)},
+                                fresh=job.attempt > 1 and not job.resume)
         except RayUnreachable:
             raise
         except Exception as e:  # noqa: BLE001 - Ray refused: the job cannot start; say why

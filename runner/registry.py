@@ -2,11 +2,19 @@
 server, with the job's id, test metrics, data fingerprints, recipe hash and artifact paths. Aliases point at
 versions: `champion`, and any others a team names. Every move of an alias is an event.
 
-The promotion gate: a new version becomes `champion` only when its test metric (`promotion.metric`, by default
-accuracy, mse or perplexity by task) beats the champion's by at least `promotion.min_improvement` (any gain when 0)
-on the same test data (the same fingerprint), and its export checks passed. Otherwise it is registered, not
-promoted, and the reason is recorded. A promotion moves the alias and writes its event in one transaction;
-`rollback` moves it back to the version it pointed at before, in one command.
+The promotion gate: a new version becomes `champion` only when its export checks passed, it beats its trivial
+baseline (eval.json: the majority class, the train mean, the base model), and its test metric
+(`promotion.metric`, by default accuracy, mse or perplexity by task) beats the champion's by at least
+`promotion.min_improvement` (any gain when 0) on the same rows:
+
+- when both were tested on the same data (the same fingerprint), their own test figures are compared;
+- otherwise (a schedule retraining on changed data cuts a new test split each time) on the figures of the job's
+  like-for-like comparison (jobs.compare): both models scored on this version's test split, the data as it is
+  now. The server asks for that comparison when it starts a job whose model has a champion (`champion.json` in the
+  job folder, `champion_for`). The figures on the champion's own test split are recorded beside them.
+
+Otherwise it is registered, not promoted, and the reason is recorded. A promotion moves the alias and writes its
+event in one transaction; `rollback` moves it back to the version it pointed at before, in one command.
 """
 
 from __future__ import annotations
@@ -78,6 +86,25 @@ class Registry:
 
     # --- registering and the gate ---------------------------------------------------------------------------------
 
+    def champion_for(self, job) -> dict | None:
+        """What a starting job of a registered model needs to meet its champion like for like (written by the
+        server as the job folder's champion.json): the champion's version, job and folders; None when the recipe
+        registers nothing or the model has no champion yet."""
+        try:
+            recipe = _recipe(job.recipe)
+        except Exception:  # noqa: BLE001 - a recipe the store holds was checked when queued; no comparison then
+            return None
+        if recipe.register_as is None:
+            return None
+        version = self.aliases(recipe.register_as).get(CHAMPION)
+        if version is None:
+            return None
+        champ = self.version(recipe.register_as, version)
+        row = self.store.db.execute("SELECT job_dir FROM jobs WHERE id = ?", (champ["job_id"],)).fetchone()
+        folder = Path(row[0]) if row else Path((champ["artifacts"] or {}).get("model", "")).parent
+        return {"model": recipe.register_as, "version": version, "job_id": champ["job_id"],
+                "model_dir": str(folder / "model"), "prepared": str(folder / "prepared")}
+
     def register(self, job) -> dict | None:
         """The version of a SUCCEEDED job whose recipe has `register_as` (None without it), with the gate's decision;
         the same version when asked again."""
@@ -111,7 +138,8 @@ class Registry:
             champ = _version(self.store.db.execute("SELECT * FROM versions WHERE model = ? AND version = ?",
                                                    (model, champion)).fetchone()) if champion else None
             promote, decision = _gate(metric, higher, test.get(metric), test_data, export, champ,
-                                      recipe.promotion.min_improvement, unreadable)
+                                      recipe.promotion.min_improvement, unreadable, result.get("baseline"),
+                                      result.get("champion"))
             self.store.db.execute(
                 "INSERT INTO versions (model, version, job_id, created_at, metric, value, higher, metrics, test_data, "
                 "data, recipe_hash, export, artifacts, decision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -178,25 +206,45 @@ class Registry:
                               "VALUES (?, ?, ?, ?, ?, ?, ?)", (model, now, alias, before, after, kind, message))
 
 
-def _gate(metric: str, higher: bool, value, test_data, export, champ, min_gain: float, unreadable) \
-        -> tuple[bool, str]:
-    """(promote?, the reason in words)."""
+def _gate(metric: str, higher: bool, value, test_data, export, champ, min_gain: float, unreadable,
+          baseline: dict | None = None, compared: dict | None = None) -> tuple[bool, str]:
+    """(promote?, the reason in words). baseline: eval.json's (its verdict); compared: eval.json's `champion`
+    section, the like-for-like figures of jobs.compare."""
     if value is None:
         return False, f"not promoted: the job's test metrics have no {metric}"
     if export is None:
         return False, "not promoted: no export checks ran (set export.onnx: true)"
     if not export.get("passed"):
         return False, "not promoted: its export checks failed"
+    if baseline and baseline.get("beaten") is False:
+        return False, f"not promoted: it does not beat its baseline ({baseline.get('verdict')})"
     if unreadable:
         return False, f"not promoted: its data could not be fingerprinted ({unreadable})"
     if champ is None:
         return True, f"promoted to champion: the first version ({metric} {value:.4g})"
+    where = ""
     if champ["test_data"] != test_data:
-        return False, (f"not promoted: tested on other data than champion v{champ['version']} (test data "
-                       f"fingerprint {str(test_data)[:12]} vs {str(champ['test_data'])[:12]})")
-    old = champ["value"]
+        pair = (compared or {}).get("on_this_test") if (compared or {}).get("version") == champ["version"] else None
+        if not pair or pair["challenger"].get(metric) is None or pair["champion"].get(metric) is None:
+            if compared and compared.get("note"):
+                why = f"the like-for-like comparison could not be made: {compared['note']}"
+            elif compared and compared.get("version") != champ["version"]:
+                why = (f"it was compared with v{compared.get('version')} when it started; the champion is now "
+                       f"v{champ['version']}")
+            else:
+                why = "no like-for-like comparison was made"
+            return False, (f"not promoted: tested on other data than champion v{champ['version']} (test data "
+                           f"fingerprint {str(test_data)[:12]} vs {str(champ['test_data'])[:12]}), and {why}")
+        value, old = pair["challenger"][metric], pair["champion"][metric]
+        where = f" on this version's test split ({pair['rows']} rows, both models scored)"
+        theirs = compared.get("on_champion_test")
+        if theirs and theirs["challenger"].get(metric) is not None and theirs["champion"].get(metric) is not None:
+            where += (f"; on v{champ['version']}'s test split {theirs['challenger'][metric]:.4g} against "
+                      f"{theirs['champion'][metric]:.4g}")
+    else:
+        old = champ["value"]
     gain = value - old if higher else old - value
-    words = f"{metric} {value:.4g} against champion v{champ['version']}'s {old:.4g}"
+    words = f"{metric} {value:.4g} against champion v{champ['version']}'s {old:.4g}{where}"
     if gain > 0 and gain >= min_gain:
         return True, f"promoted to champion: {words} (better by {gain:.4g}, at least {min_gain:g} asked)"
     if gain <= 0:

@@ -119,7 +119,17 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         if version is not None:
             store.note(job.id, f"registered as {version['model']} v{version['version']}: {version['decision']}")
 
-    dispatcher = Dispatcher(store, backend, on_success=registered) if backend is not None else None
+    def starting(job) -> None:  # the champion a registered model's job will be scored against (jobs.compare)
+        spec = registry.champion_for(job)
+        path = Path(job.job_dir) / "champion.json"
+        if spec is None:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_name("champion.json.tmp")
+        tmp.write_text(json.dumps(spec, indent=2))
+        tmp.replace(path)
+
+    dispatcher = Dispatcher(store, backend, on_success=registered, on_start=starting) if backend is not None else None
     stop, wake = threading.Event(), threading.Event()
 
     def loop() -> None:

@@ -12,61 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.driver import prepare_data
+from jobdirs import make_job, trained_classifier, with_export
 from jobs.export import ExportFailed, export_job, latest_export, predict
-from jobs.recipe import parse_recipe
 from tiny import keyword_rows, tiny_model_dir
-
-
-def make_job(tmp_path: Path, model_dir: Path, task: str, rows: list[dict], extra: str = "") -> tuple[Path, object]:
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = parse_recipe(f"name: e\nmodel:\n  name: {model_dir}\ntask: {task}\ndata:\n  train: data.jsonl\n"
-                          f"  max_seq_len: 128\n{extra}", base_dir=tmp_path, env={})
-    job = tmp_path / "job"
-    job.mkdir()
-    (job / "recipe.yaml").write_text(recipe.snapshot_yaml())
-    shutil.copytree(model_dir, job / "model")
-    prepare_data(recipe, job, str(model_dir))
-    labels = json.loads((job / "prepared" / "labels.json").read_text())
-    if labels:
-        (job / "model" / "labels.json").write_text(json.dumps(labels))
-    return job, recipe
-
-
-def with_export(recipe, **export):
-    return recipe.model_copy(update={"export": recipe.export.model_copy(update={"onnx": True, **export})})
 
 
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory, tokenizer):
     """A tiny BERT classifier trained in-process until it tells 'good' from 'bad' (so accuracy means something)."""
-    from transformers import AutoModelForSequenceClassification, BertConfig
-
-    from jobs.data import tokenize_example
-
-    d = tmp_path_factory.mktemp("clf") / "model"
-    tiny_model_dir(d, "bert", tokenizer)
-    cfg = BertConfig.from_pretrained(d)
-    cfg.num_labels, cfg.id2label, cfg.label2id = 2, {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(cfg)
-    recipe = parse_recipe("name: x\nmodel:\n  name: m\ntask: classification\ndata:\n  train: t.jsonl\n", env={})
-    rows = [tokenize_example(recipe, tokenizer, r, {"neg": 0, "pos": 1}) for r in keyword_rows(256, seed=7)]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for epoch in range(6):
-        for i in range(0, len(rows), 16):
-            part = rows[i:i + 16]
-            w = max(len(r["input_ids"]) for r in part)
-            ids = torch.tensor([r["input_ids"] + [0] * (w - len(r["input_ids"])) for r in part])
-            mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (w - len(r["input_ids"])) for r in part])
-            loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([r["labels"] for r in part])).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    model.eval()
-    model.save_pretrained(d)
-    return d
+    return trained_classifier(tmp_path_factory.mktemp("clf") / "model", tokenizer)
 
 
 def test_classifier_export_passes_checks_and_reports(tmp_path, classifier_dir):

@@ -19,12 +19,12 @@ def reg(tmp_path):
     return Registry(Store(tmp_path / "r.db")), tmp_path
 
 
-def finished(reg, job_id, accuracy, exported=True, export_ok=True, gain=0.0, test="test.jsonl", extra=""):
+def finished(reg, job_id, accuracy, exported=True, export_ok=True, gain=0.0, test="test.jsonl", extra="", **result):
     registry, tmp = reg
     job_dir = tmp / job_id
     (job_dir / "onnx").mkdir(parents=True)
     (job_dir / "model").mkdir()
-    (job_dir / "eval.json").write_text(json.dumps({"test": {"accuracy": accuracy, "loss": 1 - accuracy}}))
+    (job_dir / "eval.json").write_text(json.dumps({"test": {"accuracy": accuracy, "loss": 1 - accuracy}, **result}))
     if exported:
         (job_dir / "onnx" / "export_report.json").write_text(json.dumps({"passed": export_ok}))
     text = RECIPE.format(train=tmp / "train.jsonl", test=tmp / test, gain=gain) + extra
@@ -84,3 +84,63 @@ def test_a_job_without_register_as_is_not_registered(reg):
     store.add_job("plain", "plain", "name: plain\nmodel:\n  name: m\ntask: classification\ndata:\n  train: t\n",
                   str(tmp), 1, 1, 0)
     assert registry.register(store.get("plain")) is None and registry.models() == []
+
+
+def test_a_model_that_does_not_beat_its_baseline_is_never_promoted(reg):
+    registry, _ = reg
+    base = {"what": "predicting the majority class of train", "accuracy": 0.7, "beaten": False,
+            "verdict": "test accuracy 0.6 is worse than predicting the majority class of train, 0.7"}
+    v1 = finished(reg, "j1", 0.60, baseline=base)
+    assert not v1["promoted"] and v1["decision"] == (
+        "not promoted: it does not beat its baseline (test accuracy 0.6 is worse than predicting the majority class "
+        "of train, 0.7)")
+    assert registry.aliases("topics") == {}
+    assert finished(reg, "j2", 0.80, baseline={**base, "beaten": True})["promoted"]
+
+
+def compared(version, here, there, rows=20, note=None):
+    """eval.json's `champion` section as jobs.compare writes it: accuracy of this job's model and the champion's."""
+    if note:
+        return {"model": "topics", "version": version, "job_id": f"j{version}", "note": note}
+    return {"model": "topics", "version": version, "job_id": f"j{version}",
+            "on_this_test": {"rows": rows, "challenger": {"accuracy": here}, "champion": {"accuracy": there}},
+            "on_champion_test": {"rows": 30, "challenger": {"accuracy": here - 0.05}, "champion": {"accuracy": 0.85}}}
+
+
+def test_on_changed_data_the_gate_decides_on_both_models_scored_on_the_new_test_split(reg):
+    """A data-change schedule cuts a new test split each time: the versions' own test figures are of other rows,
+    so the gate takes the like-for-like figures (both models on the new split) and records both splits'."""
+    registry, tmp = reg
+    for name in ("new1", "new2", "new3", "new4"):
+        (tmp / f"{name}.jsonl").write_text(f'{{"text": "{name}", "label": "x"}}\n')
+    finished(reg, "j1", 0.90)
+    # on its own split the new version scores less than v1's 0.90, yet on the new rows it beats v1 scored there
+    v2 = finished(reg, "j2", 0.85, test="new1.jsonl", champion=compared(1, 0.85, 0.70))
+    assert v2["promoted"], v2["decision"]
+    assert v2["decision"] == ("promoted to champion: accuracy 0.85 against champion v1's 0.7 on this version's test "
+                              "split (20 rows, both models scored); on v1's test split 0.8 against 0.85 (better by "
+                              "0.15, at least 0 asked)")
+    v3 = finished(reg, "j3", 0.95, test="new2.jsonl", champion=compared(2, 0.60, 0.75))
+    assert not v3["promoted"] and v3["decision"].startswith(
+        "not promoted: accuracy 0.6 against champion v2's 0.75 on this version's test split (20 rows") and \
+        v3["decision"].endswith("(worse by 0.15)")
+    v4 = finished(reg, "j4", 0.99, test="new3.jsonl", champion=compared(1, 0.99, 0.10))  # v1 was champion at start
+    assert not v4["promoted"] and "it was compared with v1 when it started; the champion is now v2" in v4["decision"]
+    v5 = finished(reg, "j5", 0.99, test="new4.jsonl", champion=compared(2, 0, 0, note="the champion's labels differ"))
+    assert not v5["promoted"] and v5["decision"].endswith(
+        "the like-for-like comparison could not be made: the champion's labels differ")
+    assert registry.aliases("topics") == {"champion": 2}
+
+
+def test_champion_for_names_the_champions_folders_for_a_starting_job(reg):
+    registry, tmp = reg
+    store = registry.store
+    finished(reg, "j1", 0.80)
+    text = RECIPE.format(train=tmp / "train.jsonl", test=tmp / "test.jsonl", gain=0.0)
+    store.add_job("j9", "topics", text, str(tmp / "j9"), 1, 1, 0)
+    assert registry.champion_for(store.get("j9")) == {
+        "model": "topics", "version": 1, "job_id": "j1", "model_dir": str(tmp / "j1" / "model"),
+        "prepared": str(tmp / "j1" / "prepared")}
+    store.add_job("plain", "plain", "name: plain\nmodel:\n  name: m\ntask: classification\ndata:\n  train: t\n",
+                  str(tmp), 1, 1, 0)
+    assert registry.champion_for(store.get("plain")) is None
