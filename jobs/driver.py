@@ -116,7 +116,10 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
     if use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
     env_vars = {k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN",
-                                             "WANDB_API_KEY", "WANDB_MODE", "TOKENIZERS_PARALLELISM") if k in os.environ}
+                                             "WANDB_API_KEY", "WANDB_MODE", "TOKENIZERS_PARALLELISM",
+                                             "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                                             "TRANSFORMERS_VERBOSITY", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
+                if k in os.environ}
     env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
     env_vars.update(WORKER_PRIORITY)
     trainer = TorchTrainer(
@@ -291,12 +294,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job_dir = Path(args[0]).resolve()
     (job_dir / "driver.pid").write_text(str(os.getpid()))
+    # the driver shows progress itself (jobs.progress): the libraries' bars (loading and writing weights, mapping
+    # datasets) are noise, and redrawn in a log file they are garbage
+    for k in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(k, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if os.environ.get("RUNNER_LOG_TO_FILE") == "1":  # under the runner server: the job's log is <job_dir>/job.log
         log = os.open(job_dir / "job.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         for fd in (1, 2):
             os.dup2(log, fd)
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # bars redrawn in a file are noise
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        attempt = os.environ.get("RUNNER_ATTEMPT")
+        if attempt:  # a retry appends to the same log: say where this attempt begins
+            how = " (from the start)" if fresh else " (from its last checkpoint)" if attempt != "1" else ""
+            print(f"--- attempt {attempt}{how}, {time.strftime('%Y-%m-%d %H:%M:%S')} ---", flush=True)
     if fresh:
         set_aside(job_dir)
     hooks = json.loads(os.environ.get("RUNNER_TEST_HOOKS", "{}"))  # tests only: see train_func's config.get
@@ -304,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 RESULTS = ("checkpoints", "best", "eval.json", "model", "adapter", "onnx", "onnx.failed", "manifest.json",
-           "failure.txt")
+           "failure.txt", "train.log")
 
 
 def set_aside(job_dir: Path) -> Path | None:
@@ -329,6 +339,9 @@ def ray_settings(local: bool) -> None:
     """Ray and Ray Train settings of a driver (environment variables, before ray.init; a setting already in the
     environment wins). Ray Train's controller inherits them from the driver."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    # a cancelled job's driver gets SIGTERM; Ray's failure signal handler would dump "*** SIGTERM received ..." and
+    # a stack into the job's log, which reads as a crash. Read when ray is imported: set before that.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     # the controller polls the workers every 2 s by default, so a finished job waited up to 2 s to be seen
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if local:  # a one-node Ray of the driver's own: nothing to preempt, no one to collect its metrics
@@ -345,11 +358,11 @@ def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
     import logging
     import threading
 
-    import ray
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     address = os.environ.get("RAY_ADDRESS")
     ray_settings(local=not address)
+    import ray
+
     job_dir = Path(job_dir).resolve()
     prepared: list = []
 

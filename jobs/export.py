@@ -93,7 +93,13 @@ def past_names(kv: dict) -> list[str]:
 def export_onnx(model, task: str, path: Path, opset: int, pad_id: int) -> dict | None:
     """Write path (+ path.data). Returns the KV layout for a causal LM. Samples use sizes >= 2 on every dynamic
     axis: torch.export specialises dimensions of size 0 or 1."""
+    import logging
+
     from torch.export import Dim
+
+    # the exporter warns, once per operator it could translate, that torchvision (detection ops) is absent: noise
+    # in a job's log that reads like a failure
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
     max_pos = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
     batch, seq = Dim("batch", max=1024), Dim("sequence", max=max_pos)

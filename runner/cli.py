@@ -75,7 +75,7 @@ def validate(
     typer.echo(f"{recipe}: {what}")
     if report.get("labels"):
         typer.echo(f"labels: {', '.join(report['labels'])}")
-    typer.echo(f"next: runner run {recipe}")
+    typer.echo(f"next: runner submit {recipe}   |   runner run {recipe}   (in the foreground, without a server)")
 
 
 def run_preflight(recipe: Path, extra_env: dict | None = None) -> dict:

@@ -30,9 +30,11 @@ app.add_typer(server_app, name="server")
 app.add_typer(cluster_app, name="cluster")
 
 
-def _client(autostart: bool = True) -> Client:
+def _client(start: bool = False) -> Client:
+    """The server. Only the verbs that change something start the local one where none runs (start=True); the
+    read verbs never start anything: with no server they say so, with the command that starts one."""
     try:
-        return connect(autostart, say=lambda m: typer.echo(m, err=True))
+        return connect(start, say=lambda m: typer.echo(m, err=True))
     except ClientError as e:
         _fail(str(e), code=EXIT_FAILED)
         raise AssertionError from e
@@ -102,7 +104,7 @@ def submit(
         n = len(report["problems"])
         _fail([f"{recipe}: {n} problem{'s' if n != 1 else ''}; nothing was queued"]
               + ["  " + _render(p, str(recipe)) for p in report["problems"]])
-    client = _client()
+    client = _client(start=True)
     text = recipe.read_text(encoding="utf-8")
     env = {k: os.environ[k] for k in env_refs(text) if k in os.environ}  # for the server's check; never stored
     job = _api(client.post, "/jobs", {"recipe": text,
@@ -306,7 +308,7 @@ def artifacts(
 @app.command()
 def cancel(job_id: str = typer.Argument(..., metavar="ID", help="The job's id.", show_default=False)) -> None:
     """Cancel a job: a queued one at once; a running one's processes stop within seconds."""
-    job = _api(_client().post, f"/jobs/{job_id}/cancel")
+    job = _api(_client(start=True).post, f"/jobs/{job_id}/cancel")
     if job["state"] == "CANCELLED":
         typer.echo(f"job {job_id} CANCELLED")
     else:
@@ -322,7 +324,7 @@ def retry(
                                               "position it recorded (default: from the start)."),
 ) -> None:
     """Queue an ended job again as a new attempt, with the same recipe, id and folder."""
-    job = _api(_client().post, f"/jobs/{job_id}/retry", {"from_checkpoint": from_checkpoint})
+    job = _api(_client(start=True).post, f"/jobs/{job_id}/retry", {"from_checkpoint": from_checkpoint})
     how = "from its last checkpoint" if from_checkpoint else "from the start (the earlier attempt's results move " \
                                                              "to earlier/)"
     typer.echo(f"job {job_id} QUEUED again, attempt {job['attempt'] + 1}, {how}")
@@ -336,7 +338,7 @@ def dashboard(no_open: bool = typer.Option(False, "--no-open", help="Print the a
     import os
     import webbrowser
 
-    client = _client()
+    client = _client(start=True)
     page = f"{client.url}/ui/jobs"
     typer.echo(f"dashboard: {page}")
     if os.environ.get("RUNNER_TOKEN"):
@@ -357,7 +359,7 @@ def server_start() -> None:
     if os.environ.get("RUNNER_SERVER"):
         _fail(f"RUNNER_SERVER is set ({os.environ['RUNNER_SERVER']}): the CLI uses that server and starts none "
               "here; unset it to use a local one", code=EXIT_FAILED)
-    client = _client()
+    client = _client(start=True)
     typer.echo(f"runner server: {client.url}   (log: {runner_home() / 'server.log'})")
     _next("runner submit recipe.yaml", "runner server status")
 

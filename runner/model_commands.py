@@ -58,7 +58,7 @@ def show(model: str = MODEL, as_json: bool = typer.Option(False, "--json", help=
 def promote(model: str = MODEL, version: int = typer.Argument(..., help="The version.", show_default=False),
             alias: str = typer.Option("champion", "--alias", help="The alias to move.")) -> None:
     """Point an alias at a version by hand (no gate)."""
-    got = _api(_client().post, f"/models/{model}/promote", {"version": version, "alias": alias})
+    got = _api(_client(start=True).post, f"/models/{model}/promote", {"version": version, "alias": alias})
     typer.echo(f"{model}:{got['alias']} -> v{got['version']}")
     _next(f"runner models show {model}")
 
@@ -67,7 +67,7 @@ def promote(model: str = MODEL, version: int = typer.Argument(..., help="The ver
 def rollback(model: str = MODEL, alias: str = typer.Option("champion", "--alias", help="The alias to move back.")) \
         -> None:
     """Move the alias back to the version it pointed at before its last promotion."""
-    got = _api(_client().post, f"/models/{model}/rollback", {"alias": alias})
+    got = _api(_client(start=True).post, f"/models/{model}/rollback", {"alias": alias})
     typer.echo(f"{model}:{got['alias']} rolled back from v{got['from']} to v{got['version']}")
     _next(f"runner models show {model}")
 
@@ -80,7 +80,14 @@ def diff(model: str = MODEL, a: int = typer.Argument(..., show_default=False),
     typer.echo(f"{'metric':<16}{'v' + str(a):>12}{'v' + str(b):>12}{'change':>12}")
     for k, m in got["metrics"].items():
         typer.echo(f"{k:<16}{_value(m['a']):>12}{_value(m['b']):>12}{_value(m.get('change')):>12}")
-    typer.echo(f"same test data: {'yes' if got['same_test_data'] else 'NO'}; same data: "
-               f"{'yes' if got['same_data'] else 'no'}; same recipe: {'yes' if got['same_recipe'] else 'no'}")
+    typer.echo(f"same test data: {'yes' if got['same_test_data'] else 'no (the figures above are of other rows)'}; "
+               f"same data: {'yes' if got['same_data'] else 'no'}; same recipe: "
+               f"{'yes' if got['same_recipe'] else 'no'}")
+    like = got.get("like_for_like")
+    if like:
+        typer.echo(f"both scored on {like['split']} ({like['rows']} rows):")
+        for k in like["a"]:
+            if isinstance(like["a"][k], float):
+                typer.echo(f"  {k:<14}{_value(like['a'][k]):>12}{_value(like['b'].get(k)):>12}")
     if got["recipe_diff"]:
         typer.echo(got["recipe_diff"].rstrip("\n"))

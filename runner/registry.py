@@ -188,7 +188,15 @@ class Registry:
         for v in (va, vb):
             row = self.store.db.execute("SELECT recipe FROM jobs WHERE id = ?", (v["job_id"],)).fetchone()
             recipes[v["version"]] = row[0].splitlines(keepends=True) if row else []
-        return {"model": model, "a": a, "b": b, "metrics": metrics,
+        like = None  # b scored beside a on b's test split, when b's job met a as its champion (jobs.compare)
+        for older, newer in ((va, vb), (vb, va)):
+            cmp = (newer["metrics"] or {}).get("champion") or {}
+            if cmp.get("version") == older["version"] and cmp.get("on_this_test"):
+                pair = cmp["on_this_test"]
+                like = {"split": f"v{newer['version']}'s test split", "rows": pair["rows"],
+                        "a": pair["champion"] if older is va else pair["challenger"],
+                        "b": pair["challenger"] if older is va else pair["champion"]}
+        return {"model": model, "a": a, "b": b, "metrics": metrics, "like_for_like": like,
                 "same_test_data": va["test_data"] == vb["test_data"], "same_data": va["data"] == vb["data"],
                 "same_recipe": va["recipe_hash"] == vb["recipe_hash"],
                 "recipe_diff": "".join(difflib.unified_diff(recipes[a], recipes[b], f"v{a}/recipe.yaml",

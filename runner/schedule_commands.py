@@ -39,7 +39,7 @@ def add(recipe: Path = typer.Argument(..., help="A recipe with a `schedule` sect
         _fail(e.render())
     text = recipe.read_text(encoding="utf-8")
     env = {k: os.environ[k] for k in env_refs(text) if k in os.environ}
-    s = _api(_client().post, "/schedules", {"recipe": text, "base_dir": str(recipe.resolve().parent), "env": env})
+    s = _api(_client(start=True).post, "/schedules", {"recipe": text, "base_dir": str(recipe.resolve().parent), "env": env})
     typer.echo(f"schedule {s['id']}: {s['what']}, concurrency {s['concurrency']}")
     if s["next"]:
         typer.echo(f"next fire: {s['next'][0]['local']} ({s['next'][0]['utc']})")
@@ -88,14 +88,14 @@ def upcoming(name: str = NAME, n: int = typer.Option(5, "-n", help="How many."))
 @schedule_app.command("pause")
 def pause(name: str = NAME) -> None:
     """Fires while paused are recorded as skipped; none is made up on resume."""
-    _api(_client().post, f"/schedules/{name}/pause")
+    _api(_client(start=True).post, f"/schedules/{name}/pause")
     typer.echo(f"schedule {name} paused")
     _next(f"runner schedule resume {name}")
 
 
 @schedule_app.command("resume")
 def resume(name: str = NAME) -> None:
-    s = _api(_client().post, f"/schedules/{name}/resume")
+    s = _api(_client(start=True).post, f"/schedules/{name}/resume")
     typer.echo(f"schedule {name} resumed" + (f"; next fire {s['next'][0]['local']}" if s["next"] else ""))
     _next(f"runner schedule show {name}")
 
@@ -103,7 +103,7 @@ def resume(name: str = NAME) -> None:
 @schedule_app.command("trigger")
 def trigger(name: str = NAME) -> None:
     """Fire now, under the schedule's concurrency policy."""
-    f = _api(_client().post, f"/schedules/{name}/trigger")
+    f = _api(_client(start=True).post, f"/schedules/{name}/trigger")
     typer.echo(f"{f['outcome']}: {f['reason']}" + (f" -> job {f['job_id']}" if f["job_id"] else ""))
     _next(f"runner logs -f {f['job_id']}" if f["job_id"] else f"runner schedule show {name}")
 
@@ -111,6 +111,6 @@ def trigger(name: str = NAME) -> None:
 @schedule_app.command("remove")
 def remove(name: str = NAME) -> None:
     """Forget the schedule and its fires; the jobs it queued stay."""
-    _api(_client().call, "DELETE", f"/schedules/{name}")
+    _api(_client(start=True).call, "DELETE", f"/schedules/{name}")
     typer.echo(f"schedule {name} removed")
     _next("runner schedule list")

@@ -2,14 +2,15 @@
 server and a local Ray head (token auth on) by itself on first use; scheduled retraining and the model registry on
 the same server; then the errors a user meets, one line each.
 
-Registry, end to end: the submitted job (registered as `topics`, exported to ONNX) is version 1, the first champion.
-A schedule on a better recipe (more steps) fires by itself when its training data changes (the server firing a due
-cron slot is test_schedule_cli's, with a fake clock), while a worse recipe (the same, on shuffled labels) is
-submitted beside it: the gate promotes the better and refuses the worse, both judged on the same test file by test
-loss. Rollback puts version 1 back."""
+Registry, end to end, on changing data: the test split is cut from the training file, so every change of the file
+changes the test rows and no two versions share a test split. The submitted job (registered as `topics`, exported
+to ONNX) is version 1, the first champion. A schedule on a better recipe (200 steps) fires by itself when the file
+changes (the server firing a due cron slot is test_schedule_cli's, with a fake clock): the champion and the new model
+are scored on the new test split, and the better one is promoted. Then a schedule on a worse recipe (60 steps, as
+v1) fires on the next change and is refused against the 200-step champion on its own new split. Rollback puts
+version 1 back."""
 
 import json
-import random
 import tempfile
 import time
 import urllib.error
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 def recipe(model, train: str, steps: int, extra: str = "") -> str:
     return (f"name: topics\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: {train}\n"
-            f"  test: test.jsonl\n  max_seq_len: 16\ntrain:\n  max_steps: {steps}\n  batch_size: 8\n  lr: 0.003\n"
+            f"  max_seq_len: 16\ntrain:\n  max_steps: {steps}\n  batch_size: 8\n  lr: 0.003\n"
             "resources:\n  workers: 1\n  cpus_per_worker: 1\nexport:\n  onnx: true\n  quantize: none\n"
             f"register_as: topics\npromotion:\n  metric: loss\n{extra}")
 
@@ -45,11 +46,6 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     model = tiny_model_dir(tmp_path / "bert", "bert", tokenizer, weights=True)
     rows = keyword_rows(240)
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:200]))
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[200:]))
-    labels = [r["label"] for r in rows[:200]]
-    random.Random(1).shuffle(labels)
-    (tmp_path / "shuffled.jsonl").write_text("".join(json.dumps({**r, "label": y}) + "\n"
-                                                     for r, y in zip(rows[:200], labels)))
     good = tmp_path / "good.yaml"
     good.write_text(recipe(model, "d.jsonl", 60))
     bad = tmp_path / "bad.yaml"
@@ -78,7 +74,9 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     assert [(j["id"], j["state"]) for j in listed["jobs"]] == [(job_id, "SUCCEEDED")]
     status = runner("status", job_id).stdout
     assert "state:     SUCCEEDED" in status and "QUEUED -> STARTING" in status and "next: " in status
-    assert "1 worker on CPUs" in runner("logs", job_id).stdout
+    log = runner("logs", job_id).stdout
+    assert "1 worker on CPUs" in log and "step 60: validation loss=" in log and "accuracy=" in log
+    assert not [x for x in ("torchvision", "Loading weights", "Writing model", "Traceback") if x in log], log
     files = [f["path"] for f in json.loads(runner("artifacts", job_id, "--json").stdout)["files"]]
     assert "model/config.json" in files and "eval.json" in files
 
@@ -88,45 +86,59 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     with urllib.request.urlopen(page, timeout=10) as r:  # the page the browser would open, with the job in it
         assert r.status == 200 and job_id in r.read().decode()
 
-    # --- the model registry and a schedule ---------------------------------------------------------------------------
+    # --- the model registry and schedules, on changing data --------------------------------------------------------
     shown = json.loads(runner("models", "show", "topics", "--json").stdout)
     assert shown["aliases"] == {"champion": 1} and shown["versions"][0]["job_id"] == job_id
     assert shown["versions"][0]["decision"].startswith("promoted to champion: the first version")
+
+    def fires_once_on_a_change(recipe_file, row):
+        """Add the schedule, change the data, return the job its one fire queued."""
+        out = runner("schedule", "add", str(recipe_file))
+        assert out.returncode == 0 and "schedule topics: when the data changes" in out.stdout, out.stdout + out.stderr
+        (tmp_path / "d.jsonl").write_text((tmp_path / "d.jsonl").read_text() + json.dumps(row) + "\n")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the server looks at the data every 10 s
+            fires = json.loads(runner("schedule", "show", "topics", "--json").stdout)["fires"]
+            if fires:
+                assert [(f["outcome"], f["reason"][:16]) for f in fires] == [("submitted", "the data changed")]
+                assert wait_ended(runner, fires[0]["job_id"])["state"] == "SUCCEEDED"
+                return fires[0]["job_id"]
+            time.sleep(2)
+        raise AssertionError("the data changed and the schedule did not fire in 60 s")
+
     better, worse = tmp_path / "better.yaml", tmp_path / "worse.yaml"
-    better.write_text(recipe(model, "d.jsonl", 200, "schedule:\n  on_data_change: true\n  poll_interval: 10\n"))
-    worse.write_text(recipe(model, "shuffled.jsonl", 200))
-    out = runner("schedule", "add", str(better))
-    assert out.returncode == 0 and "schedule topics: when the data changes" in out.stdout, out.stdout + out.stderr
-    (tmp_path / "d.jsonl").write_text((tmp_path / "d.jsonl").read_text() + json.dumps(rows[0]) + "\n")
-    out = runner("submit", "--detach", str(worse), "--name", "worse")  # trains beside the scheduled run
-    assert out.returncode == 0, out.stdout + out.stderr
-    ids = {"worse": out.stdout.split()[1]}
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and "better" not in ids:  # the server looks at the data every 10 s
-        fires = json.loads(runner("schedule", "show", "topics", "--json").stdout)["fires"]
-        if fires:
-            assert fires[0]["outcome"] == "submitted" and fires[0]["reason"].startswith("the data changed")
-            ids["better"] = fires[0]["job_id"]
-        time.sleep(2)
-    assert "better" in ids, "the data changed and the schedule did not fire in 60 s"
-    for jid in ids.values():
-        assert wait_ended(runner, jid)["state"] == "SUCCEEDED"
+    when_changed = "schedule:\n  on_data_change: true\n  poll_interval: 10\n"
+    better.write_text(recipe(model, "d.jsonl", 200, when_changed))
+    worse.write_text(recipe(model, "d.jsonl", 60, when_changed))
+    better_id = fires_once_on_a_change(better, rows[200])
+    assert runner("schedule", "remove", "topics").returncode == 0
+    worse_id = fires_once_on_a_change(worse, rows[201])
     shown = json.loads(runner("models", "show", "topics", "--json").stdout)
     by_job = {v["job_id"]: v for v in shown["versions"]}
-    good_v, bad_v = by_job[ids["better"]], by_job[ids["worse"]]
+    v1, good_v, bad_v = by_job[job_id], by_job[better_id], by_job[worse_id]
+    assert len({v1["test_data"], good_v["test_data"], bad_v["test_data"]}) == 3, "each change, a new test split"
+    # each decided on the new test split, both models scored there (and on the champion's split, recorded)
+    for v, champ in ((good_v, 1), (bad_v, good_v["version"])):
+        pair = v["metrics"]["champion"]["on_this_test"]
+        assert v["metrics"]["champion"]["version"] == champ and pair["rows"] == v["metrics"]["test"]["examples"]
+        assert f"on this version's test split ({pair['rows']} rows, both models scored)" in v["decision"]
+        assert f"loss {pair['challenger']['loss']:.4g} against champion v{champ}'s {pair['champion']['loss']:.4g}" \
+            in v["decision"], v["decision"]
     assert good_v["promoted"] and good_v["decision"].startswith("promoted to champion: loss "), good_v["decision"]
     assert not bad_v["promoted"] and bad_v["decision"].startswith("not promoted: loss "), bad_v["decision"]
-    assert good_v["value"] < shown["versions"][0]["value"] < bad_v["value"]
     assert shown["aliases"] == {"champion": good_v["version"]} and good_v["export"] == {"passed": True}
+    status = runner("status", worse_id).stdout
+    assert f"champion:  on this job's test split ({bad_v['metrics']['champion']['on_this_test']['rows']} rows)" \
+        in status and f"for topics v{good_v['version']}" in status, status
     out = runner("models", "rollback", "topics")
     assert out.stdout.startswith(f"topics:champion rolled back from v{good_v['version']} to v1"), out.stdout
     assert json.loads(runner("models", "show", "topics", "--json").stdout)["aliases"] == {"champion": 1}
     text = runner("models", "show", "topics").stdout
     assert "v1 [champion]" in text and "rolled back" in text
     d = runner("models", "diff", "topics", "1", str(good_v["version"])).stdout
-    assert "same test data: yes" in d and "max_steps: 200" in d
-    fires = json.loads(runner("schedule", "show", "topics", "--json").stdout)["fires"]
-    assert [(f["outcome"], f["job_id"]) for f in fires] == [("submitted", ids["better"])]  # once for one change
+    assert "same test data: no (the figures above are of other rows)" in d and "max_steps: 200" in d
+    assert f"both scored on v{good_v['version']}'s test split ({good_v['metrics']['champion']['on_this_test']['rows']} " \
+        "rows):" in d, d
 
     out = runner("status", "nope")
     assert out.returncode == 1 and out.stderr.strip() == "no job 'nope' (runner list shows the jobs)"
@@ -145,5 +157,10 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     out = runner("list", RUNNER_SERVER=f"http://127.0.0.1:{free_port()}")
     assert out.returncode == 1 and out.stderr.startswith("cannot reach the runner server at http://127.0.0.1:")
     assert runner("server", "stop").stdout.startswith("runner server stopped")
+    for verb in (["list"], ["status", job_id], ["logs", job_id], ["artifacts", job_id], ["models", "list"],
+                 ["schedule", "list"], ["cluster", "status"]):  # read verbs start nothing
+        out = runner(*verb)
+        assert out.returncode == 1 and out.stderr.strip() == \
+            "no local runner server is running (runner server start starts one)", (verb, out.stderr)
     out = runner("server", "status")
     assert out.returncode == 1 and out.stdout.startswith("no local runner server is running")

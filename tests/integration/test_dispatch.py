@@ -178,6 +178,8 @@ def test_queue_survives_server_kill_driver_death_and_cancel(cluster, tmp_path, t
     assert srv.call(f"/jobs/{d}/cancel", {})[0] == 200
     wait_for("d CANCELLED", lambda: srv.job(d)["state"] == "CANCELLED", 30)
     wait_for("d's driver gone", lambda: not pid_alive(d_driver), 30)
+    log = (home / "artifacts" / d / "job.log").read_text()
+    assert log.startswith("--- attempt 1, ") and "SIGTERM" not in log, log[-2000:]  # no crash dump for a cancel
     wait_for("c started in d's place", lambda: srv.job(c)["state"] != "QUEUED", 30)
 
     # --- b's driver is killed without a word: b is FAILED, with a reason, within 30 s --------------------------------
@@ -189,6 +191,8 @@ def test_queue_survives_server_kill_driver_death_and_cancel(cluster, tmp_path, t
     assert srv.job(b)["reason"].startswith("the job's driver ended without a reason"), srv.job(b)["reason"]
     wait_for("c, the last, fails on its own", lambda: srv.job(c)["state"] in ENDED, 180)
     assert srv.job(c)["reason"].startswith("the loss became "), srv.job(c)["reason"]
+    warned = srv.job(c)["warnings"]  # the alarm rank 0 wrote, copied into the store and served
+    assert any(w["message"].startswith("the gradient norm ") for w in warned), warned
     wait_for("no training actor left", lambda: not train_actors(), 30)
     assert srv.call("/cluster")[1]["free_gpus"] == 2
 

@@ -21,7 +21,8 @@ def test_cpu_recipes_pass_preflight(name, minilm):
     out = runner("validate", f"recipes/{name}")
     assert out.returncode == 0, out.stderr
     assert f"recipes/{name}: ready to run (train " in out.stdout
-    assert out.stdout.rstrip().endswith(f"next: runner run recipes/{name}")
+    assert out.stdout.rstrip().endswith(f"next: runner submit recipes/{name}   |   runner run recipes/{name}   "
+                                        "(in the foreground, without a server)")
 
 
 def test_gpu_recipes_validate_schema_only():

@@ -130,6 +130,10 @@ def test_on_changed_data_the_gate_decides_on_both_models_scored_on_the_new_test_
     assert not v5["promoted"] and v5["decision"].endswith(
         "the like-for-like comparison could not be made: the champion's labels differ")
     assert registry.aliases("topics") == {"champion": 2}
+    d = registry.diff("topics", 1, 2)  # the own figures are of other rows; the like-for-like ones come beside them
+    assert not d["same_test_data"] and d["like_for_like"] == {"split": "v2's test split", "rows": 20,
+                                                              "a": {"accuracy": 0.7}, "b": {"accuracy": 0.85}}
+    assert registry.diff("topics", 2, 1)["like_for_like"]["a"] == {"accuracy": 0.85}
 
 
 def test_champion_for_names_the_champions_folders_for_a_starting_job(reg):
