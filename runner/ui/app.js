@@ -73,12 +73,13 @@ function duration(sec) {
   if (hh < 48) return hh + " h " + String(m % 60).padStart(2, "0") + " min";
   return Math.floor(hh / 24) + " d " + (hh % 24) + " h";
 }
+// The CLI's format, whatever the browser's locale: 14:15:05 today, 2026-11-28 14:15:05 on another day.
 function when(t) {
   if (!t) return "";
-  const d = new Date(t * 1000), now = new Date();
-  const same = d.toDateString() === now.toDateString();
-  return same ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" })
-              : d.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+  const d = new Date(t * 1000), now = new Date(), two = (n) => String(n).padStart(2, "0");
+  const time = `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
+  return d.toDateString() === now.toDateString() ? time
+    : `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ${time}`;
 }
 function num(x, digits = 3) {
   if (x === null || x === undefined) return "";
@@ -337,6 +338,10 @@ function jobPage() {
     title.replaceChildren(h("span", { text: job.name }), stateBadge(job.state),
                           h("span", { class: "muted small mono", text: job.id }), ray, actions);
     reason.replaceChildren();
+    if ((job.warnings || []).length) {
+      reason.append(h("div", { class: "reason warn", id: "warnings" }, h("b", { text: "Warnings" }),
+        h("ul", {}, job.warnings.map((w) => h("li", {}, h("span", { class: "muted small", text: when(w.at) + " " }), w.message)))));
+    }
     if (job.state === "QUEUED") {
       reason.append(h("div", { class: "reason wait", id: "waiting" },
         h("b", { text: job.queue_position ? `#${job.queue_position} in the queue: ` : "queued: " }), job.waiting_for || ""));
@@ -380,9 +385,28 @@ function jobPage() {
     const ev = art.eval;
     results.replaceChildren(h("h2", { text: "Evaluation metrics" }));
     if (ev) {
+      const base = ev.baseline || null;
       const keys = [...new Set([...Object.keys(ev.validation || {}), ...Object.keys(ev.test || {})])];
-      results.append(table(["", "validation", "test"], keys.map((k) => [k, num((ev.validation || {})[k], 4), num((ev.test || {})[k], 4)])),
-        h("p", { class: "small muted", text: `${ev.selected_by ? "best checkpoint by " + ev.selected_by : ""}${ev.best_step ? ", step " + ev.best_step : ""}${ev.stopped_early ? "; stopped early" : ""}` }));
+      results.append(table(["", "validation", "test", ...(base ? ["baseline"] : [])],
+        keys.map((k) => [k, num((ev.validation || {})[k], 4), num((ev.test || {})[k], 4), ...(base ? [num(base[k], 4)] : [])])));
+      const sel = ev.selection;
+      results.append(h("p", { class: "small", id: "selection", text: sel
+        ? `Kept the weights of step ${num(sel.step)} of ${num(ev.steps)}: ${sel.why}${ev.stopped_early ? "; stopped early" : ""}.`
+        : `${ev.selected_by ? "best checkpoint by " + ev.selected_by : ""}${ev.best_step ? ", step " + ev.best_step : ""}${ev.stopped_early ? "; stopped early" : ""}` }));
+      if (base && base.verdict) {
+        results.append(h("p", { class: "small " + (base.beaten ? "ok" : "bad"), id: "baseline",
+                                text: `Baseline (${base.what}): ${base.verdict}.` }));
+      }
+      const champ = ev.champion;
+      if (champ) {
+        const pairs = [["on_this_test", "this job's test split"], ["on_champion_test", "the champion's test split"]]
+          .filter(([k]) => champ[k]);
+        results.append(h("div", { class: "small", id: "champion" },
+          h("b", { text: `Against champion ${champ.model} v${champ.version}: ` }),
+          champ.note ? champ.note : pairs.map(([k, where]) => h("div", {},
+            `${where} (${num(champ[k].rows)} rows): ` + Object.keys(champ[k].challenger).filter((m) => typeof champ[k].challenger[m] === "number" && !["examples", "tokens"].includes(m))
+              .map((m) => `${m} ${num(champ[k].challenger[m], 4)} here, ${num(champ[k].champion[m], 4)} the champion`).join("; ")))));
+      }
     } else results.append(h("p", { class: "muted", text: "Written when training ends (eval.json)." }));
 
     const ex = art.export;

@@ -194,9 +194,18 @@ def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path
     (job_dir / "checkpoints" / "checkpoint_2026-11-28_00-01-54" / "step.json").write_text('{"step": 15}')
     (job_dir / "checkpoints" / "checkpoint_manager_snapshot.json").write_text("{}")
     (job_dir / "eval.json").write_text(json.dumps({
-        "selected_by": "validation accuracy", "best_step": 15,
+        "selected_by": "validation accuracy", "best_step": 15, "steps": 30,
+        "selection": {"metric": "accuracy", "step": 15, "value": 1.0, "loss": 0.08,
+                      "why": "validation accuracy 1, the best, reached at 3 evaluations (steps 5, 10, 15); of those "
+                             "the lowest validation loss, 0.08"},
         "validation": {"loss": 0.31, "accuracy": 0.9917, "macro_f1": 0.9916, "examples": 120},
-        "test": {"loss": 0.29, "accuracy": 0.995, "macro_f1": 0.99499, "examples": 200}}))
+        "test": {"loss": 0.29, "accuracy": 0.995, "macro_f1": 0.99499, "examples": 200},
+        "baseline": {"what": "predicting the majority class of train", "loss": 1.386, "accuracy": 0.25,
+                     "macro_f1": 0.1, "examples": 200, "beaten": True,
+                     "verdict": "test accuracy 0.995 beats predicting the majority class of train, 0.25"},
+        "champion": {"model": "topics", "version": 3, "job_id": "old-1",
+                     "on_this_test": {"rows": 200, "challenger": {"accuracy": 0.995, "loss": 0.29},
+                                      "champion": {"accuracy": 0.97, "loss": 0.41}}, "on_champion_test": None}}))
     variant = {"examples": 200, "latency_ms_b1": 13.4, "latency_ms_b8": 43.7}
     (job_dir / "onnx" / "export_report.json").write_text(json.dumps({
         "task": "classification", "passed": True,
@@ -211,6 +220,7 @@ def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path
     store.add_job("done-1", "done", "name: done\nmodel:\n  name: org/m\n", str(job_dir), 1, 1, 0)
     for state in ("STARTING", "RUNNING", "SUCCEEDED"):
         store.set_state("done-1", state)
+    store.note("done-1", "the gradient norm exploded at step 12: 40.2, 1200 times its usual 0.0335", level="warning")
     with served(app) as url:
         page = browser.new_page(viewport={"width": 1366, "height": 768}, accept_downloads=True)
         page.goto(f"{url}/ui/jobs/done-1")
@@ -221,7 +231,20 @@ def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path
         assert "passed quantized_quality (accuracy drop in points: 0.5, bound 1)" in export
         assert "The export passed its checks." in export
         results = page.inner_text("#results")
-        assert "0.995" in results and "best checkpoint by validation accuracy, step 15" in results
+        assert "0.995" in results and "baseline" in results and "0.25" in results
+        assert page.inner_text("#selection") == ("Kept the weights of step 15 of 30: validation accuracy 1, the best, "
+                                                 "reached at 3 evaluations (steps 5, 10, 15); of those the lowest "
+                                                 "validation loss, 0.08.")
+        assert page.inner_text("#baseline") == ("Baseline (predicting the majority class of train): test accuracy "
+                                                "0.995 beats predicting the majority class of train, 0.25.")
+        assert "this job's test split (200 rows): accuracy 0.995 here, 0.97 the champion" in page.inner_text("#champion")
+        assert "the gradient norm exploded at step 12" in page.inner_text("#warnings")
+        # one time format with the CLI's (runner status prints events as %H:%M:%S), whatever the browser's locale
+        import time
+
+        at = store.events("done-1")[-1]["at"]
+        assert time.strftime("%H:%M:%S", time.localtime(at)) in page.inner_text("#history")
+        assert " AM" not in page.inner_text("#history") and " PM" not in page.inner_text("#history")
         assert page.locator("#checkpoints tbody tr").count() == 1 and "15" in page.inner_text("#checkpoints")
         with page.expect_download() as got:
             page.click('#artifacts a:text("onnx/labels.json")')
