@@ -215,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     datasets.logging.set_verbosity_error()
     try:
         recipe = load_recipe(args[0])
-    except RecipeError as e:
-        report = Report(problems=e.problems)
+    except RecipeError as e:  # the data is still checked where the sections it needs are sound: every problem at once
+        report = preflight(e.partial) if e.partial is not None else Report()
+        found = [p._replace(line=p.line or e.partial.line_of(p.path)) for p in report.problems] if e.partial else []
+        report.problems = e.problems + [p for p in found if p not in e.problems]
     else:
         report = preflight(recipe)
         report.problems = [p._replace(line=p.line or recipe.line_of(p.path)) for p in report.problems]

@@ -473,9 +473,12 @@ class Problem(typing.NamedTuple):
 class RecipeError(Exception):
     """A recipe that cannot run; `problems` lists every reason."""
 
-    def __init__(self, source: str, problems: list[Problem]):
+    def __init__(self, source: str, problems: list[Problem], partial: "Recipe | None" = None):
         self.source = source
         self.problems = problems
+        # the recipe with each section that has a problem left at its defaults, where what the data checks need
+        # (task, data, model) is sound: pre-flight checks the data with it, so that every problem comes at once
+        self.partial = partial
         super().__init__(self.render())
 
     def render(self) -> str:
@@ -523,20 +526,48 @@ def parse_recipe(text: str, source: str = "recipe", base_dir: Path | None = None
     secrets: dict[tuple, str] = {}
     data = _interpolate(data, (), env, secrets, problems, lines)
 
+    def placed(r: Recipe) -> Recipe:
+        r._base_dir = base_dir or Path.cwd()
+        r._secrets = secrets
+        r._lines = lines
+        return r
+
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         problems += [_problem(err, data, lines) for err in e.errors()]
-        raise RecipeError(source, sorted(_dedupe(problems), key=lambda p: p.line or 0)) from None
+        problems = sorted(_dedupe(problems), key=lambda p: p.line or 0)
+        raise RecipeError(source, problems, _partial(data, problems, placed)) from None
     if problems:
         raise RecipeError(source, sorted(problems, key=lambda p: p.line or 0))
-    recipe._base_dir = base_dir or Path.cwd()
-    recipe._secrets = secrets
-    recipe._lines = lines
+    recipe = placed(recipe)
     problems = [Problem(path, msg, _line_of(lines, tuple(path.split(".")))) for path, msg in check_recipe(recipe)]
     if problems:
-        raise RecipeError(source, problems)
+        raise RecipeError(source, problems, recipe if not any(_section(p) in DATA_SECTIONS for p in problems)
+                          else None)
     return recipe
+
+
+DATA_SECTIONS = ("task", "data", "model")  # what the data checks read: a problem there leaves nothing to check
+
+
+def _section(p: Problem) -> str:
+    return p.path.split(".")[0]
+
+
+def _partial(data: dict, problems: list[Problem], placed) -> "Recipe | None":
+    """The recipe with every other section that has a problem left at its defaults (an invalid name made 'recipe'),
+    or None when a problem is in what the data checks need or at the top level itself."""
+    sections = {_section(p) for p in problems}
+    if "" in sections or sections & set(DATA_SECTIONS):
+        return None
+    kept = {k: v for k, v in data.items() if k not in sections}
+    if "name" in sections:
+        kept["name"] = "recipe"
+    try:
+        return placed(Recipe.model_validate(kept))
+    except ValidationError:
+        return None
 
 
 # Filesystems every node of a cluster can mount at the same path (/proc/mounts' type names).

@@ -49,10 +49,15 @@ def validate(
     try:
         r = load_recipe(recipe)
     except RecipeError as e:
+        # pre-flight checks the data too where the sections it needs parse: every problem at once
+        report = {"ok": False, "problems": [p._asdict() for p in e.problems], "notes": []} \
+            if schema_only or e.partial is None else run_preflight(recipe)
         if as_json:
-            typer.echo(json.dumps({"ok": False, "problems": [p._asdict() for p in e.problems], "notes": []}))
+            typer.echo(json.dumps(report))
             raise typer.Exit(EXIT_INVALID)
-        _fail(e.render())
+        n = len(report["problems"])
+        _fail([f"{recipe}: {n} problem{'s' if n != 1 else ''}"] + ["  " + _render(p, str(recipe))
+                                                                  for p in report["problems"]])
     if show_defaults:
         typer.echo(r.to_yaml(), nl=False)
         if schema_only:

@@ -98,7 +98,11 @@ def submit(
     try:
         r = load_recipe(recipe)
     except RecipeError as e:
-        _fail(e.render())
+        report = run_preflight(recipe) if e.partial is not None else \
+            {"problems": [p._asdict() for p in e.problems]}  # the data too, where it can be read: all at once
+        n = len(report["problems"])
+        _fail([f"{recipe}: {n} problem{'s' if n != 1 else ''}; nothing was queued"]
+              + ["  " + _render(p, str(recipe)) for p in report["problems"]])
     report = run_preflight(recipe, _cluster_gpu_size(r))
     if not report["ok"]:
         n = len(report["problems"])

@@ -47,6 +47,33 @@ def test_data_problems_exit_2_with_key_file_and_line(tmp_path, minilm):
     assert "Traceback" not in out.stderr
 
 
+def test_a_schema_problem_does_not_hide_the_data_problems(tmp_path, minilm):
+    """Three mistakes in one recipe, in three sections: a misspelt key, an invalid value, and a test label the
+    training data lacks. All three come at once; where the data section itself is broken, its check cannot run."""
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n' * 10)
+    (tmp_path / "test.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "z"}\n')
+    (tmp_path / "r.yaml").write_text(f"name: t\nmodel:\n  name: {minilm}\ntask: classification\ndata:\n"
+                                     "  train: train.jsonl\n  test: test.jsonl\ntrain:\n  learnig_rate: 0.1\n"
+                                     "resources:\n  workers: 0\n")
+    out = runner("validate", tmp_path / "r.yaml")
+    r = tmp_path / "r.yaml"
+    assert out.returncode == 2 and out.stderr.splitlines()[0] == f"{r}: 3 problems", out.stderr
+    assert out.stderr.splitlines()[1:] == [
+        f"  {r}:9: train.learnig_rate: unknown key (did you mean 'lr'?); allowed here: " + ", ".join(
+            ["epochs", "max_steps", "optimizer", "lr", "schedule", "warmup_ratio", "warmup_steps", "weight_decay",
+             "batch_size", "grad_accum", "max_grad_norm", "seed", "eval_every", "checkpoint_every",
+             "keep_checkpoints", "early_stopping", "select_metric"]),
+        f"  {r}:11: resources.workers: 0 is out of range; must be >= 1",
+        f"  {r}:7: data.test: test.jsonl:2: label 'z' is not among the training labels (x, y)"]
+    report = json.loads(runner("validate", r, "--json").stdout)
+    assert [p["path"] for p in report["problems"]] == ["train.learnig_rate", "resources.workers", "data.test"]
+    assert [p["path"] for p in json.loads(runner("validate", r, "--json", "--schema-only").stdout)["problems"]] == \
+        ["train.learnig_rate", "resources.workers"]
+    (tmp_path / "r.yaml").write_text(r.read_text().replace("  test: test.jsonl", "  tset: test.jsonl"))
+    report = json.loads(runner("validate", r, "--json").stdout)  # data broken: its own problem only
+    assert [p["path"] for p in report["problems"]] == ["data.tset", "train.learnig_rate", "resources.workers"]
+
+
 def test_schema_problems_json(tmp_path):
     (tmp_path / "r.yaml").write_text("name: t\nmodel: {name: m}\ntask: regresion\ndata: {train: a.csv}\n")
     out = runner("validate", tmp_path / "r.yaml", "--json")
