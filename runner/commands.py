@@ -335,6 +335,18 @@ def retry(
     _next(f"runner logs -f {job_id}", f"runner status {job_id}")
 
 
+@app.command("rm")
+def remove(job_ids: list[str] = typer.Argument(..., metavar="ID...", help="Ended jobs' ids.", show_default=False)) \
+        -> None:
+    """Remove ended jobs: each one's folder (checkpoints, model, exports) and its records. A running job must be
+    cancelled first; a registered model version's job stays while the version does."""
+    client = _client(start=True)
+    for job_id in job_ids:
+        got = _api(client.call, "DELETE", f"/jobs/{job_id}")
+        typer.echo(f"removed job {job_id} ({got['bytes'] / 1e6:.1f} MB)")
+    _next("runner list")
+
+
 @app.command()
 def dashboard(no_open: bool = typer.Option(False, "--no-open", help="Print the address; open no browser.")) -> None:
     """Open the dashboard (jobs, their curves and logs, the cluster) in the browser; starts the local server first

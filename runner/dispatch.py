@@ -179,11 +179,12 @@ def _first_line(e: BaseException) -> str:
 
 class Dispatcher:
     def __init__(self, store: Store, backend, env: dict[str, str] | None = None, clock=time.monotonic,
-                 on_success=None, on_start=None):
+                 on_success=None, on_start=None, on_end=None):
         """on_success(job): called once a job is recorded SUCCEEDED (the model registry takes its version).
-        on_start(job): called before each submission of a job to Ray (the registry leaves the champion to meet)."""
+        on_start(job): called before each submission of a job to Ray (the registry leaves the champion to meet).
+        on_end(job): called once a job it followed has ended, whatever the ending (checkpoint retention)."""
         self.store, self.backend, self.clock, self.on_success = store, backend, clock, on_success
-        self.on_start = on_start
+        self.on_start, self.on_end = on_start, on_end
         base = os.environ if env is None else env
         self.env = {k: base[k] for k in WORKER_ENV if k in base}
         self.unreachable_since: float | None = None
@@ -305,6 +306,11 @@ class Dispatcher:
                 self.on_success(job)
             except Exception as e:  # noqa: BLE001 - the job stands; say in its events why it was not registered
                 self.store.note(job.id, f"not registered in the model registry: {type(e).__name__}: {e}")
+        if self.on_end is not None:
+            try:
+                self.on_end(job)
+            except Exception as e:  # noqa: BLE001 - housekeeping; the job's ending stands
+                self.store.note(job.id, f"checkpoint retention failed: {type(e).__name__}: {e}")
 
     def _copy(self, job: Job, attempt: dict | None) -> Job:
         """New whole lines of metrics.jsonl and events.jsonl into the store; events move the state."""

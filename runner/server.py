@@ -129,7 +129,11 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         tmp.write_text(json.dumps(spec, indent=2))
         tmp.replace(path)
 
-    dispatcher = Dispatcher(store, backend, on_success=registered, on_start=starting) if backend is not None else None
+    from runner.cleanup import keep_from_env, prune_checkpoints, remove_job
+
+    keep = keep_from_env()
+    dispatcher = Dispatcher(store, backend, on_success=registered, on_start=starting,
+                            on_end=lambda job: prune_checkpoints(store, keep)) if backend is not None else None
     stop, wake = threading.Event(), threading.Event()
 
     def loop() -> None:
@@ -394,6 +398,11 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         wake.set()
         return out
 
+    @app.delete("/jobs/{job_id}", dependencies=[Depends(auth)])
+    def remove(job_id: str) -> dict:
+        """An ended job's folder and rows; refused (409) while it runs or when it is a registered model version."""
+        return remove_job(store, job_id, root)
+
     @app.post("/jobs/{job_id}/cancel", dependencies=[Depends(auth)])
     def cancel(job_id: str) -> dict:
         return stop_job(job_id).to_json()
@@ -500,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     home = Path(os.environ.get("RUNNER_HOME") or Path.home() / ".runner")
     try:
+        from runner.cleanup import keep_from_env
+
+        keep_from_env()  # a bad RUNNER_KEEP_CHECKPOINTS is refused before anything starts
         serve(home, a.host, a.port, os.environ.get("RUNNER_TOKEN") or None, a.ray, a.interval)
     except ValueError as e:
         print(e, file=sys.stderr)

@@ -236,6 +236,10 @@ def test_causal_lm_formats(tmp_path, llama_dir, fmt):
     assert ("gradient checkpointing" in (d / "train.log").read_text()) == (fmt == "chat")
     if fmt == "text":
         assert list((d / "wandb").glob("offline-run-*")), "W&B offline run written"
+        # a LoRA job's checkpoint holds the adapter and its optimizer state, not the whole model
+        ckpt = torch.load(sorted((d / "checkpoints").glob("checkpoint_*/state.pt"))[-1], weights_only=False)
+        assert ckpt["model"] and all("lora_" in k for k in ckpt["model"]), sorted(ckpt["model"])[:5]
+        assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"])
         report = json.loads((d / "onnx" / "export_report.json").read_text())  # LoRA merged, then exported
         assert report["passed"] and report["checks"]["generation"]["passed"]
 

@@ -1,0 +1,82 @@
+"""What disk the runner gives back: `runner rm JOB` (a job's folder and its rows), and the retention of checkpoints.
+
+A finished job's record is its model/ (and adapter/, onnx/, eval.json, manifest.json); its checkpoints/ and best/
+only serve a retry from a checkpoint. The server keeps the checkpoints of the newest `keep` ended jobs
+(RUNNER_KEEP_CHECKPOINTS, default KEEP) and removes those of older ones after each job ends. A registered model
+version's files (runner.registry: model, adapter, onnx, eval.json, manifest.json, and prepared/ for the
+like-for-like comparison) are never removed: `rm` refuses such a job.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from runner.store import TERMINAL, Store, StoreError
+
+KEEP = 10
+RETAINED = ("checkpoints", "best")  # what retention removes from an ended job's folder
+
+
+def keep_from_env() -> int:
+    """RUNNER_KEEP_CHECKPOINTS as a count of jobs (>= 0); a value that is not one is refused with the fix."""
+    raw = os.environ.get("RUNNER_KEEP_CHECKPOINTS", str(KEEP)).strip()
+    if not raw.isdigit():
+        raise ValueError(f"RUNNER_KEEP_CHECKPOINTS={raw!r}: give a whole number of jobs (0 or more) whose "
+                         f"checkpoints are kept; default {KEEP}")
+    return int(raw)
+
+
+def registered_as(store: Store, job_id: str) -> str | None:
+    """'topics v2' when the job is a version of a registered model, else None."""
+    row = store.db.execute("SELECT model, version FROM versions WHERE job_id = ?", (job_id,)).fetchone()
+    return f"{row[0]} v{row[1]}" if row else None
+
+
+def remove_job(store: Store, job_id: str, root: Path) -> dict:
+    """Delete an ended job: its folder (under root only) and its rows. Raises StoreError, saying why, for a job
+    that still runs or is queued, or that is a registered model version."""
+    job = store.get(job_id)
+    if job.state not in TERMINAL:
+        raise StoreError(f"job {job_id} is {job.state}: cancel it first (runner cancel {job_id})")
+    version = registered_as(store, job_id)
+    if version:
+        raise StoreError(f"job {job_id} is {version} in the model registry: its files stay while the version does")
+    folder = Path(job.job_dir).resolve()
+    freed = _size(folder) if folder.is_dir() and folder.parent == root.resolve() else 0
+    with store._tx():
+        for table in ("events", "metrics", "attempts"):
+            store.db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+        # a schedule's fire keeps its record; with no job id, a restarted server does not queue the job again
+        store.db.execute("UPDATE fires SET job_id = NULL, reason = reason || '; its job ' || ? || ' was removed' "
+                         "WHERE job_id = ?", (job_id, job_id))
+        store.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+    if folder.is_dir() and folder.parent == root.resolve():  # never a path outside the artifacts folder
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"removed": job_id, "bytes": freed}
+
+
+def prune_checkpoints(store: Store, keep: int) -> list[tuple[str, int]]:
+    """Remove checkpoints/ and best/ of every ended job but the newest `keep` that still have them (by end time).
+    Returns (job id, bytes freed) of each job pruned."""
+    ended = store.db.execute(
+        f"SELECT id, job_dir FROM jobs WHERE state IN ({', '.join('?' * len(TERMINAL))}) ORDER BY ended_at DESC, "
+        "id DESC", TERMINAL).fetchall()
+    holding = [(job_id, Path(job_dir)) for job_id, job_dir in ended
+               if any((Path(job_dir) / name).exists() for name in RETAINED)]
+    out = []
+    for job_id, folder in holding[keep:]:
+        freed = 0
+        for name in RETAINED:
+            if (folder / name).exists():
+                freed += _size(folder / name)
+                shutil.rmtree(folder / name, ignore_errors=True)
+        store.note(job_id, f"checkpoints removed ({freed / 1e6:.1f} MB): only the newest {keep} ended jobs keep "
+                           "theirs (RUNNER_KEEP_CHECKPOINTS)")
+        out.append((job_id, freed))
+    return out
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
