@@ -88,7 +88,7 @@ class Alarms:
 
     def _grad_norm(self, rec: dict) -> str | None:
         norm = rec.get("grad_norm")
-        if norm is None:
+        if norm is None or rec.get("skipped"):  # fp16's loss scaler skipped the step: an inf norm is its business
             return None
         if not math.isfinite(norm):
             return (f"the gradient norm is {norm} at step {rec['step']}: the next update will ruin the weights. "

@@ -356,7 +356,6 @@ def train_func(config: dict) -> None:
     eval_every = t.eval_every or per_epoch
     ckpt_every = t.checkpoint_every or eval_every
     optimizer = make_optimizer(model, recipe)
-    groups = optimizer.param_groups  # the dicts every wrapper (DDP, FSDP2, ZeRO) steps with: the lr is set here
     lr_at = lr_schedule(recipe, steps)
     model, optimizer = acc.prepare(model, optimizer)  # not the schedule: see the module's docstring
     raw = acc.unwrap_model(model)
@@ -381,10 +380,11 @@ def train_func(config: dict) -> None:
     metrics_file = job_dir / "metrics.jsonl"
     seen_file = config.get("record_seen")  # tests: every row index each rank trains on
 
-    def log(rec: dict) -> None:
+    def log(rec: dict) -> None:  # strict JSON: a figure that is not finite is written as null
         if rank == 0:
             with metrics_file.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                    for k, v in rec.items()}) + "\n")
 
     wb = _wandb(recipe, job_dir, config, rank)
     if recipe.task == "causal_lm" and state.step == 0 and state.baseline is None:
@@ -406,9 +406,11 @@ def train_func(config: dict) -> None:
             micro = plan[s][rank]
             step_rows = [j for r in plan[s] for m in r for j in m]
             step_units = len(step_rows) if unit_of is None else max(1, sum(unit_of[j] for j in step_rows))
-            lr = lr_at(state.step)
-            for g in groups:
-                g["lr"] = lr
+            # set on the prepared optimizer's own groups, every step: prepare() and every load_state_dict (a resume)
+            # put new dicts in place, so a reference kept from before would set nothing
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(state.step)
+            lr = optimizer.param_groups[0]["lr"]
             local_sum = torch.zeros((), device=acc.device)
             for m, idx in enumerate(micro):
                 weight = 1.0 if idx else 0.0  # a rank with no rows left still joins the all-reduce
@@ -429,6 +431,7 @@ def train_func(config: dict) -> None:
             else:  # the norm before clipping, measured whether or not the recipe clips
                 grad_norm = _number(acc.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf))
             optimizer.step()
+            skipped = bool(acc.optimizer_step_was_skipped)  # fp16: the loss scaler found inf/nan and skipped it
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.step_in_epoch += 1
@@ -440,6 +443,8 @@ def train_func(config: dict) -> None:
             rec = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "loss": loss_value, "lr": lr,
                    "grad_norm": grad_norm, "samples_per_s": len(step_rows) / elapsed,
                    "tokens_per_s": n_tokens / elapsed, "total_steps": steps, "time": time.time()}
+            if skipped:
+                rec["skipped"] = True
             for alarm in alarms.see(rec) if alarms else ():
                 warn(alarm["kind"], alarm["step"], alarm["message"])
             if not math.isfinite(loss_value):

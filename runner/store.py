@@ -11,6 +11,7 @@ Recipes are stored as their redacted snapshot (`${VAR}` references, never values
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -469,7 +470,7 @@ class Store:
                 self.db.execute("INSERT OR REPLACE INTO metrics (job_id, attempt, step, split, at, data) VALUES "
                                 "(?, ?, ?, ?, ?, ?)", (job_id, job.attempt, int(rec["step"]),
                                                        rec.get("split", "train"), rec.get("time", now),
-                                                       json.dumps(rec)))
+                                                       json.dumps(_finite(rec))))
             if train:
                 self.db.execute("UPDATE jobs SET progress = ? WHERE id = ?",
                                 (json.dumps(_progress(job, train[0], train[-1], now)), job_id))
@@ -495,6 +496,12 @@ class Store:
             "m.attempt = (SELECT MAX(attempt) FROM metrics x WHERE x.job_id = m.job_id AND x.step = m.step AND "
             "x.split = m.split) ORDER BY m.step, m.split", (job_id, after_step, split, split))
         return [json.loads(r[0]) for r in rows]
+
+
+def _finite(rec: dict) -> dict:
+    """A record as strict JSON: SQLite's json_extract refuses the NaN and Infinity that Python's json writes, and
+    one such row would break every chart of the job."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
 
 
 def _progress(job: Job, first: dict, last: dict, now: float) -> dict:

@@ -69,19 +69,58 @@ def train_records(d: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def still_bert_dir(tmp_path_factory, tokenizer):
-    """The tiny BERT with every dropout off: two runs over the same rows must then end with the same weights."""
+    """The tiny BERT classifier, its head included (no random head at load), with every dropout off: runs over the
+    same rows must then end with the same weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
     from tiny import tiny_model_dir
 
-    return tiny_model_dir(tmp_path_factory.mktemp("m") / "still", "bert", tokenizer, weights=True,
-                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    d = tiny_model_dir(tmp_path_factory.mktemp("m") / "still", "bert", tokenizer, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
+    cfg = BertConfig.from_pretrained(d)
+    cfg.num_labels, cfg.id2label, cfg.label2id = 2, {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    cfg.problem_type = "single_label_classification"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(d)
+    return d
+
+
+def one_process_reference(model_dir: Path, job_dir: Path, steps: list[list[int]], total: int, warmup: int,
+                          lr: float) -> dict:
+    """The same training in one process with plain PyTorch and transformers' own scheduler, stepped once per
+    update: AdamW (no weight decay), the mean cross-entropy of each step's rows, clipping at 1.0, the job's tokenized
+    rows in the order its run recorded. The reference the runner's weights are held to."""
+    import datasets
+    import torch
+    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+    rows = datasets.load_from_disk(str(job_dir / "prepared" / "data"))["train"]
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(opt, warmup, total)
+    model.train()
+    for idx in steps:
+        part = [rows[i] for i in idx]
+        width = max(len(r["input_ids"]) for r in part)
+        ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in part])
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in part])
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        torch.nn.functional.cross_entropy(logits, torch.tensor([r["labels"] for r in part])).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def test_workers_and_accumulation_change_the_speed_not_the_result(tmp_path, still_bert_dir):
     """What data parallelism promises, checked against one process: 2 workers x batch 4 x accumulation 2, 1 worker
     x batch 16, and 1 worker x batch 8 x accumulation 2 take the same 16 rows a step in the same order, so with
     dropout off they must follow the same learning-rate schedule (the recipe's, by hand: linear with 25% warm-up),
-    the same losses, and end with the same weights. The 2-worker run also shows real data parallelism: each row
-    once an epoch across the ranks, both ranks training on different rows, identical weights on both."""
+    the same losses, and end with the same weights as each other and as plain PyTorch with transformers' scheduler
+    over those rows (one_process_reference). The 2-worker run also shows real data parallelism: each row once an
+    epoch across the ranks, both ranks training on different rows, identical weights on both."""
     from safetensors.torch import load_file
 
     rows = keyword_rows(103)
@@ -91,8 +130,7 @@ def test_workers_and_accumulation_change_the_speed_not_the_result(tmp_path, stil
         d = job(tmp_path / name, still_bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
                 f"train:\n  epochs: 2\n  batch_size: {batch}\n  grad_accum: {accum}\n  lr: 0.003\n"
                 f"  warmup_ratio: 0.25\n  eval_every: 1000\nresources:\n  workers: {workers}\n", rows=rows)
-        hooks = {"record_seen": str(d / "seen"), "record_weights": True} if workers == 2 else {}
-        run_job(d, hooks)
+        run_job(d, {"record_seen": str(d / "seen"), **({"record_weights": True} if workers == 2 else {})})
         runs[name] = d
     d = runs["ddp"]
     assert "2 workers, data-parallel" in (d / "train.log").read_text()
@@ -119,8 +157,12 @@ def test_workers_and_accumulation_change_the_speed_not_the_result(tmp_path, stil
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12), f"{name}: lr by step {got} != the schedule's {want}"
     losses = {name: [train_records(d)[s]["loss"] for s in range(1, total + 1)] for name, d in runs.items()}
     weights = {name: load_file(d / "model" / "model.safetensors") for name, d in runs.items()}
-    for name in ("ddp", "accum"):
-        assert losses[name] == pytest.approx(losses["one"], rel=1e-4), name
+    steps = [list(map(int, line.split()))[1:] for line in Path(f"{runs['one'] / 'seen'}.0").read_text().splitlines()]
+    assert len(steps) == total
+    weights["reference"] = one_process_reference(still_bert_dir, runs["one"], steps, total, warmup, 0.003)
+    for name in ("ddp", "accum", "reference"):
+        if name != "reference":
+            assert losses[name] == pytest.approx(losses["one"], rel=1e-4), name
         worst = max((weights[name][k] - weights["one"][k]).abs().max().item() for k in weights["one"])
         assert worst < 2e-5, f"{name} ends {worst:.2e} away from one worker with the whole batch"
 

@@ -71,3 +71,8 @@ def test_spikes_of_a_healthy_small_batch_run_are_not_an_alarm():
 def test_a_gradient_norm_that_is_not_finite_is_an_alarm_at_once():
     got = run(Alarms(100, 1000, 0, 1e-3), [{"step": 1, "loss": 3.0, "lr": 1e-3, "grad_norm": float("inf")}])
     assert got[0]["kind"] == "grad_norm" and "is inf at step 1" in got[0]["message"]
+
+
+def test_a_step_the_fp16_loss_scaler_skipped_is_not_an_alarm():
+    rec = {"step": 1, "loss": 3.0, "lr": 1e-3, "grad_norm": float("inf"), "skipped": True}
+    assert run(Alarms(100, 1000, 0, 1e-3), [rec]) == []

@@ -169,6 +169,18 @@ def test_metrics_keep_the_latest_attempt_of_each_step(store):
     assert [m["step"] for m in store.metrics("j1", after_step=6)] == [7, 8]
 
 
+def test_a_figure_that_is_not_finite_is_kept_as_null_and_the_curves_still_read(store):
+    """fp16's first steps overflow (grad_norm inf) and a validation loss can be NaN: SQLite's json_extract would
+    refuse the whole column, and every chart of the job with it."""
+    add(store)
+    store.set_state("j1", "STARTING")
+    store.add_metrics("j1", [{"step": 1, "loss": 2.0, "grad_norm": float("inf")},
+                             {"step": 2, "loss": 1.5, "grad_norm": float("nan")}, {"step": 3, "loss": 1.0}])
+    assert store.metrics_columns("j1", "train", ("loss", "grad_norm")) == {
+        "step": [1, 2, 3], "loss": [2.0, 1.5, 1.0], "grad_norm": [None, None, None]}
+    assert store.metrics("j1")[0]["grad_norm"] is None
+
+
 def _claim(path, ids, out):
     s = Store(path)
     won = []
