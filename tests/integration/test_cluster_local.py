@@ -29,7 +29,12 @@ def test_local_sh_up_status_down(runner):
     assert alive(head)
     st = sh("status")
     assert st.returncode == 0 and "2 GPUs" in st.stdout and "runner server: not running" in st.stdout
-    # the runner's queue places jobs on the fake GPUs: `runner cluster status` starts the server on this head
+    # a read verb starts nothing: no server yet, one line says how to start one
+    out = runner("cluster", "status")
+    assert out.returncode == 1 and "runner server start" in out.stderr and "runner server: not running" in \
+        sh("status").stdout
+    # the runner's queue places jobs on the fake GPUs: `runner server start` starts the server on this head
+    assert runner("server", "start").returncode == 0
     out = runner("cluster", "status", "--json")
     assert out.returncode == 0, out.stderr
     assert '"gpus": 2' in out.stdout.replace(".0", "") and read_state(runner.home)["ray"]["pid"] == head
