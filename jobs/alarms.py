@@ -4,9 +4,9 @@ server copies into its store, the dashboard and `runner status` show) and to its
 
 - the learning rate at zero after warm-up while steps remain: those steps change nothing (a schedule that ends
   early, as Accelerate's per-process scheduler stepping once made every multi-worker job's do);
-- the training loss not falling over the first epoch: the slope of loss against step over the epoch is not
-  significantly below zero (t < -2; batch losses are noisy, so a plain first-against-last comparison would see a
-  fall in noise): the model is not learning from the data as given;
+- the training loss not falling over the first epoch after warm-up: no significant downward trend by the
+  Mann-Kendall test (z < -2; batch losses are noisy, so a first-against-last comparison sees falls in noise, and
+  a least-squares slope follows one unlucky batch): the model is not learning from the data as given;
 - the gradient norm exploding: not finite, a single step 1000 times its usual size, or the median of the last
   five steps 20 times the median before them (single spikes of 10-100x come and go in healthy small-batch runs,
   and clipping bounds their update; a norm that stays up is what explodes).
@@ -22,7 +22,8 @@ from collections import deque
 
 LR_ZERO_FRACTION = 0.03  # lr at 0 for more than this fraction of the run (and at least 2 steps) while steps remain
 LOSS_MIN_STEPS = 8  # the first epoch is judged when it has at least this many steps...
-LOSS_T = -2.0  # ...and its loss is falling when the slope's t statistic is below this
+LOSS_Z = -2.0  # ...and its loss is falling when the Mann-Kendall statistic is below this
+TREND_POINTS = 200  # a longer epoch is judged on the means of this many equal runs of steps
 GRAD_SPIKE = 1000.0  # one step's gradient norm this many times the usual (the median of the steps before)...
 GRAD_RECENT, GRAD_SUSTAINED = 5, 20.0  # ...or the median of the last 5 steps 20 times the usual
 GRAD_HISTORY = 10  # judged once this many steps came before (the usual: the median of the last GRAD_WINDOW)
@@ -67,21 +68,24 @@ class Alarms:
         return None
 
     def _loss_flat(self, rec: dict) -> str | None:
-        n = min(self.per_epoch, self.total)
-        if rec["step"] > n or n < LOSS_MIN_STEPS:
+        """Judged over the first epoch after warm-up (a warm-up's small lr explains a flat start)."""
+        start = self.warmup + 1
+        end = min(self.warmup + self.per_epoch, self.total)
+        if not start <= rec["step"] <= end or end - start + 1 < LOSS_MIN_STEPS:
             return None
         if math.isfinite(rec["loss"]):
             self.epoch_losses.append((rec["step"], rec["loss"]))
-        if rec["step"] < n or len(self.epoch_losses) < LOSS_MIN_STEPS:
+        if rec["step"] < end or len(self.epoch_losses) < LOSS_MIN_STEPS:
             return None
-        slope, t = _trend(self.epoch_losses)
-        if t < LOSS_T:
+        z = falling_z([y for _, y in self.epoch_losses])
+        if z < LOSS_Z:
             return None
         losses = [y for _, y in self.epoch_losses]
         k = max(2, len(losses) // 4)
-        what = "first epoch" if n == self.per_epoch else f"first {n} steps"
-        return (f"the training loss did not fall over the {what} (step {rec['step']}: a trend of {slope:+.3g} a "
-                f"step, t = {t:.1f}; mean {statistics.fmean(losses[:k]):.4g} over its first {k} steps, "
+        what = "first epoch" if end - start + 1 == self.per_epoch else f"first {end - start + 1} steps"
+        after = " after warm-up" if self.warmup else ""
+        return (f"the training loss did not fall over the {what}{after} (steps {start}-{end}: no downward trend, "
+                f"z = {z:.1f}; mean {statistics.fmean(losses[:k]):.4g} over its first {k} steps, "
                 f"{statistics.fmean(losses[-k:]):.4g} over its last {k}): the model is not learning. Try a larger "
                 f"train.lr (now {self.peak:g}), check that data.columns maps the text and the label the model should "
                 f"learn from, or a tuning mode that trains more of the model")
@@ -109,15 +113,13 @@ class Alarms:
                 f"train.max_grad_norm (clipping), or add warm-up (train.warmup_ratio)")
 
 
-def _trend(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares slope of y on x and its t statistic (slope / standard error); -inf for a perfect fall."""
-    n = len(points)
-    mx = statistics.fmean(x for x, _ in points)
-    my = statistics.fmean(y for _, y in points)
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
-    resid = sum((y - my - slope * (x - mx)) ** 2 for x, y in points) / (n - 2)
-    se = math.sqrt(resid / sxx)
-    if se == 0:
-        return slope, -math.inf if slope < 0 else math.inf if slope > 0 else 0.0
-    return slope, slope / se
+def falling_z(ys: list[float]) -> float:
+    """The Mann-Kendall statistic of a sequence: about N(0, 1) for noise around a level, well below 0 for a fall.
+    A sequence longer than TREND_POINTS is judged on the means of TREND_POINTS equal runs (the test is quadratic)."""
+    if len(ys) > TREND_POINTS:
+        edges = [round(i * len(ys) / TREND_POINTS) for i in range(TREND_POINTS + 1)]
+        ys = [statistics.fmean(ys[a:b]) for a, b in zip(edges, edges[1:])]
+    n = len(ys)
+    s = sum((ys[j] > ys[i]) - (ys[j] < ys[i]) for i in range(n) for j in range(i + 1, n))
+    sd = math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
+    return (s - 1) / sd if s > 0 else (s + 1) / sd if s < 0 else 0.0

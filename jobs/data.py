@@ -338,31 +338,58 @@ def load_splits(recipe: Recipe) -> dict[str, Split]:
 
 
 def derive_splits(recipe: Recipe, given: dict[str, Split]) -> dict[str, Split]:
-    """Split validation and test off train where the recipe gives none: the same seed gives the same rows."""
+    """Split validation and test off train where the recipe gives none.
+
+    Each row's split follows from a hash of its content and `data.split.seed` alone (stable hashing, as TFDS does):
+    the same row lands in the same split whatever else the file holds. So when a file grows between two versions of
+    a model, the rows the earlier one was tested on are still test rows and the rows it trained on never become
+    test rows (the like-for-like promotion gate relies on it), and a row that occurs twice cannot be in train and in
+    test at once. The fractions hold on average (each row independently), not to the row; each split gets at least
+    one row."""
     spec = recipe.data.split
     train = given["train"]
     ds = train.dataset
-    index = list(range(len(ds)))
     out = dict(given)
     need = [s for s in ("test", "validation") if s not in given]
     if not need:
         return out
-    n_hold = {s: max(1, round(len(ds) * getattr(spec, s))) for s in need}
-    if len(ds) - sum(n_hold.values()) < 1:
-        raise DataError([Problem("data.train", f"{len(ds)} rows are too few to split off "
-                                               f"{' and '.join(need)}; give them as files or add rows")])
-    import random
-
-    order = index[:]
-    random.Random(spec.seed).shuffle(order)
-    start = 0
-    for s in need:
-        rows = sorted(order[start:start + n_hold[s]])
-        start += n_hold[s]
+    too_few = DataError([Problem("data.train", f"{len(ds)} rows are too few to split off {' and '.join(need)}; "
+                                               f"give them as files or add rows")])
+    if len(ds) <= len(need):
+        raise too_few
+    u = [split_unit(spec.seed, row) for row in ds]
+    members: dict[str, list[int]] = {s: [] for s in need}
+    rest: list[int] = []
+    for i, x in enumerate(u):
+        lo = 0.0
+        for s in need:
+            lo += getattr(spec, s)
+            if x < lo:
+                members[s].append(i)
+                break
+        else:
+            rest.append(i)
+    for s in need:  # a tiny file: a split that came out empty takes the train row of the smallest hash
+        if not members[s]:
+            if len(rest) < 2:
+                raise too_few
+            j = min(rest, key=lambda i: u[i])
+            rest.remove(j)
+            members[s].append(j)
+    if not rest:
+        raise too_few
+    for s, rows in (*members.items(), ("train", rest)):
         out[s] = Split(s, ds.select(rows), train.origin, lambda i, r=rows, w=train.where: w(r[i]))
-    rest = sorted(order[start:])
-    out["train"] = Split("train", ds.select(rest), train.origin, lambda i, r=rest, w=train.where: w(r[i]))
     return {s: out[s] for s in SPLITS}
+
+
+def split_unit(seed: int, row: dict) -> float:
+    """A row's place in [0, 1), from its content and the seed: where derive_splits puts it."""
+    import hashlib
+
+    text = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    digest = hashlib.sha256(f"{seed}\0{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 # ----------------------------------------------------------------------------------------------------------------

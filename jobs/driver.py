@@ -94,7 +94,7 @@ def prepare_job(job_dir: Path) -> Prepared:
     rows, notes = prepare_data(recipe, job_dir, report.model_path)
     timings["prepare_s"] = time.perf_counter() - t0
     for n in report.notes + notes:
-        _note(job_dir, n)
+        note(job_dir, n)
     (job_dir / "failure.txt").unlink(missing_ok=True)
     return Prepared(recipe, report.model_path, rows, timings)
 
@@ -118,7 +118,7 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
     env_vars = {k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN",
                                              "WANDB_API_KEY", "WANDB_MODE", "TOKENIZERS_PARALLELISM",
                                              "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
-                                             "TRANSFORMERS_VERBOSITY", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
+                                             "TRANSFORMERS_VERBOSITY")
                 if k in os.environ}
     env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
     env_vars.update(WORKER_PRIORITY)
@@ -141,10 +141,18 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
         reason = (job_dir / "failure.txt").read_text() if (job_dir / "failure.txt").exists() else _reason(e)
         raise JobFailed(reason) from None
     timings["train_s"] = time.perf_counter() - t0
-    from jobs.compare import compare_with_champion
+    if (job_dir / "champion.json").exists():  # a registered model's champion to meet, like for like
+        from jobs.compare import compare_task
 
-    t0 = time.perf_counter()
-    if compare_with_champion(job_dir, recipe, log=lambda m: _note(job_dir, m)) is not None:
+        t0 = time.perf_counter()
+        compare = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker if use_gpu else 0)(compare_task)
+        try:
+            ray.get(compare.options(runtime_env={"env_vars": env_vars}).remote(str(job_dir), int(res.cpus_per_worker)))
+        except Exception as e:  # noqa: BLE001 - the task's process died (out of memory...): the trained job stands
+            from jobs.compare import record
+
+            record(job_dir, {"note": f"the comparison's Ray task failed: {_reason(e)}"})
+            note(job_dir, f"no like-for-like comparison with the champion: its task failed ({_reason(e)})")
         timings["compare_s"] = time.perf_counter() - t0
     result = json.loads((job_dir / "eval.json").read_text())
     export = None
@@ -154,7 +162,7 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
         t0 = time.perf_counter()
         event(job_dir, "exporting to ONNX and checking the export", state="EXPORTING")
         try:
-            export = export_job(job_dir, recipe, log=lambda m: _note(job_dir, m))
+            export = export_job(job_dir, recipe, log=lambda m: note(job_dir, m))
         except ExportFailed as e:
             report = json.loads((job_dir / "onnx.failed" / "export_report.json").read_text())
             timings["export_s"] = time.perf_counter() - t0
@@ -209,7 +217,7 @@ def _lifecycle_callback(job_dir: Path, max_failures: int):
             if kind == "RESTARTING":
                 self.failures += 1
                 err = getattr(current_state, "training_failed_error", None)
-                _note(job_dir, f"the workers failed: {err}")
+                note(job_dir, f"the workers failed: {err}")
                 event(job_dir, f"the workers failed ({_lost_reason(err)}); restart {self.failures} of "
                                f"{'unlimited' if max_failures < 0 else max_failures}, from the last checkpoint",
                       state="RETRYING")
@@ -220,7 +228,7 @@ def _lifecycle_callback(job_dir: Path, max_failures: int):
     return Lifecycle()
 
 
-def _note(job_dir: Path, msg: str) -> None:
+def note(job_dir: Path, msg: str) -> None:
     """A line for the person running the job, in train.log (the driver's `Follow` shows it as it comes)."""
     with (job_dir / "train.log").open("a") as f:
         f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
@@ -340,7 +348,8 @@ def ray_settings(local: bool) -> None:
     environment wins). Ray Train's controller inherits them from the driver."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     # a cancelled job's driver gets SIGTERM; Ray's failure signal handler would dump "*** SIGTERM received ..." and
-    # a stack into the job's log, which reads as a crash. Read when ray is imported: set before that.
+    # a stack into the job's log, which reads as a crash. Read when ray is imported: set before that. The driver's
+    # only: the workers keep their dumps of real crashes (SIGSEGV, SIGABRT in CUDA or NCCL).
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     # the controller polls the workers every 2 s by default, so a finished job waited up to 2 s to be seen
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")

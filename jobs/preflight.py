@@ -84,11 +84,13 @@ def load_tokenizer(recipe: Recipe, model_path: str):
     return tok
 
 
-def preflight(recipe: Recipe, lengths: bool = True) -> Report:
+def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True) -> Report:
     """Check data, columns, labels, lengths, model and resources. Never raises for a user's mistake.
 
     lengths=False leaves out the truncation figures, for a caller that tokenizes every row next anyway (the
-    driver: `jobs.driver.prepare_data` judges the lengths of all rows with `length_problems`).
+    driver: `jobs.driver.prepare_data` judges the lengths of all rows with `length_problems`). memory=False leaves
+    out the memory estimate (for a recipe whose tuning, train or resources sections are defaults standing in for
+    ones with problems: an estimate of those would be of another job).
     """
     from jobs import data as D
 
@@ -122,7 +124,8 @@ def preflight(recipe: Recipe, lengths: bool = True) -> Report:
         return report
     for name, sp in splits.items() if lengths else ():
         report.problems += _length_check(recipe, tok, sp, label_ids, report.notes)
-    _memory_check(recipe, model_path, report)
+    if memory:
+        _memory_check(recipe, model_path, report)
     return report
 
 
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args[0])
     except RecipeError as e:  # the data is still checked where the sections it needs are sound: every problem at once
-        report = preflight(e.partial) if e.partial is not None else Report()
+        report = preflight(e.partial, memory=not e.reset & {"tuning", "train", "resources"}) \
+            if e.partial is not None else Report()
         found = [p._replace(line=p.line or e.partial.line_of(p.path)) for p in report.problems] if e.partial else []
         report.problems = e.problems + [p for p in found if p not in e.problems]
     else:

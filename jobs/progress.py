@@ -12,14 +12,21 @@ from pathlib import Path
 
 
 class Follow(threading.Thread):
+    """Also relays the workers' warnings (rank 0's warnings.jsonl) into the job's events.jsonl, so that the driver
+    is that file's one writer wherever the workers run (two hosts appending to one file on shared storage can
+    interleave)."""
+
     def __init__(self, job_dir: Path, interval: float = 0.5):
         super().__init__(daemon=True)
-        self.path = Path(job_dir) / "metrics.jsonl"
-        self.log = Path(job_dir) / "train.log"
+        self.job_dir = Path(job_dir)
+        self.path = self.job_dir / "metrics.jsonl"
+        self.log = self.job_dir / "train.log"
+        self.warnings = self.job_dir / "warnings.jsonl"
         self.interval = interval
         self._stop_event = threading.Event()
         # from where the files end now: a resumed job does not show its earlier attempt again
-        self._offset, self._log_offset = (p.stat().st_size if p.exists() else 0 for p in (self.path, self.log))
+        self._offset, self._log_offset, self._warn_offset = (p.stat().st_size if p.exists() else 0
+                                                             for p in (self.path, self.log, self.warnings))
         self.last: dict | None = None
 
     @staticmethod
@@ -38,8 +45,21 @@ class Follow(threading.Thread):
         return [json.loads(x) for x in lines if x.strip()]
 
     def _notes(self) -> list[str]:
+        self._relay()
         lines, self._log_offset = self._whole_lines(self.log, self._log_offset)
         return lines
+
+    def _relay(self) -> None:
+        from jobs.driver import event
+
+        lines, self._warn_offset = self._whole_lines(self.warnings, self._warn_offset)
+        for line in lines:
+            try:
+                w = json.loads(line)
+                message, kind, step = str(w["message"]), str(w["kind"]), int(w["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn or foreign line: the log (train.log) still has the warning's words
+            event(self.job_dir, message, level="warning", kind=kind, step=step)
 
     def run(self) -> None:
         from rich.console import Console

@@ -86,9 +86,11 @@ def _source(v: Any) -> Any:
 class SplitSpec(_Strict):
     """How validation and test are carved from train when the recipe does not give them."""
 
-    validation: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for validation.")
-    test: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for test.")
-    seed: int = Field(42, description="Seed of the split: the same seed gives the same rows in each split.")
+    validation: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for validation (on "
+                              "average: each row is placed by a hash of its content).")
+    test: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for test (on average).")
+    seed: int = Field(42, description="Seed of the split. A row's split follows from its content and the seed "
+                      "alone: the same row stays in the same split when the file grows, and copies of a row share it.")
 
     @model_validator(mode="after")
     def _fits(self) -> "SplitSpec":
@@ -173,7 +175,8 @@ class EarlyStopping(_Strict):
     """Stop when the validation metric has not improved for `patience` evaluations."""
 
     patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
-    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest gain of the select metric that resets the patience (the "
+                             "weights kept are the best whatever the gain).")
 
 
 class TrainSpec(_Strict):
@@ -479,6 +482,7 @@ class RecipeError(Exception):
         # the recipe with each section that has a problem left at its defaults, where what the data checks need
         # (task, data, model) is sound: pre-flight checks the data with it, so that every problem comes at once
         self.partial = partial
+        self.reset = {p.path.split(".")[0] for p in problems}  # the sections `partial` has at their defaults
         super().__init__(self.render())
 
     def render(self) -> str:

@@ -340,12 +340,11 @@ def train_func(config: dict) -> None:
             with (job_dir / "train.log").open("a") as f:
                 f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 
-    def warn(kind: str, step: int, msg: str) -> None:  # rank 0: a warning in the log and in the job's events
-        from jobs.driver import event
-
-        if rank == 0:
+    def warn(kind: str, step: int, msg: str) -> None:  # rank 0: a warning in the log, and for the job's events
+        if rank == 0:  # warnings.jsonl has this one writer; the driver relays its lines into events.jsonl
             note(f"warning: {msg}")
-            event(job_dir, msg, level="warning", kind=kind, step=step)
+            with (job_dir / "warnings.jsonl").open("a") as f:
+                f.write(json.dumps({"time": time.time(), "kind": kind, "step": step, "message": msg}) + "\n")
 
     note(f"{describe(sp, world, acc.distributed_type.value)}; mixed precision {sp['mixed_precision']}"
          f"{', gradient checkpointing' if recipe.resources.gradient_checkpointing else ''}; "
@@ -543,15 +542,15 @@ def _number(x) -> float | None:
         return None
 
 
-def _improves(value: float, loss: float, state: State, higher: bool, min_delta: float) -> bool:
-    """Whether an evaluation replaces the kept one: better by more than min_delta on the select metric, or level
-    with it and a lower validation loss (so that a saturated accuracy still moves on to better weights)."""
+def _better(value: float, loss: float, state: State, higher: bool) -> bool:
+    """Whether an evaluation's weights replace the kept ones: a better select metric, or the same and a validation
+    loss as low or lower (so that an accuracy that levels off still moves on to better weights, the later of equals).
+    train.early_stopping.min_delta does not enter here: like HF Trainer's threshold, it only counts for patience."""
     if state.best is None:
         return True
-    gain = value - state.best if higher else state.best - value
-    if gain > min_delta:
-        return True
-    return value == state.best and state.best_loss is not None and loss < state.best_loss
+    if value != state.best:
+        return value > state.best if higher else value < state.best
+    return state.best_loss is None or loss <= state.best_loss
 
 
 def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, rank: int, acc=None) -> None:
@@ -561,8 +560,13 @@ def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, ran
     value, loss = val[name], val["loss"]
     state.evals.append([state.step, value, loss])
     es = recipe.train.early_stopping
-    if _improves(value, loss, state, higher, es.min_delta if es else 0.0):
-        state.best, state.best_loss, state.best_step, state.evals_without_improvement = value, loss, state.step, 0
+    gain = None if state.best is None else (value - state.best if higher else state.best - value)
+    if es and gain is not None and gain <= es.min_delta:  # patience counts evaluations without a real gain
+        state.evals_without_improvement += 1
+    else:
+        state.evals_without_improvement = 0
+    if _better(value, loss, state, higher):
+        state.best, state.best_loss, state.best_step = value, loss, state.step
         if acc is not None:
             _save_sharded(acc, job_dir / "best", state, rank)
         elif rank == 0:
@@ -570,13 +574,12 @@ def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, ran
             tmp = job_dir / "best" / "state.pt.tmp"
             torch.save(trainable_state(raw), tmp)
             tmp.replace(job_dir / "best" / "state.pt")
-    else:
-        state.evals_without_improvement += 1
-        if es and state.evals_without_improvement >= es.patience:
-            state.stopped_early = True
-            if rank == 0:
-                print(f"early stop at step {state.step}: validation {name} has not improved for "
-                      f"{es.patience} evaluations (best {state.best:.4f} at step {state.best_step})", flush=True)
+    if es and state.evals_without_improvement >= es.patience:
+        state.stopped_early = True
+        if rank == 0:
+            print(f"early stop at step {state.step}: validation {name} has not improved by more than "
+                  f"{es.min_delta:g} for {es.patience} evaluations (best {state.best:.4f} at step {state.best_step})",
+                  flush=True)
 
 
 def selection(state: State, name: str, higher: bool, steps: int) -> dict:
@@ -591,7 +594,6 @@ def selection(state: State, name: str, higher: bool, steps: int) -> dict:
         out["why"] = f"the only evaluation (validation {name} {value:.4g}, loss {loss:.4g})"
         return out
     tied = [e for e in others if e[1] == value]
-    better = [e for e in others if (e[1] > value if higher else e[1] < value)]
     if tied:
         out["why"] = (f"validation {name} {value:.4g}, the best, reached at {len(tied) + 1} evaluations (steps "
                       f"{_steps([e[0] for e in tied] + [step])}); of those the lowest validation loss, {loss:.4g}")
@@ -599,9 +601,6 @@ def selection(state: State, name: str, higher: bool, steps: int) -> dict:
         runner_up = sorted(others, key=lambda e: -e[1] if higher else e[1])[0]
         out["why"] = (f"the best validation {name}, {value:.4g} (loss {loss:.4g}); next best {runner_up[1]:.4g} at "
                       f"step {runner_up[0]}")
-    if better:  # early_stopping.min_delta: a later gain too small to count
-        out["why"] += (f"; later evaluations were better by no more than train.early_stopping.min_delta "
-                       f"(best {better[0][1]:.4g} at step {better[0][0]})")
     return out
 
 

@@ -1,10 +1,11 @@
 """What disk the runner gives back: `runner rm JOB` (a job's folder and its rows), and the retention of checkpoints.
 
-A finished job's record is its model/ (and adapter/, onnx/, eval.json, manifest.json); its checkpoints/ and best/
-only serve a retry from a checkpoint. The server keeps the checkpoints of the newest `keep` ended jobs
-(RUNNER_KEEP_CHECKPOINTS, default KEEP) and removes those of older ones after each job ends. A registered model
-version's files (runner.registry: model, adapter, onnx, eval.json, manifest.json, and prepared/ for the
-like-for-like comparison) are never removed: `rm` refuses such a job.
+A SUCCEEDED job's record is its model/ (and adapter/, onnx/, eval.json, manifest.json); its checkpoints/ and best/
+serve nothing more. The server keeps those of the newest `keep` SUCCEEDED jobs (RUNNER_KEEP_CHECKPOINTS, default
+KEEP) and removes older ones' after each job ends. A FAILED or CANCELLED job keeps its checkpoints, for
+`runner retry --from-checkpoint`, until `runner rm`. A registered model version's files (runner.registry: model,
+adapter, onnx, eval.json, manifest.json, and prepared/ for the like-for-like comparison) are never removed: `rm`
+refuses such a job.
 """
 
 from __future__ import annotations
@@ -35,34 +36,37 @@ def registered_as(store: Store, job_id: str) -> str | None:
 
 
 def remove_job(store: Store, job_id: str, root: Path) -> dict:
-    """Delete an ended job: its folder (under root only) and its rows. Raises StoreError, saying why, for a job
-    that still runs or is queued, or that is a registered model version."""
-    job = store.get(job_id)
-    if job.state not in TERMINAL:
-        raise StoreError(f"job {job_id} is {job.state}: cancel it first (runner cancel {job_id})")
-    version = registered_as(store, job_id)
-    if version:
-        raise StoreError(f"job {job_id} is {version} in the model registry: its files stay while the version does")
-    folder = Path(job.job_dir).resolve()
-    freed = _size(folder) if folder.is_dir() and folder.parent == root.resolve() else 0
+    """Delete an ended job: its rows, and its folder when it lies in root. Raises StoreError, saying why, for a job
+    that is queued or runs, or that is a registered model version, checked in the transaction that deletes (a retry
+    or a registration a moment before wins)."""
+    store.get(job_id)
     with store._tx():
+        job = store.get(job_id)
+        if job.state not in TERMINAL:
+            raise StoreError(f"job {job_id} is {job.state}: cancel it first (runner cancel {job_id})")
+        version = registered_as(store, job_id)
+        if version:
+            raise StoreError(f"job {job_id} is {version} in the model registry: its files stay while the version does")
         for table in ("events", "metrics", "attempts"):
             store.db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
         # a schedule's fire keeps its record; with no job id, a restarted server does not queue the job again
         store.db.execute("UPDATE fires SET job_id = NULL, reason = reason || '; its job ' || ? || ' was removed' "
                          "WHERE job_id = ?", (job_id, job_id))
         store.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-    if folder.is_dir() and folder.parent == root.resolve():  # never a path outside the artifacts folder
-        shutil.rmtree(folder, ignore_errors=True)
-    return {"removed": job_id, "bytes": freed}
+    folder = Path(job.job_dir).resolve()
+    if not (folder.parent == root.resolve() and folder.is_dir() and not Path(job.job_dir).is_symlink()):
+        return {"removed": job_id, "bytes": 0, "folder": f"left in place: {job.job_dir} is not a job folder under "
+                                                         f"{root}"}
+    freed = _size(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"removed": job_id, "bytes": freed, "folder": "removed"}
 
 
 def prune_checkpoints(store: Store, keep: int) -> list[tuple[str, int]]:
-    """Remove checkpoints/ and best/ of every ended job but the newest `keep` that still have them (by end time).
+    """Remove checkpoints/ and best/ of every SUCCEEDED job but the newest `keep` that still have them (by end time).
     Returns (job id, bytes freed) of each job pruned."""
-    ended = store.db.execute(
-        f"SELECT id, job_dir FROM jobs WHERE state IN ({', '.join('?' * len(TERMINAL))}) ORDER BY ended_at DESC, "
-        "id DESC", TERMINAL).fetchall()
+    ended = store.db.execute("SELECT id, job_dir FROM jobs WHERE state = 'SUCCEEDED' ORDER BY ended_at DESC, "
+                             "id DESC").fetchall()  # SUCCEEDED is final: no retry can want them back
     holding = [(job_id, Path(job_dir)) for job_id, job_dir in ended
                if any((Path(job_dir) / name).exists() for name in RETAINED)]
     out = []
@@ -72,8 +76,8 @@ def prune_checkpoints(store: Store, keep: int) -> list[tuple[str, int]]:
             if (folder / name).exists():
                 freed += _size(folder / name)
                 shutil.rmtree(folder / name, ignore_errors=True)
-        store.note(job_id, f"checkpoints removed ({freed / 1e6:.1f} MB): only the newest {keep} ended jobs keep "
-                           "theirs (RUNNER_KEEP_CHECKPOINTS)")
+        store.note(job_id, f"checkpoints removed ({freed / 1e6:.1f} MB): only the newest {keep} succeeded jobs "
+                           "keep theirs (RUNNER_KEEP_CHECKPOINTS)")
         out.append((job_id, freed))
     return out
 

@@ -129,13 +129,16 @@ def result_lines(result: dict | None, warnings: list[str]) -> list[str]:
 
 
 def _champion_words(champ: dict, result: dict) -> str:
+    """The like-for-like figure the gate decides on (jobs.compare's section of eval.json), in words."""
     who = f"{champ.get('model')} v{champ.get('version')}"
     pair = champ.get("on_this_test")
-    if not pair:
+    if not isinstance(pair, dict) or not isinstance(pair.get("challenger"), dict) or \
+            not isinstance(pair.get("champion"), dict):
         return f"not compared with {who}: {champ.get('note', 'no figures')}"
-    keys = [k for k in ("accuracy", "mse", "perplexity", "loss") if k in pair["challenger"]][:1]
-    k = keys[0] if keys else next(iter(pair["challenger"]))
-    return (f"on this job's test split ({pair['rows']} rows) {k} {pair['challenger'][k]:.4g} here, "
+    k = champ.get("metric")
+    if not isinstance(pair["challenger"].get(k), (int, float)) or not isinstance(pair["champion"].get(k), (int, float)):
+        return f"not compared with {who} on its promotion metric {k}"
+    return (f"on this job's test split ({pair.get('rows')} rows) {k} {pair['challenger'][k]:.4g} here, "
             f"{pair['champion'][k]:.4g} for {who}")
 
 
@@ -206,6 +209,9 @@ def _drive(job_dir: Path) -> None:
 
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    import time
+
+    started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.entrypoint", str(job_dir)], env=env,
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -229,13 +235,13 @@ def _drive(job_dir: Path) -> None:
     result = json.loads((job_dir / "eval.json").read_text())
     typer.echo(f"job {job_dir.name} SUCCEEDED")
     typer.echo(f"artifacts: {job_dir}")
-    for line in result_lines(result, warnings_of(job_dir)):
+    for line in result_lines(result, warnings_of(job_dir, since=started)):
         typer.echo(line)
     typer.echo(f"next: ls {job_dir / 'model'}   (loads with from_pretrained)")
 
 
-def warnings_of(job_dir: Path) -> list[str]:
-    """The warnings the job wrote into its events.jsonl (alarms, a baseline not beaten)."""
+def warnings_of(job_dir: Path, since: float = 0.0) -> list[str]:
+    """The warnings the job wrote into its events.jsonl (alarms, a baseline not beaten) from `since` on."""
     out = []
     path = job_dir / "events.jsonl"
     for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
@@ -243,7 +249,8 @@ def warnings_of(job_dir: Path) -> list[str]:
             ev = json.loads(line)
         except ValueError:
             continue
-        if isinstance(ev, dict) and ev.get("level") == "warning" and isinstance(ev.get("message"), str):
+        if isinstance(ev, dict) and ev.get("level") == "warning" and isinstance(ev.get("message"), str) and \
+                isinstance(ev.get("time"), (int, float)) and ev["time"] >= since:
             out.append(ev["message"])
     return out
 

@@ -341,10 +341,19 @@ def remove(job_ids: list[str] = typer.Argument(..., metavar="ID...", help="Ended
     """Remove ended jobs: each one's folder (checkpoints, model, exports) and its records. A running job must be
     cancelled first; a registered model version's job stays while the version does."""
     client = _client(start=True)
-    for job_id in job_ids:
-        got = _api(client.call, "DELETE", f"/jobs/{job_id}")
-        typer.echo(f"removed job {job_id} ({got['bytes'] / 1e6:.1f} MB)")
+    refused = []
+    for job_id in job_ids:  # each on its own: one refusal does not stop the others
+        try:
+            got = client.call("DELETE", f"/jobs/{job_id}")
+        except ClientError as e:
+            refused.append(job_id)
+            typer.echo(f"job {job_id}: {e}", err=True)
+            continue
+        where = "" if got.get("folder") == "removed" else f"; its folder was {got.get('folder')}"
+        typer.echo(f"removed job {job_id} ({got['bytes'] / 1e6:.1f} MB){where}")
     _next("runner list")
+    if refused:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()

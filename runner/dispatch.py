@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from runner.queue import Need, Node, place, plan, refusal
-from runner.store import InvalidTransition, Job, Store
+from runner.store import InvalidTransition, Job, Store, StoreError
 
 ACTIVE = ("STARTING", "RUNNING", "RETRYING", "EXPORTING")
 LOST_AFTER = 30.0
@@ -301,16 +301,17 @@ class Dispatcher:
         if state == "SUCCEEDED" and job.state in ("STARTING", "RETRYING"):
             job = self.store.set_state(job.id, "RUNNING", expect=job.state)
         job = self.store.set_state(job.id, state, reason=reason, expect=job.state)
-        if state == "SUCCEEDED" and self.on_success is not None:
+        for hook, what in ((self.on_success if state == "SUCCEEDED" else None, "not registered in the model "
+                            "registry"), (self.on_end, "checkpoint retention failed")):
+            if hook is None:
+                continue
             try:
-                self.on_success(job)
-            except Exception as e:  # noqa: BLE001 - the job stands; say in its events why it was not registered
-                self.store.note(job.id, f"not registered in the model registry: {type(e).__name__}: {e}")
-        if self.on_end is not None:
-            try:
-                self.on_end(job)
-            except Exception as e:  # noqa: BLE001 - housekeeping; the job's ending stands
-                self.store.note(job.id, f"checkpoint retention failed: {type(e).__name__}: {e}")
+                hook(job)
+            except Exception as e:  # noqa: BLE001 - the job's ending stands; its events say what did not happen
+                try:
+                    self.store.note(job.id, f"{what}: {type(e).__name__}: {e}")
+                except StoreError:  # removed (runner rm) a moment after it ended
+                    pass
 
     def _copy(self, job: Job, attempt: dict | None) -> Job:
         """New whole lines of metrics.jsonl and events.jsonl into the store; events move the state."""

@@ -190,10 +190,12 @@ class Registry:
             recipes[v["version"]] = row[0].splitlines(keepends=True) if row else []
         like = None  # b scored beside a on b's test split, when b's job met a as its champion (jobs.compare)
         for older, newer in ((va, vb), (vb, va)):
-            cmp = (newer["metrics"] or {}).get("champion") or {}
-            if cmp.get("version") == older["version"] and cmp.get("on_this_test"):
-                pair = cmp["on_this_test"]
-                like = {"split": f"v{newer['version']}'s test split", "rows": pair["rows"],
+            cmp = (newer["metrics"] or {}).get("champion")
+            pair = cmp.get("on_this_test") if isinstance(cmp, dict) and cmp.get("version") == older["version"] \
+                else None
+            if isinstance(pair, dict) and isinstance(pair.get("champion"), dict) and \
+                    isinstance(pair.get("challenger"), dict):
+                like = {"split": f"v{newer['version']}'s test split", "rows": pair.get("rows"),
                         "a": pair["champion"] if older is va else pair["challenger"],
                         "b": pair["challenger"] if older is va else pair["champion"]}
         return {"model": model, "a": a, "b": b, "metrics": metrics, "like_for_like": like,
@@ -232,8 +234,10 @@ def _gate(metric: str, higher: bool, value, test_data, export, champ, min_gain: 
         return True, f"promoted to champion: the first version ({metric} {value:.4g})"
     where = ""
     if champ["test_data"] != test_data:
-        pair = (compared or {}).get("on_this_test") if (compared or {}).get("version") == champ["version"] else None
-        if not pair or pair["challenger"].get(metric) is None or pair["champion"].get(metric) is None:
+        compared = compared if isinstance(compared, dict) else None
+        pair = pair_figures(compared, "on_this_test", metric) if compared and \
+            compared.get("version") == champ["version"] else None
+        if pair is None:
             if compared and compared.get("note"):
                 why = f"the like-for-like comparison could not be made: {compared['note']}"
             elif compared and compared.get("version") != champ["version"]:
@@ -243,12 +247,12 @@ def _gate(metric: str, higher: bool, value, test_data, export, champ, min_gain: 
                 why = "no like-for-like comparison was made"
             return False, (f"not promoted: tested on other data than champion v{champ['version']} (test data "
                            f"fingerprint {str(test_data)[:12]} vs {str(champ['test_data'])[:12]}), and {why}")
-        value, old = pair["challenger"][metric], pair["champion"][metric]
-        where = f" on this version's test split ({pair['rows']} rows, both models scored)"
-        theirs = compared.get("on_champion_test")
-        if theirs and theirs["challenger"].get(metric) is not None and theirs["champion"].get(metric) is not None:
-            where += (f"; on v{champ['version']}'s test split {theirs['challenger'][metric]:.4g} against "
-                      f"{theirs['champion'][metric]:.4g}")
+        value, old, rows, left_out = pair
+        left = f"; {left_out} left out that v{champ['version']} trained on" if left_out else ""
+        where = f" on this version's test split ({rows} rows, both models scored{left})"
+        theirs = pair_figures(compared, "on_champion_test", metric)
+        if theirs:
+            where += f"; on v{champ['version']}'s test split {theirs[0]:.4g} against {theirs[1]:.4g}"
     else:
         old = champ["value"]
     gain = value - old if higher else old - value
@@ -258,6 +262,21 @@ def _gate(metric: str, higher: bool, value, test_data, export, champ, min_gain: 
     if gain <= 0:
         return False, f"not promoted: {words} ({f'worse by {-gain:.4g}' if gain < 0 else 'no better'})"
     return False, f"not promoted: {words} (better by only {gain:.4g}, less than the {min_gain:g} asked)"
+
+
+def pair_figures(compared: dict | None, key: str, metric: str) -> tuple[float, float, int, int] | None:
+    """(this version's figure, the champion's, rows, rows left out) of one split of eval.json's `champion` section
+    (jobs.compare), or None where it has none or is not what jobs.compare writes."""
+    pair = (compared or {}).get(key)
+    if not isinstance(pair, dict) or not isinstance(pair.get("challenger"), dict) or \
+            not isinstance(pair.get("champion"), dict):
+        return None
+    mine, theirs = pair["challenger"].get(metric), pair["champion"].get(metric)
+    if not isinstance(mine, (int, float)) or not isinstance(theirs, (int, float)):
+        return None
+    rows, left_out = pair.get("rows"), pair.get("left_out", 0)
+    return float(mine), float(theirs), rows if isinstance(rows, int) else 0, left_out if isinstance(left_out, int) \
+        else 0
 
 
 def _version(row) -> dict:

@@ -296,8 +296,10 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         result = Path(job.job_dir) / "eval.json"
         if job.state == "SUCCEEDED" and result.exists():
             out["result"] = json.loads(result.read_text())
-        out["warnings"] = [{"at": e["at"], "message": e["message"]} for e in store.events(job_id, level="warning")]
         attempt = store.attempt(job_id)
+        since = attempt["started_at"] if attempt else 0  # this attempt's: a retry's page is not an earlier one's
+        out["warnings"] = [{"at": e["at"], "message": e["message"]} for e in store.events(job_id, level="warning")
+                           if e["at"] >= since]
         if ray_url and attempt and attempt.get("submission"):
             out["ray_url"] = f"{ray_url}/#/jobs/{attempt['submission']}"
         return out

@@ -76,3 +76,31 @@ def test_a_gradient_norm_that_is_not_finite_is_an_alarm_at_once():
 def test_a_step_the_fp16_loss_scaler_skipped_is_not_an_alarm():
     rec = {"step": 1, "loss": 3.0, "lr": 1e-3, "grad_norm": float("inf"), "skipped": True}
     assert run(Alarms(100, 1000, 0, 1e-3), [rec]) == []
+
+
+def test_a_flat_loss_is_judged_after_warm_up():
+    """Warm-up over steps 1-10 keeps the loss flat by design: the epoch judged is steps 11-30, where it falls."""
+    records = [{"step": s, "loss": 1.386 if s <= 10 else 1.386 - 0.02 * (s - 10), "lr": 1e-3} for s in range(1, 41)]
+    assert run(Alarms(40, 20, 10, 1e-3), records) == []
+    flat = [{**r, "loss": 1.386} for r in records]
+    got = run(Alarms(40, 20, 10, 1e-3), flat)
+    assert [(a["kind"], a["step"]) for a in got] == [("loss_flat", 30)]
+    assert "over the first epoch after warm-up (steps 11-30" in got[0]["message"]
+
+
+def test_the_trend_test_on_real_first_epochs():
+    """Batch losses of first epochs seen here: two of a model that could not learn (lr 1e-9; one opens with an
+    unlucky batch that a least-squares slope took for a fall), one that learned slowly, the quickstart's."""
+    from jobs.alarms import LOSS_Z, falling_z
+
+    stuck = [[9.95, 5.11, 7.47, 7.75, 4.61, 7.73, 5.1, 6.35, 8.97, 2.86, 7.47, 3.36, 4.12, 6.11, 3.61, 4.85, 4.22, 4.99,
+              4.98, 5.2],
+             [4.105, 6.49, 5.603, 5.494, 5.112, 0.366, 5.971, 7.353, 9.585, 8.066, 4.736, 8.857, 1.729, 8.461, 6.961,
+              1.738, 2.851, 2.863, 7.458, 7.363]]
+    slow = [0.696, 0.685, 0.679, 0.697, 0.747, 0.716, 0.662, 0.674, 0.679, 0.707, 0.724, 0.701, 0.693, 0.681, 0.653,
+            0.731, 0.733, 0.68, 0.67, 0.633, 0.639, 0.669, 0.64, 0.652]
+    quickstart = [1.383, 1.383, 1.379, 1.376, 1.374, 1.376, 1.365, 1.352, 1.35, 1.342, 1.329, 1.317, 1.308, 1.299]
+    assert all(falling_z(ys) > LOSS_Z for ys in stuck)
+    assert falling_z(slow) < LOSS_Z and falling_z(quickstart) < LOSS_Z
+    long = [1.0 - 1e-5 * i + (0.3 if i % 7 == 0 else 0.0) for i in range(5000)]  # judged on 200 means, at once
+    assert falling_z(long) < LOSS_Z

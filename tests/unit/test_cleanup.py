@@ -41,8 +41,8 @@ def test_rm_removes_an_ended_jobs_folder_and_rows_and_refuses_the_rest(home, tmp
                      "checked_until) VALUES ('s', 'x', 'UTC', 1, 60, 'forbid', 0, 0)")
     store.db.execute("INSERT INTO fires (schedule_id, slot, slot_at, at, outcome, reason, job_id) VALUES "
                      "('s', 'data:1', 0, 0, 'submitted', 'the data changed', 'done')")
-    assert remove_job(store, "done", root) == {"removed": "done", "bytes": 4500 + len('{"test": {"accuracy": 0.9}}')
-                                               + len('{"passed": true}')}
+    assert remove_job(store, "done", root) == {"removed": "done", "folder": "removed", "bytes": 4500 + len(
+        '{"test": {"accuracy": 0.9}}') + len('{"passed": true}')}
     assert not d.exists() and store.count() == 0
     assert store.db.execute("SELECT COUNT(*) FROM events WHERE job_id = 'done'").fetchone()[0] == 0
     fire = dict(store.db.execute("SELECT job_id, reason FROM fires").fetchone())
@@ -55,8 +55,13 @@ def test_rm_removes_an_ended_jobs_folder_and_rows_and_refuses_the_rest(home, tmp
     outside.mkdir()
     store.add_job("odd", "odd", "name: odd\n", str(outside), 1, 1, 0)
     store.set_state("odd", "CANCELLED", reason="by hand")
-    remove_job(store, "odd", root)
+    assert remove_job(store, "odd", root)["folder"] == f"left in place: {outside} is not a job folder under {root}"
     assert outside.exists(), "a folder outside the artifacts root is never deleted"
+    link = root / "link"
+    link.symlink_to(outside)
+    store.add_job("lnk", "lnk", "name: lnk\n", str(link), 1, 1, 0)
+    store.set_state("lnk", "CANCELLED", reason="by hand")
+    assert remove_job(store, "lnk", root)["folder"].startswith("left in place") and outside.exists()
 
 
 def test_rm_refuses_a_registered_versions_job(home, tmp_path):
@@ -71,18 +76,20 @@ def test_rm_refuses_a_registered_versions_job(home, tmp_path):
     assert (d / "model").exists()
 
 
-def test_retention_keeps_the_newest_ended_jobs_checkpoints_and_every_model(home):
+def test_retention_keeps_the_newest_succeeded_jobs_checkpoints_every_model_and_what_a_retry_needs(home):
     store, root = home
     folders = []
-    for i in range(4):
+    for i in range(5):
         folders.append(ended_job(store, root, f"j{i}", state="FAILED" if i == 1 else "SUCCEEDED"))
         store.db.execute("UPDATE jobs SET ended_at = ? WHERE id = ?", (1000.0 + i, f"j{i}"))
     pruned = prune_checkpoints(store, keep=2)
-    assert pruned == [("j1", 4000), ("j0", 4000)]  # the two oldest, newest first
+    assert pruned == [("j2", 4000), ("j0", 4000)]  # the succeeded beyond the newest two, newest first
     for i, d in enumerate(folders):
-        assert (d / "checkpoints").exists() == (i >= 2) and (d / "best").exists() == (i >= 2)
+        kept = i in (1, 3, 4)  # j1 FAILED: runner retry --from-checkpoint goes on from them
+        assert (d / "checkpoints").exists() == kept and (d / "best").exists() == kept, i
         assert (d / "model" / "model.safetensors").exists() and (d / "eval.json").exists()
-    assert "checkpoints removed (0.0 MB): only the newest 2 ended jobs keep theirs" in store.events("j0")[-1]["message"]
+    assert "checkpoints removed (0.0 MB): only the newest 2 succeeded jobs keep theirs" in \
+        store.events("j0")[-1]["message"]
     assert prune_checkpoints(store, keep=2) == [], "once is enough"
 
 

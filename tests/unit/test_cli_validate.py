@@ -33,7 +33,8 @@ def test_gpu_recipes_validate_schema_only():
 
 
 def test_data_problems_exit_2_with_key_file_and_line(tmp_path, minilm):
-    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n' * 10)
+    (tmp_path / "train.jsonl").write_text("".join(f'{{"text": "a {i}", "label": "x"}}\n{{"text": "b {i}", "label": "y"}}\n'
+                                                 for i in range(10)))
     (tmp_path / "test.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "z"}\n')
     (tmp_path / "r.yaml").write_text(f"name: t\nmodel:\n  name: {minilm}\ntask: classification\ndata:\n"
                                      "  train: train.jsonl\n  test: test.jsonl\n")
@@ -50,7 +51,8 @@ def test_data_problems_exit_2_with_key_file_and_line(tmp_path, minilm):
 def test_a_schema_problem_does_not_hide_the_data_problems(tmp_path, minilm):
     """Three mistakes in one recipe, in three sections: a misspelt key, an invalid value, and a test label the
     training data lacks. All three come at once; where the data section itself is broken, its check cannot run."""
-    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n' * 10)
+    (tmp_path / "train.jsonl").write_text("".join(f'{{"text": "a {i}", "label": "x"}}\n{{"text": "b {i}", "label": "y"}}\n'
+                                                 for i in range(10)))
     (tmp_path / "test.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "z"}\n')
     (tmp_path / "r.yaml").write_text(f"name: t\nmodel:\n  name: {minilm}\ntask: classification\ndata:\n"
                                      "  train: train.jsonl\n  test: test.jsonl\ntrain:\n  learnig_rate: 0.1\n"

@@ -19,20 +19,25 @@ def models(tmp_path_factory, tokenizer):
     return trained_classifier(d / "good", tokenizer), trained_classifier(d / "untrained", tokenizer, epochs=0)
 
 
-def accuracy_by_hand(model_dir, job_dir) -> tuple[float, int]:
-    """A saved classifier's accuracy on a job folder's tokenized test split, one row at a time, labels by name."""
+def by_hand(model_dir, job_dir, other_job) -> tuple[float, int, int]:
+    """A saved classifier's accuracy on a job folder's tokenized test split, one row at a time, labels by name,
+    over the rows the other job did not train on: (accuracy, rows scored, rows left out)."""
     import datasets
     from transformers import AutoModelForSequenceClassification
 
+    def rows(job, splits):
+        names = json.loads((job / "prepared" / "labels.json").read_text())
+        data = datasets.load_from_disk(str(job / "prepared" / "data"))
+        return [(r["input_ids"], names[r["labels"]]) for s in splits for r in data[s]]
+
+    trained_on = {(tuple(ids), name) for ids, name in rows(other_job, ("train", "validation"))}
+    test = rows(job_dir, ("test",))
+    kept = [(ids, name) for ids, name in test if (tuple(ids), name) not in trained_on]
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    names = json.loads((job_dir / "prepared" / "labels.json").read_text())
-    test = datasets.load_from_disk(str(job_dir / "prepared" / "data"))["test"]
-    right = 0
     with torch.no_grad():
-        for row in test:
-            got = model(input_ids=torch.tensor([row["input_ids"]])).logits.argmax(-1).item()
-            right += model.config.id2label[got] == names[row["labels"]]
-    return right / len(test), len(test)
+        right = sum(model.config.id2label[model(input_ids=torch.tensor([ids])).logits.argmax(-1).item()] == name
+                    for ids, name in kept)
+    return right / len(kept), len(kept), len(test) - len(kept)
 
 
 def champion_file(job, champ, version=1):
@@ -50,16 +55,35 @@ def test_both_models_on_both_test_splits_match_scoring_by_hand(tmp_path, models)
     lines = []
     out = compare_with_champion(new, recipe, log=lines.append)
     here, there = out["on_this_test"], out["on_champion_test"]
-    assert (out["model"], out["version"], out["job_id"]) == ("topics", 1, "champ")
-    want, n = accuracy_by_hand(good, new)
-    assert here["rows"] == n == 24 and here["champion"]["accuracy"] == pytest.approx(want)
-    assert here["challenger"]["accuracy"] == pytest.approx(accuracy_by_hand(untrained, new)[0])
-    want, n = accuracy_by_hand(untrained, champ)
-    assert there["rows"] == n == 20 and there["challenger"]["accuracy"] == pytest.approx(want)
+    assert (out["model"], out["version"], out["job_id"], out["metric"]) == ("topics", 1, "champ", "accuracy")
+    want, n, left = by_hand(good, new, champ)
+    assert (here["rows"], here["left_out"]) == (n, left) and here["champion"]["accuracy"] == pytest.approx(want)
+    assert here["challenger"]["accuracy"] == pytest.approx(by_hand(untrained, new, champ)[0])
+    want, n, left = by_hand(untrained, champ, new)
+    assert (there["rows"], there["left_out"]) == (n, left) and there["challenger"]["accuracy"] == pytest.approx(want)
     assert here["champion"]["accuracy"] >= 0.9 > here["challenger"]["accuracy"]  # trained against untrained
     saved = json.loads((new / "eval.json").read_text())
     assert saved["champion"] == json.loads(json.dumps(out)) and saved["test"] == {"accuracy": 0.5}
-    assert lines[0].startswith("this job's test split (24 rows): accuracy ") and "for champion topics v1" in lines[0]
+    assert lines[0] == "scoring champion topics v1 and this model on both test splits"
+    assert lines[1].startswith(f"this job's test split ({here['rows']} rows, {here['left_out']} left out that the "
+                               "other model trained on): accuracy ") and "for champion topics v1" in lines[1]
+
+
+def test_a_test_row_the_champion_trained_on_is_left_out(tmp_path, models):
+    """The challenger's data repeats rows the champion trained on: those are not counted on its test split."""
+    import datasets
+
+    good, untrained = models
+    rows = keyword_rows(200, seed=3)
+    champ, _ = make_job(tmp_path, good, "classification", rows, name="champ")
+    # the same rows cut with another split seed: most of the new test rows were the champion's training rows
+    new, recipe = make_job(tmp_path, untrained, "classification", rows, "  split: {seed: 7}\n", name="new")
+    champion_file(new, champ)
+    out = compare_with_champion(new, recipe, log=lambda m: None)
+    n_test = len(datasets.load_from_disk(str(new / "prepared" / "data"))["test"])
+    assert out["on_this_test"]["left_out"] >= n_test // 2, out["on_this_test"]
+    assert out["on_this_test"]["rows"] + out["on_this_test"]["left_out"] == n_test
+    assert (out["on_this_test"]["rows"], out["on_this_test"]["left_out"]) == by_hand(good, new, champ)[1:]
 
 
 def test_labels_in_another_order_are_matched_by_name(tmp_path, models, tokenizer):
@@ -71,7 +95,7 @@ def test_labels_in_another_order_are_matched_by_name(tmp_path, models, tokenizer
     (new / "model" / "labels.json").write_text(json.dumps(["pos", "neg"]))  # its own order, as its config says
     champion_file(new, champ)
     out = compare_with_champion(new, recipe, log=lambda m: None)
-    assert out["on_this_test"]["challenger"]["accuracy"] == pytest.approx(accuracy_by_hand(flipped, new)[0])
+    assert out["on_this_test"]["challenger"]["accuracy"] == pytest.approx(by_hand(flipped, new, champ)[0])
     assert out["on_this_test"]["challenger"]["accuracy"] < 0.2, "trained on flipped names: wrong by name"
 
 
@@ -82,15 +106,18 @@ def test_what_cannot_be_compared_is_said_and_the_job_goes_on(tmp_path, models):
     assert compare_with_champion(new, recipe) is None, "no champion.json: nothing to compare"
 
     champion_file(new, champ)
-    shutil.rmtree(champ / "prepared")  # the champion's own test split is gone: its half only
-    out = compare_with_champion(new, recipe, log=lambda m: None)
-    assert out["on_this_test"]["rows"] == 20 and out["on_champion_test"] is None
-    assert "prepared/data is gone" in out["champion_test_missing"]
-
     shutil.rmtree(champ / "model")
     out = compare_with_champion(new, recipe, log=lambda m: None)
-    assert out == {"model": "topics", "version": 1, "job_id": "champ",
+    assert out == {"model": "topics", "version": 1, "job_id": "champ", "metric": "accuracy",
                    "note": f"{champ / 'model'} holds no model (its job folder was removed or never finished)"}
+    shutil.copytree(good, champ / "model")
+    shutil.rmtree(champ / "prepared")  # which rows it trained on is unknown: no fair comparison
+    out = compare_with_champion(new, recipe, log=lambda m: None)
+    assert out["note"] == f"{champ / 'prepared' / 'data'} is gone: the rows the champion trained on are unknown"
+    (new / "champion.json").write_text(json.dumps({**json.loads((new / "champion.json").read_text()),
+                                                    "model_dir": "/etc"}))
+    assert compare_with_champion(new, recipe, log=lambda m: None)["note"].startswith(
+        "champion.json's model_dir '/etc' is outside the artifacts folder")
 
     (new / "champion.json").write_text('{"model": "topics", "version": "1; DROP TABLE"}')
     out = compare_with_champion(new, recipe, log=lambda m: None)

@@ -140,9 +140,11 @@ def test_unknown_label_in_test(tmp_path):
     r = recipe(tmp_path, "  train: train.jsonl\n  labels: [pos, neutral]\n")
     msg, *others = errors(D.load_splits, r)
     assert all(m.startswith(("data.validation: ", "data.test: ")) for m in others)
-    assert re.match(r"data\.train: train\.jsonl:1, train\.jsonl:4, (train\.jsonl:\d+, ){2}train\.jsonl:\d+ \(and \d+ "
-                    r"more rows\): ", msg) and msg.endswith("more rows): label 'neg' is not among the labels listed in "
-                                                    "data.labels (pos, neutral)")
+    named = re.match(r"data\.train: ((?:train\.jsonl:\d+, ){0,4}train\.jsonl:\d+)(?: \(and \d+ more rows\))?: label "
+                     r"'neg' is not among the labels listed in data\.labels \(pos, neutral\)$", msg)
+    assert named, msg
+    lines = [int(x.split(":")[1]) for x in named.group(1).split(", ")]
+    assert lines == sorted(lines) and all(ROWS[n - 1]["label"] == "neg" for n in lines), lines  # file lines
 
 
 def test_label_names_stable_and_classlabel_names_kept(tmp_path):
@@ -175,15 +177,29 @@ def test_splits_reproducible_from_seed_and_disjoint(tmp_path):
     a, b, c = texts(1), texts(1), texts(2)
     assert a == b
     assert a != c
-    assert (len(a["train"]), len(a["validation"]), len(a["test"])) == (140, 20, 40)
+    for k, frac in (("validation", 0.1), ("test", 0.2)):  # each row independently: binomial, within 4 sigma
+        assert abs(len(a[k]) - 200 * frac) <= 4 * (200 * frac * (1 - frac)) ** 0.5, (k, len(a[k]))
     sets = [set(a[k]) for k in ("train", "validation", "test")]
     assert sets[0].isdisjoint(sets[1]) and sets[0].isdisjoint(sets[2]) and sets[1].isdisjoint(sets[2])
     assert set().union(*sets) == {r["text"] for r in rows}
+    (tmp_path / "t.jsonl").write_text(jsonl(rows))
+    # the file grows: every row keeps its split (no row trained on becomes a test row), the new ones are placed alike
+    (tmp_path / "t.jsonl").write_text(jsonl(rows + [{"text": f"row {i}", "label": "ab"[i % 2]} for i in range(200, 300)]))
+    grown = texts(1)
+    for k in ("train", "validation", "test"):
+        assert set(a[k]) <= set(grown[k]), k
+    assert abs(len(grown["test"]) - 60) <= 4 * (300 * 0.2 * 0.8) ** 0.5
+    # copies of a row share its split
+    (tmp_path / "t.jsonl").write_text(jsonl(rows + rows))
+    doubled = texts(1)
+    assert {k: set(v) for k, v in doubled.items()} == {k: set(v) for k, v in a.items()}
+    (tmp_path / "t.jsonl").write_text(jsonl(rows))
     # a split given as a file is used as it is; only the missing one is carved from train
     (tmp_path / "v.jsonl").write_text(jsonl(rows[:7]))
     r = recipe(tmp_path, "  train: t.jsonl\n  validation: v.jsonl\n")
     s = D.load_splits(r)
-    assert len(s["validation"].dataset) == 7 and len(s["test"].dataset) == 20 and len(s["train"].dataset) == 180
+    assert len(s["validation"].dataset) == 7 and len(s["test"].dataset) + len(s["train"].dataset) == 200
+    assert abs(len(s["test"].dataset) - 20) <= 4 * (200 * 0.1 * 0.9) ** 0.5
     # rows of a derived split still point at their line in the original file
     n = int(s["test"].dataset["text"][3].split()[1])
     assert s["test"].where(3) == f"t.jsonl:{n + 1}"
@@ -272,18 +288,18 @@ def _messages(rep: Report) -> list[str]:
 
 
 def test_preflight_counts_truncation_and_refuses_when_none_fits(tmp_path, tiny_llama_dir):
-    rows = [{"text": "word " * (3 + i % 20)} for i in range(40)]
+    rows = [{"text": f"row {i} " + "word " * (i % 20)} for i in range(40)]
     (tmp_path / "t.jsonl").write_text(jsonl(rows))
     r = recipe(tmp_path, "  train: t.jsonl\n  max_seq_len: 20\n", task="causal_lm", model=str(tiny_llama_dir))
     rep = preflight(r)
     assert rep.ok, rep.problems
-    assert rep.rows == {"train": 32, "validation": 4, "test": 4}
+    assert sum(rep.rows.values()) == 40 and min(rep.rows.values()) >= 1
     assert any(n.startswith("train: ") and "longer than data.max_seq_len 20 and will be truncated" in n
                for n in rep.notes)
     (tmp_path / "long.jsonl").write_text(jsonl([{"text": "word " * (30 + i)} for i in range(40)]))
     r = recipe(tmp_path, "  train: long.jsonl\n  max_seq_len: 8\n", task="causal_lm", model=str(tiny_llama_dir))
     msgs = _messages(preflight(r))
-    assert msgs[0].startswith("data.max_seq_len: 8: none of 32 train examples fits (the longest has ")
+    assert re.match(r"data\.max_seq_len: 8: none of \d+ train examples fits \(the longest has ", msgs[0]), msgs
     assert msgs[0].endswith("tokens); raise data.max_seq_len")
 
 

@@ -99,7 +99,7 @@ def test_causal_lm_generation_parity_with_kv_cache(tmp_path, tokenizer, kind):
     import onnxruntime as ort
 
     model_dir = tiny_model_dir(tmp_path / kind, kind, tokenizer, weights=True)
-    rows = [{"instruction": f"say {r['text']}", "output": r["label"]} for r in keyword_rows(60)]
+    rows = [{"instruction": f"say {r['text']}", "output": r["label"]} for r in keyword_rows(100)]
     job, recipe = make_job(tmp_path, model_dir, "causal_lm", rows, "  format: instruction\n")
     report = export_job(job, with_export(recipe, quantize="int8_dynamic"), log=lambda m: None, repeats=1)
     gen = report["checks"]["generation"]

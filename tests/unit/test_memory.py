@@ -155,6 +155,14 @@ def test_validate_shows_the_estimate_and_validate_and_submit_refuse_what_will_no
         assert "Traceback" not in out.stderr
     assert not (tmp_path / "home" / "local.json").exists()  # submit refused before any server or Ray started
 
+    # LoRA fits 16 GiB; with a typo in its tuning section, the data is still read but no estimate is made of the
+    # full fine-tune that stands in for the section: the typo is the one problem
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(base.replace("tuning: full", "tuning: {mode: lora, rank: 8}")
+                    + "resources: {gpus_per_worker: 1, mixed_precision: bf16, gpu_memory_gib: 16}\n")
+    report = json.loads(_cli(["validate", str(typo), "--json"], env).stdout)
+    assert [p["path"] for p in report["problems"]] == ["tuning.rank"] and report["rows"], report
+
 
 # --- the GPUs of a remote cluster ---------------------------------------------------------------------------------
 

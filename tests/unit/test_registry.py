@@ -129,7 +129,16 @@ def test_on_changed_data_the_gate_decides_on_both_models_scored_on_the_new_test_
     v5 = finished(reg, "j5", 0.99, test="new4.jsonl", champion=compared(2, 0, 0, note="the champion's labels differ"))
     assert not v5["promoted"] and v5["decision"].endswith(
         "the like-for-like comparison could not be made: the champion's labels differ")
-    assert registry.aliases("topics") == {"champion": 2}
+    (tmp / "new5.jsonl").write_text('{"text": "new5", "label": "x"}\n')
+    v6 = finished(reg, "j6", 0.99, test="new5.jsonl", champion={"version": 2, "on_this_test": "garbage"})
+    assert not v6["promoted"] and v6["decision"].endswith("no like-for-like comparison was made")  # no crash
+    assert registry.diff("topics", 2, 6)["like_for_like"] is None
+    (tmp / "new6.jsonl").write_text('{"text": "new6", "label": "x"}\n')
+    section = compared(2, 0.9, 0.75)
+    section["on_this_test"]["left_out"] = 3
+    v7 = finished(reg, "j7", 0.90, test="new6.jsonl", champion=section)
+    assert "(20 rows, both models scored; 3 left out that v2 trained on)" in v7["decision"], v7["decision"]
+    assert registry.aliases("topics") == {"champion": 7}
     d = registry.diff("topics", 1, 2)  # the own figures are of other rows; the like-for-like ones come beside them
     assert not d["same_test_data"] and d["like_for_like"] == {"split": "v2's test split", "rows": 20,
                                                               "a": {"accuracy": 0.7}, "b": {"accuracy": 0.85}}
