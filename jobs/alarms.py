@@ -31,9 +31,10 @@ GRAD_WINDOW = 200
 
 
 class Alarms:
-    def __init__(self, total_steps: int, steps_per_epoch: int, warmup_steps: int, lr: float):
+    def __init__(self, total_steps: int, steps_per_epoch: int, warmup_steps: int, lr: float, raised=()):
+        """raised: the kinds raised before (a resumed run's checkpoint has them): not raised again."""
         self.total, self.per_epoch, self.warmup, self.peak = total_steps, steps_per_epoch, warmup_steps, lr
-        self.raised: set[str] = set()
+        self.raised: set[str] = set(raised)
         self.zero_since: int | None = None
         self.epoch_losses: list[float] = []
         self.norms: deque[float] = deque(maxlen=GRAD_WINDOW)

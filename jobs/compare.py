@@ -11,11 +11,12 @@ resources of one of the job's workers, score:
 - both models on the champion's own test split, where its job folder still holds it (`prepared/data`).
 
 Each pair is scored by the same code on the same rows (at most COMPARE_ROWS of a split, a fixed sample), one model
-loaded at a time, so the figures differ only by the weights. A test row the other model trained on (its train or
-validation split, matched by content) is left out: the split of a grown file is stable (jobs.data.derive_splits),
-but an earlier recipe may have cut its splits otherwise. The result goes into eval.json under `champion`;
-`runner.registry` decides. Nothing is compared when the two models do not share a tokenizer or labels, or when the
-champion's folders are gone or outside the artifacts folder: the section says why instead.
+loaded at a time, so the figures differ only by the weights. A test row whose inputs the other model trained on (its
+train or validation split, matched by the digest of each row's inputs that prepare_data keeps, in Arrow) is left
+out: the split of a grown file is stable (jobs.data.derive_splits), but an earlier recipe may have cut otherwise.
+The result goes into eval.json under `champion`; `runner.registry` decides. Nothing is compared when the two models
+do not share a tokenizer or labels, or when the champion's folders are gone or outside the artifacts folder: the
+section says why instead.
 """
 
 from __future__ import annotations
@@ -138,14 +139,15 @@ def _compare(job_dir: Path, recipe, spec: dict) -> dict:
                             f"({', '.join(map(str, mine_labels))})")
     here_data = datasets.load_from_disk(str(job_dir / "prepared" / "data"))
     there_data = datasets.load_from_disk(str(theirs_prepared / "data"))
+    for data, whose in ((here_data, "this job's"), (there_data, "the champion's")):
+        if "content" not in data["test"].column_names:
+            raise NotComparable(f"{whose} prepared data was written by an earlier runner, without the row digests "
+                                f"that tell which rows a model trained on; promote by hand where it is better "
+                                f"(runner models promote)")
     here_names, there_names = _row_labels(job_dir / "prepared"), _row_labels(theirs_prepared)
-    # a row truncated by one recipe's data.max_seq_len and not the other's still matches on what both kept
-    width = min(recipe.data.max_seq_len, _max_seq_len(theirs_prepared.parent / "recipe.yaml"))
-    seen_here = _seen(here_data, here_names, width)
-    seen_there = _seen(there_data, there_names, width)
     seed = recipe.train.seed
-    here, left_here = _unseen(here_data["test"], here_names, seen_there, width, seed)
-    there, left_there = _unseen(there_data["test"], there_names, seen_here, width, seed)
+    here, left_here = _unseen(here_data["test"], _digests(there_data), seed)
+    there, left_there = _unseen(there_data["test"], _digests(here_data), seed)
     if not here:
         raise NotComparable("every row of this job's test split is one the champion trained on")
     scores: dict[str, dict] = {}
@@ -182,40 +184,25 @@ def _row_labels(prepared: Path) -> list | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _max_seq_len(recipe_file: Path) -> int:
-    """The data.max_seq_len of a job's recipe snapshot (its default, 512, where it says none or cannot be read)."""
-    import yaml
+def _digests(data):
+    """The input digests (jobs.data.content_key) of a prepared dataset's train and validation rows: what its model
+    trained on, as one Arrow array."""
+    import pyarrow as pa
 
-    try:
-        value = (yaml.safe_load(recipe_file.read_text()) or {}).get("data", {}).get("max_seq_len", 512)
-    except (OSError, yaml.YAMLError, AttributeError):
-        return 512
-    return value if isinstance(value, int) and value > 0 else 512
+    cols = [data[split].with_format("arrow")["content"] for split in ("train", "validation")]
+    return pa.concat_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols])
 
 
-def _key(row: dict, names: list | None, width: int) -> tuple:
-    """A row by content: its first `width` tokens and its label (by name)."""
-    label = row["labels"]
-    if names is not None:
-        label = str(names[int(label)])
-    elif isinstance(label, list):
-        label = None  # a causal LM: the tokens are the content
-    return tuple(row["input_ids"][:width]), label
+def _unseen(ds, seen, seed: int) -> tuple[list[dict], int]:
+    """The rows of ds whose inputs are not in `seen` (at most COMPARE_ROWS, a fixed sample), and how many were left
+    out for being there. Matched in Arrow: a million rows cost no Python object each."""
+    import pyarrow.compute as pc
 
-
-def _seen(data, names: list | None, width: int) -> set:
-    return {_key(r, names, width) for split in ("train", "validation") for r in data[split]}
-
-
-def _unseen(ds, names: list | None, seen: set, width: int, seed: int) -> tuple[list[dict], int]:
-    """The rows of ds the other model did not train on (at most COMPARE_ROWS, a fixed sample), and how many were
-    left out for it."""
-    rows = list(ds)
-    kept = [r for r in rows if _key(r, names, width) not in seen]
-    left_out = len(rows) - len(kept)
+    hit = pc.is_in(ds.with_format("arrow")["content"], value_set=seen).to_pylist()
+    kept = [i for i, h in enumerate(hit) if not h]
     if len(kept) > COMPARE_ROWS:
-        kept = [kept[i] for i in sorted(random.Random(seed).sample(range(len(kept)), COMPARE_ROWS))]
-    return kept, left_out
+        kept = sorted(random.Random(seed).sample(kept, COMPARE_ROWS))
+    return list(ds.select(kept)), sum(1 for h in hit if h)
 
 
 class _Scorer:

@@ -369,13 +369,16 @@ def derive_splits(recipe: Recipe, given: dict[str, Split]) -> dict[str, Split]:
                 break
         else:
             rest.append(i)
-    for s in need:  # a tiny file: a split that came out empty takes the train row of the smallest hash
-        if not members[s]:
-            if len(rest) < 2:
-                raise too_few
-            j = min(rest, key=lambda i: u[i])
-            rest.remove(j)
-            members[s].append(j)
+    for s in need:  # a tiny file: a split that came out empty takes the rows of one input (its copies too) from
+        if members[s]:  # train, or from a holdout that has more than one input
+            continue
+        donors = [rest] + [members[o] for o in need if o != s]
+        donor = next((d for d in donors if len({u[i] for i in d}) >= 2), None)
+        if donor is None:
+            raise too_few
+        smallest = min(u[i] for i in donor)
+        members[s] = [i for i in donor if u[i] == smallest]
+        donor[:] = [i for i in donor if u[i] != smallest]
     if not rest:
         raise too_few
     for s, rows in (*members.items(), ("train", rest)):
@@ -383,12 +386,28 @@ def derive_splits(recipe: Recipe, given: dict[str, Split]) -> dict[str, Split]:
     return {s: out[s] for s in SPLITS}
 
 
-def split_unit(seed: int, row: dict) -> float:
-    """A row's place in [0, 1), from its content and the seed: where derive_splits puts it."""
+def content_key(row: dict) -> str:
+    """A row's inputs as a digest (32 hex digits): every role but `label`, with empty fields left out and values as
+    text, so that it does not depend on how the whole file was typed (an int label column that one row turns into
+    floats, a column some rows lack). Copies of an input share it whatever their labels."""
     import hashlib
 
-    text = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
-    digest = hashlib.sha256(f"{seed}\0{text}".encode()).digest()
+    def canon(v):
+        if isinstance(v, dict):
+            return {str(k): canon(x) for k, x in sorted(v.items()) if x is not None}
+        if isinstance(v, (list, tuple)):
+            return [canon(x) for x in v]
+        return str(v)
+
+    inputs = {k: canon(v) for k, v in sorted(row.items()) if k != "label" and v is not None and v != ""}
+    return hashlib.sha256(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def split_unit(seed: int, row: dict) -> float:
+    """A row's place in [0, 1), from its inputs (content_key) and the seed: where derive_splits puts it."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}\0{content_key(row)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -479,7 +498,9 @@ def tokenize_split(recipe: Recipe, tokenizer, sp: Split, label_ids: dict[str, in
     if recipe.task == "causal_lm" and (recipe.data.format or "text") != "text" and not tokenizer.is_fast:
         raise ValueError("instruction and chat formats need a fast tokenizer (offsets place the loss)")
     cols = sp.dataset.column_names
-    return sp.dataset.map(lambda row: tokenize_example(recipe, tokenizer, row, label_ids), remove_columns=cols,
+    # `content`: the row's input digest (content_key), by which another job knows the rows this one trained on
+    return sp.dataset.map(lambda row: {**tokenize_example(recipe, tokenizer, row, label_ids),
+                                       "content": content_key(row)}, remove_columns=cols,
                           desc=f"tokenizing {sp.name}", load_from_cache_file=False,
                           new_fingerprint=uuid.uuid4().hex)  # not a hash of the tokenizer: 2 s of pickling
 

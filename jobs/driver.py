@@ -24,6 +24,7 @@ class JobFailed(Exception):
     """The job cannot succeed; the message is the reason a person can act on."""
 
 
+COMPARE_TIMEOUT_S = 1800  # the like-for-like comparison (jobs.compare): scheduled and done within this, or said so
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "ray", "peft", "onnx", "onnxruntime", "runner")
 
 
@@ -122,6 +123,8 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
                 if k in os.environ}
     env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
     env_vars.update(WORKER_PRIORITY)
+    # the driver turns Ray's failure signal handler off (a cancel's SIGTERM is no crash); a worker's SIGSEGV is one
+    env_vars["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "0"
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"job_dir": str(job_dir), "model_path": prep.model_path,
@@ -146,9 +149,11 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
 
         t0 = time.perf_counter()
         compare = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker if use_gpu else 0)(compare_task)
+        task = compare.options(runtime_env={"env_vars": env_vars}).remote(str(job_dir), int(res.cpus_per_worker))
         try:
-            ray.get(compare.options(runtime_env={"env_vars": env_vars}).remote(str(job_dir), int(res.cpus_per_worker)))
-        except Exception as e:  # noqa: BLE001 - the task's process died (out of memory...): the trained job stands
+            ray.get(task, timeout=COMPARE_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - it died (out of memory...) or never got its resources: the job stands
+            ray.cancel(task, force=True)
             from jobs.compare import record
 
             record(job_dir, {"note": f"the comparison's Ray task failed: {_reason(e)}"})
@@ -364,14 +369,11 @@ def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
     Pre-flight and data preparation run in a thread while Ray starts, since neither needs it. (Ray itself must
     start on the main thread: its servers are set to die with the thread that started them.)
     """
-    import logging
     import threading
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     address = os.environ.get("RAY_ADDRESS")
-    ray_settings(local=not address)
-    import ray
-
+    ray_settings(local=not address)  # before ray is imported (in _drive): it reads some of them then
     job_dir = Path(job_dir).resolve()
     prepared: list = []
 
@@ -387,6 +389,17 @@ def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
     preparing = threading.Thread(target=prepare, daemon=True)
     preparing.start()
     follow.start()
+    try:
+        return _drive(job_dir, address, preparing, prepared, follow, extra_config)
+    finally:
+        follow.stop()  # whatever the ending: the last lines shown, the last warnings relayed
+
+
+def _drive(job_dir: Path, address: str | None, preparing, prepared: list, follow, extra_config: dict | None) -> int:
+    import logging
+
+    import ray
+
     try:
         if not ray.is_initialized():
             try:

@@ -48,6 +48,7 @@ class State:
     stopped_early: bool = False
     evals: list = field(default_factory=list)  # [step, select metric, validation loss] of every evaluation
     baseline: dict | None = None  # a causal LM's test figures before tuning (the others' come from the data)
+    alarms: list = field(default_factory=list)  # the alarms raised (each once a job, restarts included)
 
 
 class Diverged(RuntimeError):
@@ -390,7 +391,7 @@ def train_func(config: dict) -> None:
         # the base model before any update (LoRA's B starts at zero): what tuning must beat on the test rows
         state.baseline = {"what": "the base model before tuning",
                           **evaluate(model, test_ds, recipe, pad_id, acc, t.batch_size * 2)}
-    alarms = Alarms(steps, per_epoch, warmup_steps(recipe, steps), t.lr) if rank == 0 else None
+    alarms = Alarms(steps, per_epoch, warmup_steps(recipe, steps), t.lr, raised=state.alarms) if rank == 0 else None
 
     # --- the loop -------------------------------------------------------------------------------------------------
     model.train()
@@ -446,6 +447,7 @@ def train_func(config: dict) -> None:
                 rec["skipped"] = True
             for alarm in alarms.see(rec) if alarms else ():
                 warn(alarm["kind"], alarm["step"], alarm["message"])
+                state.alarms.append(alarm["kind"])  # rank 0's; rank 0 writes the checkpoints
             if not math.isfinite(loss_value):
                 reason = (f"the loss became {loss_value} at step {state.step} (epoch {epoch + 1}); no model "
                           f"was saved. Lower train.lr (now {t.lr:g}), or set train.max_grad_norm")
@@ -503,7 +505,7 @@ def train_func(config: dict) -> None:
     if rank == 0:
         name, higher = recipe.select_metric
         chosen = selection(state, name, higher, steps)
-        note(f"kept the weights of step {chosen['step']} of {state.step}: {chosen['why']}")
+        note(f"kept the weights of step {chosen['step'] or state.step} of {state.step}: {chosen['why']}")
         base = state.baseline if recipe.task == "causal_lm" else \
             baseline(recipe.task, train_ds["labels"], test_ds["labels"], n_labels)
         if base is not None:  # None: a causal LM resumed from a checkpoint older than baselines
@@ -546,6 +548,8 @@ def _better(value: float, loss: float, state: State, higher: bool) -> bool:
     """Whether an evaluation's weights replace the kept ones: a better select metric, or the same and a validation
     loss as low or lower (so that an accuracy that levels off still moves on to better weights, the later of equals).
     train.early_stopping.min_delta does not enter here: like HF Trainer's threshold, it only counts for patience."""
+    if not math.isfinite(value):
+        return False
     if state.best is None:
         return True
     if value != state.best:
@@ -561,7 +565,7 @@ def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, ran
     state.evals.append([state.step, value, loss])
     es = recipe.train.early_stopping
     gain = None if state.best is None else (value - state.best if higher else state.best - value)
-    if es and gain is not None and gain <= es.min_delta:  # patience counts evaluations without a real gain
+    if es and (not math.isfinite(value) or (gain is not None and gain <= es.min_delta)):  # no real gain: patience
         state.evals_without_improvement += 1
     else:
         state.evals_without_improvement = 0
@@ -584,9 +588,14 @@ def _track_best(state: State, val: dict, recipe: Recipe, raw, job_dir: Path, ran
 
 def selection(state: State, name: str, higher: bool, steps: int) -> dict:
     """Which evaluation's weights were kept and why, in words, from the evaluations' record."""
+    if state.best_step is None:
+        return {"metric": name, "step": None, "value": None,
+                "why": f"no evaluation gave a finite validation {name}: the weights are the last step's"}
     evals = [e for e in state.evals if e[0] == state.best_step]
     if not evals:  # a run resumed from a checkpoint written before evaluations were recorded
-        return {"metric": name, "step": state.best_step, "value": state.best, "why": f"the best validation {name}"}
+        return {"metric": name, "step": state.best_step, "value": state.best,
+                "why": f"the best validation {name}, {state.best:.4g} (the evaluations before the resume were not "
+                       f"recorded)"}
     step, value, loss = evals[-1]
     others = [e for e in state.evals if e[0] != step]
     out = {"metric": name, "step": step, "value": value, "loss": loss, "evaluations": len(state.evals)}

@@ -17,13 +17,13 @@ from pathlib import Path
 from runner.store import TERMINAL, Store, StoreError
 
 KEEP = 10
-RETAINED = ("checkpoints", "best")  # what retention removes from an ended job's folder
+RETAINED = ("checkpoints", "best")  # what retention removes from a job's folder, and from earlier attempts' there
 
 
 def keep_from_env() -> int:
     """RUNNER_KEEP_CHECKPOINTS as a count of jobs (>= 0); a value that is not one is refused with the fix."""
     raw = os.environ.get("RUNNER_KEEP_CHECKPOINTS", str(KEEP)).strip()
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise ValueError(f"RUNNER_KEEP_CHECKPOINTS={raw!r}: give a whole number of jobs (0 or more) whose "
                          f"checkpoints are kept; default {KEEP}")
     return int(raw)
@@ -62,25 +62,52 @@ def remove_job(store: Store, job_id: str, root: Path) -> dict:
     return {"removed": job_id, "bytes": freed, "folder": "removed"}
 
 
-def prune_checkpoints(store: Store, keep: int) -> list[tuple[str, int]]:
-    """Remove checkpoints/ and best/ of every SUCCEEDED job but the newest `keep` that still have them (by end time).
-    Returns (job id, bytes freed) of each job pruned."""
-    ended = store.db.execute("SELECT id, job_dir FROM jobs WHERE state = 'SUCCEEDED' ORDER BY ended_at DESC, "
-                             "id DESC").fetchall()  # SUCCEEDED is final: no retry can want them back
-    holding = [(job_id, Path(job_dir)) for job_id, job_dir in ended
-               if any((Path(job_dir) / name).exists() for name in RETAINED)]
+def prune_checkpoints(store: Store, keep: int, look_back: int | None = None) -> list[tuple[str, int]]:
+    """Remove checkpoints/ and best/ (an earlier attempt's under earlier/ too) of every SUCCEEDED job but the newest
+    `keep` (by end time). look_back: consider only that many newest SUCCEEDED jobs (each pass leaves none holding
+    checkpoints beyond `keep`, so after a first full sweep the next ones need not look far). Returns (job id, bytes
+    freed) of each job pruned."""
+    sql = "SELECT id, job_dir FROM jobs WHERE state = 'SUCCEEDED' ORDER BY ended_at DESC, id DESC"
+    ended = store.db.execute(sql + (f" LIMIT {int(look_back)}" if look_back else "")).fetchall()
     out = []
-    for job_id, folder in holding[keep:]:
-        freed = 0
-        for name in RETAINED:
-            if (folder / name).exists():
-                freed += _size(folder / name)
-                shutil.rmtree(folder / name, ignore_errors=True)
+    for job_id, job_dir in ended[keep:]:  # SUCCEEDED is final: no retry can want them back
+        found = _retained(Path(job_dir))
+        if not found:
+            continue
+        freed = sum(_size(p) for p in found)
+        for p in found:
+            shutil.rmtree(p, ignore_errors=True)
         store.note(job_id, f"checkpoints removed ({freed / 1e6:.1f} MB): only the newest {keep} succeeded jobs "
                            "keep theirs (RUNNER_KEEP_CHECKPOINTS)")
         out.append((job_id, freed))
     return out
 
 
+class Retention:
+    """The server's retention, run when a job ends: one full sweep first, then a look at the newest jobs only."""
+
+    def __init__(self, store: Store, keep: int):
+        self.store, self.keep, self.swept = store, keep, False
+
+    def __call__(self, job=None) -> list[tuple[str, int]]:
+        out = prune_checkpoints(self.store, self.keep, None if not self.swept else self.keep + 20)
+        self.swept = True
+        return out
+
+
+def _retained(folder: Path) -> list[Path]:
+    inside = [folder / name for name in RETAINED] + [d / name for d in sorted((folder / "earlier").glob("*"))
+                                                     for name in RETAINED]
+    return [p for p in inside if p.is_dir() and not p.is_symlink()]
+
+
 def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    """Bytes under path; a file that goes away meanwhile counts 0."""
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total

@@ -135,9 +135,11 @@ def _champion_words(champ: dict, result: dict) -> str:
     if not isinstance(pair, dict) or not isinstance(pair.get("challenger"), dict) or \
             not isinstance(pair.get("champion"), dict):
         return f"not compared with {who}: {champ.get('note', 'no figures')}"
-    k = champ.get("metric")
-    if not isinstance(pair["challenger"].get(k), (int, float)) or not isinstance(pair["champion"].get(k), (int, float)):
-        return f"not compared with {who} on its promotion metric {k}"
+    figures = [m for m in pair["challenger"] if isinstance(pair["challenger"][m], float)
+               and isinstance(pair["champion"].get(m), (int, float))]
+    k = champ.get("metric") if champ.get("metric") in figures else (figures[0] if figures else None)
+    if k is None:
+        return f"not compared with {who}: no figure of both models"
     return (f"on this job's test split ({pair.get('rows')} rows) {k} {pair['challenger'][k]:.4g} here, "
             f"{pair['champion'][k]:.4g} for {who}")
 

@@ -132,6 +132,8 @@ class Registry:
                      if (job_dir / k).exists()}
         now = self.clock()
         with self.store._tx():
+            if self.store.db.execute("SELECT 1 FROM jobs WHERE id = ?", (job.id,)).fetchone() is None:
+                return None  # removed (runner rm) while its files were read: there is nothing to register
             version = self.store.db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE model = ?",
                                             (model,)).fetchone()[0]
             champion = self.aliases(model).get(CHAMPION)

@@ -129,11 +129,10 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         tmp.write_text(json.dumps(spec, indent=2))
         tmp.replace(path)
 
-    from runner.cleanup import keep_from_env, prune_checkpoints, remove_job
+    from runner.cleanup import Retention, keep_from_env, remove_job
 
-    keep = keep_from_env()
     dispatcher = Dispatcher(store, backend, on_success=registered, on_start=starting,
-                            on_end=lambda job: prune_checkpoints(store, keep)) if backend is not None else None
+                            on_end=Retention(store, keep_from_env())) if backend is not None else None
     stop, wake = threading.Event(), threading.Event()
 
     def loop() -> None:
@@ -297,7 +296,8 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         if job.state == "SUCCEEDED" and result.exists():
             out["result"] = json.loads(result.read_text())
         attempt = store.attempt(job_id)
-        since = attempt["started_at"] if attempt else 0  # this attempt's: a retry's page is not an earlier one's
+        fresh = [a["started_at"] for a in out["attempts"] if not a["resume"]]  # attempts that started over
+        since = max(fresh) if fresh else 0  # this training run's: not those of a run a retry started over from
         out["warnings"] = [{"at": e["at"], "message": e["message"]} for e in store.events(job_id, level="warning")
                            if e["at"] >= since]
         if ray_url and attempt and attempt.get("submission"):

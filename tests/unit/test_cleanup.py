@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runner.cleanup import KEEP, keep_from_env, prune_checkpoints, remove_job
+from runner.cleanup import KEEP, Retention, keep_from_env, prune_checkpoints, remove_job
 from runner.registry import Registry
 from runner.store import Store, StoreError
 
@@ -82,8 +82,13 @@ def test_retention_keeps_the_newest_succeeded_jobs_checkpoints_every_model_and_w
     for i in range(5):
         folders.append(ended_job(store, root, f"j{i}", state="FAILED" if i == 1 else "SUCCEEDED"))
         store.db.execute("UPDATE jobs SET ended_at = ? WHERE id = ?", (1000.0 + i, f"j{i}"))
-    pruned = prune_checkpoints(store, keep=2)
-    assert pruned == [("j2", 4000), ("j0", 4000)]  # the succeeded beyond the newest two, newest first
+    earlier = folders[0] / "earlier" / "20261128-000000" / "checkpoints"  # a retry from the start set it aside
+    earlier.mkdir(parents=True)
+    (earlier / "state.pt").write_bytes(b"e" * 700)
+    retention = Retention(store, keep=2)
+    pruned = retention()
+    assert pruned == [("j2", 4000), ("j0", 4700)]  # the succeeded beyond the newest two, newest first
+    assert not earlier.exists()
     for i, d in enumerate(folders):
         kept = i in (1, 3, 4)  # j1 FAILED: runner retry --from-checkpoint goes on from them
         assert (d / "checkpoints").exists() == kept and (d / "best").exists() == kept, i
@@ -91,6 +96,7 @@ def test_retention_keeps_the_newest_succeeded_jobs_checkpoints_every_model_and_w
     assert "checkpoints removed (0.0 MB): only the newest 2 succeeded jobs keep theirs" in \
         store.events("j0")[-1]["message"]
     assert prune_checkpoints(store, keep=2) == [], "once is enough"
+    assert retention.swept and retention() == []
 
 
 def test_keep_comes_from_the_environment_and_a_bad_value_is_refused(monkeypatch):
@@ -98,9 +104,10 @@ def test_keep_comes_from_the_environment_and_a_bad_value_is_refused(monkeypatch)
     assert keep_from_env() == KEEP
     monkeypatch.setenv("RUNNER_KEEP_CHECKPOINTS", "3")
     assert keep_from_env() == 3
-    monkeypatch.setenv("RUNNER_KEEP_CHECKPOINTS", "-1")
-    with pytest.raises(ValueError, match=r"RUNNER_KEEP_CHECKPOINTS='-1': give a whole number of jobs"):
-        keep_from_env()
+    for bad in ("-1", "²", "ten"):
+        monkeypatch.setenv("RUNNER_KEEP_CHECKPOINTS", bad)
+        with pytest.raises(ValueError, match=rf"RUNNER_KEEP_CHECKPOINTS='{bad}': give a whole number of jobs"):
+            keep_from_env()
 
 
 def test_the_route_and_the_dispatcher(tmp_path, server, monkeypatch):

@@ -21,7 +21,7 @@ def models(tmp_path_factory, tokenizer):
 
 def by_hand(model_dir, job_dir, other_job) -> tuple[float, int, int]:
     """A saved classifier's accuracy on a job folder's tokenized test split, one row at a time, labels by name,
-    over the rows the other job did not train on: (accuracy, rows scored, rows left out)."""
+    over the rows whose tokens the other job did not train on: (accuracy, rows scored, rows left out)."""
     import datasets
     from transformers import AutoModelForSequenceClassification
 
@@ -30,9 +30,9 @@ def by_hand(model_dir, job_dir, other_job) -> tuple[float, int, int]:
         data = datasets.load_from_disk(str(job / "prepared" / "data"))
         return [(r["input_ids"], names[r["labels"]]) for s in splits for r in data[s]]
 
-    trained_on = {(tuple(ids), name) for ids, name in rows(other_job, ("train", "validation"))}
+    trained_on = {tuple(ids) for ids, _ in rows(other_job, ("train", "validation"))}  # by input, whatever label
     test = rows(job_dir, ("test",))
-    kept = [(ids, name) for ids, name in test if (tuple(ids), name) not in trained_on]
+    kept = [(ids, name) for ids, name in test if tuple(ids) not in trained_on]
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     with torch.no_grad():
         right = sum(model.config.id2label[model(input_ids=torch.tensor([ids])).logits.argmax(-1).item()] == name
@@ -125,3 +125,20 @@ def test_what_cannot_be_compared_is_said_and_the_job_goes_on(tmp_path, models):
     (new / "champion.json").write_text("\0\0\0")
     assert compare_with_champion(new, recipe, log=lambda m: None)["note"] == \
         "champion.json cannot be read (JSONDecodeError)"
+
+
+def test_prepared_data_without_row_digests_is_refused(tmp_path, models):
+    """A champion prepared by an earlier runner has no `content` column: which rows it trained on is unknown."""
+    import datasets
+
+    good, untrained = models
+    champ, _ = make_job(tmp_path, good, "classification", keyword_rows(200, seed=3), name="champ")
+    new, recipe = make_job(tmp_path, untrained, "classification", keyword_rows(200, seed=4), name="new")
+    data = datasets.load_from_disk(str(champ / "prepared" / "data"))
+    datasets.DatasetDict({k: v.remove_columns("content") for k, v in data.items()}).save_to_disk(
+        str(tmp_path / "old"))
+    shutil.rmtree(champ / "prepared" / "data")
+    shutil.move(tmp_path / "old", champ / "prepared" / "data")
+    champion_file(new, champ)
+    assert compare_with_champion(new, recipe, log=lambda m: None)["note"].startswith(
+        "the champion's prepared data was written by an earlier runner, without the row digests")

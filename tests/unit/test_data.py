@@ -154,7 +154,7 @@ def test_label_names_stable_and_classlabel_names_kept(tmp_path):
     r = recipe(tmp_path, "  train: t.jsonl\n")
     sp = D.load_splits(r)
     assert D.label_names(r, sp["train"]) == [str(i) for i in range(11)]  # numeric order, not "10" < "2"
-    ds = datasets.Dataset.from_dict({"text": ["a", "b", "c", "d"] * 5, "label": [0, 1, 1, 0] * 5},
+    ds = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(20)], "label": [0, 1, 1, 0] * 5},
                                     features=datasets.Features({"text": datasets.Value("string"),
                                                                 "label": datasets.ClassLabel(names=["neg", "pos"])}))
     ds.save_to_disk(str(tmp_path / "cl"))
@@ -189,10 +189,16 @@ def test_splits_reproducible_from_seed_and_disjoint(tmp_path):
     for k in ("train", "validation", "test"):
         assert set(a[k]) <= set(grown[k]), k
     assert abs(len(grown["test"]) - 60) <= 4 * (300 * 0.2 * 0.8) ** 0.5
-    # copies of a row share its split
-    (tmp_path / "t.jsonl").write_text(jsonl(rows + rows))
+    # copies of a row share its split, whatever their labels
+    relabelled = [{**r, "label": "b" if r["label"] == "a" else "a"} for r in rows]
+    (tmp_path / "t.jsonl").write_text(jsonl(rows + relabelled))
     doubled = texts(1)
     assert {k: set(v) for k, v in doubled.items()} == {k: set(v) for k, v in a.items()}
+    # a row with a column the others lack (every other row then reads it as null) moves no other row
+    (tmp_path / "t.jsonl").write_text(jsonl(rows + [{"text": "odd one", "text_pair": "more", "label": "a"}]))
+    typed = texts(1)
+    for k in ("train", "validation", "test"):
+        assert set(a[k]) <= set(typed[k]), k
     (tmp_path / "t.jsonl").write_text(jsonl(rows))
     # a split given as a file is used as it is; only the missing one is carved from train
     (tmp_path / "v.jsonl").write_text(jsonl(rows[:7]))
@@ -234,7 +240,7 @@ def test_instruction_format_loss_only_on_response(tmp_path, tokenizer, shared_da
         assert row["output"] not in prompt
     assert "### Input:" in tokenizer.decode(D.tokenize_example(r, tokenizer, with_input)["input_ids"])
     tok = D.tokenize_split(r, tokenizer, splits["validation"])
-    assert set(tok.column_names) == {"input_ids", "attention_mask", "labels", "n_tokens"}
+    assert set(tok.column_names) == {"input_ids", "attention_mask", "labels", "n_tokens", "content"}
 
 
 def test_instruction_truncation_keeps_prompt_masked(tmp_path, tokenizer, shared_data):
@@ -270,7 +276,8 @@ def test_classification_and_regression_examples(tmp_path, tokenizer):
 
 
 def test_chat_rows_are_checked(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 20
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}]}
+            for i in range(20)]
     rows += [{"messages": [{"role": "user", "content": "only me"}]}, {"messages": [{"role": "robot", "content": "x"}]}]
     (tmp_path / "c.jsonl").write_text(jsonl(rows))
     r = recipe(tmp_path, "  train: c.jsonl\n  format: chat\n", task="causal_lm")
@@ -288,12 +295,12 @@ def _messages(rep: Report) -> list[str]:
 
 
 def test_preflight_counts_truncation_and_refuses_when_none_fits(tmp_path, tiny_llama_dir):
-    rows = [{"text": f"row {i} " + "word " * (i % 20)} for i in range(40)]
+    rows = [{"text": f"row {i} " + "word " * (i % 20)} for i in range(100)]
     (tmp_path / "t.jsonl").write_text(jsonl(rows))
     r = recipe(tmp_path, "  train: t.jsonl\n  max_seq_len: 20\n", task="causal_lm", model=str(tiny_llama_dir))
     rep = preflight(r)
     assert rep.ok, rep.problems
-    assert sum(rep.rows.values()) == 40 and min(rep.rows.values()) >= 1
+    assert sum(rep.rows.values()) == 100 and min(rep.rows.values()) >= 1
     assert any(n.startswith("train: ") and "longer than data.max_seq_len 20 and will be truncated" in n
                for n in rep.notes)
     (tmp_path / "long.jsonl").write_text(jsonl([{"text": "word " * (30 + i)} for i in range(40)]))
@@ -330,7 +337,8 @@ def test_preflight_chat_needs_a_template(tmp_path, tokenizer):
     (tmp_path / "m" / "config.json").write_text((tmp_path / "m0" / "config.json").read_text())
     for f in (tmp_path / "m").glob("chat_template*"):
         f.unlink()
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 20
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}]}
+            for i in range(20)]
     (tmp_path / "c.jsonl").write_text(jsonl(rows))
     r = recipe(tmp_path, "  train: c.jsonl\n  format: chat\n", task="causal_lm", model="./m")
     assert _messages(preflight(r)) == [

@@ -86,3 +86,14 @@ def test_baselines_by_hand():
                            "accuracy", True)[1] == "test accuracy 0.25 is no better than predicting the majority " \
                                                    "class of train, 0.25"
     assert json.loads(json.dumps(got)) == got
+
+
+def test_an_evaluation_that_is_not_a_number_is_never_kept(tmp_path):
+    state = kept(tmp_path, [(1, acc(0.6, 0.7)), (2, acc(float("nan"), float("nan"))), (3, acc(0.7, 0.5))],
+                 train="  early_stopping:\n    patience: 5\n")
+    assert state.best_step == 3 and state.evals_without_improvement == 0
+    state = kept(tmp_path, [(1, acc(float("nan"), float("nan"))), (2, acc(0.7, 0.5))])
+    assert state.best_step == 2 and state.best == 0.7  # a NaN first evaluation does not stand as the best forever
+    state = State()  # no evaluation was kept (every one NaN): the weights are the last step's, and it says so
+    assert selection(state, "accuracy", True, 10)["why"] == \
+        "no evaluation gave a finite validation accuracy: the weights are the last step's"
