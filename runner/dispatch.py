@@ -22,13 +22,16 @@ is taken to be the cluster's only user, as it is with the embedded defaults.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from runner.queue import Need, Node, place, plan, refusal
-from runner.store import InvalidTransition, Job, Store, StoreError
+from runner.store import STATES, InvalidTransition, Job, Store, StoreError
 
 ACTIVE = ("STARTING", "RUNNING", "RETRYING", "EXPORTING")
 LOST_AFTER = 30.0
@@ -47,7 +50,24 @@ class RayUnreachable(Exception):
 
 
 class UnknownSubmission(Exception):
-    """Ray has no job with this submission id."""
+    """Ray has no job with this submission id (its Jobs API answered 404)."""
+
+
+class RayRefused(Exception):
+    """Ray's Jobs API answered with another 4xx: it is up, and said no (a submission id it already has...)."""
+
+
+_RAY_STATUS = re.compile(r"Request failed with status code (\d{3}):")
+
+
+def ray_status(e: BaseException) -> int | None:
+    """The HTTP status of Ray's answer where the Jobs client raised for one (it raises RuntimeError("Request failed
+    with status code N: ...")); None for anything else (a connection error, whose text holds the URL and so the
+    job's id and its digits)."""
+    if type(e) is not RuntimeError:
+        return None
+    m = _RAY_STATUS.match(str(e))
+    return int(m.group(1)) if m else None
 
 
 def apply_node_summary(nodes: dict[str, dict], summary: list[dict]) -> None:
@@ -93,12 +113,12 @@ class RayJobs:
     def _call(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - sorted into the two cases the dispatcher acts on
-            text = str(e)
-            if "does not exist" in text or "404" in text:
-                raise UnknownSubmission(text) from None
-            if "already exists" in text:
-                raise
+        except Exception as e:  # noqa: BLE001 - sorted by Ray's HTTP status, never by words in a message
+            code = ray_status(e)
+            if code == 404:
+                raise UnknownSubmission(_first_line(e)) from None
+            if code is not None and 400 <= code < 500:
+                raise RayRefused(_first_line(e)) from None
             self._client = None
             raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({_first_line(e)})") from None
 
@@ -160,7 +180,8 @@ class RayJobs:
 
     def submit(self, submission_id: str, job_dir: str, env: dict[str, str], fresh: bool = False) -> None:
         self._call(self.client.submit_job,
-                   entrypoint=f"{sys.executable} -m jobs.entrypoint {job_dir}{' --fresh' if fresh else ''}",
+                   entrypoint=shlex.join([sys.executable, "-m", "jobs.entrypoint", job_dir] + (["--fresh"] if fresh
+                                                                                               else [])),
                    submission_id=submission_id, runtime_env={"env_vars": {**env, "RUNNER_LOG_TO_FILE": "1"}},
                    metadata={"runner_job_dir": job_dir})
 
@@ -189,6 +210,7 @@ class Dispatcher:
         self.env = {k: base[k] for k in WORKER_ENV if k in base}
         self.unreachable_since: float | None = None
         self.waiting: dict[str, tuple[int, str]] = {}  # queued job id -> (position, why it waits), as of the last pass
+        self.failing: dict[str, str] = {}  # job id -> why its follow-up failed, said once until it changes
 
     @staticmethod
     def submission(job: Job) -> str:
@@ -211,7 +233,7 @@ class Dispatcher:
         """One pass; returns the ids of the jobs started in it."""
         try:
             for job in self.active():
-                self._follow(job)
+                self._follow_one(job)
             nodes = self.backend.nodes()
         except RayUnreachable as e:
             self._lost(str(e))
@@ -246,13 +268,17 @@ class Dispatcher:
         try:
             self.backend.submit(self.submission(job), job.job_dir, {**self.env, "RUNNER_ATTEMPT": str(job.attempt)},
                                 fresh=job.attempt > 1 and not job.resume)
-        except RayUnreachable:
-            raise
-        except Exception as e:  # noqa: BLE001 - Ray refused: the job cannot start; say why
-            if "already exists" in str(e):  # submitted before this server's restart: it is Ray's already
+        except RayRefused as e:  # Ray answered no: the job cannot start; say why
+            if f"{self.submission(job)} already exists" in str(e):  # submitted before a restart: Ray has it
                 self.store.set_submission(job.id, self.submission(job))
                 return True
             self.store.set_state(job.id, "FAILED", reason=f"Ray did not take the job: {_first_line(e)}")
+            return False
+        except RayUnreachable:
+            raise
+        except Exception as e:  # noqa: BLE001 - anything else the submission raised: the job cannot start; say why
+            self.store.set_state(job.id, "FAILED", reason=f"the job could not be submitted to Ray: "
+                                                          f"{type(e).__name__}: {_first_line(e)}")
             return False
         self.store.set_submission(job.id, self.submission(job))
         return True
@@ -267,6 +293,24 @@ class Dispatcher:
         for job in self.active():
             self.store.set_state(job.id, "FAILED", reason=f"lost: {why} for {LOST_AFTER:.0f} s; the job's driver "
                                                           "cannot be followed", expect=job.state)
+
+    def _follow_one(self, job: Job) -> None:
+        """_follow, where one job's trouble (its folder unreadable, a store error) is said once in its events and
+        leaves the other jobs and the queue going."""
+        try:
+            self._follow(job)
+            self.failing.pop(job.id, None)
+        except RayUnreachable:
+            raise
+        except Exception as e:  # noqa: BLE001 - one job's follow-up; the next pass tries it again
+            why = f"{type(e).__name__}: {_first_line(e)}"
+            if self.failing.get(job.id) != why:
+                self.failing[job.id] = why
+                try:
+                    self.store.note(job.id, f"the server could not follow the job this pass ({why}); it tries "
+                                            "again each pass", level="warning")
+                except Exception:  # noqa: BLE001 - removed meanwhile, or the store itself is in trouble
+                    pass
 
     def _follow(self, job: Job) -> None:
         attempt = self.store.attempt(job.id)
@@ -317,11 +361,14 @@ class Dispatcher:
         """New whole lines of metrics.jsonl and events.jsonl into the store; events move the state."""
         if attempt is None:
             return job
-        records, offset = _read_lines(Path(job.job_dir) / "metrics.jsonl", attempt["metrics_offset"])
+        folder = Path(job.job_dir)
+        records, offset, bad = _read_lines(folder / "metrics.jsonl", attempt["metrics_offset"], metric_problem)
+        self._skipped(job, "metrics.jsonl", bad)
         if records:
             self.store.add_metrics(job.id, records)
         self.store.set_offsets(job.id, attempt["attempt"], metrics=offset)
-        events, offset = _read_lines(Path(job.job_dir) / "events.jsonl", attempt["events_offset"])
+        events, offset, bad = _read_lines(folder / "events.jsonl", attempt["events_offset"], event_problem)
+        self._skipped(job, "events.jsonl", bad)
         for ev in events:
             new = ev.get("state")
             if new and new != job.state:
@@ -334,6 +381,13 @@ class Dispatcher:
                             else None)
         self.store.set_offsets(job.id, attempt["attempt"], events=offset)
         return job
+
+    def _skipped(self, job: Job, name: str, bad: list[tuple[int, str]]) -> None:
+        for line, why in bad[:5]:
+            self.store.note(job.id, f"skipped line {line} of {name}: {why}", level="warning")
+        if len(bad) > 5:
+            self.store.note(job.id, f"skipped {len(bad) - 5} more lines of {name} (from line {bad[5][0]})",
+                            level="warning")
 
     def cancel(self, job: Job) -> Job:
         """A queued job is cancelled at once; a running one is stopped through Ray (the next pass records it)."""
@@ -360,6 +414,65 @@ def whole_lines(path: Path, offset: int, limit: int = 1 << 24) -> tuple[str, int
     return chunk[:end].decode("utf-8", "replace"), offset + end
 
 
-def _read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
+MAX_RECORD = 64 * 1024  # a metrics or events line longer than this is not one the driver wrote
+NUMBERS = ("time", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "epoch")
+
+
+def _number(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+
+
+def metric_problem(rec) -> str | None:
+    """Why a line of metrics.jsonl cannot go into the store, or None."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    step = rec.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**53:
+        return f"step {step!r:.40} is not a whole number from 0"
+    if not isinstance(rec.get("split", "train"), str) or len(rec.get("split", "train")) > 40:
+        return "split is not a short text"
+    if not isinstance(rec.get("total_steps"), (int, type(None))) or isinstance(rec.get("total_steps"), bool):
+        return "total_steps is not a whole number"
+    bad = [k for k in NUMBERS if not _number(rec.get(k))]
+    return f"{bad[0]} is not a finite number" if bad else None
+
+
+def event_problem(ev) -> str | None:
+    """Why a line of events.jsonl cannot go into the store, or None."""
+    if not isinstance(ev, dict):
+        return f"a JSON {type(ev).__name__}, not an object"
+    for key in ("state", "message", "level"):
+        if not isinstance(ev.get(key), (str, type(None))):
+            return f"{key} is not text"
+    if ev.get("state") is not None and ev["state"] not in STATES:
+        return f"state {ev['state'][:40]!r} is not one of {', '.join(STATES)}"
+    return None
+
+
+def _read_lines(path: Path, offset: int, check) -> tuple[list[dict], int, list[tuple[int, str]]]:
+    """The records on the whole lines after offset, the offset after them, and the lines that are not records:
+    (line number, why) each, so that a torn or foreign line is skipped and said, never stops the pass."""
     text, end = whole_lines(path, offset)
-    return [json.loads(x) for x in text.splitlines() if x.strip()], end
+    records, bad = [], []
+    for i, line in enumerate(text.split("\n")):
+        if not line.strip():
+            continue
+        why = None
+        if len(line) > MAX_RECORD:
+            why = f"a line of {len(line)} characters"
+        else:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                why = "not JSON" + (" (NUL bytes: a torn write)" if "\0" in line else "")
+            else:
+                why = check(rec)
+        if why:
+            bad.append((i, why))
+        else:
+            records.append(rec)
+    if bad:  # numbered from the file's start: counted only when there is something to say
+        with path.open("rb") as f:
+            before = f.read(offset).count(b"\n")
+        bad = [(before + i + 1, why) for i, why in bad]
+    return records, end, bad

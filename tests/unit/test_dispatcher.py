@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.dispatch import LOST_AFTER, Dispatcher, RayUnreachable, UnknownSubmission
+from runner.dispatch import LOST_AFTER, Dispatcher, RayJobs, RayRefused, RayUnreachable, UnknownSubmission
 from runner.queue import Node
 from runner.store import Store
 
@@ -25,7 +25,7 @@ class FakeRay:
 
     def submit(self, sid, job_dir, env, fresh=False):
         if sid in self.jobs:
-            raise RuntimeError(f"Job with submission_id {sid} already exists.")
+            raise RayRefused(f"Request failed with status code 400: Job with submission_id {sid} already exists.")
         self.jobs[sid] = "RUNNING"
         self.submitted.append((sid, fresh))
 
@@ -151,3 +151,85 @@ def test_a_job_ray_forgot_is_failed_with_the_reason(world):
     d.tick()
     job = store.get("j")
     assert job.state == "FAILED" and "Ray no longer knows the job's submission j-1" in job.reason
+
+
+def test_a_torn_or_foreign_line_is_skipped_and_said_and_the_queue_goes_on(world, tmp_path):
+    store, ray, clock, job_dir, d = world
+    d.tick()
+    d.tick()
+    with (job_dir / "metrics.jsonl").open("ab") as f:
+        f.write(b'{"step": 1, "loss": 1.0}\n' + b"\0" * 40 + b"\n" + b'[1, 2]\n{"loss": 3}\n{"step": "x"}\n'
+                b'{"step": 2, "loss": "high"}\n{"step": 3, "loss": 0.5, "time": 10.0}\n')
+    with (job_dir / "events.jsonl").open("ab") as f:
+        f.write(b'{"state": "NOPE"}\n"text"\n{"message": 5}\n{"state": "EXPORTING", "message": "exporting"}\n')
+    second = tmp_path / "k"
+    second.mkdir()
+    store.add_job("k", "k", "name: k\n", str(second), 1, 1, 0)  # queued after the bad lines were written
+    ray.jobs["j-1"] = "SUCCEEDED"
+    d.tick()
+    assert [m["step"] for m in store.metrics("j")] == [1, 3], "the good records around the bad ones are kept"
+    assert store.get("j").state == "SUCCEEDED", "the good event still moved the state"
+    said = [e["message"] for e in store.events("j", level="warning")]
+    assert said[:5] == ["skipped line 2 of metrics.jsonl: not JSON (NUL bytes: a torn write)",
+                        "skipped line 3 of metrics.jsonl: a JSON list, not an object",
+                        "skipped line 4 of metrics.jsonl: step None is not a whole number from 0",
+                        "skipped line 5 of metrics.jsonl: step 'x' is not a whole number from 0",
+                        "skipped line 6 of metrics.jsonl: loss is not a finite number"]
+    assert said[5:] == ["skipped line 1 of events.jsonl: state 'NOPE' is not one of QUEUED, STARTING, RUNNING, "
+                        "RETRYING, EXPORTING, SUCCEEDED, FAILED, CANCELLED",
+                        "skipped line 2 of events.jsonl: a JSON str, not an object",
+                        "skipped line 3 of events.jsonl: message is not text"]
+    d.tick()
+    assert store.get("k").state in ("STARTING", "RUNNING"), "a job queued after the bad lines starts"
+    assert len(store.events("j", level="warning")) == 8, "each bad line is said once"
+
+
+def test_one_jobs_unreadable_folder_does_not_stop_the_others(world, tmp_path):
+    store, ray, clock, job_dir, d = world
+    d.tick()
+    d.tick()
+    (job_dir / "metrics.jsonl").mkdir()  # reading it raises IsADirectoryError every pass
+    second = tmp_path / "k"
+    second.mkdir()
+    store.add_job("k", "k", "name: k\n", str(second), 1, 1, 0)
+    ray.jobs["j-1"] = "SUCCEEDED"
+    d.tick()
+    d.tick()
+    assert store.get("k").state in ("STARTING", "RUNNING")
+    said = [e["message"] for e in store.events("j", level="warning")]
+    assert len(said) == 1 and said[0].startswith("the server could not follow the job this pass (IsADirectoryError")
+
+
+@pytest.mark.parametrize("error, kind", [
+    (RuntimeError("Request failed with status code 404: Job demo-20260404-1 does not exist."), UnknownSubmission),
+    (RuntimeError("Request failed with status code 400: Job with submission_id j-1 already exists."), RayRefused),
+    # a connection error's text holds the URL, and the job's id holds a date with 404 in it
+    (ConnectionError("HTTPConnectionPool(host='ray', port=8265): Max retries exceeded with url: "
+                     "/api/jobs/demo-20260404-1 (Caused by NewConnectionError: Connection refused)"), RayUnreachable),
+    (RuntimeError("the job does not exist yet, 404 of them"), RayUnreachable),
+    (RuntimeError("Request failed with status code 503: unavailable"), RayUnreachable),
+])
+def test_rays_answers_are_told_apart_by_status_not_by_words(error, kind):
+    jobs = RayJobs("http://ray:8265")
+
+    def fails():
+        raise error
+
+    with pytest.raises(kind):
+        jobs._call(fails)
+
+
+def test_the_entrypoint_survives_a_folder_with_spaces_and_quotes():
+    import shlex
+
+    seen = {}
+
+    class Client:
+        def submit_job(self, **kw):
+            seen.update(kw)
+
+    jobs = RayJobs("http://ray:8265")
+    jobs._client = Client()
+    folder = "/home/a user/it's here/$(x)"
+    jobs.submit("j-1", folder, {}, fresh=True)
+    assert shlex.split(seen["entrypoint"])[-2:] == [folder, "--fresh"]
