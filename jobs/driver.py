@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from jobs.appendfile import append, open_private
 from jobs.recipe import Recipe, RecipeError, load_recipe, shared_storage_problem
 
 
@@ -201,11 +202,7 @@ def event(job_dir: Path, message: str, state: str | None = None, level: str | No
     copies into its store as it follows the job. One write of one line, so that lines from the driver and from
     rank 0 never interleave."""
     line = json.dumps({"time": time.time(), "state": state, "message": message, "level": level, **extra}) + "\n"
-    fd = os.open(job_dir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+    append(job_dir / "events.jsonl", line)
 
 
 def _lifecycle_callback(job_dir: Path, max_failures: int):
@@ -235,8 +232,7 @@ def _lifecycle_callback(job_dir: Path, max_failures: int):
 
 def note(job_dir: Path, msg: str) -> None:
     """A line for the person running the job, in train.log (the driver's `Follow` shows it as it comes)."""
-    with (job_dir / "train.log").open("a") as f:
-        f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+    append(job_dir / "train.log", f"{time.strftime('%H:%M:%S')} {msg}\n")
 
 
 def _lost_reason(e: BaseException | None) -> str:
@@ -313,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if os.environ.get("RUNNER_LOG_TO_FILE") == "1":  # under the runner server: the job's log is <job_dir>/job.log
-        log = os.open(job_dir / "job.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        log = open_private(job_dir / "job.log")
         for fd in (1, 2):
             os.dup2(log, fd)
         attempt = os.environ.get("RUNNER_ATTEMPT")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from jobs.appendfile import append
 from jobs.recipe import Recipe, parse_recipe
 
 
@@ -338,14 +339,13 @@ def train_func(config: dict) -> None:
     def note(msg: str) -> None:  # rank 0's words for the person running the job: train.log, and stdout
         if rank == 0:
             print(msg, flush=True)
-            with (job_dir / "train.log").open("a") as f:
-                f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+            append(job_dir / "train.log", f"{time.strftime('%H:%M:%S')} {msg}\n")
 
     def warn(kind: str, step: int, msg: str) -> None:  # rank 0: a warning in the log, and for the job's events
         if rank == 0:  # warnings.jsonl has this one writer; the driver relays its lines into events.jsonl
             note(f"warning: {msg}")
-            with (job_dir / "warnings.jsonl").open("a") as f:
-                f.write(json.dumps({"time": time.time(), "kind": kind, "step": step, "message": msg}) + "\n")
+            append(job_dir / "warnings.jsonl",
+                   json.dumps({"time": time.time(), "kind": kind, "step": step, "message": msg}) + "\n")
 
     note(f"{describe(sp, world, acc.distributed_type.value)}; mixed precision {sp['mixed_precision']}"
          f"{', gradient checkpointing' if recipe.resources.gradient_checkpointing else ''}; "
@@ -382,9 +382,8 @@ def train_func(config: dict) -> None:
 
     def log(rec: dict) -> None:  # strict JSON: a figure that is not finite is written as null
         if rank == 0:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                    for k, v in rec.items()}) + "\n")
+            append(metrics_file, json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                             for k, v in rec.items()}) + "\n")
 
     wb = _wandb(recipe, job_dir, config, rank)
     if recipe.task == "causal_lm" and state.step == 0 and state.baseline is None:

@@ -44,11 +44,14 @@ def pages(app, store, authorized, csrf: str, session: str | None, token: str | N
     def render(request: Request, page: str, title: str, data: dict, code: int = 200) -> Response:
         if not authorized(request):
             return RedirectResponse(f"/login?next={quote(str(request.url.path))}", status_code=303)
-        blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+        # every <, > and & as \u escapes: no text of a job's can end the script or open a comment (<!--) in it
+        blob = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e") \
+            .replace("&", "\\u0026")
         body = (shell.replace("{{title}}", html.escape(title)).replace("{{page}}", page)
-                .replace("{{csrf}}", csrf).replace("{{version}}", version).replace("{{data}}", blob)
+                .replace("{{csrf}}", csrf).replace("{{version}}", version)
                 .replace("{{logout}}", "" if token is None else
-                         '<form method="post" action="/logout" class="logout"><button>Log out</button></form>'))
+                         '<form method="post" action="/logout" class="logout"><button>Log out</button></form>')
+                .replace("{{data}}", blob))  # last: a job's text that says {{logout}} stays text
         return HTMLResponse(body, status_code=code, headers={"Cache-Control": "no-store", **SECURITY})
 
     @router.get("/")

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from runner.jobfiles import read_text
 from runner.queue import Need, Node, place, plan, refusal
 from runner.store import STATES, InvalidTransition, Job, Store, StoreError
 
@@ -334,9 +335,9 @@ class Dispatcher:
         elif status == "STOPPED":
             self._end(job, "CANCELLED", "stopped")
         elif status == "FAILED":
-            failure = Path(job.job_dir) / "failure.txt"
-            if failure.exists():
-                reason = failure.read_text().strip()
+            failure = read_text(job.job_dir, "failure.txt")  # a link out of the folder reads as none
+            if failure and failure.strip():
+                reason = failure.strip()
             else:
                 reason = f"the job's driver ended without a reason: {_first_line(Exception(message)) or 'no message'}"
             self._end(job, "FAILED", reason)
@@ -362,6 +363,9 @@ class Dispatcher:
         if attempt is None:
             return job
         folder = Path(job.job_dir)
+        for name in ("metrics.jsonl", "events.jsonl"):
+            if (folder / name).is_symlink():
+                raise ValueError(f"{name} is a link: the server reads no file out of the job's folder")
         records, offset, bad = _read_lines(folder / "metrics.jsonl", attempt["metrics_offset"], metric_problem)
         self._skipped(job, "metrics.jsonl", bad)
         if records:
@@ -404,13 +408,15 @@ class Dispatcher:
 
 def whole_lines(path: Path, offset: int, limit: int = 1 << 24) -> tuple[str, int]:
     """The whole lines of a file after a byte offset (a line being written comes next time), and the offset after
-    them."""
+    them. A line longer than `limit` comes in pieces of `limit` bytes."""
     if not path.exists():
         return "", offset
     with path.open("rb") as f:
         f.seek(offset)
         chunk = f.read(limit)
     end = chunk.rfind(b"\n") + 1
+    if end == 0 and len(chunk) == limit:  # a line longer than limit: given in pieces, never stalls the reader
+        end = limit
     return chunk[:end].decode("utf-8", "replace"), offset + end
 
 

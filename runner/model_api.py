@@ -10,8 +10,8 @@ from runner.registry import CHAMPION, Registry, UnknownModel
 
 
 class AliasRequest(BaseModel):
-    version: int | None = Field(None, description="The version the alias moves to (promote).")
-    alias: str = Field(CHAMPION, description="The alias: `champion`, or any other a team names.")
+    version: int | None = Field(None, ge=1, le=2**62, description="The version the alias moves to (promote).")
+    alias: str = Field(CHAMPION, max_length=100, description="The alias: `champion`, or any other a team names.")
 
 
 def model_routes(app, registry: Registry, auth) -> None:
@@ -22,8 +22,9 @@ def model_routes(app, registry: Registry, auth) -> None:
         return JSONResponse({"detail": str(e)}, status_code=404)
 
     @router.get("/models")
-    def models() -> dict:
-        return {"models": registry.models()}
+    def models(limit: int = Query(500, ge=1, le=500), offset: int = Query(0, ge=0, le=2**62)) -> dict:
+        return {"models": registry.models(limit, offset), "total": registry.count(), "limit": limit,
+                "offset": offset}
 
     @router.get("/models/{model}")
     def show(model: str) -> dict:
@@ -41,7 +42,7 @@ def model_routes(app, registry: Registry, auth) -> None:
         return registry.rollback(model, req.alias if req else CHAMPION)
 
     @router.get("/models/{model}/diff")
-    def diff(model: str, a: int = Query(...), b: int = Query(...)) -> dict:
+    def diff(model: str, a: int = Query(..., ge=1, le=2**62), b: int = Query(..., ge=1, le=2**62)) -> dict:
         return registry.diff(model, a, b)
 
     app.include_router(router)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from jobs.recipe import env_refs, parse_recipe
+from runner.jobfiles import read_json
 from runner.schedules import data_fingerprint
 from runner.store import Store, StoreError
 
@@ -57,10 +58,14 @@ class Registry:
 
     # --- reading --------------------------------------------------------------------------------------------------
 
-    def models(self) -> list[dict]:
+    def models(self, limit: int = -1, offset: int = 0) -> list[dict]:
         rows = self.store.db.execute("SELECT model, COUNT(*) AS versions, MAX(version) AS latest, MAX(created_at) AS "
-                                     "updated_at FROM versions GROUP BY model ORDER BY model").fetchall()
+                                     "updated_at FROM versions GROUP BY model ORDER BY model LIMIT ? OFFSET ?",
+                                     (limit, offset)).fetchall()
         return [{**dict(r), "aliases": self.aliases(r["model"])} for r in rows]
+
+    def count(self) -> int:
+        return self.store.db.execute("SELECT COUNT(DISTINCT model) FROM versions").fetchone()[0]
 
     def aliases(self, model: str) -> dict[str, int]:
         return {r["alias"]: r["version"] for r in self.store.db.execute(
@@ -116,11 +121,12 @@ class Registry:
         if row is not None:
             return _version(row)
         job_dir = Path(job.job_dir)
-        result = json.loads((job_dir / "eval.json").read_text())
-        test = result.get("test") or {}
+        result = read_json(job_dir, "eval.json")
+        if result is None:
+            raise ValueError("the job's eval.json is missing or not a JSON object")
+        test = result.get("test") if isinstance(result.get("test"), dict) else {}
         metric, higher = recipe.gate_metric
-        export_file = job_dir / "onnx" / "export_report.json"
-        export = json.loads(export_file.read_text()) if export_file.exists() else None
+        export = read_json(job_dir, "onnx/export_report.json")
         try:
             data, test_data = data_fingerprint(recipe), fingerprint_of_test_split(recipe)
         except OSError as e:

@@ -79,8 +79,10 @@ def schedule_routes(app, store, auth, parsed, queue_recipe, stop_job, clock, wak
         return described(s)
 
     @router.get("/schedules")
-    def listing() -> dict:
-        return {"schedules": [described(s) for s in scheduler.all()]}
+    def listing(limit: int = Query(500, ge=1, le=500), offset: int = Query(0, ge=0, le=2**62)) -> dict:
+        every = scheduler.all()
+        return {"schedules": [described(s) for s in every[offset:offset + limit]], "total": len(every),
+                "limit": limit, "offset": offset}
 
     @router.get("/schedules/{sched_id}")
     def show(sched_id: str, fires: int = Query(20, ge=1, le=1000)) -> dict:

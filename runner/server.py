@@ -37,9 +37,14 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, Field
 
 from jobs.recipe import NAME_RE, NAME_RULE, RecipeError, parse_recipe, shared_storage_problem
+from runner import jobfiles
 from runner.client import artifacts_root
+from runner.jobfiles import inside, read_json
 from runner.series import CHARTED, MAX_POINTS, thin
 from runner.store import STATES, TERMINAL, Store, StoreError, UnknownJob, eta_seconds
+
+
+MAX_INT = 2**62  # offsets, ids and steps past this are no file's or table's: refused with a 422, never a 500
 
 
 class RetryRequest(BaseModel):
@@ -126,7 +131,10 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
             path.unlink(missing_ok=True)
             return
         tmp = path.with_name("champion.json.tmp")
-        tmp.write_text(json.dumps(spec, indent=2))
+        tmp.unlink(missing_ok=True)  # a link planted there is removed, not written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(spec, indent=2))
         tmp.replace(path)
 
     from runner.cleanup import Retention, keep_from_env, remove_job
@@ -284,7 +292,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     @app.get("/jobs", dependencies=[Depends(auth)])
     def list_jobs(state: str | None = Query(None), name: str | None = Query(None),
                   q: str | None = Query(None, description="A part of the id, name or model."),
-                  limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+                  limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_INT)) -> dict:
         return listing(state, name, q, limit, offset)
 
     @app.get("/jobs/{job_id}", dependencies=[Depends(auth)])
@@ -292,9 +300,9 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         job = store.get(job_id)
         out = described(job)
         out["attempts"] = store.attempts(job_id)
-        result = Path(job.job_dir) / "eval.json"
-        if job.state == "SUCCEEDED" and result.exists():
-            out["result"] = json.loads(result.read_text())
+        result = read_json(job.job_dir, "eval.json") if job.state == "SUCCEEDED" else None
+        if result is not None:
+            out["result"] = result
         attempt = store.attempt(job_id)
         fresh = [a["started_at"] for a in out["attempts"] if not a["resume"]]  # attempts that started over
         since = max(fresh) if fresh else 0  # this training run's: not those of a run a retry started over from
@@ -320,57 +328,87 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         """The job's Ray Train checkpoints (step, bytes, time written), and the best model kept beside them."""
         job_dir = Path(store.get(job_id).job_dir)
         out = []
-        for d in sorted(d for d in (job_dir / "checkpoints").glob("checkpoint_*") if d.is_dir()):
-            step = json.loads((d / "step.json").read_text()).get("step") if (d / "step.json").exists() else None
-            files = [f for f in d.rglob("*") if f.is_file()]
-            out.append({"name": d.name, "step": step, "bytes": sum(f.stat().st_size for f in files),
-                        "written_at": max((f.stat().st_mtime for f in files), default=None)})
+        found = (job_dir / "checkpoints").glob("checkpoint_*") if not (job_dir / "checkpoints").is_symlink() else []
+        for d in sorted(d for d in found if d.is_dir() and not d.is_symlink())[:1000]:
+            rel = f"checkpoints/{d.name}"
+            step = (read_json(job_dir, f"{rel}/step.json", 4096) or {}).get("step")
+            files = jobfiles.listing(d, skip=())
+            out.append({"name": d.name, "step": step if isinstance(step, int) else None,
+                        "bytes": sum(f["bytes"] for f in files),
+                        "written_at": max((_mtime(d / f["path"]) for f in files), default=None)})
         return {"checkpoints": out}
 
     @app.get("/jobs/{job_id}/files/{path:path}", dependencies=[Depends(auth)])
     def download(job_id: str, path: str):
-        job_dir = Path(store.get(job_id).job_dir).resolve()
-        target = (job_dir / path).resolve()
-        if job_dir not in target.parents or not target.is_file():
+        target = inside(store.get(job_id).job_dir, path)
+        if target is None:
             raise HTTPException(404, f"job {job_id} has no file {path!r}")
         return FileResponse(target, filename=target.name)
 
+    listed: dict[str, tuple[tuple, dict]] = {}  # an ended job's artifacts, by id: its folder no longer changes
+
     @app.get("/jobs/{job_id}/artifacts", dependencies=[Depends(auth)])
     def artifacts(job_id: str) -> dict:
-        """The job folder's files (path, bytes), the test metrics and the export's checks where there are any."""
-        job_dir = Path(store.get(job_id).job_dir)
-        files = [{"path": str(p.relative_to(job_dir)), "bytes": p.stat().st_size}
-                 for p in sorted(job_dir.rglob("*")) if p.is_file() and p.relative_to(job_dir).parts[0] != "prepared"]
-        out: dict = {"job_dir": str(job_dir), "files": files}
-        for key, rel in (("eval", "eval.json"), ("export", "onnx/export_report.json")):
-            if (job_dir / rel).exists():
-                out[key] = json.loads((job_dir / rel).read_text())
+        """The job folder's files (path, bytes), the test metrics and the export's checks where there are any.
+        Links are left out and never followed; an ended job's answer is kept until its state changes."""
+        job = store.get(job_id)
+        key = (job.state, job.attempt, job.ended_at)
+        if job_id in listed and listed[job_id][0] == key:
+            return listed[job_id][1]
+        job_dir = Path(job.job_dir)
+        out: dict = {"job_dir": str(job_dir), "files": jobfiles.listing(job_dir)}
+        for name, rel in (("eval", "eval.json"), ("export", "onnx/export_report.json")):
+            found = read_json(job_dir, rel)
+            if found is not None:
+                out[name] = found
+        if job.state in TERMINAL:
+            if len(listed) > 1000:
+                listed.clear()
+            listed[job_id] = (key, out)
         return out
 
+    streams = {"open": 0}
+    MAX_STREAMS = int(os.environ.get("RUNNER_MAX_LOG_STREAMS", "64"))
+
     @app.get("/jobs/{job_id}/logs", dependencies=[Depends(auth)])
-    async def logs(request: Request, job_id: str, offset: int = Query(0, ge=0), follow: bool = False):
-        path = Path(store.get(job_id).job_dir) / "job.log"
+    async def logs(request: Request, job_id: str, offset: int = Query(0, ge=0, le=MAX_INT), follow: bool = False):
+        job_dir = (await asyncio.to_thread(store.get, job_id)).job_dir
+
+        def log_path() -> Path:  # where job.log is a link out of the folder, there is no log to show
+            return inside(job_dir, "job.log") or Path(job_dir) / "job.log.absent"
+
         if not follow:
-            text, end = whole_lines(path, offset, 1 << 20)
+            text, end = await asyncio.to_thread(lambda: whole_lines(log_path(), offset, 1 << 20))
             return {"text": text, "offset": end}
+        if streams["open"] >= MAX_STREAMS:
+            raise HTTPException(503, f"{MAX_STREAMS} log streams are open on this server; try again later "
+                                     "(RUNNER_MAX_LOG_STREAMS)")
         last = request.headers.get("last-event-id", "")  # a browser's EventSource reconnecting: go on from there
-        at = int(last) if last.isdigit() else offset
+        at = int(last) if last.isascii() and last.isdigit() and len(last) < 19 else offset
         until = time.monotonic() + sse_max_s
+
+        def read(at: int) -> tuple[bool, list]:  # the store and the file are read off the event loop
+            ended = store.get(job_id).state in TERMINAL  # read before the file: its last lines come after
+            return ended, log_lines(log_path(), at, 1 << 20)
 
         async def stream():
             nonlocal at
-            yield "retry: 1000\n\n"
-            while True:
-                if time.monotonic() > until:  # the client reconnects with Last-Event-ID
-                    return
-                ended = store.get(job_id).state in TERMINAL  # read before the file: its last lines come after
-                lines = log_lines(path, at, 1 << 20)
-                for at, line in lines:  # SSE data cannot hold a bare CR (a progress bar's): it would split the line
-                    yield f"id: {at}\nevent: log\ndata: {line.replace(chr(13), '')}\n\n"
-                if ended and not lines:
-                    yield f"event: end\ndata: {store.get(job_id).state}\n\n"
-                    return
-                await asyncio.sleep(0.3)
+            streams["open"] += 1
+            try:
+                yield "retry: 1000\n\n"
+                while True:
+                    if time.monotonic() > until:  # the client reconnects with Last-Event-ID
+                        return
+                    ended, lines = await asyncio.to_thread(read, at)
+                    for at, line in lines:  # SSE data cannot hold a bare CR (a progress bar's): it would split it
+                        yield f"id: {at}\nevent: log\ndata: {line.replace(chr(13), '')}\n\n"
+                    if ended and not lines:
+                        state = (await asyncio.to_thread(store.get, job_id)).state
+                        yield f"event: end\ndata: {state}\n\n"
+                        return
+                    await asyncio.sleep(0.3)
+            finally:
+                streams["open"] -= 1
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -380,14 +418,18 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         return {"recipe": store.get(job_id).recipe}
 
     @app.get("/jobs/{job_id}/events", dependencies=[Depends(auth)])
-    def events(job_id: str, after: int = Query(0, ge=0)) -> dict:
+    def events(job_id: str, after: int = Query(0, ge=0, le=MAX_INT),
+               limit: int = Query(1000, ge=1, le=10_000)) -> dict:
+        """The job's events after the event id `after`, at most `limit` (the next page: after the last id)."""
         store.get(job_id)
-        return {"events": store.events(job_id, after)}
+        return {"events": store.events(job_id, after, limit=limit)}
 
     @app.get("/jobs/{job_id}/metrics", dependencies=[Depends(auth)])
-    def metrics(job_id: str, split: str | None = None, after_step: int = Query(0, ge=0)) -> dict:
+    def metrics(job_id: str, split: str | None = None, after_step: int = Query(0, ge=0, le=MAX_INT),
+                limit: int = Query(10_000, ge=1, le=100_000)) -> dict:
+        """The job's figures after step `after_step`, at most `limit` records (the next page: after the last step)."""
         store.get(job_id)
-        return {"metrics": store.metrics(job_id, split=split, after_step=after_step)}
+        return {"metrics": store.metrics(job_id, split=split, after_step=after_step, limit=limit)}
 
     def stop_job(job_id: str, reason: str = "cancelled by the user"):
         job = store.get(job_id)
@@ -472,10 +514,19 @@ def log_lines(path: Path, offset: int, limit: int) -> list[tuple[int, str]]:
         f.seek(offset)
         chunk = f.read(limit)
     out, at = [], offset
+    if len(chunk) == limit and b"\n" not in chunk:  # a line longer than limit (a progress bar redrawn with CRs):
+        return [(offset + limit, chunk.decode("utf-8", "replace"))]  # in pieces, never a reader stalled on it
     for raw in chunk.split(b"\n")[:-1]:  # the part after the last newline is a line still being written
         at += len(raw) + 1
         out.append((at, raw.decode("utf-8", "replace")))
     return out
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return None
 
 
 def need_of_recipe(recipe):

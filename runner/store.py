@@ -454,10 +454,10 @@ class Store:
         with self._tx():
             self._event(job_id, None, None, message, self.clock(), level)
 
-    def events(self, job_id: str, after: int = 0, level: str | None = None) -> list[dict]:
+    def events(self, job_id: str, after: int = 0, level: str | None = None, limit: int = -1) -> list[dict]:
         return [dict(r) for r in self.db.execute(
-            "SELECT * FROM events WHERE job_id = ? AND id > ? AND (? IS NULL OR level = ?) ORDER BY id",
-            (job_id, after, level, level))]
+            "SELECT * FROM events WHERE job_id = ? AND id > ? AND (? IS NULL OR level = ?) ORDER BY id LIMIT ?",
+            (job_id, after, level, level, limit))]
 
     def add_metrics(self, job_id: str, records: list[dict]) -> int:
         """Records as metrics.jsonl holds them (step, optional split, the figures). A step written again (a
@@ -489,12 +489,12 @@ class Store:
             out[k] = [r[i] for r in rows]
         return out
 
-    def metrics(self, job_id: str, split: str | None = None, after_step: int = 0) -> list[dict]:
+    def metrics(self, job_id: str, split: str | None = None, after_step: int = 0, limit: int = -1) -> list[dict]:
         """The latest attempt's figure of each step (earlier attempts' steps that it did not redo stay)."""
         rows = self.db.execute(
             "SELECT m.data FROM metrics m WHERE m.job_id = ? AND m.step > ? AND (? IS NULL OR m.split = ?) AND "
             "m.attempt = (SELECT MAX(attempt) FROM metrics x WHERE x.job_id = m.job_id AND x.step = m.step AND "
-            "x.split = m.split) ORDER BY m.step, m.split", (job_id, after_step, split, split))
+            "x.split = m.split) ORDER BY m.step, m.split LIMIT ?", (job_id, after_step, split, split, limit))
         return [json.loads(r[0]) for r in rows]
 
 

@@ -1,0 +1,76 @@
+"""Reading inside a job folder, for the server and the dispatcher: every read goes through `inside`, so that a link
+(or a `..`) in a job folder, made by the job's own code or by anyone who can write there, never shows the server a
+file outside it. The folder's own files are written by the driver; a reader still takes them as untrusted: sizes are
+bounded and a file that is not what it should be reads as absent."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MAX_JSON = 16 * 2**20  # eval.json, export_report.json: far larger would be no file the runner wrote
+MAX_TEXT = 64 * 1024  # failure.txt
+
+
+def inside(job_dir: str | Path, rel: str) -> Path | None:
+    """The file at `rel` under job_dir, where it resolves (every link followed) to a plain file inside the folder;
+    None otherwise (absent, a folder, a link leading out)."""
+    root = Path(job_dir).resolve()
+    try:
+        target = (root / rel).resolve()
+    except (OSError, RuntimeError, ValueError):  # a loop of links, a NUL in the name
+        return None
+    if root not in target.parents or not target.is_file():
+        return None
+    return target
+
+
+def read_text(job_dir: str | Path, rel: str, limit: int = MAX_TEXT) -> str | None:
+    """The start of a text file inside the folder (at most `limit` bytes, invalid UTF-8 replaced); None where there
+    is none."""
+    path = inside(job_dir, rel)
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def read_json(job_dir: str | Path, rel: str, limit: int = MAX_JSON) -> dict | None:
+    """A JSON object inside the folder; None where there is none, or it is larger than `limit`, or not an object."""
+    path = inside(job_dir, rel)
+    if path is None:
+        return None
+    try:
+        if path.stat().st_size > limit:
+            return None
+        out = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def listing(job_dir: str | Path, skip: tuple[str, ...] = ("prepared",), most: int = 5000) -> list[dict]:
+    """The folder's plain files (path, bytes), links and what is under `skip` left out, at most `most` of them."""
+    root = Path(job_dir)
+    out: list[dict] = []
+    for top, dirs, files in os.walk(root):  # os.walk follows no link to a folder
+        rel_top = Path(top).relative_to(root)
+        if rel_top.parts and rel_top.parts[0] in skip:
+            dirs[:] = []
+            continue
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(top) / name
+            try:
+                st = p.lstat()
+            except OSError:
+                continue
+            if not p.is_symlink() and p.is_file():
+                out.append({"path": str(rel_top / name), "bytes": st.st_size})
+                if len(out) >= most:
+                    return sorted(out, key=lambda f: f["path"])
+    return sorted(out, key=lambda f: f["path"])

@@ -1,0 +1,152 @@
+"""The server's routes against what a hostile or broken job folder, URL or page holds (FastAPI's TestClient over
+the real app and a real store): links out of a job's folder, a log line of megabytes, script in a query, numbers
+past 64 bits, pages of events."""
+
+import json
+import os
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from runner.server import create_app
+
+RECIPE = "name: demo\nmodel:\n  name: m\ntask: classification\ndata:\n  train: t.jsonl\n"
+
+
+@pytest.fixture
+def world(tmp_path):
+    home = tmp_path / "home"
+    app = create_app(home)
+    store = app.state.store
+    job_dir = home / "artifacts" / "j-1"
+    job_dir.mkdir(parents=True)
+    store.add_job("j-1", "demo", RECIPE, str(job_dir), 1, 1, 0)
+    return store, job_dir, TestClient(app), tmp_path
+
+
+def test_no_read_follows_a_link_out_of_the_job_folder(world):
+    store, job_dir, c, tmp = world
+    secret = tmp / "secret.json"
+    secret.write_text(json.dumps({"test": {"accuracy": 1.0}, "key": "not-yours-0451"}))
+    (job_dir / "job.log").symlink_to(secret)
+    (job_dir / "eval.json").symlink_to(secret)
+    (job_dir / "onnx").mkdir()
+    (job_dir / "onnx" / "export_report.json").symlink_to(secret)
+    (job_dir / "outside").symlink_to(tmp, target_is_directory=True)
+    (job_dir / "checkpoints").symlink_to(tmp, target_is_directory=True)
+    (job_dir / "real.txt").write_text("mine")
+    for s in ("STARTING", "RUNNING", "SUCCEEDED"):
+        store.set_state("j-1", s)
+    answers = [c.get("/jobs/j-1/logs"), c.get("/jobs/j-1/logs", params={"follow": "true"}), c.get("/jobs/j-1"),
+               c.get("/jobs/j-1/artifacts"), c.get("/jobs/j-1/checkpoints"), c.get("/jobs/j-1/files/eval.json"),
+               c.get("/jobs/j-1/files/outside/secret.json")]
+    for r in answers:
+        assert "not-yours-0451" not in r.text, r.url
+    assert [f["path"] for f in answers[3].json()["files"]] == ["real.txt"]
+    assert "result" not in answers[2].json() and "eval" not in answers[3].json()
+    assert answers[5].status_code == answers[6].status_code == 404
+
+
+def test_the_dispatcher_reads_no_failure_reason_through_a_link(tmp_path):
+    from runner.dispatch import Dispatcher
+    from runner.queue import Node
+    from runner.store import Store
+
+    class Ray:
+        def nodes(self):
+            return [Node("n", 2, 0)]
+
+        def submit(self, *a, **k):
+            pass
+
+        def status(self, sid):
+            return "FAILED", "exit 1"
+
+    store = Store(tmp_path / "runner.db")
+    job_dir = tmp_path / "j"
+    job_dir.mkdir()
+    (tmp_path / "secret").write_text("not-yours-0451")
+    (job_dir / "failure.txt").symlink_to(tmp_path / "secret")
+    store.add_job("j", "j", "name: j\n", str(job_dir), 1, 1, 0)
+    d = Dispatcher(store, Ray(), env={})
+    d.tick()
+    d.tick()
+    job = store.get("j")
+    assert job.state == "FAILED" and "not-yours" not in job.reason and "exit 1" in job.reason
+
+
+def test_a_log_line_of_megabytes_comes_in_pieces_and_the_rest_follows(world):
+    store, job_dir, c, _ = world
+    big = "x" * (3 * 2**20)
+    whole = f"first\n{big}\r{big}\nlast line\n"
+    (job_dir / "job.log").write_bytes(whole.encode())
+    text, offset = "", 0
+    for _ in range(10):
+        got = c.get("/jobs/j-1/logs", params={"offset": offset}).json()
+        if got["offset"] == offset:
+            break
+        text, offset = text + got["text"], got["offset"]
+    assert text == whole
+    store.set_state("j-1", "CANCELLED", reason="x")
+    stream = c.get("/jobs/j-1/logs", params={"follow": "true"}).text
+    assert "data: last line" in stream and "event: end" in stream
+
+
+def test_page_data_cannot_open_a_comment_or_end_its_script(world):
+    store, job_dir, c, _ = world
+    store.note("j-1", "</script><!--<script>alert(1)</script>{{logout}}")
+    for q in ("<!--<script>", "</script><script>alert(1)//", "{{data}}"):
+        page = c.get("/ui/jobs", params={"q": q})
+        blob = re.search(r'<script id="data" type="application/json">(.*?)</script>', page.text, re.S).group(1)
+        assert "<" not in blob and json.loads(blob)["q"] == q
+    page = c.get("/ui/jobs/j-1")
+    blob = re.search(r'<script id="data" type="application/json">(.*?)</script>', page.text, re.S).group(1)
+    assert "<" not in blob and json.loads(blob)["job"]["id"] == "j-1"
+
+
+@pytest.mark.parametrize("url", ["/jobs?offset=99999999999999999999", "/jobs/j-1/events?after=99999999999999999999",
+                                 "/jobs/j-1/metrics?after_step=99999999999999999999",
+                                 "/jobs/j-1/logs?offset=99999999999999999999", "/models?offset=99999999999999999999",
+                                 "/models/m/diff?a=1&b=99999999999999999999", "/schedules?offset=-1"])
+def test_numbers_past_64_bits_are_refused_not_a_500(world, url):
+    r = world[2].get(url)
+    assert r.status_code == 422, (url, r.status_code, r.text)
+
+
+def test_a_huge_last_event_id_is_ignored(world):
+    store, job_dir, c, _ = world
+    (job_dir / "job.log").write_text("one\n")
+    store.set_state("j-1", "CANCELLED", reason="x")
+    r = c.get("/jobs/j-1/logs", params={"follow": "true"}, headers={"Last-Event-ID": "9" * 40})
+    assert r.status_code == 200 and "data: one" in r.text
+
+
+def test_events_and_metrics_come_in_pages(world):
+    store, job_dir, c, _ = world
+    for i in range(30):
+        store.note("j-1", f"note {i}")
+    store.add_metrics("j-1", [{"step": s, "loss": 1.0 / s} for s in range(1, 51)])
+    first = c.get("/jobs/j-1/events", params={"limit": 10}).json()["events"]
+    second = c.get("/jobs/j-1/events", params={"limit": 10, "after": first[-1]["id"]}).json()["events"]
+    assert len(first) == len(second) == 10 and second[0]["id"] > first[-1]["id"]
+    page = c.get("/jobs/j-1/metrics", params={"limit": 20, "after_step": 20}).json()["metrics"]
+    assert [m["step"] for m in page] == list(range(21, 41))
+    assert c.get("/jobs/j-1/events", params={"limit": 100_000}).status_code == 422
+
+
+def test_job_logs_are_private_to_their_owner(tmp_path):
+    from jobs.appendfile import open_private  # the entrypoint's job.log
+    from jobs.driver import event, note  # train.log, events.jsonl
+
+    job_dir = tmp_path / "j"
+    job_dir.mkdir()
+    before = os.umask(0o022)
+    try:
+        note(job_dir, "hello")
+        event(job_dir, "a note")
+        os.close(open_private(job_dir / "job.log"))
+    finally:
+        os.umask(before)
+    for name in ("train.log", "events.jsonl", "job.log"):
+        assert (job_dir / name).stat().st_mode & 0o077 == 0, name
