@@ -441,7 +441,7 @@ class Recipe(_Strict):
         return _line_of(self._lines, tuple(dotted.split(".")))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.redacted(), sort_keys=False, allow_unicode=True)
+        return yaml.dump(self.redacted(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
     def snapshot_yaml(self) -> str:
         """The recipe as run, for the job folder: defaults filled in, secrets as `${VAR}`, local paths absolute
@@ -455,7 +455,14 @@ class Recipe(_Strict):
         local = self.resolve_path(self.model.name)
         if local.exists() and ("model", "name") not in self._secrets:
             d["model"]["name"] = str(local)
-        return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
+        return yaml.dump(d, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+class _Dumper(yaml.SafeDumper):
+    """safe_dump that writes a value met twice out twice: a recipe may hold no aliases (see _yaml_limits)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,21 +506,74 @@ def load_recipe(path: str | os.PathLike, env: typing.Mapping[str, str] | None = 
     p = Path(path)
     source = str(path)
     try:
+        size = p.stat().st_size
+        if size > MAX_RECIPE_BYTES and p.is_file():
+            raise RecipeError(source, [Problem("", f"the file is {size:,} bytes; a recipe is at most "
+                                                   f"{MAX_RECIPE_BYTES // 1024} KiB (is it the right file?)")])
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(source, [Problem("", "no such file")]) from None
-    except (IsADirectoryError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(source, [Problem("", f"cannot read: {e}")]) from None
     return parse_recipe(text, source=source, base_dir=p.resolve().parent, env=env)
+
+
+MAX_RECIPE_BYTES = 256 * 1024  # a recipe is a page of settings; far more is no recipe a person wrote
+MAX_DEPTH = 16  # the schema nests 4 deep; a list of chat turns in a default a few more
+MAX_NODES = 20_000
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where it is there: 10x faster, same results
+
+
+def _yaml_limits(text: str) -> Problem | None:
+    """What makes a text no recipe before anything is built from it: anchors and aliases (eight levels of aliases
+    expand a 300-byte text to billions of values), nesting past MAX_DEPTH, more than MAX_NODES values, more than
+    MAX_RECIPE_BYTES. Read as a stream of parser events: nothing is expanded, and nothing recurses."""
+    size = len(text.encode("utf-8", "replace"))
+    if size > MAX_RECIPE_BYTES:
+        return Problem("", f"the recipe is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES // 1024} KiB")
+    depth = nodes = 0
+    for ev in yaml.parse(text, Loader=_LOADER):
+        line = ev.start_mark.line + 1 if ev.start_mark else None
+        if isinstance(ev, yaml.AliasEvent) or getattr(ev, "anchor", None):
+            return Problem("", "YAML anchors and aliases (&name, *name, <<: *name) are not accepted in a recipe: "
+                               "write each value out", line)
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return Problem("", f"nested more than {MAX_DEPTH} levels deep; a recipe's sections nest a few", line)
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        if isinstance(ev, yaml.NodeEvent):
+            nodes += 1
+            if nodes > MAX_NODES:
+                return Problem("", f"more than {MAX_NODES:,} values; a recipe holds a few dozen", line)
+    return None
+
+
+def _python_yaml_error(text: str) -> yaml.YAMLError | None:
+    try:
+        for _ in yaml.parse(text, Loader=yaml.SafeLoader):
+            pass
+    except yaml.YAMLError as e:
+        return e
+    return None
 
 
 def parse_recipe(text: str, source: str = "recipe", base_dir: Path | None = None,
                  env: typing.Mapping[str, str] | None = None) -> Recipe:
     env = os.environ if env is None else env
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        limit = _yaml_limits(text)
+        if limit is not None:
+            raise RecipeError(source, [limit])
+        node = yaml.compose(text, Loader=_LOADER)
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as e:
+        if "nesting depth" in str(getattr(e, "problem", "")):  # libyaml stops at 1,000 levels
+            raise RecipeError(source, [Problem("", f"nested more than {MAX_DEPTH} levels deep; a recipe's sections "
+                                                   "nest a few", getattr(e.problem_mark, "line", -1) + 1 or None)]) \
+                from None
+        e = _python_yaml_error(text) or e  # PyYAML's own words say more than libyaml's
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
         problem = getattr(e, "problem", None) or str(e)

@@ -44,6 +44,8 @@ from runner.series import CHARTED, MAX_POINTS, thin
 from runner.store import STATES, TERMINAL, Store, StoreError, UnknownJob, eta_seconds
 
 
+MAX_BODY = 2**20  # a request body: a recipe is at most 256 KiB (jobs.recipe.MAX_RECIPE_BYTES), sent as JSON
+MAX_LOGIN_BODY = 4096
 MAX_INT = 2**62  # offsets, ids and steps past this are no file's or table's: refused with a 422, never a 500
 
 
@@ -194,6 +196,18 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         if loopback_only and not is_loopback(name):
             return JSONResponse({"detail": f"host {name!r} is not served here: use 127.0.0.1 or localhost"},
                                 status_code=421)
+        # the body: bounded, and not read at all for a request without the token (checked on headers alone)
+        size = request.headers.get("content-length")
+        limit = MAX_LOGIN_BODY if request.url.path == "/login" else MAX_BODY
+        if size is not None and not (size.isascii() and size.isdigit() and int(size) <= limit):
+            return JSONResponse({"detail": f"the request body is {size[:20]} bytes; at most {limit:,} are taken "
+                                           "here"}, status_code=413)
+        if size is None and "chunked" in request.headers.get("transfer-encoding", "").lower():
+            return JSONResponse({"detail": "send the body with a Content-Length"}, status_code=411)
+        if request.method in UNSAFE and token and request.url.path not in ("/login", "/logout") and \
+                not authorized(request):
+            return JSONResponse({"detail": "missing or wrong token: send Authorization: Bearer $RUNNER_TOKEN"},
+                                status_code=401)
         if request.url.path in DOCS and not authorized(request):  # the API's own pages need the token too
             return JSONResponse({"detail": "missing or wrong token: send Authorization: Bearer $RUNNER_TOKEN"},
                                 status_code=401)
@@ -276,7 +290,12 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
 
     @app.post("/jobs", status_code=201, dependencies=[Depends(auth)])
     def create(req: JobRequest) -> dict:
-        return described(queue_recipe(parsed(req.recipe, req.base_dir, req.env), req.name, req.priority))
+        recipe = parsed(req.recipe, req.base_dir, req.env)
+        if recipe.model.token is not None and ("model", "token") not in recipe._secrets:
+            # kept as its snapshot the token would be `**********`, and the job would run with that
+            raise HTTPException(422, "model.token: a token written into the recipe is neither kept nor sent; write "
+                                     "${HF_TOKEN} and set HF_TOKEN where the jobs run")
+        return described(queue_recipe(recipe, req.name, req.priority))
 
     def listing(state: str | None, name: str | None, q: str | None, limit: int, offset: int) -> dict:
         if state is not None and state.upper() not in STATES:

@@ -150,3 +150,45 @@ def test_job_logs_are_private_to_their_owner(tmp_path):
         os.umask(before)
     for name in ("train.log", "events.jsonl", "job.log"):
         assert (job_dir / name).stat().st_mode & 0o077 == 0, name
+
+
+def aliases(levels: int) -> str:
+    """The billion-laughs recipe: each level nine references to the one before."""
+    out = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n"
+    for i in range(1, levels + 1):
+        out += f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]\n"
+    return out
+
+
+@pytest.mark.parametrize("text, words", [
+    (aliases(8), "YAML anchors and aliases"), ("name: x\nbase: &b {lr: 1}\ntrain: *b\n", "YAML anchors and aliases"),
+    ("x: " + "[" * 5000 + "]" * 5000, "nested more"), ("x: [" * 20 + "\0", "not valid YAML"), ("x: " + "{a: " * 5000 + "1" + "}" * 5000, "nested more"),
+    ("- " * 3000 + "1", "nested more"), ("k: v\n" * 25_000, "more than 20,000 values"),
+    ("name: x\n" + "# " + "y" * 300_000, "a recipe is at most 256 KiB"),
+])
+def test_hostile_yaml_is_refused_at_once_with_the_reason(world, text, words):
+    import time
+
+    c = world[2]
+    t0 = time.perf_counter()
+    r = c.post("/jobs", json={"recipe": text})
+    assert r.status_code == 422 and words in json.dumps(r.json()), r.text[:300]
+    assert time.perf_counter() - t0 < 2
+
+
+def test_a_pasted_token_is_refused_not_stored_as_stars(world):
+    store, job_dir, c, _ = world
+    r = c.post("/jobs", json={"recipe": RECIPE.replace("  name: m\n", "  name: m\n  token: hf_PastedIn0451\n")})
+    assert r.status_code == 422 and "${HF_TOKEN}" in r.json()["detail"] and "hf_Pasted" not in r.text
+    assert store.count() == 1
+
+
+def test_the_token_is_checked_before_the_body_is_read_and_bodies_are_bounded(tmp_path):
+    c = TestClient(create_app(tmp_path / "home", "tok-0451"))
+    r = c.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401, "no token: refused on the headers, before the body is parsed"
+    big = b"x" * (2**20 + 1)
+    assert c.post("/jobs", content=big, headers={"Authorization": "Bearer tok-0451"}).status_code == 413
+    assert c.post("/jobs", content=big).status_code == 413
+    assert c.post("/login", content=b"token=" + b"x" * 5000).status_code == 413
+    assert c.post("/jobs/x/cancel").status_code == 401
