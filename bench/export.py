@@ -41,9 +41,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from jobs.export import export_job, table
-    from jobs.recipe import load_recipe
+    from jobs.recipe import SNAPSHOT, load_recipe
 
-    recipe = load_recipe(job / "recipe.yaml")
+    recipe = load_recipe(job / "recipe.yaml", allowed=SNAPSHOT)
     recipe = recipe.model_copy(update={"export": recipe.export.model_copy(
         update={"onnx": True, "quantize": "int8_dynamic"})})
     out = Path(tempfile.mkdtemp(prefix="bench-export-")) / "onnx"

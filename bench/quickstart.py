@@ -54,9 +54,9 @@ def main() -> int:
     recs = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in recs if "split" not in r}
     total = max(steps)
-    from jobs.recipe import load_recipe
+    from jobs.recipe import SNAPSHOT, load_recipe
 
-    recipe = load_recipe(job / "recipe.yaml")
+    recipe = load_recipe(job / "recipe.yaml", allowed=SNAPSHOT)
     peak, warmup = recipe.train.lr, round(recipe.train.warmup_ratio * total)
     at = round(0.75 * total)
     want = schedule_lr(peak, warmup, total, at - 1)  # the update of step `at` follows at - 1 updates

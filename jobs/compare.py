@@ -97,10 +97,10 @@ def compare_task(job_dir: str, threads: int) -> dict | None:
     import torch
 
     from jobs.driver import note
-    from jobs.recipe import load_recipe
+    from jobs.recipe import SNAPSHOT, load_recipe
 
     torch.set_num_threads(max(1, threads))
-    return compare_with_champion(Path(job_dir), load_recipe(Path(job_dir) / "recipe.yaml"),
+    return compare_with_champion(Path(job_dir), load_recipe(Path(job_dir) / "recipe.yaml", allowed=SNAPSHOT),
                                  log=lambda m: note(Path(job_dir), m))
 
 

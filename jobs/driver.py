@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from jobs import secrets
 from jobs.appendfile import append, open_private
-from jobs.recipe import Recipe, RecipeError, load_recipe, shared_storage_problem
+from jobs.recipe import SNAPSHOT, Recipe, RecipeError, load_recipe, shared_storage_problem
 
 
 class JobFailed(Exception):
@@ -85,7 +86,7 @@ def prepare_job(job_dir: Path) -> Prepared:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
-        recipe = load_recipe(job_dir / "recipe.yaml")
+        recipe = load_recipe(job_dir / "recipe.yaml", allowed=SNAPSHOT)
     except RecipeError as e:
         raise JobFailed(e.render()) from None
     report = preflight(recipe, lengths=False)
@@ -117,8 +118,9 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
     per_worker = {"CPU": res.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
-    env_vars = {k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN",
-                                             "WANDB_API_KEY", "WANDB_MODE", "TOKENIZERS_PARALLELISM",
+    # no secret among them: Ray shows runtime envs to whoever reaches its dashboard (jobs.secrets hands them over)
+    env_vars = {k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                             "WANDB_MODE", "TOKENIZERS_PARALLELISM",
                                              "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
                                              "TRANSFORMERS_VERBOSITY")
                 if k in os.environ}
@@ -385,9 +387,11 @@ def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
     preparing = threading.Thread(target=prepare, daemon=True)
     preparing.start()
     follow.start()
+    secrets.hand_over(job_dir)
     try:
         return _drive(job_dir, address, preparing, prepared, follow, extra_config)
     finally:
+        secrets.withdraw(job_dir)
         follow.stop()  # whatever the ending: the last lines shown, the last warnings relayed
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.recipe import ExportSpec, Recipe, load_recipe
+from jobs.recipe import SNAPSHOT, ExportSpec, Recipe, load_recipe
 
 FP32_ATOL = 1e-3
 QUALITY_DEFAULT = {"classification": 1.0, "causal_lm": 1.05, "regression": 1.10}
@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(args)
     job_dir = a.job_dir.resolve()
-    recipe = load_recipe(job_dir / "recipe.yaml")
+    recipe = load_recipe(job_dir / "recipe.yaml", allowed=SNAPSHOT)
     changes = {k: v for k, v in {"onnx": True, "quantize": a.quantize, "opset": a.opset,
                                  "max_quality_drop": a.max_quality_drop}.items() if v is not None}
     recipe = recipe.model_copy(update={"export": ExportSpec(**{**recipe.export.model_dump(), **changes})})

@@ -501,7 +501,20 @@ class RecipeError(Exception):
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def load_recipe(path: str | os.PathLike, env: typing.Mapping[str, str] | None = None) -> Recipe:
+ALLOWED_VARS = "RUNNER_RECIPE_VARS"  # the environment variable that lists the variables other fields may take
+SECRET_FIELDS = (("model", "token"),)  # the fields a ${VAR} may always fill: their values are never shown
+_REFUSED = " is not taken here"
+SNAPSHOT = "snapshot"  # `allowed` for a job folder's recipe.yaml: its references were checked when it was queued
+
+
+def allowed_vars(environ: typing.Mapping[str, str] | None = None) -> frozenset[str]:
+    """The names RUNNER_RECIPE_VARS lists (commas or spaces between them), of this process's environment."""
+    raw = (os.environ if environ is None else environ).get(ALLOWED_VARS, "")
+    return frozenset(n for n in re.split(r"[,\s]+", raw) if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n))
+
+
+def load_recipe(path: str | os.PathLike, env: typing.Mapping[str, str] | None = None,
+                allowed: typing.Collection[str] | str | None = None) -> Recipe:
     """Read, interpolate and validate a recipe file. Raises RecipeError listing every problem."""
     p = Path(path)
     source = str(path)
@@ -515,7 +528,7 @@ def load_recipe(path: str | os.PathLike, env: typing.Mapping[str, str] | None = 
         raise RecipeError(source, [Problem("", "no such file")]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(source, [Problem("", f"cannot read: {e}")]) from None
-    return parse_recipe(text, source=source, base_dir=p.resolve().parent, env=env)
+    return parse_recipe(text, source=source, base_dir=p.resolve().parent, env=env, allowed=allowed)
 
 
 MAX_RECIPE_BYTES = 256 * 1024  # a recipe is a page of settings; far more is no recipe a person wrote
@@ -560,8 +573,13 @@ def _python_yaml_error(text: str) -> yaml.YAMLError | None:
 
 
 def parse_recipe(text: str, source: str = "recipe", base_dir: Path | None = None,
-                 env: typing.Mapping[str, str] | None = None) -> Recipe:
+                 env: typing.Mapping[str, str] | None = None,
+                 allowed: typing.Collection[str] | str | None = None) -> Recipe:
+    """env: the values of ${VAR} references (this process's environment by default).
+    allowed: the variables a field other than a secret one may take: RUNNER_RECIPE_VARS of this process's own
+    environment by default (never of `env`, which a client may send), or SNAPSHOT for a job folder's recipe.yaml."""
     env = os.environ if env is None else env
+    allowed = allowed_vars() if allowed is None else allowed
     try:
         limit = _yaml_limits(text)
         if limit is not None:
@@ -588,7 +606,7 @@ def parse_recipe(text: str, source: str = "recipe", base_dir: Path | None = None
         raise RecipeError(source, [Problem("", f"the top level must be a mapping of keys, got {_tname(data)}")])
 
     secrets: dict[tuple, str] = {}
-    data = _interpolate(data, (), env, secrets, problems, lines)
+    data = _interpolate(data, (), env, secrets, problems, lines, allowed)
 
     def placed(r: Recipe) -> Recipe:
         r._base_dir = base_dir or Path.cwd()
@@ -599,7 +617,8 @@ def parse_recipe(text: str, source: str = "recipe", base_dir: Path | None = None
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        problems += [_problem(err, data, lines) for err in e.errors()]
+        refused = {p.path for p in problems if _REFUSED in p.message}  # their "" fails again: one problem is enough
+        problems += [q for q in (_problem(err, data, lines, secrets) for err in e.errors()) if q.path not in refused]
         problems = sorted(_dedupe(problems), key=lambda p: p.line or 0)
         raise RecipeError(source, problems, _partial(data, problems, placed)) from None
     if problems:
@@ -779,14 +798,22 @@ def env_refs(text: str) -> set[str]:
     return {m.group(1) for m in _ENV_REF.finditer(text)}
 
 
-def _interpolate(v: Any, path: tuple, env, secrets: dict, problems: list, lines: dict) -> Any:
+def _interpolate(v: Any, path: tuple, env, secrets: dict, problems: list, lines: dict, allowed) -> Any:
     if isinstance(v, dict):
-        return {k: _interpolate(x, path + (str(k),), env, secrets, problems, lines) for k, x in v.items()}
+        return {k: _interpolate(x, path + (str(k),), env, secrets, problems, lines, allowed) for k, x in v.items()}
     if isinstance(v, list):
-        return [_interpolate(x, path + (str(i),), env, secrets, problems, lines) for i, x in enumerate(v)]
+        return [_interpolate(x, path + (str(i),), env, secrets, problems, lines, allowed) for i, x in enumerate(v)]
     if isinstance(v, str) and "${" in v:
         def sub(m: re.Match) -> str:
             name, default = m.group(1), m.group(2)
+            if path not in SECRET_FIELDS and allowed != SNAPSHOT and name not in allowed:
+                listed = ", ".join(sorted(allowed)) or "none"
+                problems.append(Problem(_dotted(path), (
+                    f"${{{name}}}{_REFUSED}: a ${{VAR}} fills {', '.join(map(_dotted, SECRET_FIELDS))} from "
+                    f"the environment; another field takes only the variables that {ALLOWED_VARS} lists (now: "
+                    f"{listed}), so that no secret becomes a job's name or a message. Write the value, or add "
+                    f"{name} to {ALLOWED_VARS} where the recipe is read"), _line_of(lines, path)))
+                return ""
             if name in env:
                 return env[name]
             if default is not None:
@@ -799,13 +826,31 @@ def _interpolate(v: Any, path: tuple, env, secrets: dict, problems: list, lines:
     return v
 
 
-def _problem(err: dict, data: dict, lines: dict) -> Problem:
+class _Shown:
+    """A value as an error message shows it: an interpolated one as its ${VAR} reference (never the value), a long
+    one cut."""
+
+    def __init__(self, value, reference: str | None = None):
+        self.value, self.reference = value, reference
+
+    def __repr__(self) -> str:
+        if self.reference is not None:
+            return self.reference
+        text = repr(self.value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    def __str__(self) -> str:
+        return self.reference if self.reference is not None else str(self.value)[:80]
+
+
+def _problem(err: dict, data: dict, lines: dict, secrets: dict | None = None) -> Problem:
     loc = tuple(str(x) for x in err["loc"])
     typ, ctx = err["type"], err.get("ctx") or {}
     # Drop the discriminator tag pydantic puts in the path of a union member ("tuning.lora.r" -> "tuning.r").
     shown = _display_loc(loc)
     line = _line_of(lines, shown)
-    value = err.get("input")
+    raw = err.get("input")
+    value = _Shown(raw, (secrets or {}).get(shown))
     if typ == "extra_forbidden":
         key = loc[-1]
         allowed = _fields_at(loc[:-1], data)
@@ -832,17 +877,20 @@ def _problem(err: dict, data: dict, lines: dict) -> Problem:
     if typ in ("bool_parsing", "bool_type"):
         return Problem(_dotted(shown), f"{value!r} is not true or false", line)
     if typ in ("string_type",):
-        return Problem(_dotted(shown), f"{value!r} is {_tname(value)}; expected a string", line)
+        return Problem(_dotted(shown), f"{value!r} is {_tname(raw)}; expected a string", line)
     if typ in ("model_type", "model_attributes_type", "dict_type"):
-        return Problem(_dotted(shown), f"{value!r} is {_tname(value)}; expected a mapping of keys", line)
+        return Problem(_dotted(shown), f"{value!r} is {_tname(raw)}; expected a mapping of keys", line)
     if typ == "list_type":
-        return Problem(_dotted(shown), f"{value!r} is {_tname(value)}; expected a list", line)
+        return Problem(_dotted(shown), f"{value!r} is {_tname(raw)}; expected a list", line)
     if typ in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[typ]
         bound = next(iter(ctx.values()))
         return Problem(_dotted(shown), f"{value!r} is out of range; must be {op} {bound:g}", line)
     if typ == "value_error":
-        return Problem(_dotted(shown), str(ctx.get("error", err["msg"])), line)
+        said = str(ctx.get("error", err["msg"]))
+        if value.reference is not None and isinstance(raw, str) and raw:
+            said = said.replace(raw, value.reference)  # the value itself never: only its ${VAR} reference
+        return Problem(_dotted(shown), said, line)
     return Problem(_dotted(shown), f"{err['msg']} (got {value!r})", line)
 
 

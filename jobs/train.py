@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
+from jobs import secrets
 from jobs.appendfile import append
-from jobs.recipe import Recipe, parse_recipe
+from jobs.recipe import SNAPSHOT, Recipe, parse_recipe
 
 
 @dataclass
@@ -311,8 +312,10 @@ def train_func(config: dict) -> None:
     from jobs.strategy import describe, layer_classes, make_accelerator, plan
 
     job_dir = Path(config["job_dir"])
+    secrets.take(job_dir)  # the tokens the driver handed over (never through Ray's runtime_env)
     prepared = job_dir / "prepared"
-    recipe = parse_recipe((job_dir / "recipe.yaml").read_text(), source="recipe.yaml", env=os.environ)
+    recipe = parse_recipe((job_dir / "recipe.yaml").read_text(), source="recipe.yaml", env=os.environ,
+                          allowed=SNAPSHOT)
     use_gpu = recipe.needs_gpu and torch.cuda.is_available()
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(recipe.resources.cpus_per_worker)))

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from jobs.recipe import RecipeError, json_schema, load_recipe
+from jobs.recipe import SNAPSHOT, RecipeError, json_schema, load_recipe
 from runner.client import artifacts_root
 
 app = typer.Typer(
@@ -281,7 +281,7 @@ def export(
     from jobs.recipe import ExportSpec
 
     job_dir = _finished(job)
-    r = load_recipe(job_dir / "recipe.yaml")
+    r = load_recipe(job_dir / "recipe.yaml", allowed=SNAPSHOT)
     changes = {k: v for k, v in {"quantize": quantize, "opset": opset, "max_quality_drop": max_quality_drop}.items()
                if v is not None}
     try:

@@ -17,6 +17,8 @@ def inside(job_dir: str | Path, rel: str) -> Path | None:
     """The file at `rel` under job_dir, where it resolves (every link followed) to a plain file inside the folder;
     None otherwise (absent, a folder, a link leading out)."""
     root = Path(job_dir).resolve()
+    if any(part.startswith(".") for part in Path(rel).parts):  # .secrets.json (jobs.secrets), and any dotfile
+        return None
     try:
         target = (root / rel).resolve()
     except (OSError, RuntimeError, ValueError):  # a loop of links, a NUL in the name
@@ -63,7 +65,10 @@ def listing(job_dir: str | Path, skip: tuple[str, ...] = ("prepared",), most: in
             dirs[:] = []
             continue
         dirs.sort()
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in sorted(files):
+            if name.startswith("."):  # .secrets.json while the job runs
+                continue
             p = Path(top) / name
             try:
                 st = p.lstat()

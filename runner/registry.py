@@ -26,7 +26,7 @@ import os
 import time
 from pathlib import Path
 
-from jobs.recipe import env_refs, parse_recipe
+from jobs.recipe import SNAPSHOT, env_refs, parse_recipe
 from runner.jobfiles import read_json
 from runner.schedules import data_fingerprint
 from runner.store import Store, StoreError
@@ -40,7 +40,7 @@ class UnknownModel(StoreError):
 
 def _recipe(text: str):
     env = {k: os.environ.get(k, "unset") for k in env_refs(text)}  # only the data paths and the gate are read
-    return parse_recipe(text, source="the job's recipe.yaml", env=env)
+    return parse_recipe(text, source="the job's recipe.yaml", env=env, allowed=SNAPSHOT)
 
 
 def fingerprint_of_test_split(recipe) -> str:

@@ -13,13 +13,32 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
 
+SENTENCES = """The quick brown fox jumps over the lazy dog.
+Hello world! How many miles is 12 kilometres?
+Name a thing that is green. Give three tips for staying healthy. What is the capital of France?
+Write a short story about a robot who learns to paint. Explain why the sky is blue.
+Translate the following sentence into French. Summarize the text below in one sentence.
+The answer is yes. The answer is no. I think that it will rain today, so take an umbrella.
+Here is a list of the most common questions and their answers, with examples for each one.
+Please classify the following review as positive or negative: the food was good but the service was bad.
+Describe the process of photosynthesis in simple words for a child of ten years.
+Once upon a time there was a small village near a river, where people lived from fishing and farming.
+Can you help me write an email to my manager about the meeting next week?
+Sure! Here are some ideas. First, make a plan; second, start early; third, ask for help when you need it.
+User: Say hello. Assistant: Hello! How can I help you today?
+Résumé, café, naïve: non-ASCII text is text too. 1, 2, 3, 10, 100, 2024, 3.14.""".splitlines()
+
+
 def corpus() -> list[str]:
-    """Text to train the tiny tokenizer on: the shared real data where present, else a few sentences."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_en_demo.json"
-    texts = ["The quick brown fox jumps over the lazy dog.", "Hello world!", "How many miles is 12 kilometres?"]
-    if shared.exists():
-        for row in json.loads(shared.read_text(encoding="utf-8"))[:300]:
-            texts += [row["instruction"], row["input"], row["output"]]
+    """Text to train the tiny tokenizer on, made here (the tests' tokenizer is the same on every machine): plain
+    sentences, and the words and phrasings of the rows the tests make (keyword_rows and the like), so that a row of
+    five words fits in 16 tokens."""
+    rng = random.Random(0)
+    texts = list(SENTENCES)
+    for w in WORDS + ["good", "bad"]:
+        texts += [f"the {w} is near the {v}." for v in WORDS] + [f"Name a thing like {w}.", f"A {w}.", f"Say {w}"]
+    for _ in range(400):
+        texts.append(" ".join(rng.sample(WORDS + ["good", "bad"], 5)))
     return texts
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.recipe import RecipeError, json_schema, load_recipe, parse_recipe
+from jobs.recipe import SNAPSHOT, RecipeError, allowed_vars, json_schema, load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,9 +23,9 @@ data:
 """
 
 
-def problems(text: str, env=None) -> list[str]:
+def problems(text: str, env=None, allowed=frozenset()) -> list[str]:
     with pytest.raises(RecipeError) as e:
-        parse_recipe(text, source="r.yaml", env=env or {})
+        parse_recipe(text, source="r.yaml", env=env or {}, allowed=allowed)
     return [p.render("r.yaml") for p in e.value.problems]
 
 
@@ -137,7 +137,7 @@ def test_secrets_are_interpolated_but_never_written_out(tmp_path):
     text = BASE.replace("  name: some/model\n", "  name: some/model\n  token: ${HF_TOKEN}\n") + (
         "  validation: ${DATA_DIR:-/data}/val.jsonl\n"
     )
-    r = parse_recipe(text, env={"HF_TOKEN": "hf_s3cr3t_value"})
+    r = parse_recipe(text, env={"HF_TOKEN": "hf_s3cr3t_value"}, allowed={"DATA_DIR"})
     assert r.model.token.get_secret_value() == "hf_s3cr3t_value"
     assert r.data.validation.path == "/data/val.jsonl"
     out = r.to_yaml()
@@ -145,14 +145,29 @@ def test_secrets_are_interpolated_but_never_written_out(tmp_path):
     assert yaml.safe_load(out)["model"]["token"] == "${HF_TOKEN}"
     assert yaml.safe_load(out)["data"]["validation"]["path"] == "${DATA_DIR:-/data}/val.jsonl"
     # The written recipe loads again, to the same job.
-    again = parse_recipe(out, env={"HF_TOKEN": "hf_s3cr3t_value"})
+    again = parse_recipe(out, env={"HF_TOKEN": "hf_s3cr3t_value"}, allowed={"DATA_DIR"})
     assert again.model_dump() == r.model_dump()
     # A token pasted into the file is masked on the way out, too.
-    literal = parse_recipe(text.replace("${HF_TOKEN}", "hf_pasted"), env={})
+    literal = parse_recipe(text.replace("${HF_TOKEN}", "hf_pasted"), env={}, allowed={"DATA_DIR"})
     assert "hf_pasted" not in literal.to_yaml()
-    assert problems(text) == [
+    assert problems(text, allowed={"DATA_DIR"}) == [
         "r.yaml:4: model.token: environment variable HF_TOKEN is not set (export it, or write ${HF_TOKEN:-default})"
     ]
+
+
+def test_a_variable_fills_a_secret_field_or_one_the_operator_allows_and_no_message_repeats_its_value():
+    secret = "hf_CanaryValue0451"
+    env = {"HF_TOKEN": secret, "EPOCHS": secret, "RUN": "nightly"}
+    for where in ("name: ${HF_TOKEN:-nightly}\n", "train:\n  epochs: ${HF_TOKEN:-1}\n"):
+        text = BASE.replace("name: t\n", "") if where.startswith("name") else BASE
+        got = problems(where + text, env=env)
+        assert len(got) == 1 and "${HF_TOKEN} is not taken here" in got[0] and secret not in got[0], got
+        assert "RUNNER_RECIPE_VARS lists (now: none)" in got[0]
+    assert parse_recipe(BASE.replace("name: t", "name: ${RUN}"), env=env, allowed={"RUN"}).name == "nightly"
+    got = problems(BASE + "train:\n  epochs: ${EPOCHS}\n", env=env, allowed={"EPOCHS"})
+    assert got == ["r.yaml:8: train.epochs: ${EPOCHS} is not a number"], "the reference, never the value"
+    assert parse_recipe(BASE.replace("name: t", "name: ${RUN}"), env=env, allowed=SNAPSHOT).name == "nightly"
+    assert allowed_vars({"RUNNER_RECIPE_VARS": "RUN, DATA_DIR bad-name"}) == {"RUN", "DATA_DIR"}
 
 
 def test_show_defaults_never_prints_the_secret(write):
