@@ -103,7 +103,9 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def browser_ms(url: str) -> float | None:
+def browser_ms(url: str, signin=None) -> float | None:
+    """Load time of /ui/jobs in headless Chromium (table drawn), median of 5; None when no browser is installed.
+    signin: () -> a one-time sign-in URL, where the server has a token."""
     chromium = os.environ.get("RUNNER_CHROMIUM", "/usr/bin/chromium")
     try:
         from playwright.sync_api import sync_playwright
@@ -115,7 +117,7 @@ def browser_ms(url: str) -> float | None:
         b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
                                                               "--disable-background-networking"])
         page = b.new_page(viewport={"width": 1366, "height": 768})
-        page.goto(f"{url}/ui/jobs")  # once, so that the CSS and script are cached, as for a returning user
+        page.goto(signin() if signin else f"{url}/ui/jobs")  # once, so that the CSS and script are cached, as for a returning user
         page.wait_for_selector("#jobs tbody tr[data-id]")
         times = []
         for _ in range(5):
@@ -159,7 +161,8 @@ def main() -> None:
             local._write_state(home, {"ray": ray, "server": server})
         url, pid = server["url"], server["pid"]
         rss_idle = rss_mb(pid)[0]
-        c = httpx.Client(base_url=url, timeout=30)
+        token = None if a.no_ray else local.server_token(home)  # start_server gives the server its token
+        c = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"} if token else {})
         cold_ms, size = timed_get(c, "/ui/jobs")
         warm = [timed_get(c, "/ui/jobs")[0] for _ in range(20)]
         poll = [timed_get(c, "/jobs?limit=25")[0] for _ in range(20)]
@@ -170,7 +173,8 @@ def main() -> None:
         metrics_ms = timed_get(c, "/metrics")[0]
         running = c.get("/jobs?state=RUNNING&limit=1").json()["jobs"][0]["id"]
         series_ms = statistics.median(timed_get(c, f"/jobs/{running}/series")[0] for _ in range(10))
-        rendered = None if a.no_browser else browser_ms(url)
+        signin = (lambda: f"{url}/login?code={c.post('/login/code').json()['code']}&next=/ui/jobs") if token else None
+        rendered = None if a.no_browser else browser_ms(url, signin)
         rss, hwm = rss_mb(pid)
         out = {"jobs": a.jobs, "first_page_ms": round(statistics.median(warm), 1), "first_page_kb": round(size / 1024, 1),
                "server_rss_mb": round(rss, 1), "cold_first_page_ms": round(cold_ms, 1),

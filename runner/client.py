@@ -1,7 +1,7 @@
 """The CLI's side of the runner server's REST API: one `Client`, errors as one line a person can act on.
 
 `connect()` picks the server: RUNNER_SERVER (and RUNNER_TOKEN) when set, else the local one, started on first use
-(`runner.local.ensure_local`).
+(`runner.local.ensure_local`), with the local server's own token (<RUNNER_HOME>/server_token).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def artifacts_root(home: Path | None = None) -> Path:
 class Client:
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0):
         self.url = url.rstrip("/")
+        self.token = token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
@@ -111,15 +112,15 @@ def connect(autostart: bool = True, say=lambda m: None) -> Client:
     url = os.environ.get("RUNNER_SERVER")
     if url:
         return Client(url, os.environ.get("RUNNER_TOKEN") or None)
-    from runner.local import LocalError, ensure_local, healthy, read_state
+    from runner.local import LocalError, ensure_local, healthy, read_state, server_token
 
     home = runner_home()
     if not autostart:
         server = read_state(home).get("server") or {}
         if not healthy(server.get("url", "")):
             raise ClientError("no local runner server is running (runner server start starts one)")
-        return Client(server["url"])
+        return Client(server["url"], server_token(home))
     try:
-        return Client(ensure_local(home, say))
+        return Client(ensure_local(home, say), server_token(home))
     except LocalError as e:
         raise ClientError(str(e)) from None

@@ -359,15 +359,18 @@ def remove(job_ids: list[str] = typer.Argument(..., metavar="ID...", help="Ended
 @app.command()
 def dashboard(no_open: bool = typer.Option(False, "--no-open", help="Print the address; open no browser.")) -> None:
     """Open the dashboard (jobs, their curves and logs, the cluster) in the browser; starts the local server first
-    where none runs. A server with a token asks for it once on a login page."""
-    import os
+    where none runs. With a token (the local server has one of its own) it opens a one-time sign-in link."""
     import webbrowser
 
     client = _client(start=True)
     page = f"{client.url}/ui/jobs"
-    typer.echo(f"dashboard: {page}")
-    if os.environ.get("RUNNER_TOKEN"):
-        typer.echo("the server asks for its token once (the value of RUNNER_TOKEN) on its login page")
+    if client.token:  # a one-time sign-in link: the token itself never goes into a URL
+        code = _api(client.post, "/login/code")["code"]
+        page = f"{client.url}/login?code={code}&next=/ui/jobs"
+        typer.echo(f"dashboard: {page}")
+        typer.echo("(a sign-in link for one browser, good for ten minutes; run runner dashboard again for another)")
+    else:
+        typer.echo(f"dashboard: {page}")
     if not no_open and not webbrowser.open(page):
         typer.echo("no browser to open here: open the address above in yours", err=True)
     _next("runner list", "runner submit recipe.yaml")

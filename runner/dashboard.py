@@ -7,9 +7,10 @@ CLI uses (polling the JSON routes every two seconds while the tab is visible, th
 Events). No build step, nothing from a CDN: the CSS, the script and the charts (SVG drawn by app.js) ship in the
 package.
 
-With a token (any server off loopback), a page asked for without the session cookie sends the browser to /login:
-a form that takes the token, or a token link /login?token=...&next=/ui/jobs. The cookie holds a value derived from
-the token (never the token), HttpOnly and SameSite=Strict.
+With a token (the local server has one of its own, runner.local), a page asked for without a session sends the
+browser to /login: a form that takes the token, or a one-time sign-in link /login?code=...&next=/ui/jobs that
+`runner dashboard` opens (runner.sessions). The cookie holds a random session id (never the token), HttpOnly and
+SameSite=Strict, that expires and that logging out revokes; wrong tokens are limited per client.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ STATIC = {"app.css": "text/css", "app.js": "text/javascript"}
 PAGE_SIZE = 25
 
 
-def pages(app, store, authorized, csrf: str, session: str | None, token: str | None) -> APIRouter:
+def pages(app, store, authorized, csrf: str, sessions, token: str | None) -> APIRouter:
     router = APIRouter(include_in_schema=False)
     shell = (UI / "page.html").read_text(encoding="utf-8")
     login_form = (UI / "login.html").read_text(encoding="utf-8")
@@ -106,25 +107,37 @@ def pages(app, store, authorized, csrf: str, session: str | None, token: str | N
             "'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"})
 
     def signed_in(next_url: str, request: Request) -> Response:
+        from runner.sessions import SESSION_S
+
         out = RedirectResponse(next_url, status_code=303)
-        out.set_cookie("runner_session", session, httponly=True, samesite="strict", path="/",
-                       secure=request.url.scheme == "https")
+        out.set_cookie("runner_session", sessions.start(), httponly=True, samesite="strict", path="/",
+                       max_age=SESSION_S, secure=request.url.scheme == "https")
         return out
+
+    def client(request: Request) -> str:
+        return request.client.host if request.client else "?"
 
     @router.get("/login")
     def login(request: Request, next: str = "/ui/jobs"):
         next_url = _local(next)
-        given = request.query_params.get("token")
         if token is None:
             return RedirectResponse(next_url, status_code=303)
-        if given is not None:
-            if hmac.compare_digest(given.encode(), token.encode()):
+        if request.query_params.get("token") is not None:  # a URL is kept in history and proxies' logs
+            return login_page(next_url, "A token in the address is not taken: type it below, or run "
+                                        "`runner dashboard` for a sign-in link.", 400)
+        code = request.query_params.get("code")
+        if code is not None:
+            if sessions.redeem(code[:100]):
                 return signed_in(next_url, request)
-            return login_page(next_url, "That token is not this server's.", 401)
+            return login_page(next_url, "That sign-in link was used or has expired: run `runner dashboard` for "
+                                        "another.", 401)
         return login_page(next_url)
 
     @router.post("/login")
     async def login_post(request: Request):
+        wait = sessions.throttled(client(request))
+        if wait:
+            return login_page("/ui/jobs", f"Too many wrong tokens: try again in {wait:.0f} s.", 429)
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         next_url = _local((form.get("next") or ["/ui/jobs"])[0])
         given = (form.get("token") or [""])[0]
@@ -132,12 +145,14 @@ def pages(app, store, authorized, csrf: str, session: str | None, token: str | N
             return RedirectResponse(next_url, status_code=303)
         if hmac.compare_digest(given.encode(), token.encode()):
             return signed_in(next_url, request)
+        sessions.failed(client(request))
         return login_page(next_url, "That token is not this server's.", 401)
 
     @router.post("/logout")
     def logout(request: Request):
         if not authorized(request):
             raise HTTPException(401, "not logged in")
+        sessions.end(request.cookies.get("runner_session"))
         out = RedirectResponse("/login", status_code=303)
         out.delete_cookie("runner_session", path="/")
         return out

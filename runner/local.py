@@ -86,6 +86,22 @@ def ray_token(home: Path) -> str:
     return path.read_text().strip()
 
 
+def server_token(home: Path) -> str:
+    """The local runner server's token (<RUNNER_HOME>/server_token, 0600, made on first use): the server asks every
+    request for it, the CLI sends it, and `runner dashboard` trades it for a one-time sign-in link. Without it any
+    local user or process, or a page a proxy forwards to loopback, could drive the server."""
+    path = home / "server_token"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another CLI made it a moment ago
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def healthy(url: str, timeout: float = 2.0) -> bool:
     if not url:
         return False
@@ -173,7 +189,7 @@ def start_server(home: Path, ray_dashboard: str) -> dict:
     port = free_port(int(os.environ.get("RUNNER_PORT", "8642")))
     cmd = [sys.executable, "-m", "runner.server", "--host", "127.0.0.1", "--port", str(port), "--ray", ray_dashboard]
     log = home / "server.log"
-    proc = _spawn(cmd, log, _ray_env(home))
+    proc = _spawn(cmd, log, {**_ray_env(home), "RUNNER_TOKEN": server_token(home)})
     url = f"http://127.0.0.1:{port}"
     _wait(lambda: healthy(url), proc, "the runner server", log, 60)
     return {"pid": proc.pid, "url": url}

@@ -2,7 +2,9 @@
 
 Bound to 127.0.0.1 by default. Bound to any other address it refuses to start without a token, and with a token
 every route but /health (and the login page) needs it: `Authorization: Bearer <token>` from programs, or the
-session cookie that the dashboard's login form (or a token link, /login?token=...) sets. Requests that change
+session cookie that the dashboard's login form (or a one-time sign-in link, /login?code=...) sets. The local server
+`runner submit` starts has a token of its own (runner.local), so that no other local user or process can use it.
+The token is checked on the headers before a body is read, and bodies are bounded (MAX_BODY). Requests that change
 something refuse to come from another site: a browser's `Sec-Fetch-Site` must be same-origin and its `Origin` this
 server's, and a request that rides on the cookie must carry the page's CSRF token (`X-Runner-CSRF`). Bound to
 loopback, requests must name a loopback host (no DNS rebinding of a page onto the local server).
@@ -170,7 +172,10 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     app = FastAPI(title="runner", version="0.1", lifespan=lifespan)
     app.state.store = store
     app.state.dispatcher = dispatcher
-    session = derived(token, "runner-session") if token else None
+    from runner.sessions import Sessions
+
+    sessions = Sessions(clock)
+    app.state.sessions = sessions
     csrf = derived(token or secrets.token_hex(32), "runner-csrf")
     sse_max_s = sse_max_s if sse_max_s is not None else float(os.environ.get("RUNNER_SSE_MAX_S", "30"))
     loopback_only = host is not None and is_loopback(host)
@@ -183,7 +188,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     def authorized(request: Request) -> bool:
         if not token or bearer_ok(request):
             return True
-        return hmac.compare_digest(request.cookies.get(SESSION_COOKIE, "").encode(), session.encode())
+        return sessions.valid(request.cookies.get(SESSION_COOKIE))
 
     def auth(request: Request) -> None:
         if not authorized(request):
@@ -519,7 +524,17 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     scheduler = schedule_routes(app, store, auth, parsed, queue_recipe, stop_job, clock, wake)
     from runner.dashboard import pages
 
-    app.include_router(pages(app, store, authorized, csrf, session, token))
+    app.include_router(pages(app, store, authorized, csrf, sessions, token))
+
+    @app.post("/login/code", dependencies=[Depends(auth)])
+    def login_code(request: Request) -> dict:
+        """A one-time sign-in code for the dashboard (`runner dashboard` opens /login?code=...): used once, valid
+        for ten minutes; only a holder of the token (not a session) gets one."""
+        if not bearer_ok(request):
+            raise HTTPException(403, "a sign-in code is given for the token (Authorization: Bearer), not a session")
+        from runner.sessions import CODE_S
+
+        return {"code": sessions.code(), "expires_in": CODE_S}
 
     return app
 

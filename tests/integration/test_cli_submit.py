@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 def recipe(model, train: str, steps: int, extra: str = "") -> str:
-    return (f"name: topics\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: {train}\n"
+    return (f"name: topics\nmodel:\n  name: {model}\n  token: ${{HF_TOKEN}}\ntask: classification\ndata:\n"
+            f"  train: {train}\n"
             f"  max_seq_len: 16\ntrain:\n  max_steps: {steps}\n  batch_size: 8\n  lr: 0.003\n"
             "resources:\n  workers: 1\n  cpus_per_worker: 1\nexport:\n  onnx: true\n  quantize: none\n"
             f"register_as: topics\npromotion:\n  metric: loss\n{extra}")
@@ -42,7 +43,53 @@ def wait_ended(runner, job_id, timeout=300):
     raise AssertionError(f"job {job_id} did not end in {timeout} s")
 
 
+CANARIES = {"HF_TOKEN": "hf_CanaryHub7f3a9c2e", "WANDB_API_KEY": "CanaryWandb5d1e8b4f",
+            "RUNNER_TOKEN": "CanaryRunner9a6c3d7e"}
+
+
+def find_canaries(runner, state: dict, job_ids: list[str]) -> list[str]:
+    """Where a canary shows: every file of RUNNER_HOME (the store, the logs, the job folders), every API answer and
+    dashboard page about the jobs, and Ray's job, actor, task and runtime-env state."""
+    import httpx
+
+    from runner.local import ray_token, server_token
+
+    hits = []
+
+    def look(where: str, blob: bytes) -> None:
+        hits.extend(f"{name} in {where}" for name, value in CANARIES.items() if value.encode() in blob)
+
+    for path in runner.home.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            look(str(path.relative_to(runner.home)), path.read_bytes())
+    api = httpx.Client(base_url=state["server"]["url"], timeout=30,
+                       headers={"Authorization": f"Bearer {server_token(runner.home)}"})
+    paths = ["/jobs?limit=500", "/schedules", "/models", "/models/topics", "/cluster", "/metrics", "/ui/jobs",
+             "/ui/cluster", "/ui/schedules", "/ui/models"]
+    for j in job_ids:
+        paths += [f"/jobs/{j}{p}" for p in ("", "/events", "/metrics", "/logs", "/artifacts", "/recipe",
+                                           "/checkpoints", "/series")] + [f"/ui/jobs/{j}"]
+    for p in paths:
+        r = api.get(p)
+        assert r.status_code == 200, (p, r.status_code)
+        look(p, r.content)
+    ray = httpx.Client(base_url=state["ray"]["dashboard"], timeout=30,
+                       headers={"Authorization": f"Bearer {ray_token(runner.home)}"})
+    for p in ("/api/jobs/", "/api/v0/actors?detail=1&limit=10000", "/api/v0/tasks?detail=1&limit=10000",
+              "/api/v0/runtime_envs?detail=1&limit=10000", "/api/v0/placement_groups?detail=1&limit=10000"):
+        r = ray.get(p)
+        assert r.status_code == 200, (p, r.status_code, r.text[:200])
+        look(f"Ray {p}", r.content)
+    return hits
+
+
 def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenizer):
+    plain = runner
+
+    def runner(*args, **env):  # every command run with secrets in its environment, as a user's shell has them
+        return plain(*args, **{**CANARIES, **env})
+
+    runner.home = plain.home
     model = tiny_model_dir(tmp_path / "bert", "bert", tokenizer, weights=True)
     rows = keyword_rows(240)
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:200]))
@@ -81,10 +128,29 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     assert "model/config.json" in files and "eval.json" in files
 
     out = runner("dashboard", "--no-open")
-    page = out.stdout.split()[1]
-    assert out.returncode == 0 and page == f"{state['server']['url']}/ui/jobs"
-    with urllib.request.urlopen(page, timeout=10) as r:  # the page the browser would open, with the job in it
-        assert r.status == 200 and job_id in r.read().decode()
+    link = out.stdout.split()[1]  # a one-time sign-in link to the local server, which has a token of its own
+    assert out.returncode == 0 and link.startswith(f"{state['server']['url']}/login?code="), out.stdout
+    assert CANARIES["RUNNER_TOKEN"] not in link
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    with browser.open(link, timeout=10) as r:  # the page the browser opens, with the job in it
+        assert r.status == 200 and r.url == f"{state['server']['url']}/ui/jobs" and job_id in r.read().decode()
+    try:
+        browser.open(link, timeout=10)  # another browser with the same link: it was used
+        raise AssertionError("a sign-in link worked twice")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401
+
+    # --- a job that fails (its data is gone when its driver starts) and its retry ----------------------------------
+    gone = tmp_path / "gone.jsonl"
+    gone.write_text((tmp_path / "d.jsonl").read_text())
+    (tmp_path / "gone.yaml").write_text(recipe(model, "gone.jsonl", 60).replace("register_as: topics\n", ""))
+    out = runner("submit", "--detach", str(tmp_path / "gone.yaml"))
+    failed_id = out.stdout.split()[1]
+    gone.unlink()
+    assert wait_ended(runner, failed_id)["state"] == "FAILED"
+    assert runner("retry", failed_id).returncode == 0
+    job = wait_ended(runner, failed_id)
+    assert job["state"] == "FAILED" and job["attempt"] == 2 and "gone.jsonl" in job["reason"], job
 
     # --- the model registry and schedules, on changing data --------------------------------------------------------
     shown = json.loads(runner("models", "show", "topics", "--json").stdout)
@@ -145,13 +211,18 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     out = runner("retry", job_id)
     assert out.returncode == 1 and "only a FAILED or CANCELLED job can be retried" in out.stderr
 
+    # --- no secret of the user's shell reached the store, a log, a job folder, the API, a page or Ray's state -------
+    assert find_canaries(runner, state, [job_id, failed_id, better_id, worse_id]) == []
+
     # --- the Ray head goes down: with the server named explicitly, one line says so --------------------------------
     server = state["server"]["url"]
     assert runner("cluster", "down").stdout.startswith("local Ray head stopped")
     current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # a plain ray.init() would look there
     port = state["ray"]["address"].rsplit(":", 1)[-1]
     assert not (current.exists() and current.read_text().strip().endswith(f":{port}")), "stale Ray address left"
-    out = runner("submit", "--detach", str(good), RUNNER_SERVER=server)
+    from runner.local import server_token
+
+    out = runner("submit", "--detach", str(good), RUNNER_SERVER=server, RUNNER_TOKEN=server_token(runner.home))
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith(f"the Ray cluster at {state['ray']['dashboard']} does not answer"), out.stderr
     out = runner("list", RUNNER_SERVER=f"http://127.0.0.1:{free_port()}")

@@ -77,7 +77,14 @@ def shoot(page, name: str) -> None:
 
 
 def test_jobs_live_in_the_browser(local, browser, tmp_path, tokenizer):
+    from runner.local import server_token
+
     url, home = local
+    api = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {server_token(home)}"})
+
+    def signed_in(path: str) -> str:  # the local server has a token: a one-time link, as `runner dashboard` opens
+        return f"{url}/login?code={api.post('/login/code').json()['code']}&next={path}"
+
     model = tiny_model_dir(tmp_path / "bert", "bert", tokenizer, weights=True)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(160)))
@@ -93,11 +100,12 @@ def test_jobs_live_in_the_browser(local, browser, tmp_path, tokenizer):
     page.on("request", lambda r: follows.append(r.url) if "/logs?follow=true" in r.url else None)
 
     def submit(name: str) -> dict:
-        r = httpx.post(f"{url}/jobs", json={"recipe": recipe.format(name=name)}, timeout=30)
+        r = api.post("/jobs", json={"recipe": recipe.format(name=name)})
         assert r.status_code == 201, r.text
         return r.json()
 
-    page.goto(f"{url}/ui/jobs")
+    assert httpx.get(f"{url}/jobs").status_code == 401, "no token, no answer: not even on loopback"
+    page.goto(signed_in("/ui/jobs"))
     page.wait_for_selector("text=No jobs yet")
     a = submit("alpha")
     (Path(a["job_dir"]) / "hold").write_text("")  # alpha holds at step 20 until cancelled
@@ -132,7 +140,7 @@ def test_jobs_live_in_the_browser(local, browser, tmp_path, tokenizer):
 
     cluster = browser.new_page(viewport={"width": 1366, "height": 768})
     cluster.on("pageerror", lambda e: errors.append(str(e)))
-    cluster.goto(f"{url}/ui/cluster")
+    cluster.goto(signed_in("/ui/cluster"))
     held = cluster.locator(f'#nodes td.held a[href="/ui/jobs/{a["id"]}"]')
     held.wait_for(timeout=20_000)
     assert "2 CPU" in cluster.locator("#nodes td.held").first.inner_text()
@@ -171,7 +179,7 @@ def test_jobs_live_in_the_browser(local, browser, tmp_path, tokenizer):
                            timeout=30_000)
     # stop both, as a user of the API would
     for job in (b, a):
-        assert httpx.post(f"{url}/jobs/{job['id']}/cancel", timeout=30).status_code == 200
+        assert api.post(f"/jobs/{job['id']}/cancel").status_code == 200
     page.goto(f"{url}/ui/jobs?state=CANCELLED")
     page.wait_for_function("() => document.querySelectorAll('#jobs tbody tr[data-state=\"CANCELLED\"]').length === 2",
                            timeout=60_000)

@@ -168,3 +168,23 @@ def test_artifacts_list_the_job_folder(server):
     assert code == 200 and out["eval"]["test"] == {"accuracy": 0.9}
     assert [f["path"] for f in out["files"]] == ["eval.json", "model/config.json", "recipe.yaml"]
     assert out["files"][1]["bytes"] == 2
+
+
+def test_the_local_server_has_a_token_of_its_own(tmp_path):
+    """`runner submit` starts it (runner.local.start_server): another local process without the token is refused."""
+    import httpx
+
+    from runner import local
+
+    home = tmp_path / "home"
+    home.mkdir()
+    server = local.start_server(home, "http://127.0.0.1:9")  # no Ray there: the API answers all the same
+    try:
+        token = local.server_token(home)
+        assert (home / "server_token").stat().st_mode & 0o777 == 0o600 and len(token) >= 32
+        assert httpx.post(f"{server['url']}/jobs/x/cancel").status_code == 401
+        assert httpx.get(f"{server['url']}/jobs").status_code == 401
+        ok = httpx.get(f"{server['url']}/jobs", headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200 and ok.json()["total"] == 0
+    finally:
+        local._terminate(server["pid"])

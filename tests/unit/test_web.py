@@ -71,7 +71,7 @@ def test_with_a_token_every_page_and_route_but_health_and_login_refuses(app, tmp
     assert ok.get("/jobs").json()["total"] == 1 and ok.get("/openapi.json").status_code == 200
 
 
-def test_login_form_and_token_link_set_a_cookie_that_is_not_the_token(app):
+def test_login_form_and_sign_in_link_set_a_cookie_that_is_not_the_token(app):
     c = TestClient(app, follow_redirects=False)
     assert c.get("/ui/jobs").headers["location"] == "/login?next=/ui/jobs"
     wrong = c.post("/login", content="token=nope&next=/ui/cluster",
@@ -83,13 +83,46 @@ def test_login_form_and_token_link_set_a_cookie_that_is_not_the_token(app):
     cookie = r.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict") and TOKEN not in cookie
     assert c.get("/ui/cluster").status_code == 200 and c.get("/jobs").status_code == 200
+    kept = dict(c.cookies)
     c.post("/logout", headers={"Origin": "http://testserver"})
     c.cookies.clear()
     assert c.get("/jobs").status_code == 401
+    replay = TestClient(app, follow_redirects=False, cookies=kept)  # the cookie kept from before the logout
+    assert replay.get("/jobs").status_code == 401, "logging out revokes the session, not only the browser's copy"
     link = TestClient(app, follow_redirects=False)
-    r = link.get("/login", params={"token": TOKEN, "next": "//evil.example/x"})  # never sent to another site
+    r = link.get("/login", params={"token": TOKEN})  # a token in a URL stays in history and proxies' logs
+    assert r.status_code == 400 and SESSION_COOKIE not in r.cookies and "runner dashboard" in r.text
+    assert link.post("/login/code").status_code == 401
+    code = link.post("/login/code", headers={"Authorization": f"Bearer {TOKEN}"}).json()["code"]
+    r = link.get("/login", params={"code": code, "next": "//evil.example/x"})  # never sent to another site
     assert r.status_code == 303 and r.headers["location"] == "/ui/jobs"
     assert link.get("/ui/jobs").status_code == 200
+    other = TestClient(app, follow_redirects=False)
+    assert other.get("/login", params={"code": code}).status_code == 401, "a sign-in code works once"
+    assert other.post("/login/code").status_code == 401
+
+
+def test_sessions_expire_and_wrong_tokens_are_limited(tmp_path):
+    from runner.sessions import SESSION_S, TRIES
+
+    clock = [1000.0]
+    app = create_app(tmp_path / "home", TOKEN, clock=lambda: clock[0])
+    c = TestClient(app, follow_redirects=False)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    first = c.post("/login", content=f"token={TOKEN}", headers=form).cookies[SESSION_COOKIE]
+    c.cookies.clear()
+    second = c.post("/login", content=f"token={TOKEN}", headers=form).cookies[SESSION_COOKIE]
+    assert first != second and TOKEN not in first, "a random id a sign-in, not a value made from the token"
+    assert c.get("/jobs").status_code == 200
+    clock[0] += SESSION_S + 1
+    assert c.get("/jobs").status_code == 401, "a session ends"
+    c.cookies.clear()
+    for _ in range(TRIES):
+        assert c.post("/login", content="token=guess", headers=form).status_code == 401
+    r = c.post("/login", content=f"token={TOKEN}", headers=form)
+    assert r.status_code == 429 and SESSION_COOKIE not in r.cookies, "even the right token waits"
+    clock[0] += 61
+    assert c.post("/login", content=f"token={TOKEN}", headers=form).status_code == 303
 
 
 def test_changes_from_another_site_are_refused(tmp_path):
@@ -98,7 +131,8 @@ def test_changes_from_another_site_are_refused(tmp_path):
     for i in range(3):
         add(app.state.store, home, f"q-{i}")
     c = TestClient(app)
-    c.get("/login", params={"token": TOKEN})  # the browser now holds the session cookie
+    code = c.post("/login/code", headers={"Authorization": f"Bearer {TOKEN}"}).json()["code"]
+    c.get("/login", params={"code": code})  # the browser now holds the session cookie
     page = c.get("/ui/jobs/q-0").text
     csrf = re.search(r'<meta name="csrf" content="([0-9a-f]+)">', page).group(1)
     assert c.post("/jobs/q-0/cancel").status_code == 403  # the cookie alone is not enough
