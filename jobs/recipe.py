@@ -23,8 +23,26 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 # ----------------------------------------------------------------------------------------------------------------
 
 
+MAX_TEXT = 4096  # a name, id, path or setting (PATH_MAX); a chat template may hold more
+MAX_TEMPLATE = 65536
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _plain_text(cls, v, info):
+        """No text of a recipe holds a NUL or a control character other than tab and newline, or runs past
+        MAX_TEXT characters: none is a name, path or setting, and each would break a file name or a log line."""
+        if isinstance(v, str):
+            most = MAX_TEMPLATE if info.field_name == "chat_template" else MAX_TEXT
+            if len(v) > most:
+                raise ValueError(f"{len(v):,} characters long; at most {most:,}")
+            bad = next((c for c in v if ord(c) < 32 and c not in "\t\n\r"), None)
+            if bad is not None:
+                raise ValueError(f"holds the control character {bad!r}; a name, path or setting holds none")
+        return v
 
 
 class ModelSpec(_Strict):
@@ -452,8 +470,12 @@ class Recipe(_Strict):
             if src is not None and src.path is not None and ("data", split) not in self._secrets \
                     and ("data", split, "path") not in self._secrets:
                 d["data"][split]["path"] = str(self.resolve_path(src.path))
-        local = self.resolve_path(self.model.name)
-        if local.exists() and ("model", "name") not in self._secrets:
+        try:
+            local = self.resolve_path(self.model.name)
+            here = local.exists()
+        except (OSError, ValueError, RuntimeError):  # a name no file system takes: a hub id then
+            here = False
+        if here and ("model", "name") not in self._secrets:
             d["model"]["name"] = str(local)
         return yaml.dump(d, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 

@@ -36,7 +36,9 @@ def recipe(model, train: str, steps: int, extra: str = "") -> str:
 def wait_ended(runner, job_id, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = json.loads(runner("status", job_id, "--json").stdout)
+        out = runner("status", job_id, "--json")
+        assert out.returncode == 0, f"runner status {job_id}: {out.stderr}"
+        job = json.loads(out.stdout)
         if job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
             return job
         time.sleep(3)  # each look starts the CLI: on 2 cores, looking often slows the training looked at
