@@ -51,6 +51,12 @@ def read_source(recipe: Recipe, split: str, src: Source) -> Split:
     if src.hub is not None:
         return _read_hub(key, split, src)
     path = recipe.resolve_path(src.path)
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:  # a name too long, a loop of links
+        raise DataError([Problem(key, f"{src.path[:200]}: cannot be read ({e.strerror or e})")]) from None
     if not path.exists():
         hint = _nearby(path)
         raise DataError([Problem(key, f"{src.path}: no such file or folder (looked for {path}){hint}")])
@@ -95,6 +101,9 @@ def _scan(key: str, path: Path) -> list[int] | None:
     if suffix == ".json":
         try:
             rows = json.loads(text)
+        except RecursionError:
+            raise DataError([Problem(key, f"{path.name}: nested deeper than a JSON reader takes (about 1,000 "
+                                          f"levels); an example is an object of texts and labels")]) from None
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # "Extra data" means one object a line: JSON Lines in a .json file
                 raise DataError([Problem(key, f"{path.name}:{e.lineno}: not valid JSON: {e.msg} "
@@ -118,6 +127,9 @@ def _scan_jsonl(key: str, path: Path, text: str) -> list[int]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             bad.append(Problem(key, f"{path.name}:{n}: not valid JSON: {e.msg} (column {e.colno})"))
+            continue
+        except RecursionError:
+            bad.append(Problem(key, f"{path.name}:{n}: nested deeper than a JSON reader takes (about 1,000 levels)"))
             continue
         if not isinstance(obj, dict):
             bad.append(Problem(key, f"{path.name}:{n}: expected a JSON object, got {type(obj).__name__}"))

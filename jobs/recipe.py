@@ -469,7 +469,10 @@ class Recipe(_Strict):
             src = getattr(self.data, split)
             if src is not None and src.path is not None and ("data", split) not in self._secrets \
                     and ("data", split, "path") not in self._secrets:
-                d["data"][split]["path"] = str(self.resolve_path(src.path))
+                try:
+                    d["data"][split]["path"] = str(self.resolve_path(src.path))
+                except (OSError, ValueError, RuntimeError):  # no file system takes it: kept as written
+                    pass
         try:
             local = self.resolve_path(self.model.name)
             here = local.exists()

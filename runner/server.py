@@ -259,6 +259,9 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         return {"ok": True}
 
     def parsed(text: str, base_dir: str | None, env: dict, source: str = "recipe.yaml"):
+        if base_dir is not None and (len(base_dir) > 4096 or any(ord(c) < 32 for c in base_dir)):
+            raise HTTPException(422, f"base_dir {base_dir[:60]!r}: a folder's path, at most 4,096 characters, with no "
+                                     "control characters")
         try:
             return parse_recipe(text, source=source, base_dir=Path(base_dir) if base_dir else None, env=env)
         except RecipeError as e:
