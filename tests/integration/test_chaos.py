@@ -1,0 +1,36 @@
+"""The chaos harness (bench/chaos.py) in small, with a fixed plan: on a simulated 3-node cluster, each kind of fault
+once while three jobs train, then every job ends with nothing lost, nothing done twice, at most one checkpoint
+interval of steps redone after each recovery, and a reason for every failure. bench/chaos.py runs it at size with a
+seeded schedule and prints the figures."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+pytest.importorskip("ray")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import chaos  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PLAN = ("kill_worker", "torn_line", "kill_driver", "kill_server", "remove_node", "cancel", "down_submit")
+
+
+def test_jobs_come_through_one_fault_of_each_kind(tmp_path):
+    import ray
+
+    c, workers, dashboard = chaos.cluster()
+    try:
+        out = chaos.run(tmp_path, c, workers, dashboard, jobs=3, faults=len(PLAN), seed=0, every=4, plan=PLAN)
+    finally:
+        ray.shutdown()
+        c.shutdown()
+    assert out["faults_by_kind"] == {k: 1 for k in PLAN}, out
+    assert out["lost"] == 0 and out["duplicated"] == 0 and out["failed_without_reason"] == 0, out["details"]
+    assert out["recoveries"] >= 2, "the worker and the driver killed: two restarts from a checkpoint at least"
+    assert 0 < out["max_steps_lost"] <= out["checkpoint_interval"], out
+    assert out["ended_by_state"].get("CANCELLED") == 1 and out["details"]["notes"] == [], out
+    assert sum(out["ended_by_state"].values()) == out["jobs"] == 4, "three jobs and the one submitted again"
