@@ -192,3 +192,65 @@ def test_the_token_is_checked_before_the_body_is_read_and_bodies_are_bounded(tmp
     assert c.post("/jobs", content=big).status_code == 413
     assert c.post("/login", content=b"token=" + b"x" * 5000).status_code == 413
     assert c.post("/jobs/x/cancel").status_code == 401
+
+
+def test_a_schedule_cannot_turn_the_servers_secret_into_a_name_or_a_reason(world, monkeypatch):
+    store, job_dir, c, _ = world
+    monkeypatch.setenv("HF_TOKEN", "hf_ServerSecret0451")
+    for text in (RECIPE.replace("name: demo", "name: ${HF_TOKEN:-nightly}"),
+                 RECIPE + "train:\n  epochs: ${HF_TOKEN:-1}\n"):
+        r = c.post("/schedules", json={"recipe": text + "schedule:\n  cron: '0 3 * * *'\n"})
+        assert r.status_code == 422 and "is not taken here" in r.text and "ServerSecret" not in r.text, r.text
+    assert c.get("/schedules").json()["total"] == 0
+
+
+def test_log_streams_are_bounded(tmp_path, monkeypatch):
+    import threading
+
+    import httpx
+
+    from web import served
+
+    monkeypatch.setenv("RUNNER_MAX_LOG_STREAMS", "1")
+    home = tmp_path / "home"
+    app = create_app(home, sse_max_s=20)
+    job_dir = home / "artifacts" / "j-1"
+    job_dir.mkdir(parents=True)
+    app.state.store.add_job("j-1", "demo", RECIPE, str(job_dir), 1, 1, 0)
+    (job_dir / "job.log").write_text("one\n")
+    with served(app) as url:
+        opened, done = threading.Event(), threading.Event()
+
+        def hold():  # one stream open until the second has been refused
+            with httpx.stream("GET", f"{url}/jobs/j-1/logs", params={"follow": "true"}, timeout=30) as r:
+                for _ in r.iter_lines():
+                    opened.set()
+                    done.wait(15)
+                    break
+
+        first = threading.Thread(target=hold)
+        first.start()
+        assert opened.wait(10)
+        r = httpx.get(f"{url}/jobs/j-1/logs", params={"follow": "true"}, timeout=10)
+        done.set()
+        assert r.status_code == 503 and "RUNNER_MAX_LOG_STREAMS" in r.text
+        first.join(10)
+        assert httpx.get(f"{url}/jobs/j-1/logs", timeout=10).json()["text"] == "one\n", "plain reads still answer"
+
+
+def test_secrets_reach_the_workers_through_a_private_file_and_go_with_the_job(tmp_path, monkeypatch):
+    from jobs import secrets
+
+    job = tmp_path / "j"
+    job.mkdir()
+    (job / secrets.FILE).symlink_to(tmp_path / "elsewhere")  # planted: replaced, never written through
+    monkeypatch.setenv("HF_TOKEN", "hf_Handed0451")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    secrets.hand_over(job)
+    assert not (tmp_path / "elsewhere").exists() and (job / secrets.FILE).stat().st_mode & 0o777 == 0o600
+    monkeypatch.delenv("HF_TOKEN")
+    (job / "other").write_text("")
+    secrets.take(job)
+    assert os.environ["HF_TOKEN"] == "hf_Handed0451" and "WANDB_API_KEY" not in os.environ
+    secrets.withdraw(job)
+    assert not (job / secrets.FILE).exists()
