@@ -47,7 +47,7 @@ def main() -> int:
     from ray.job_submission import JobSubmissionClient
 
     from runner.client import Client
-    from runner.local import ensure_local, ray_token, read_state, stop
+    from runner.local import ensure_local, ray_token, read_state, server_token, stop
     from tiny import keyword_rows, tiny_model_dir, tiny_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="runner-bench-queue-"))
@@ -62,7 +62,7 @@ def main() -> int:
               "  cpus_per_worker: 1\n")
     try:
         t0 = time.time()
-        client = Client(ensure_local(home, say=lambda m: print(m, file=sys.stderr)))
+        client = Client(ensure_local(home, say=lambda m: print(m, file=sys.stderr)), server_token(home))
         print(f"local Ray and server up in {time.time() - t0:.1f} s; submitting {a.jobs} jobs", file=sys.stderr)
         t_submit = time.time()
         with ThreadPoolExecutor(8) as pool:

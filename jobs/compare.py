@@ -99,6 +99,9 @@ def compare_task(job_dir: str, threads: int) -> dict | None:
     from jobs.driver import note
     from jobs.recipe import SNAPSHOT, load_recipe
 
+    from jobs import secrets
+
+    secrets.take(Path(job_dir))  # a gated model's token: never through Ray's runtime_env (jobs.secrets)
     torch.set_num_threads(max(1, threads))
     return compare_with_champion(Path(job_dir), load_recipe(Path(job_dir) / "recipe.yaml", allowed=SNAPSHOT),
                                  log=lambda m: note(Path(job_dir), m))

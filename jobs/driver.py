@@ -387,8 +387,10 @@ def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
     preparing = threading.Thread(target=prepare, daemon=True)
     preparing.start()
     follow.start()
-    secrets.hand_over(job_dir)
     try:
+        why = secrets.hand_over(job_dir)
+        if why:
+            note(job_dir, why)
         return _drive(job_dir, address, preparing, prepared, follow, extra_config)
     finally:
         secrets.withdraw(job_dir)

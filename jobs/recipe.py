@@ -545,7 +545,9 @@ def load_recipe(path: str | os.PathLike, env: typing.Mapping[str, str] | None = 
     source = str(path)
     try:
         size = p.stat().st_size
-        if size > MAX_RECIPE_BYTES and p.is_file():
+        if p.exists() and not p.is_file():  # a folder, a pipe, a device: no recipe, and reading one may not end
+            raise RecipeError(source, [Problem("", "not a file: give the recipe's YAML file")])
+        if size > MAX_RECIPE_BYTES:
             raise RecipeError(source, [Problem("", f"the file is {size:,} bytes; a recipe is at most "
                                                    f"{MAX_RECIPE_BYTES // 1024} KiB (is it the right file?)")])
         text = p.read_text(encoding="utf-8")
@@ -605,6 +607,12 @@ def parse_recipe(text: str, source: str = "recipe", base_dir: Path | None = None
     environment by default (never of `env`, which a client may send), or SNAPSHOT for a job folder's recipe.yaml."""
     env = os.environ if env is None else env
     allowed = allowed_vars() if allowed is None else allowed
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (JSON's \ud800): no text a file or YAML can hold
+        line = text[: e.start].count("\n") + 1
+        raise RecipeError(source, [Problem("", f"not text: character {e.start + 1} is a lone surrogate "
+                                               f"({e.object[e.start]!r})", line)]) from None
     try:
         limit = _yaml_limits(text)
         if limit is not None:

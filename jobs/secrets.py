@@ -16,17 +16,21 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 FILE = ".secrets.json"
 
 
-def hand_over(job_dir: Path) -> None:
+def hand_over(job_dir: Path) -> str | None:
     """Write this process's secrets for the workers (0600; a file or link already there is replaced, never
-    written through)."""
+    written through). Returns why it could not, or None."""
     found = {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
     path = Path(job_dir) / FILE
-    path.unlink(missing_ok=True)
-    if not found:
-        return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(found, f)
+    try:
+        withdraw(job_dir)
+        if not found:
+            return None
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(found, f)
+    except OSError as e:  # the workers go without (a recipe that needs a token then says it is not set)
+        return f"the job's secrets could not be handed to its workers ({e.strerror or e})"
+    return None
 
 
 def take(job_dir: Path) -> None:
@@ -41,4 +45,12 @@ def take(job_dir: Path) -> None:
 
 
 def withdraw(job_dir: Path) -> None:
-    (Path(job_dir) / FILE).unlink(missing_ok=True)
+    path = Path(job_dir) / FILE
+    try:
+        path.unlink(missing_ok=True)
+    except IsADirectoryError:  # not the runner's: something made a folder of that name
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass

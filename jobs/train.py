@@ -372,7 +372,7 @@ def train_func(config: dict) -> None:
 
     # --- resume ---------------------------------------------------------------------------------------------------
     state = State()
-    saved = _resume_state(ray.train.get_checkpoint(), config.get("resume_from", []), note, acc)
+    saved = _resume_state(ray.train.get_checkpoint(), config.get("resume_from", []), note, acc, job_dir)
     if saved:
         if "model" in saved:  # a whole-model checkpoint; a sharded one was loaded by _resume_state
             raw.load_state_dict(saved["model"], strict=False)
@@ -620,7 +620,15 @@ def _steps(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]}, {steps[1]}, ... {steps[-1]}"
 
 
-def _resume_state(ckpt, candidates: list[str], note, acc) -> dict | None:
+def _step_of(d: Path) -> int | None:
+    try:
+        step = json.loads((d / "step.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _resume_state(ckpt, candidates: list[str], note, acc, candidates_root: Path | None = None) -> dict | None:
     """What to go on from: this run's latest checkpoint (after a lost worker), else the newest readable one of
     an earlier run of the job folder (`runner run --resume`), newest first, else nothing.
 
@@ -634,6 +642,22 @@ def _resume_state(ckpt, candidates: list[str], note, acc) -> dict | None:
 
     if ckpt:
         with ckpt.as_directory() as d:
+            # a checkpoint written to the job folder that Ray Train had not registered yet when the worker was
+            # lost (it registers them a moment after the step goes on) is newer: go on from it, and redo less
+            from jobs.driver import earlier_checkpoints
+
+            registered = _step_of(Path(d))
+            for newer in earlier_checkpoints(Path(candidates_root)) if candidates_root else []:
+                if registered is None or _step_of(Path(newer)) <= registered:
+                    break
+                try:
+                    out = load(Path(newer))
+                except Exception as e:  # noqa: BLE001 - cut short when the worker died: the registered one then
+                    note(f"skipping checkpoint {Path(newer).name}: unreadable ({type(e).__name__})")
+                    continue
+                note(f"checkpoint {Path(newer).name} (step {_step_of(Path(newer))}) is newer than the one Ray Train "
+                     f"registered (step {registered})")
+                return out
             return load(Path(d))
     for d in candidates:
         try:

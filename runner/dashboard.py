@@ -63,7 +63,7 @@ def pages(app, store, authorized, csrf: str, sessions, token: str | None) -> API
 
     @router.get("/ui/jobs")
     def jobs_page(request: Request, state: str | None = None, q: str | None = None, page: int = 1):
-        page = max(1, page)
+        page = min(max(1, page), 10**9)  # far past the last page is the last page's emptiness, never an overflow
         first = app.state.listing(state or None, None, q or None, PAGE_SIZE, (page - 1) * PAGE_SIZE) \
             if authorized(request) else {}
         return render(request, "jobs", "Jobs", {"list": first, "page_size": PAGE_SIZE, "state": state or "",

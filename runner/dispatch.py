@@ -26,15 +26,17 @@ import math
 import os
 import re
 import shlex
+import stat
 import sys
 import time
 from pathlib import Path
 
 from runner.jobfiles import read_text
 from runner.queue import Need, Node, place, plan, refusal
-from runner.store import STATES, InvalidTransition, Job, Store, StoreError
+from runner.store import InvalidTransition, Job, Store, StoreError
 
 ACTIVE = ("STARTING", "RUNNING", "RETRYING", "EXPORTING")
+DRIVER_STATES = ("RUNNING", "RETRYING", "EXPORTING")  # what a job's events.jsonl may move it to; Ray says the ending
 LOST_AFTER = 30.0
 WORKER_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_MODE",
               "RUNNER_VERBOSE", "RUNNER_TEST_HOOKS", "RUNNER_SHARED_STORAGE")
@@ -119,7 +121,7 @@ class RayJobs:
             if code == 404:
                 raise UnknownSubmission(_first_line(e)) from None
             if code is not None and 400 <= code < 500:
-                raise RayRefused(_first_line(e)) from None
+                raise RayRefused(str(e)[:2000]) from None
             self._client = None
             raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({_first_line(e)})") from None
 
@@ -269,17 +271,27 @@ class Dispatcher:
         try:
             self.backend.submit(self.submission(job), job.job_dir, {**self.env, "RUNNER_ATTEMPT": str(job.attempt)},
                                 fresh=job.attempt > 1 and not job.resume)
-        except RayRefused as e:  # Ray answered no: the job cannot start; say why
-            if f"{self.submission(job)} already exists" in str(e):  # submitted before a restart: Ray has it
-                self.store.set_submission(job.id, self.submission(job))
+        except RayRefused as e:  # Ray answered no: the job cannot start, unless it is Ray's already; say why
+            if self._known(job):  # submitted before a restart ("already exists", a 400 or a 500 by Ray's version)
                 return True
             self.store.set_state(job.id, "FAILED", reason=f"Ray did not take the job: {_first_line(e)}")
             return False
         except RayUnreachable:
+            if self._known(job):
+                return True
             raise
         except Exception as e:  # noqa: BLE001 - anything else the submission raised: the job cannot start; say why
             self.store.set_state(job.id, "FAILED", reason=f"the job could not be submitted to Ray: "
                                                           f"{type(e).__name__}: {_first_line(e)}")
+            return False
+        self.store.set_submission(job.id, self.submission(job))
+        return True
+
+    def _known(self, job: Job) -> bool:
+        """Whether Ray has this attempt's submission already (then it is recorded as submitted)."""
+        try:
+            self.backend.status(self.submission(job))
+        except Exception:  # noqa: BLE001 - unknown, or Ray does not answer: not known
             return False
         self.store.set_submission(job.id, self.submission(job))
         return True
@@ -329,7 +341,14 @@ class Dispatcher:
             self.store.set_submission(job.id, self.submission(job))
         if status == "RUNNING" and job.state == "STARTING":
             job = self.store.set_state(job.id, "RUNNING", expect="STARTING")
-        job = self._copy(job, attempt)
+        try:
+            job = self._copy(job, attempt)
+        except Exception as e:  # noqa: BLE001 - its files cannot be read: Ray's word on its ending still counts
+            if status not in ("SUCCEEDED", "STOPPED", "FAILED"):
+                raise
+            self.store.note(job.id, f"the job's last lines could not be read: {type(e).__name__}: {_first_line(e)}",
+                            level="warning")
+            job = self.store.get(job.id)
         if status == "SUCCEEDED":
             self._end(job, "SUCCEEDED")
         elif status == "STOPPED":
@@ -343,6 +362,10 @@ class Dispatcher:
             self._end(job, "FAILED", reason)
 
     def _end(self, job: Job, state: str, reason: str | None = None) -> None:
+        try:  # the driver removes it as it ends; one killed (SIGKILL, a lost node) cannot
+            (Path(job.job_dir) / ".secrets.json").unlink(missing_ok=True)
+        except OSError:
+            pass
         if state == "SUCCEEDED" and job.state in ("STARTING", "RETRYING"):
             job = self.store.set_state(job.id, "RUNNING", expect=job.state)
         job = self.store.set_state(job.id, state, reason=reason, expect=job.state)
@@ -364,8 +387,8 @@ class Dispatcher:
             return job
         folder = Path(job.job_dir)
         for name in ("metrics.jsonl", "events.jsonl"):
-            if (folder / name).is_symlink():
-                raise ValueError(f"{name} is a link: the server reads no file out of the job's folder")
+            if (folder / name).is_symlink() or ((folder / name).exists() and not (folder / name).is_file()):
+                raise ValueError(f"{name} is not a plain file (a link, a folder, a pipe): the server does not read it")
         records, offset, bad = _read_lines(folder / "metrics.jsonl", attempt["metrics_offset"], metric_problem)
         self._skipped(job, "metrics.jsonl", bad)
         if records:
@@ -379,10 +402,10 @@ class Dispatcher:
                 try:
                     job = self.store.set_state(job.id, new, expect=job.state, message=ev.get("message"))
                     continue
-                except InvalidTransition:
-                    pass
-            self.store.note(job.id, ev.get("message") or str(ev), level="warning" if ev.get("level") == "warning"
-                            else None)
+                except (InvalidTransition, StoreError):
+                    job = self.store.get(job.id)
+            self.store.note(job.id, (ev.get("message") or json.dumps(ev))[:10_000],
+                            level="warning" if ev.get("level") == "warning" else None)
         self.store.set_offsets(job.id, attempt["attempt"], events=offset)
         return job
 
@@ -406,14 +429,35 @@ class Dispatcher:
         return self.store.get(job.id)
 
 
+def read_at(path: Path, offset: int, limit: int) -> bytes:
+    """Up to `limit` bytes of a plain file from `offset`; nothing where the path is absent, a link, a FIFO, a folder
+    or unreadable (opened without following a link and without blocking, so that no file a job's code makes can
+    hang or redirect the server)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return b""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        os.lseek(fd, offset, os.SEEK_SET)
+        out = bytearray()
+        while len(out) < limit:
+            part = os.read(fd, min(limit - len(out), 1 << 20))
+            if not part:
+                break
+            out += part
+        return bytes(out)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
 def whole_lines(path: Path, offset: int, limit: int = 1 << 24) -> tuple[str, int]:
     """The whole lines of a file after a byte offset (a line being written comes next time), and the offset after
     them. A line longer than `limit` comes in pieces of `limit` bytes."""
-    if not path.exists():
-        return "", offset
-    with path.open("rb") as f:
-        f.seek(offset)
-        chunk = f.read(limit)
+    chunk = read_at(path, offset, limit)
     end = chunk.rfind(b"\n") + 1
     if end == 0 and len(chunk) == limit:  # a line longer than limit: given in pieces, never stalls the reader
         end = limit
@@ -450,8 +494,8 @@ def event_problem(ev) -> str | None:
     for key in ("state", "message", "level"):
         if not isinstance(ev.get(key), (str, type(None))):
             return f"{key} is not text"
-    if ev.get("state") is not None and ev["state"] not in STATES:
-        return f"state {ev['state'][:40]!r} is not one of {', '.join(STATES)}"
+    if ev.get("state") is not None and ev["state"] not in DRIVER_STATES:
+        return f"state {ev['state'][:40]!r} is not one a job's driver reports ({', '.join(DRIVER_STATES)})"
     return None
 
 
@@ -471,14 +515,20 @@ def _read_lines(path: Path, offset: int, check) -> tuple[list[dict], int, list[t
                 rec = json.loads(line)
             except ValueError:
                 why = "not JSON" + (" (NUL bytes: a torn write)" if "\0" in line else "")
+            except RecursionError:
+                why = "JSON nested past any record's depth"
             else:
                 why = check(rec)
         if why:
             bad.append((i, why))
         else:
             records.append(rec)
-    if bad:  # numbered from the file's start: counted only when there is something to say
-        with path.open("rb") as f:
-            before = f.read(offset).count(b"\n")
+    if bad:  # numbered from the file's start: counted (a MiB at a time) only when there is something to say
+        before, at = 0, 0
+        while at < offset:
+            part = read_at(path, at, min(1 << 20, offset - at))
+            if not part:
+                break
+            before, at = before + part.count(b"\n"), at + len(part)
         bad = [(before + i + 1, why) for i, why in bad]
     return records, end, bad

@@ -1,12 +1,14 @@
 """Reading inside a job folder, for the server and the dispatcher: every read goes through `inside`, so that a link
 (or a `..`) in a job folder, made by the job's own code or by anyone who can write there, never shows the server a
 file outside it. The folder's own files are written by the driver; a reader still takes them as untrusted: sizes are
-bounded and a file that is not what it should be reads as absent."""
+bounded and a file that is not what it should be reads as absent. (A folder swapped for a link between the check and the read is not caught: the check is on names,
+as the files are served by name; the job's own processes run as the server's user on a local setup anyway.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 MAX_JSON = 16 * 2**20  # eval.json, export_report.json: far larger would be no file the runner wrote
@@ -17,13 +19,18 @@ def inside(job_dir: str | Path, rel: str) -> Path | None:
     """The file at `rel` under job_dir, where it resolves (every link followed) to a plain file inside the folder;
     None otherwise (absent, a folder, a link leading out)."""
     root = Path(job_dir).resolve()
-    if any(part.startswith(".") for part in Path(rel).parts):  # .secrets.json (jobs.secrets), and any dotfile
-        return None
     try:
         target = (root / rel).resolve()
-    except (OSError, RuntimeError, ValueError):  # a loop of links, a NUL in the name
+        if root not in target.parents:
+            return None
+        # .secrets.json (jobs.secrets) and any dotfile, asked for by name or through a link to it
+        if any(part.startswith(".") for part in target.relative_to(root).parts):
+            return None
+        st = target.stat()
+    except (OSError, RuntimeError, ValueError):  # a loop of links, a NUL in the name, gone
         return None
-    if root not in target.parents or not target.is_file():
+    # a plain file (no pipe to hang a reader) with one name (no hard link to a file of someone else's)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
         return None
     return target
 
@@ -34,11 +41,9 @@ def read_text(job_dir: str | Path, rel: str, limit: int = MAX_TEXT) -> str | Non
     path = inside(job_dir, rel)
     if path is None:
         return None
-    try:
-        with path.open("rb") as f:
-            return f.read(limit).decode("utf-8", "replace")
-    except OSError:
-        return None
+    from runner.dispatch import read_at
+
+    return read_at(path, 0, limit).decode("utf-8", "replace")
 
 
 def read_json(job_dir: str | Path, rel: str, limit: int = MAX_JSON) -> dict | None:
@@ -46,11 +51,14 @@ def read_json(job_dir: str | Path, rel: str, limit: int = MAX_JSON) -> dict | No
     path = inside(job_dir, rel)
     if path is None:
         return None
+    from runner.dispatch import read_at
+
+    raw = read_at(path, 0, limit + 1)
+    if len(raw) > limit:
+        return None
     try:
-        if path.stat().st_size > limit:
-            return None
-        out = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        out = json.loads(raw)
+    except (ValueError, RecursionError):
         return None
     return out if isinstance(out, dict) else None
 

@@ -91,14 +91,22 @@ def server_token(home: Path) -> str:
     request for it, the CLI sends it, and `runner dashboard` trades it for a one-time sign-in link. Without it any
     local user or process, or a page a proxy forwards to loopback, could drive the server."""
     path = home / "server_token"
-    if not path.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another CLI made it a moment ago
-            return path.read_text().strip()
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
+    try:
+        found = path.read_text().strip()
+    except FileNotFoundError:
+        found = ""
+    if len(found) >= 32:
+        return found
+    # none yet, or one cut short (a CLI killed while writing it): a new one, written whole before it is seen
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = home / f"server_token.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32))
+    if found or not path.exists():
+        os.replace(tmp, path)  # two CLIs at once: the later rename wins, and both then read that one
+    else:
+        tmp.unlink()
     return path.read_text().strip()
 
 

@@ -30,6 +30,7 @@ import hmac
 import ipaddress
 import json
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from jobs.recipe import NAME_RE, NAME_RULE, RecipeError, parse_recipe, shared_st
 from runner import jobfiles
 from runner.client import artifacts_root
 from runner.jobfiles import inside, read_json
+from runner.dispatch import read_at
 from runner.series import CHARTED, MAX_POINTS, thin
 from runner.store import STATES, TERMINAL, Store, StoreError, UnknownJob, eta_seconds
 
@@ -113,7 +115,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     import threading
     from contextlib import asynccontextmanager
 
-    from runner.dispatch import Dispatcher, RayUnreachable, whole_lines
+    from runner.dispatch import Dispatcher, RayRefused, RayUnreachable, whole_lines
 
     home = Path(home)
     root = artifacts_root(home).resolve()
@@ -207,8 +209,16 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         if size is not None and not (size.isascii() and size.isdigit() and int(size) <= limit):
             return JSONResponse({"detail": f"the request body is {size[:20]} bytes; at most {limit:,} are taken "
                                            "here"}, status_code=413)
-        if size is None and "chunked" in request.headers.get("transfer-encoding", "").lower():
-            return JSONResponse({"detail": "send the body with a Content-Length"}, status_code=411)
+        if "transfer-encoding" in request.headers:  # a chunked body is bounded by nothing said before it comes
+            return JSONResponse({"detail": "send the body with a Content-Length, not chunked"}, status_code=411)
+        if token and request.headers.get("authorization") is not None and not bearer_ok(request):
+            who = request.client.host if request.client else "?"
+            wait = sessions.throttled(who)
+            if wait:
+                return JSONResponse({"detail": f"too many wrong tokens: try again in {wait:.0f} s"}, status_code=429)
+            sessions.failed(who)
+            return JSONResponse({"detail": "missing or wrong token: send Authorization: Bearer $RUNNER_TOKEN"},
+                                status_code=401)
         if request.method in UNSAFE and token and request.url.path not in ("/login", "/logout") and \
                 not authorized(request):
             return JSONResponse({"detail": "missing or wrong token: send Authorization: Bearer $RUNNER_TOKEN"},
@@ -233,6 +243,10 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     @app.exception_handler(StoreError)
     async def _refused(_, e: StoreError):
         return JSONResponse({"detail": str(e)}, status_code=409)
+
+    @app.exception_handler(RayRefused)
+    async def _ray_said_no(_, e: RayRefused):
+        return JSONResponse({"detail": f"the Ray cluster refused: {str(e).splitlines()[0][:300]}"}, status_code=502)
 
     @app.exception_handler(RayUnreachable)
     async def _no_ray(_, e: RayUnreachable):
@@ -299,7 +313,8 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     @app.post("/jobs", status_code=201, dependencies=[Depends(auth)])
     def create(req: JobRequest) -> dict:
         recipe = parsed(req.recipe, req.base_dir, req.env)
-        if recipe.model.token is not None and ("model", "token") not in recipe._secrets:
+        if recipe.model.token is not None and not re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}",
+                                                               recipe._secrets.get(("model", "token"), "")):
             # kept as its snapshot the token would be `**********`, and the job would run with that
             raise HTTPException(422, "model.token: a token written into the recipe is neither kept nor sent; write "
                                      "${HF_TOKEN} and set HF_TOKEN where the jobs run")
@@ -379,7 +394,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         """The job folder's files (path, bytes), the test metrics and the export's checks where there are any.
         Links are left out and never followed; an ended job's answer is kept until its state changes."""
         job = store.get(job_id)
-        key = (job.state, job.attempt, job.ended_at)
+        key = (job.state, job.attempt, job.ended_at, _mtime(Path(job.job_dir)), _mtime(Path(job.job_dir) / "exports"))
         if job_id in listed and listed[job_id][0] == key:
             return listed[job_id][1]
         job_dir = Path(job.job_dir)
@@ -401,11 +416,12 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     async def logs(request: Request, job_id: str, offset: int = Query(0, ge=0, le=MAX_INT), follow: bool = False):
         job_dir = (await asyncio.to_thread(store.get, job_id)).job_dir
 
-        def log_path() -> Path:  # where job.log is a link out of the folder, there is no log to show
-            return inside(job_dir, "job.log") or Path(job_dir) / "job.log.absent"
+        def log_path() -> Path | None:  # where job.log is a link, a pipe or a folder, there is no log to show
+            return inside(job_dir, "job.log")
 
         if not follow:
-            text, end = await asyncio.to_thread(lambda: whole_lines(log_path(), offset, 1 << 20))
+            path = await asyncio.to_thread(log_path)
+            text, end = await asyncio.to_thread(whole_lines, path, offset, 1 << 20) if path else ("", offset)
             return {"text": text, "offset": end}
         if streams["open"] >= MAX_STREAMS:
             raise HTTPException(503, f"{MAX_STREAMS} log streams are open on this server; try again later "
@@ -416,11 +432,13 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
 
         def read(at: int) -> tuple[bool, list]:  # the store and the file are read off the event loop
             ended = store.get(job_id).state in TERMINAL  # read before the file: its last lines come after
-            return ended, log_lines(log_path(), at, 1 << 20)
+            path = log_path()
+            return ended, log_lines(path, at, 1 << 20) if path else []
+
+        streams["open"] += 1  # counted at once: two requests cannot both pass the check above
 
         async def stream():
             nonlocal at
-            streams["open"] += 1
             try:
                 yield "retry: 1000\n\n"
                 while True:
@@ -545,11 +563,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
 def log_lines(path: Path, offset: int, limit: int) -> list[tuple[int, str]]:
     """The whole lines of a log after a byte offset, each with the byte offset after it (the SSE id a reconnect
     goes on from): counted in bytes, so that a line of invalid UTF-8 does not shift the ids."""
-    if not path.exists():
-        return []
-    with path.open("rb") as f:
-        f.seek(offset)
-        chunk = f.read(limit)
+    chunk = read_at(path, offset, limit)
     out, at = [], offset
     if len(chunk) == limit and b"\n" not in chunk:  # a line longer than limit (a progress bar redrawn with CRs):
         return [(offset + limit, chunk.decode("utf-8", "replace"))]  # in pieces, never a reader stalled on it

@@ -254,3 +254,39 @@ def test_secrets_reach_the_workers_through_a_private_file_and_go_with_the_job(tm
     assert os.environ["HF_TOKEN"] == "hf_Handed0451" and "WANDB_API_KEY" not in os.environ
     secrets.withdraw(job)
     assert not (job / secrets.FILE).exists()
+
+
+def test_no_read_goes_through_a_link_to_a_dotfile_a_pipe_or_a_second_name(world):
+    store, job_dir, c, tmp = world
+    (job_dir / ".secrets.json").write_text('{"HF_TOKEN": "not-yours-0451"}')
+    (job_dir / "x").symlink_to(job_dir / ".secrets.json")
+    (job_dir / "job.log").symlink_to(job_dir / ".secrets.json")
+    (tmp / "outside.txt").write_text("not-yours-0451")
+    os.link(tmp / "outside.txt", job_dir / "hard.txt")
+    os.mkfifo(job_dir / "eval.json")
+    os.mkfifo(job_dir / "job.log.absent")
+    store.set_state("j-1", "CANCELLED", reason="x")
+    for path in ("/jobs/j-1/files/x", "/jobs/j-1/files/hard.txt", "/jobs/j-1/logs", "/jobs/j-1/artifacts",
+                 "/jobs/j-1/files/.secrets.json", "/jobs/j-1/logs?follow=true"):
+        r = c.get(path)  # a pipe would hang a plain open: none is opened
+        assert "not-yours-0451" not in r.text, path
+
+
+def test_a_lone_surrogate_a_chunked_body_and_a_page_past_the_end(world, tmp_path):
+    store, job_dir, c, _ = world
+    r = c.post("/jobs", content=b'{"recipe": "name: \\ud800"}', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "lone surrogate" in r.text
+    r = c.post("/jobs", content=b'{"recipe": "x"}', headers={"content-type": "application/json",
+                                                            "transfer-encoding": "chunked"})
+    assert r.status_code == 411
+    assert c.get("/ui/jobs", params={"page": 10**19}).status_code == 200
+    r = c.post("/jobs", json={"recipe": RECIPE.replace("  name: m\n", "  name: m\n  token: hf_Real${X:-}\n")})
+    assert r.status_code == 422 and "hf_Real" not in r.text, "a token is one ${VAR} reference, nothing pasted"
+
+
+def test_wrong_bearer_tokens_are_limited_too(tmp_path):
+    c = TestClient(create_app(tmp_path / "home", "tok-0451"))
+    for _ in range(10):
+        assert c.get("/jobs", headers={"Authorization": "Bearer guess"}).status_code == 401
+    assert c.get("/jobs", headers={"Authorization": "Bearer guess"}).status_code == 429
+    assert c.post("/login/code", headers={"Authorization": "Bearer guess"}).status_code == 429
