@@ -157,9 +157,20 @@ def run(work: Path, c, workers: list, dashboard: str, jobs: int, faults: int, se
     notes: list[str] = []
 
     def submit(name: str) -> None:
-        r = server.post("/jobs", {"recipe": recipe(model, data, name)})
-        assert r.status_code == 201, r.text
-        ids.append(r.json()["id"])
+        import httpx
+
+        for _ in range(10):  # a server just restarted may not answer yet; an error answer is a finding
+            try:
+                r = server.post("/jobs", {"recipe": recipe(model, data, name)})
+            except httpx.TransportError:
+                time.sleep(1)
+                continue
+            if r.status_code == 201:
+                ids.append(r.json()["id"])
+                return
+            notes.append(f"POST /jobs answered {r.status_code}: {r.text[:200]}")
+            time.sleep(1)
+        raise RuntimeError(f"job {name} could not be submitted: {notes[-1:]}")
 
     for i in range(jobs):
         submit(f"c{i}")

@@ -93,6 +93,11 @@ class RayJobs:
     """The Ray Jobs API and Ray's node list, at a dashboard address, with Ray's token when auth is on."""
 
     def __init__(self, address: str, token: str | None = None, nodes_max_age: float = 3.0):
+        # imported here, in the one thread that makes the backend: imported first by two threads at once (the
+        # dispatch loop and a request, just after a start) Ray's modules fail half-initialized (seen in chaos runs)
+        import ray.job_submission  # noqa: F401
+        import ray.util.state  # noqa: F401
+
         self.address = address.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else None
         self._client = None

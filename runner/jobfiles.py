@@ -1,8 +1,8 @@
 """Reading inside a job folder, for the server and the dispatcher: every read goes through `inside`, so that a link
 (or a `..`) in a job folder, made by the job's own code or by anyone who can write there, never shows the server a
 file outside it. The folder's own files are written by the driver; a reader still takes them as untrusted: sizes are
-bounded and a file that is not what it should be reads as absent. (A folder swapped for a link between the check and the read is not caught: the check is on names,
-as the files are served by name; the job's own processes run as the server's user on a local setup anyway.)"""
+bounded and a file that is not what it should be reads as absent. (A folder swapped for a link between the check
+and the read is not caught: the check is on names, as files are served by name.)"""
 
 from __future__ import annotations
 

@@ -155,8 +155,8 @@ def bad_body(rng: random.Random, recipe_text: str) -> tuple[str, bytes, dict]:
     if kind == "extra_fields":
         return kind, json.dumps({"recipe": recipe_text, "job_dir": "/etc", "state": "SUCCEEDED"}).encode(), json_h
     if kind == "env_type":
-        return kind, json.dumps({"recipe": recipe_text, "env": rng.choice([[], "x", {"A": 1}, {"A": None}])}).encode(), \
-            json_h
+        env = rng.choice([[], "x", {"A": 1}, {"A": None}])
+        return kind, json.dumps({"recipe": recipe_text, "env": env}).encode(), json_h
     if kind == "priority":
         return kind, json.dumps({"recipe": recipe_text, "priority": rng.choice([10**30, -10**30, "high", 1.5])}
                                 ).encode(), json_h

@@ -162,7 +162,8 @@ def aliases(levels: int) -> str:
 
 @pytest.mark.parametrize("text, words", [
     (aliases(8), "YAML anchors and aliases"), ("name: x\nbase: &b {lr: 1}\ntrain: *b\n", "YAML anchors and aliases"),
-    ("x: " + "[" * 5000 + "]" * 5000, "nested more"), ("x: [" * 20 + "\0", "not valid YAML"), ("x: " + "{a: " * 5000 + "1" + "}" * 5000, "nested more"),
+    ("x: " + "[" * 5000 + "]" * 5000, "nested more"), ("x: [" * 20 + "\0", "not valid YAML"),
+    ("x: " + "{a: " * 5000 + "1" + "}" * 5000, "nested more"),
     ("- " * 3000 + "1", "nested more"), ("k: v\n" * 25_000, "more than 20,000 values"),
     ("name: x\n" + "# " + "y" * 300_000, "a recipe is at most 256 KiB"),
 ])
