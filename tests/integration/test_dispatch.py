@@ -18,6 +18,8 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "disabled"
 ray = pytest.importorskip("ray")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
 from runner.local import alive as pid_alive  # noqa: E402
 from runner.local import free_port  # noqa: E402
 from tiny import keyword_rows, tiny_model_dir  # noqa: E402
@@ -30,19 +32,11 @@ ENDED = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
+    """Two worker nodes of 1 CPU and 1 fake GPU, the head holding none (bench/chaos.py makes it the same way)."""
+    import chaos
 
-    port = free_port()
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-        "object_store_memory": 150 * 2**20,
-        # a lost node is noticed in ~3 s instead of ~30 s
-        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-                           "health_check_failure_threshold": 3}})
-    nodes = [c.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 * 2**20) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    yield c, nodes, f"http://127.0.0.1:{port}"
+    c, nodes, dashboard = chaos.cluster(nodes=2)
+    yield c, nodes, dashboard
     ray.shutdown()
     c.shutdown()
 
