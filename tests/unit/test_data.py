@@ -356,3 +356,18 @@ def test_preflight_reports_data_and_model_problems_together(tmp_path):
     msgs = _messages(preflight(r))
     assert len(msgs) == 2
     assert msgs[0].startswith("model.name: 'nobody/nothing'") and msgs[1].startswith("data.train: nothing.jsonl: ")
+
+
+def test_a_row_of_megabytes_is_measured_on_its_start_with_the_same_verdict(tmp_path, tiny_llama_dir):
+    import time
+
+    rows = [{"text": f"short row {i}"} for i in range(100)] + [{"text": "word " * 1_000_000}]
+    (tmp_path / "t.jsonl").write_text(jsonl(rows))
+    r = recipe(tmp_path, "  train: t.jsonl\n  max_seq_len: 16\n", task="causal_lm", model=str(tiny_llama_dir))
+    t0 = time.perf_counter()
+    rep = preflight(r, memory=False)
+    assert time.perf_counter() - t0 < 5 and rep.ok, rep.problems
+    assert any(n.startswith("train: 1 of ") and "longer than data.max_seq_len 16 and will be truncated" in n
+               for n in rep.notes), rep.notes
+    assert any("1 examples with a text longer than 1,024 characters were measured on their first 1,024" in n
+               for n in rep.notes), rep.notes
