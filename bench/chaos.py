@@ -150,6 +150,17 @@ def run(work: Path, c, workers: list, dashboard: str, jobs: int, faults: int, se
     data.write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(120)))
     server = Server(home, dashboard)
     server.start()
+    try:
+        return _run(work, c, workers, dashboard, jobs, faults, seed, every, kinds, plan, say, rng, home, model, data,
+                    server)
+    finally:
+        server.kill()  # whatever the ending: no server left running after the run
+
+
+def _run(work, c, workers, dashboard, jobs, faults, seed, every, kinds, plan, say, rng, home, model, data, server):
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
     ids: list[str] = []
     injected: collections.Counter = collections.Counter()
     torn: collections.Counter = collections.Counter()
