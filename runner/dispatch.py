@@ -26,12 +26,12 @@ import math
 import os
 import re
 import shlex
-import stat
 import sys
 import time
 from pathlib import Path
 
-from runner.jobfiles import read_text
+from jobs import secrets
+from runner.jobfiles import read_at, read_text
 from runner.queue import Need, Node, place, plan, refusal
 from runner.store import InvalidTransition, Job, Store, StoreError
 
@@ -367,10 +367,7 @@ class Dispatcher:
             self._end(job, "FAILED", reason)
 
     def _end(self, job: Job, state: str, reason: str | None = None) -> None:
-        try:  # the driver removes it as it ends; one killed (SIGKILL, a lost node) cannot
-            (Path(job.job_dir) / ".secrets.json").unlink(missing_ok=True)
-        except OSError:
-            pass
+        secrets.withdraw(Path(job.job_dir))  # the driver removes it as it ends; one killed (SIGKILL, a lost node) cannot
         if state == "SUCCEEDED" and job.state in ("STARTING", "RETRYING"):
             job = self.store.set_state(job.id, "RUNNING", expect=job.state)
         job = self.store.set_state(job.id, state, reason=reason, expect=job.state)
@@ -432,31 +429,6 @@ class Dispatcher:
                 return self.store.set_state(job.id, "CANCELLED", reason="cancelled by the user", expect=job.state)
             self.store.note(job.id, "cancel requested: stopping the job's processes")
         return self.store.get(job.id)
-
-
-def read_at(path: Path, offset: int, limit: int) -> bytes:
-    """Up to `limit` bytes of a plain file from `offset`; nothing where the path is absent, a link, a FIFO, a folder
-    or unreadable (opened without following a link and without blocking, so that no file a job's code makes can
-    hang or redirect the server)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return b""
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return b""
-        os.lseek(fd, offset, os.SEEK_SET)
-        out = bytearray()
-        while len(out) < limit:
-            part = os.read(fd, min(limit - len(out), 1 << 20))
-            if not part:
-                break
-            out += part
-        return bytes(out)
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)
 
 
 def whole_lines(path: Path, offset: int, limit: int = 1 << 24) -> tuple[str, int]:

@@ -15,6 +15,31 @@ MAX_JSON = 16 * 2**20  # eval.json, export_report.json: far larger would be no f
 MAX_TEXT = 64 * 1024  # failure.txt
 
 
+def read_at(path: Path, offset: int, limit: int) -> bytes:
+    """Up to `limit` bytes of a plain file from `offset`; nothing where the path is absent, a link, a FIFO, a folder
+    or unreadable (opened without following a link and without blocking, so that no file a job's code makes can
+    hang or redirect the server)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return b""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        os.lseek(fd, offset, os.SEEK_SET)
+        out = bytearray()
+        while len(out) < limit:
+            part = os.read(fd, min(limit - len(out), 1 << 20))
+            if not part:
+                break
+            out += part
+        return bytes(out)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
 def inside(job_dir: str | Path, rel: str) -> Path | None:
     """The file at `rel` under job_dir, where it resolves (every link followed) to a plain file inside the folder;
     None otherwise (absent, a folder, a link leading out)."""
@@ -41,8 +66,6 @@ def read_text(job_dir: str | Path, rel: str, limit: int = MAX_TEXT) -> str | Non
     path = inside(job_dir, rel)
     if path is None:
         return None
-    from runner.dispatch import read_at
-
     return read_at(path, 0, limit).decode("utf-8", "replace")
 
 
@@ -51,8 +74,6 @@ def read_json(job_dir: str | Path, rel: str, limit: int = MAX_JSON) -> dict | No
     path = inside(job_dir, rel)
     if path is None:
         return None
-    from runner.dispatch import read_at
-
     raw = read_at(path, 0, limit + 1)
     if len(raw) > limit:
         return None

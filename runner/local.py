@@ -78,35 +78,33 @@ def free_port(preferred: int | None = None) -> int:
 
 
 def ray_token(home: Path) -> str:
-    path = home / "ray_token"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    return path.read_text().strip()
+    """The local Ray head's token (<RUNNER_HOME>/ray_token, 0600, made on first use)."""
+    return _token_file(home, "ray_token", secrets.token_hex(32))
 
 
 def server_token(home: Path) -> str:
     """The local runner server's token (<RUNNER_HOME>/server_token, 0600, made on first use): the server asks every
     request for it, the CLI sends it, and `runner dashboard` trades it for a one-time sign-in link. Without it any
     local user or process, or a page a proxy forwards to loopback, could drive the server."""
-    path = home / "server_token"
+    return _token_file(home, "server_token", secrets.token_urlsafe(32))
+
+
+def _token_file(home: Path, name: str, new: str) -> str:
+    """The token kept in <home>/<name> (0600); `new` written whole (a temporary file renamed) where there is none
+    or one cut short (a CLI killed while writing it), so that no server ever starts with an empty token."""
+    path = home / name
     try:
         found = path.read_text().strip()
     except FileNotFoundError:
         found = ""
     if len(found) >= 32:
         return found
-    # none yet, or one cut short (a CLI killed while writing it): a new one, written whole before it is seen
     home.mkdir(parents=True, exist_ok=True)
-    tmp = home / f"server_token.{os.getpid()}.tmp"
+    tmp = home / f"{name}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32))
-    if found or not path.exists():
-        os.replace(tmp, path)  # two CLIs at once: the later rename wins, and both then read that one
-    else:
-        tmp.unlink()
+        f.write(new)
+    os.replace(tmp, path)  # two CLIs at once: the later rename wins, and both then read that one
     return path.read_text().strip()
 
 

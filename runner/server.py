@@ -42,8 +42,7 @@ from pydantic import BaseModel, Field
 from jobs.recipe import NAME_RE, NAME_RULE, RecipeError, parse_recipe, shared_storage_problem
 from runner import jobfiles
 from runner.client import artifacts_root
-from runner.jobfiles import inside, read_json
-from runner.dispatch import read_at
+from runner.jobfiles import inside, read_at, read_json
 from runner.series import CHARTED, MAX_POINTS, thin
 from runner.store import STATES, TERMINAL, Store, StoreError, UnknownJob, eta_seconds
 
