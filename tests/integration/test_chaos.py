@@ -33,4 +33,6 @@ def test_jobs_come_through_one_fault_of_each_kind(tmp_path):
     assert out["recoveries"] >= 2, "the worker and the driver killed: two restarts from a checkpoint at least"
     assert 0 < out["max_steps_lost"] <= out["checkpoint_interval"], out
     assert out["ended_by_state"].get("CANCELLED") == 1 and out["details"]["notes"] == [], out
-    assert sum(out["ended_by_state"].values()) == out["jobs"] == 4, "three jobs and the one submitted again"
+    # three jobs, the one submitted again after the refused submit, and one more where all had ended before the
+    # plan was through (the harness keeps something running to inject into): every one of them ended
+    assert sum(out["ended_by_state"].values()) == out["jobs"] >= 4, out
