@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-from jobs import secrets
 from runner.jobfiles import read_at, read_text
 from runner.queue import Need, Node, place, plan, refusal
 from runner.store import InvalidTransition, Job, Store, StoreError
@@ -367,7 +366,10 @@ class Dispatcher:
             self._end(job, "FAILED", reason)
 
     def _end(self, job: Job, state: str, reason: str | None = None) -> None:
-        secrets.withdraw(Path(job.job_dir))  # the driver removes it as it ends; one killed (SIGKILL, a lost node) cannot
+        try:  # jobs.secrets.FILE: the driver removes it as it ends; one killed (SIGKILL, a lost node) cannot
+            (Path(job.job_dir) / ".secrets.json").unlink(missing_ok=True)
+        except OSError:
+            pass
         if state == "SUCCEEDED" and job.state in ("STARTING", "RETRYING"):
             job = self.store.set_state(job.id, "RUNNING", expect=job.state)
         job = self.store.set_state(job.id, state, reason=reason, expect=job.state)

@@ -18,7 +18,12 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "disabled"
 ray = pytest.importorskip("ray")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+BENCH = str(Path(__file__).resolve().parents[2] / "bench")
+sys.path.insert(0, BENCH)
+import chaos  # noqa: E402
+
+while BENCH in sys.path:  # off again: bench/queue.py would stand in for the standard library's queue (in spawned
+    sys.path.remove(BENCH)  # processes too, which inherit sys.path)
 
 from runner.local import alive as pid_alive  # noqa: E402
 from runner.local import free_port  # noqa: E402
@@ -33,8 +38,6 @@ ENDED = ("SUCCEEDED", "FAILED", "CANCELLED")
 @pytest.fixture(scope="module")
 def cluster():
     """Two worker nodes of 1 CPU and 1 fake GPU, the head holding none (bench/chaos.py makes it the same way)."""
-    import chaos
-
     c, nodes, dashboard = chaos.cluster(nodes=2)
     yield c, nodes, dashboard
     ray.shutdown()
