@@ -237,7 +237,10 @@ def _terminate(pid: int, timeout: float = 30.0, group: bool = False) -> bool:
     try:
         send(signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return True
+    deadline = time.monotonic() + 10  # SIGKILL is not instant: whoever asks next must find it gone
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return True
 
 
