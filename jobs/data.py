@@ -69,6 +69,10 @@ def read_source(recipe: Recipe, split: str, src: Source) -> Split:
     lines = _scan(key, path)
     import datasets
 
+    # datasets counts each load of its json/csv/parquet loader with a request to the hub: a local file must not
+    # phone home, and where the hub cannot be reached the request waited seconds for each file (3 s + DNS)
+    if "HF_UPDATE_DOWNLOAD_COUNTS" not in os.environ:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps pyarrow errors in several types; the message is what helps

@@ -52,6 +52,28 @@ def test_each_local_source_kind_reads_the_same_rows(tmp_path):
         "data.train: dd: has no split 'nope'; it has train, holdout (choose one with split: NAME)"]
 
 
+def test_a_local_file_is_read_without_a_request_to_the_hub(tmp_path, monkeypatch):
+    """datasets' json/csv/parquet loaders count each load with a HEAD request to the hub; on a machine that cannot
+    reach it that cost seconds a file (the fuzz found a 5 s pre-flight). The network edge records what is asked."""
+    import datasets.load
+
+    asked = []
+
+    class Session:
+        def head(self, url, **kw):
+            asked.append(url)
+
+    monkeypatch.delenv("HF_UPDATE_DOWNLOAD_COUNTS", raising=False)
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)  # datasets' default
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.load, "get_session", lambda: Session())
+    for name, text in (("a.jsonl", jsonl(ROWS)), ("a.csv", "text,label\nx,pos\n")):
+        (tmp_path / name).write_text(text)
+        r = recipe(tmp_path, f"  train: {name}\n")
+        assert len(D.read_source(r, "train", r.data.train).dataset) >= 1
+    assert asked == []
+
+
 def test_hub_source_passes_id_subset_split_revision(tmp_path, monkeypatch):
     import datasets
 
