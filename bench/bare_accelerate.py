@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForSequenceClassification
 
 from jobs import data as D
-from jobs.preflight import load_tokenizer
+from jobs.modelfiles import load_tokenizer
 from jobs.recipe import load_recipe
 from jobs.train import collate, make_optimizer, make_schedule, per_example_loss
 

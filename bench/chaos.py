@@ -48,11 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ["RAY_AUTH_MODE"] = "disabled"  # a simulated cluster of this process's own
 
+from jobs.jobdir import ACTIVE as ACTIVE_STATES, TERMINAL  # noqa: E402
+
 CHECKPOINT_EVERY = 5
 STEP_DELAY = 0.15
 STEPS = 60
-ENDED = ("SUCCEEDED", "FAILED", "CANCELLED")
-ACTIVE = ("STARTING", "RUNNING", "RETRYING", "EXPORTING")
+ENDED, ACTIVE = tuple(map(str, TERMINAL)), tuple(map(str, ACTIVE_STATES))
 KINDS = ("kill_worker", "remove_node", "kill_server", "kill_driver", "torn_line", "cancel", "down_submit")
 
 
@@ -66,8 +67,7 @@ class Server:
         from runner.local import free_port
 
         self.port = self.port or free_port()
-        env = {**os.environ, "RUNNER_HOME": str(self.home), "RUNNER_SHARED_STORAGE": "1",
-               "RUNNER_TEST_HOOKS": json.dumps({"step_delay": STEP_DELAY})}
+        env = {**os.environ, "RUNNER_HOME": str(self.home), "RUNNER_SHARED_STORAGE": "1"}
         env.pop("RUNNER_TOKEN", None)
         log = open(self.home / "server.log", "a")
         self.proc = subprocess.Popen([sys.executable, "-m", "runner.server", "--port", str(self.port), "--ray",
@@ -127,9 +127,12 @@ def cluster(nodes: int = 3):
 
 
 def recipe(model: Path, data: Path, name: str) -> str:
+    from tiny import faults as slow_steps
+
     return (f"name: {name}\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: {data}\n"
             f"  max_seq_len: 16\ntrain:\n  max_steps: {STEPS}\n  batch_size: 8\n  eval_every: {CHECKPOINT_EVERY}\n"
-            f"  checkpoint_every: {CHECKPOINT_EVERY}\nresources:\n  workers: 1\n  cpus_per_worker: 1\n"
+            f"  checkpoint_every: {CHECKPOINT_EVERY}\n{slow_steps(step_delay=STEP_DELAY)}"
+            "resources:\n  workers: 1\n  cpus_per_worker: 1\n"
             "  gpus_per_worker: 1\n  max_failures: 3\n")
 
 

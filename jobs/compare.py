@@ -96,7 +96,7 @@ def compare_task(job_dir: str, threads: int) -> dict | None:
     """compare_with_champion inside a Ray task (the driver runs it with one worker's CPUs and GPUs)."""
     import torch
 
-    from jobs.driver import note
+    from jobs.jobdir import note
     from jobs.recipe import SNAPSHOT, load_recipe
 
     from jobs import secrets

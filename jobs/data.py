@@ -212,9 +212,9 @@ def map_columns(recipe: Recipe, sp: Split) -> Split:
         if col in have:
             keep[col] = role
         elif role in required:
-            from jobs.recipe import _did_you_mean
+            from jobs.recipe import did_you_mean
 
-            hint = _did_you_mean(col, have)
+            hint = did_you_mean(col, have)
             how = f"data.columns.{role}: COLUMN" if role not in cols else f"data.columns.{role}"
             problems.append(Problem(f"data.{sp.name}", f"{Path(sp.origin).name}: no column '{col}'{hint}; the task "
                                     f"needs it as '{role}'. Columns: {', '.join(have)}. Map one with {how}"))

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from jobs import secrets
-from jobs.appendfile import append, open_private
+from jobs.jobdir import JobState, checkpoints_newest_first, event, note, open_private
 from jobs.recipe import SNAPSHOT, Recipe, RecipeError, load_recipe, shared_storage_problem
 
 
@@ -39,7 +39,8 @@ def prepare_data(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, 
     import datasets
 
     from jobs import data as D
-    from jobs.preflight import length_problems, load_tokenizer
+    from jobs.modelfiles import load_tokenizer
+    from jobs.preflight import length_problems
 
     splits = D.load_splits(recipe)
     labels = D.label_names(recipe, splits["train"]) if recipe.task == "classification" else None
@@ -73,10 +74,10 @@ class Prepared:
     timings: dict
 
 
-def run_job(job_dir: Path, extra_config: dict | None = None) -> dict:
+def run_job(job_dir: Path) -> dict:
     """Run one job to the end on the Ray already connected. Returns the eval results; raises JobFailed."""
     job_dir = Path(job_dir).resolve()
-    return train_job(job_dir, prepare_job(job_dir), extra_config)
+    return train_job(job_dir, prepare_job(job_dir))
 
 
 def prepare_job(job_dir: Path) -> Prepared:
@@ -102,7 +103,7 @@ def prepare_job(job_dir: Path) -> Prepared:
     return Prepared(recipe, report.model_path, rows, timings)
 
 
-def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -> dict:
+def train_job(job_dir: Path, prep: Prepared) -> dict:
     """Run the Ray Train workers, then write the manifest. Returns the eval results; raises JobFailed."""
     import ray
     import ray.train
@@ -131,7 +132,7 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"job_dir": str(job_dir), "model_path": prep.model_path,
-                           "resume_from": earlier_checkpoints(job_dir), **(extra_config or {})},
+                           "resume_from": checkpoints_newest_first(job_dir)},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu and _has_cuda() else "gloo"),
         run_config=RunConfig(name="checkpoints", storage_path=str(job_dir),
@@ -168,7 +169,7 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
         from jobs.export import ExportFailed, export_job
 
         t0 = time.perf_counter()
-        event(job_dir, "exporting to ONNX and checking the export", state="EXPORTING")
+        event(job_dir, "exporting to ONNX and checking the export", state=JobState.EXPORTING)
         try:
             export = export_job(job_dir, recipe, log=lambda m: note(job_dir, m))
         except ExportFailed as e:
@@ -179,32 +180,6 @@ def train_job(job_dir: Path, prep: Prepared, extra_config: dict | None = None) -
         timings["export_s"] = time.perf_counter() - t0
     write_manifest(job_dir, recipe, timings, result, prep.rows, export)
     return result
-
-
-def earlier_checkpoints(job_dir: Path) -> list[str]:
-    """Checkpoints an earlier run of this job folder left (cancelled, failed, killed), newest step first.
-
-    Ray Train restores a rerun by itself only from the snapshot it writes as it goes, which a killed run may
-    not have written yet; each checkpoint carries its step in step.json, so the folder alone says where to go on.
-    """
-    found = []
-    for d in (job_dir / "checkpoints").glob("checkpoint_*"):
-        try:
-            step = json.loads((d / "step.json").read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if (d / "state.pt").is_file():
-            found.append((step, str(d)))
-    return [d for _, d in sorted(found, reverse=True)]
-
-
-def event(job_dir: Path, message: str, state: str | None = None, level: str | None = None, **extra) -> None:
-    """A line of <job_dir>/events.jsonl: a change of the job's state (RETRYING, RUNNING, EXPORTING) or a note
-    (level "warning" for what a person should look at: an alarm, a baseline not beaten), which the runner server
-    copies into its store as it follows the job. One write of one line, so that lines from the driver and from
-    rank 0 never interleave."""
-    line = json.dumps({"time": time.time(), "state": state, "message": message, "level": level, **extra}) + "\n"
-    append(job_dir / "events.jsonl", line)
 
 
 def _lifecycle_callback(job_dir: Path, max_failures: int):
@@ -224,17 +199,12 @@ def _lifecycle_callback(job_dir: Path, max_failures: int):
                 note(job_dir, f"the workers failed: {err}")
                 event(job_dir, f"the workers failed ({_lost_reason(err)}); restart {self.failures} of "
                                f"{'unlimited' if max_failures < 0 else max_failures}, from the last checkpoint",
-                      state="RETRYING")
+                      state=JobState.RETRYING)
             elif kind == "RUNNING" and self.announced < self.failures:
                 self.announced = self.failures
-                event(job_dir, f"workers running again after restart {self.failures}", state="RUNNING")
+                event(job_dir, f"workers running again after restart {self.failures}", state=JobState.RUNNING)
 
     return Lifecycle()
-
-
-def note(job_dir: Path, msg: str) -> None:
-    """A line for the person running the job, in train.log (the driver's `Follow` shows it as it comes)."""
-    append(job_dir / "train.log", f"{time.strftime('%H:%M:%S')} {msg}\n")
 
 
 def _lost_reason(e: BaseException | None) -> str:
@@ -320,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--- attempt {attempt}{how}, {time.strftime('%Y-%m-%d %H:%M:%S')} ---", flush=True)
     if fresh:
         set_aside(job_dir)
-    hooks = json.loads(os.environ.get("RUNNER_TEST_HOOKS", "{}"))  # tests only: see train_func's config.get
-    return run_with_ray(job_dir, hooks)
+    return run_with_ray(job_dir)
 
 
 RESULTS = ("checkpoints", "best", "eval.json", "model", "adapter", "onnx", "onnx.failed", "manifest.json",
@@ -361,7 +330,7 @@ def ray_settings(local: bool) -> None:
             os.environ.setdefault(k, "0")
 
 
-def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
+def run_with_ray(job_dir: Path) -> int:
     """Connect to RAY_ADDRESS, or start a local Ray for this job; print progress; exit 0 / 1 with the reason.
 
     Pre-flight and data preparation run in a thread while Ray starts, since neither needs it. (Ray itself must
@@ -391,13 +360,13 @@ def run_with_ray(job_dir: Path, extra_config: dict | None = None) -> int:
         why = secrets.hand_over(job_dir)
         if why:
             note(job_dir, why)
-        return _drive(job_dir, address, preparing, prepared, follow, extra_config)
+        return _drive(job_dir, address, preparing, prepared, follow)
     finally:
         secrets.withdraw(job_dir)
         follow.stop()  # whatever the ending: the last lines shown, the last warnings relayed
 
 
-def _drive(job_dir: Path, address: str | None, preparing, prepared: list, follow, extra_config: dict | None) -> int:
+def _drive(job_dir: Path, address: str | None, preparing, prepared: list, follow) -> int:
     import logging
 
     import ray
@@ -419,7 +388,7 @@ def _drive(job_dir: Path, address: str | None, preparing, prepared: list, follow
         preparing.join()
         if isinstance(prepared[0], BaseException):
             raise prepared[0]
-        result = train_job(job_dir, prepared[0], extra_config)
+        result = train_job(job_dir, prepared[0])
     except JobFailed as e:
         follow.stop()
         (job_dir / "failure.txt").write_text(str(e))

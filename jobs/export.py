@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jobs.jobdir import latest_export
 from jobs.recipe import SNAPSHOT, ExportSpec, Recipe, load_recipe
 
 FP32_ATOL = 1e-3
@@ -557,15 +558,6 @@ def _first_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Predict with an exported model (no PyTorch)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def latest_export(job_dir: Path) -> Path | None:
-    """The newest export that passed: a re-export under exports/ (named by UTC time), else onnx/."""
-    for d in sorted((job_dir / "exports").glob("*"), reverse=True) + [job_dir / "onnx"]:
-        report = d / "export_report.json"
-        if report.exists() and json.loads(report.read_text()).get("passed"):
-            return d
-    return None
 
 
 def predict(export_dir: Path, texts: list[str], threads: int = 2, new_tokens: int = 32) -> list[dict]:

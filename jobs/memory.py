@@ -89,7 +89,7 @@ def model_shape(recipe: Recipe, config) -> Shape:
     import torch.nn as nn
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from jobs.model import _head_names, transformer_layers
+    from jobs.model import head_names, transformer_layers
 
     with torch.device("meta"):
         if recipe.task == "causal_lm":
@@ -98,7 +98,7 @@ def model_shape(recipe: Recipe, config) -> Shape:
             labels = 1 if recipe.task == "regression" else max(2, len(recipe.data.labels or []) or 2)
             config.num_labels = labels
             model = AutoModelForSequenceClassification.from_config(config)
-    heads = {n for n in _head_names(model)}
+    heads = {n for n in head_names(model)}
     out_emb = model.get_output_embeddings() if recipe.task == "causal_lm" else None
     params = sum(p.numel() for p in model.parameters())
     linear = 0
@@ -304,7 +304,7 @@ def check(recipe: Recipe, model_path: str) -> tuple[Estimate, str | None, str | 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.memory RECIPE`: print the estimate as JSON (for benchmarks)."""
-    from jobs.preflight import resolve_model
+    from jobs.modelfiles import resolve_model
     from jobs.recipe import load_recipe
 
     args = sys.argv[1:] if argv is None else argv

@@ -38,7 +38,7 @@ def load_base(recipe: Recipe, model_path: str, label_names: list[str] | None, qu
         label2id={n: i for i, n in enumerate(label_names)}, problem_type="single_label_classification", **kw)
 
 
-def _head_names(model) -> list[str]:
+def head_names(model) -> list[str]:
     """Modules that are new for the task (the classification head) and must train in every mode."""
     return [n for n in ("pre_classifier", "classifier", "score") if hasattr(model, n)]
 
@@ -61,7 +61,7 @@ def tune_lora(model, recipe: Recipe):
                              f"tuning.target_modules")
     task_type = TaskType.CAUSAL_LM if recipe.task == "causal_lm" else TaskType.SEQ_CLS
     cfg = LoraConfig(r=t.r, lora_alpha=t.alpha, lora_dropout=t.dropout, target_modules=list(targets),
-                     task_type=task_type, modules_to_save=_head_names(model) or None)
+                     task_type=task_type, modules_to_save=head_names(model) or None)
     return get_peft_model(model, cfg)
 
 
@@ -75,7 +75,7 @@ def tune_qlora(model, recipe: Recipe):
 def tune_freeze(model, recipe: Recipe):
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in _head_names(model):
+    for name in head_names(model):
         for p in getattr(model, name).parameters():
             p.requires_grad_(True)
     n = recipe.tuning.train_last_layers

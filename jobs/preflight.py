@@ -10,8 +10,8 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+from jobs.modelfiles import load_tokenizer, resolve_model
 from jobs.recipe import Problem, Recipe, RecipeError, load_recipe
 
 STATS_ROWS = 5000  # rows per split tokenized for the truncation figures
@@ -37,54 +37,6 @@ class Report:
         return d
 
 
-def resolve_model(recipe: Recipe) -> tuple[str | None, Problem | None]:
-    """Where the model's files are: a local folder, or the hub id once its config is in the local cache."""
-    name, rev = recipe.model.name, recipe.model.revision
-    local = recipe.resolve_path(name)
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if local.exists():
-        if not (local / "config.json").exists():
-            return None, Problem("model.name", f"{name}: the folder has no config.json; point at a folder written "
-                                               f"by save_pretrained, or at a hub id")
-        return str(local), None
-    if looks_local:
-        return None, Problem("model.name", f"{name}: no such folder (looked for {local})")
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(name, "config.json", revision=rev)
-    if isinstance(cached, str):
-        return name, None
-    fix = f"hf download {name}" + (f" --revision {rev}" if rev != "main" else "")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return None, Problem("model.name", f"'{name}' (revision '{rev}') is not in the local cache "
-                                           f"({_hf_home()}) and HF_HUB_OFFLINE=1; fetch it once with: {fix}")
-    from huggingface_hub import hf_hub_download
-
-    token = recipe.model.token.get_secret_value() if recipe.model.token else None
-    try:
-        hf_hub_download(name, "config.json", revision=rev, token=token, etag_timeout=10)
-    except Exception as e:  # not found, gated, or no network: all mean the job cannot start
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None, Problem("model.name", f"'{name}' (revision '{rev}') cannot be fetched from the hub: {reason}. "
-                                           f"Check the id, set model.token for a gated model, or fetch it with: {fix}")
-    return name, None
-
-
-def load_tokenizer(recipe: Recipe, model_path: str):
-    from transformers import AutoTokenizer
-
-    token = recipe.model.token.get_secret_value() if recipe.model.token else None
-    local_only = Path(model_path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1" or _cached(recipe)
-    tok = AutoTokenizer.from_pretrained(model_path, revision=recipe.model.revision, token=token,
-                                        trust_remote_code=recipe.model.trust_remote_code,
-                                        local_files_only=local_only)
-    if recipe.data.chat_template:
-        tok.chat_template = recipe.data.chat_template
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True) -> Report:
     """Check data, columns, labels, lengths, model and resources. Never raises for a user's mistake.
 
@@ -100,6 +52,13 @@ def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True) -> Repo
     report.model_path = model_path
     if problem:
         report.problems.append(problem)
+    if recipe.train.callbacks:
+        from jobs.callbacks import CallbackError, build
+
+        try:
+            build(recipe.train.callbacks)
+        except CallbackError as e:
+            report.problems.append(Problem(e.key, e.why))
     try:
         splits = D.load_splits(recipe)
     except D.DataError as e:
@@ -199,16 +158,6 @@ def length_problems(recipe: Recipe, split: str, lengths: list[int], targets: lis
         notes.append(f"{split}: {no_target} of {scope} examples lose their whole response to truncation and "
                      f"will not contribute to the loss")
     return []
-
-
-def _cached(recipe: Recipe) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(recipe.model.name, "config.json", revision=recipe.model.revision), str)
-
-
-def _hf_home() -> str:
-    return os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from jobs.jobdir import event, whole_lines
+
 
 class Follow(threading.Thread):
     """Also relays the workers' warnings (rank 0's warnings.jsonl) into the job's events.jsonl, so that the driver
@@ -32,13 +34,8 @@ class Follow(threading.Thread):
     @staticmethod
     def _whole_lines(path: Path, offset: int) -> tuple[list[str], int]:
         """Lines after `offset`; a line being written is read next time."""
-        if not path.exists():
-            return [], offset
-        with path.open("rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-        end = chunk.rfind(b"\n") + 1
-        return chunk[:end].decode("utf-8", "replace").splitlines(), offset + end
+        text, end = whole_lines(path, offset)
+        return text.splitlines(), end
 
     def _read(self) -> list[dict]:
         lines, self._offset = self._whole_lines(self.path, self._offset)
@@ -50,8 +47,6 @@ class Follow(threading.Thread):
         return lines
 
     def _relay(self) -> None:
-        from jobs.driver import event
-
         lines, self._warn_offset = self._whole_lines(self.warnings, self._warn_offset)
         for line in lines:
             try:

@@ -197,6 +197,32 @@ class EarlyStopping(_Strict):
                              "weights kept are the best whatever the gain).")
 
 
+class CallbackSpec(_Strict):
+    """Code of your own called at fixed points of the training loop on every worker (jobs/callbacks.py)."""
+
+    use: str = Field(description="`package.module:Class`, a subclass of `jobs.callbacks.Callback` importable where "
+                                 "the workers run (e.g. `jobs.faults:Faults`, faults for drills).")
+    args: dict[str, typing.Any] = Field(default_factory=dict, max_length=32,
+                                        description="Keyword arguments of its constructor: text, numbers, booleans.")
+
+    @field_validator("use")
+    @classmethod
+    def _importable_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", v):
+            raise ValueError(f"{v[:200]!r} is not `package.module:Class` (a module the workers import, never a "
+                             f"file path)")
+        return v
+
+    @field_validator("args")
+    @classmethod
+    def _scalars(cls, v: dict) -> dict:
+        for k, x in v.items():
+            if not isinstance(x, (str, int, float, bool, type(None))):
+                raise ValueError(f"{k}: {type(x).__name__}; a callback's arguments are text, numbers, true/false "
+                                 f"or null")
+        return v
+
+
 class TrainSpec(_Strict):
     """The optimisation."""
 
@@ -222,6 +248,11 @@ class TrainSpec(_Strict):
         None, description="Validation metric that picks the weights kept (and drives early stopping), its direction "
         "known: default `accuracy` for classification, `mse` for regression, `loss` for causal LM (also `macro_f1`, "
         "`loss`, `mae`, `perplexity`). Ties go to the lower validation loss, then the later step.")
+    callbacks: list[CallbackSpec] = Field(
+        default_factory=list, max_length=16,
+        description="Code of your own at fixed points of the loop, on every worker, in this order: each "
+        "`{use: package.module:Class, args: {...}}`, a subclass of `jobs.callbacks.Callback` importable where the "
+        "workers run, built with `args` (text, numbers, booleans). `jobs.faults:Faults` injects faults for drills.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSpec":
@@ -747,7 +778,7 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
         if d.format is not None:
             out.append(("data.format", f"applies to task 'causal_lm' only (task is '{r.task}')"))
         if d.chat_template is not None:
-            out.append(("data.chat_template", f"applies to task 'causal_lm' with format 'chat' only"))
+            out.append(("data.chat_template", "applies to task 'causal_lm' with format 'chat' only"))
         if r.task == "regression" and d.labels is not None:
             out.append(("data.labels", "applies to task 'classification' only (task is 'regression')"))
     if d.labels is not None and r.task == "classification":
@@ -760,7 +791,7 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
     allowed = required + optional
     for role in d.columns:
         if role not in allowed:
-            hint = _did_you_mean(role, allowed)
+            hint = did_you_mean(role, allowed)
             fmt = f" format '{d.format or 'text'}'" if r.task == "causal_lm" else ""
             out.append((f"data.columns.{role}",
                         f"unknown role '{role}' for task '{r.task}'{fmt}{hint}; roles: {', '.join(allowed)}"))
@@ -795,7 +826,7 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
     known = SELECT_METRICS[r.task]
     if r.train.select_metric is not None and r.train.select_metric not in known:
         out.append(("train.select_metric", f"{r.train.select_metric!r} is not a validation metric of task "
-                                           f"'{r.task}'{_did_you_mean(r.train.select_metric, known)}; expected one "
+                                           f"'{r.task}'{did_you_mean(r.train.select_metric, known)}; expected one "
                                            f"of {', '.join(known)}"))
     if r.train.eval_every and r.train.checkpoint_every and r.train.checkpoint_every % r.train.eval_every:
         out.append(("train.checkpoint_every", f"{r.train.checkpoint_every} is not a multiple of train.eval_every "
@@ -887,7 +918,7 @@ def _problem(err: dict, data: dict, lines: dict, secrets: dict | None = None) ->
     if typ == "extra_forbidden":
         key = loc[-1]
         allowed = _fields_at(loc[:-1], data)
-        hint = _did_you_mean(key, allowed)
+        hint = did_you_mean(key, allowed)
         return Problem(_dotted(shown), f"unknown key{hint}; allowed here: {', '.join(allowed)}", line)
     if typ == "missing":
         return Problem(_dotted(shown), "required key is missing", _line_of(lines, shown[:-1]))
@@ -895,14 +926,14 @@ def _problem(err: dict, data: dict, lines: dict, secrets: dict | None = None) ->
         tags = ", ".join(f"'{t}'" for t in TUNING_MODES)
         got = ctx.get("tag")
         return Problem(_dotted(shown + ("mode",)),
-                       f"{got!r} is not a tuning mode{_did_you_mean(str(got), TUNING_MODES)}; expected one of {tags}",
+                       f"{got!r} is not a tuning mode{did_you_mean(str(got), TUNING_MODES)}; expected one of {tags}",
                        _line_of(lines, shown + ("mode",)) or line)
     if typ == "union_tag_not_found":
         return Problem(_dotted(shown + ("mode",)), "required key is missing; expected one of "
                        + ", ".join(f"'{t}'" for t in TUNING_MODES), line)
     if typ == "literal_error":
         expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        hint = _did_you_mean(str(value), expected)
+        hint = did_you_mean(str(value), expected)
         return Problem(_dotted(shown), f"{value!r} is not allowed{hint}; expected one of {ctx.get('expected')}", line)
     if typ in ("int_parsing", "float_parsing", "int_type", "float_type", "int_from_float"):
         what = "a whole number" if typ.startswith("int") else "a number"
@@ -942,7 +973,7 @@ def _fields_at(loc: tuple, data: dict) -> list[str]:
     """Field names of the model found at `loc` (pydantic's error location, union tags included)."""
     cls: Any = Recipe
     for part in loc:
-        cls = _unwrap(cls)
+        cls = unwrap(cls)
         if isinstance(cls, tuple):  # union of models: the tag picks one
             cls = next((c for c in cls if c.model_fields["mode"].default == part), None)
             if cls is None:
@@ -952,13 +983,13 @@ def _fields_at(loc: tuple, data: dict) -> list[str]:
             cls = cls.model_fields[part].annotation
         else:
             return []
-    cls = _unwrap(cls)
+    cls = unwrap(cls)
     if isinstance(cls, type) and issubclass(cls, BaseModel):
         return list(cls.model_fields)
     return []
 
 
-def _unwrap(t: Any) -> Any:
+def unwrap(t: Any) -> Any:
     while True:
         origin = typing.get_origin(t)
         if origin is Annotated:
@@ -989,7 +1020,7 @@ _SYNONYMS = {
 }
 
 
-def _did_you_mean(word: str, options) -> str:
+def did_you_mean(word: str, options) -> str:
     """' (did you mean X?)' for the closest option, knowing other tools' names for our keys; '' if none is close."""
     options = list(options)
     aliases = {a: t for a, t in _SYNONYMS.items() if t in options}

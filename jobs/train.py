@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 
 from jobs import secrets
-from jobs.appendfile import append
+from jobs.callbacks import Loop
+from jobs.callbacks import build as build_callbacks
+from jobs.jobdir import append, checkpoints_newest_first
 from jobs.recipe import SNAPSHOT, Recipe, parse_recipe
 
 
@@ -332,10 +334,11 @@ def train_func(config: dict) -> None:
     model, n_trainable, n_total = build_model(recipe, config["model_path"], labels, pad_id,
                                               gradient_checkpointing=sp["model_gradient_checkpointing"])
     sp = plan(recipe, layer_classes(model), gpu=use_gpu)
-    if config.get("force_sharded"):  # tests: the sharded strategies' checkpoint, resume and save path, on CPUs
-        sp["sharded"] = True
+    callbacks = build_callbacks(recipe.train.callbacks)
+    callbacks.on_plan(sp)
     acc = make_accelerator(sp)
     rank, world = acc.process_index, acc.num_processes
+    loop = Loop(job_dir, rank, world)
     if world != ctx.get_world_size():
         raise RuntimeError(f"Accelerate sees {world} processes but Ray started {ctx.get_world_size()} workers")
 
@@ -365,11 +368,6 @@ def train_func(config: dict) -> None:
     unit_of = [units(r, recipe.task) for r in train_ds] if recipe.task == "causal_lm" else None
     length_of = [len(x) for x in train_ds["input_ids"]]
 
-    if config.get("record_nodes") and rank == 0:  # tests: the node each start of the workers ran on, its priority
-        with (job_dir / "nodes.txt").open("a") as f:
-            f.write(ray.get_runtime_context().get_node_id() + "\n")
-        (job_dir / "nice.txt").write_text(str(os.nice(0)))
-
     # --- resume ---------------------------------------------------------------------------------------------------
     state = State()
     saved = _resume_state(ray.train.get_checkpoint(), config.get("resume_from", []), note, acc, job_dir)
@@ -380,8 +378,9 @@ def train_func(config: dict) -> None:
         state = State(**{k: v for k, v in saved["state"].items() if k in State.__dataclass_fields__})
         note(f"resumed from checkpoint at step {state.step} (epoch {state.epoch + 1}, "
              f"step {state.step_in_epoch} of the epoch)")
+    loop.step, loop.epoch = state.step, state.epoch
+    callbacks.on_start(loop)
     metrics_file = job_dir / "metrics.jsonl"
-    seen_file = config.get("record_seen")  # tests: every row index each rank trains on
 
     def log(rec: dict) -> None:  # strict JSON: a figure that is not finite is written as null
         if rank == 0:
@@ -401,7 +400,7 @@ def train_func(config: dict) -> None:
     val = None  # the latest validation metrics, of the weights as they are now
     while not done:
         plan = epoch_plan(len(train_ds), t.seed, state.epoch, world, t.batch_size, t.grad_accum)
-        epoch = state.epoch
+        epoch = loop.epoch = state.epoch
         while state.epoch == epoch and not done:
             tick = time.perf_counter()
             s = state.step_in_epoch
@@ -425,9 +424,7 @@ def train_func(config: dict) -> None:
                     loss = losses.sum() * weight * world * sp["loss_multiplier"] / step_units
                 acc.backward(loss)
                 local_sum += losses.detach().sum() * weight
-                if seen_file and idx:
-                    with open(f"{seen_file}.{rank}", "a") as f:
-                        f.write(f"{epoch} " + " ".join(map(str, idx)) + "\n")
+                callbacks.on_batch(loop, idx)
             if sp["clip_by_engine"]:  # DeepSpeed clipped (train.max_grad_norm) and stepped inside backward
                 grad_norm = _number(getattr(model, "get_global_grad_norm", lambda: None)())
             else:  # the norm before clipping, measured whether or not the recipe clips
@@ -476,25 +473,10 @@ def train_func(config: dict) -> None:
                 _checkpoint(report, state, raw, optimizer, rank, acc if sp["sharded"] else None)
             elif done:  # the saved model is the end's record; a checkpoint would only be written and hashed
                 ray.train.report(report)
-            if config.get("step_delay"):  # tests: slow steps, so that a watcher sees the run go on
-                time.sleep(config["step_delay"])
-            hold = config.get("hold_file")  # tests: hold at pause_after_step until stopped, or while the file
-            hold = hold and job_dir / hold  # (relative to the job folder) is there
-            while config.get("pause_after_step") == state.step and (not hold or hold.exists()):
-                time.sleep(0.2)
-            crash = config.get("crash_after_step")  # tests: a worker dies mid-run, once
-            if crash and state.step == crash and rank == world - 1 and not (job_dir / "crashed").exists():
-                (job_dir / "crashed").write_text(str(state.step))
-                time.sleep(3)  # let the controller collect the last checkpoint's report, as a real crash would
-                os._exit(1)
+            loop.step = state.step
+            callbacks.on_step(loop)
 
-    if config.get("record_weights"):  # tests: ranks must end with identical weights
-        import hashlib
-
-        h = hashlib.sha256()
-        for k, v in sorted(raw.state_dict().items()):
-            h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
-        (job_dir / f"weights.{rank}.sha256").write_text(h.hexdigest())
+    callbacks.on_end(loop, raw)
     # --- test with the best weights, then save ------------------------------------------------------------------
     best = job_dir / "best" / "state.pt"
     if state.best_step != state.step or val is None:
@@ -644,10 +626,9 @@ def _resume_state(ckpt, candidates: list[str], note, acc, candidates_root: Path 
         with ckpt.as_directory() as d:
             # a checkpoint written to the job folder that Ray Train had not registered yet when the worker was
             # lost (it registers them a moment after the step goes on) is newer: go on from it, and redo less
-            from jobs.driver import earlier_checkpoints
 
             registered = _step_of(Path(d))
-            for newer in earlier_checkpoints(Path(candidates_root)) if candidates_root else []:
+            for newer in checkpoints_newest_first(Path(candidates_root)) if candidates_root else []:
                 if registered is None or _step_of(Path(newer)) <= registered:
                     break
                 try:

@@ -14,7 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
-from runner.store import TERMINAL, Store, StoreError
+from jobs.jobdir import TERMINAL
+from runner.store import Store, StoreError
 
 KEEP = 10
 RETAINED = ("checkpoints", "best")  # what retention removes from a job's folder, and from earlier attempts' there

@@ -30,15 +30,14 @@ import sys
 import time
 from pathlib import Path
 
-from runner.jobfiles import read_at, read_text
+from jobs.jobdir import ACTIVE, TERMINAL, TRAINING, can_move, read_at, whole_lines
+from runner.jobfiles import read_text
 from runner.queue import Need, Node, place, plan, refusal
 from runner.store import InvalidTransition, Job, Store, StoreError
 
-ACTIVE = ("STARTING", "RUNNING", "RETRYING", "EXPORTING")
-DRIVER_STATES = ("RUNNING", "RETRYING", "EXPORTING")  # what a job's events.jsonl may move it to; Ray says the ending
 LOST_AFTER = 30.0
 WORKER_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_MODE",
-              "RUNNER_VERBOSE", "RUNNER_TEST_HOOKS", "RUNNER_SHARED_STORAGE")
+              "RUNNER_VERBOSE", "RUNNER_SHARED_STORAGE")
 # Ray's own token is not among them: the drivers inherit it from the Ray head they run on, and env_vars of a job are
 # shown by Ray's API and dashboard.
 
@@ -401,15 +400,20 @@ class Dispatcher:
         events, offset, bad = _read_lines(folder / "events.jsonl", attempt["events_offset"], event_problem)
         self._skipped(job, "events.jsonl", bad)
         for ev in events:
-            new = ev.get("state")
+            new, said = ev.get("state"), (ev.get("message") or json.dumps(ev))[:10_000]
+            level = "warning" if ev.get("level") == "warning" else None
             if new and new != job.state:
-                try:
-                    job = self.store.set_state(job.id, new, expect=job.state, message=ev.get("message"))
-                    continue
-                except (InvalidTransition, StoreError):
-                    job = self.store.get(job.id)
-            self.store.note(job.id, (ev.get("message") or json.dumps(ev))[:10_000],
-                            level="warning" if ev.get("level") == "warning" else None)
+                if can_move(job.state, new):
+                    try:
+                        job = self.store.set_state(job.id, new, expect=job.state, message=ev.get("message"))
+                        continue
+                    except InvalidTransition:  # moved meanwhile (a cancel): said below as the move not taken
+                        job = self.store.get(job.id)
+                # a move the job cannot make from where it is (a line after its ending, a stray writer): kept, and
+                # said as not taken, never silently folded into a note
+                said += f" (the driver's move to {new} was not taken: the job is {job.state})"
+                level = level or (None if job.state in TERMINAL else "warning")
+            self.store.note(job.id, said, level=level)
         self.store.set_offsets(job.id, attempt["attempt"], events=offset)
         return job
 
@@ -431,16 +435,6 @@ class Dispatcher:
                 return self.store.set_state(job.id, "CANCELLED", reason="cancelled by the user", expect=job.state)
             self.store.note(job.id, "cancel requested: stopping the job's processes")
         return self.store.get(job.id)
-
-
-def whole_lines(path: Path, offset: int, limit: int = 1 << 24) -> tuple[str, int]:
-    """The whole lines of a file after a byte offset (a line being written comes next time), and the offset after
-    them. A line longer than `limit` comes in pieces of `limit` bytes."""
-    chunk = read_at(path, offset, limit)
-    end = chunk.rfind(b"\n") + 1
-    if end == 0 and len(chunk) == limit:  # a line longer than limit: given in pieces, never stalls the reader
-        end = limit
-    return chunk[:end].decode("utf-8", "replace"), offset + end
 
 
 MAX_RECORD = 64 * 1024  # a metrics or events line longer than this is not one the driver wrote
@@ -473,8 +467,8 @@ def event_problem(ev) -> str | None:
     for key in ("state", "message", "level"):
         if not isinstance(ev.get(key), (str, type(None))):
             return f"{key} is not text"
-    if ev.get("state") is not None and ev["state"] not in DRIVER_STATES:
-        return f"state {ev['state'][:40]!r} is not one a job's driver reports ({', '.join(DRIVER_STATES)})"
+    if ev.get("state") is not None and ev["state"] not in TRAINING:  # the driver's moves; Ray says the ending
+        return f"state {ev['state'][:40]!r} is not one a job's driver reports ({', '.join(TRAINING)})"
     return None
 
 

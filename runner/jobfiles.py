@@ -11,33 +11,10 @@ import os
 import stat
 from pathlib import Path
 
+from jobs.jobdir import read_at
+
 MAX_JSON = 16 * 2**20  # eval.json, export_report.json: far larger would be no file the runner wrote
 MAX_TEXT = 64 * 1024  # failure.txt
-
-
-def read_at(path: Path, offset: int, limit: int) -> bytes:
-    """Up to `limit` bytes of a plain file from `offset`; nothing where the path is absent, a link, a FIFO, a folder
-    or unreadable (opened without following a link and without blocking, so that no file a job's code makes can
-    hang or redirect the server)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return b""
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return b""
-        os.lseek(fd, offset, os.SEEK_SET)
-        out = bytearray()
-        while len(out) < limit:
-            part = os.read(fd, min(limit - len(out), 1 << 20))
-            if not part:
-                break
-            out += part
-        return bytes(out)
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)
 
 
 def inside(job_dir: str | Path, rel: str) -> Path | None:

@@ -9,9 +9,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from jobs.jobdir import TRAINING
 from runner.store import Store
-
-TRAINING = ("RUNNING", "RETRYING", "EXPORTING")
 
 
 class _Jobs:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
-from runner.store import TERMINAL, Store, StoreError, UnknownJob
+from jobs.jobdir import TERMINAL
+from runner.store import Store, StoreError, UnknownJob
 
 GRACE_S = 120.0
 OUTCOMES = ("submitted", "skipped", "missed")

@@ -39,12 +39,13 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
+from jobs.jobdir import STATES, TERMINAL, JobState, lines_after, whole_lines
 from jobs.recipe import NAME_RE, NAME_RULE, RecipeError, parse_recipe, shared_storage_problem
 from runner import jobfiles
 from runner.client import artifacts_root
-from runner.jobfiles import inside, read_at, read_json
+from runner.jobfiles import inside, read_json
 from runner.series import CHARTED, MAX_POINTS, thin
-from runner.store import STATES, TERMINAL, Store, StoreError, UnknownJob, eta_seconds
+from runner.store import Store, StoreError, UnknownJob, eta_seconds
 
 
 MAX_BODY = 2**20  # a request body: a recipe is at most 256 KiB (jobs.recipe.MAX_RECIPE_BYTES), sent as JSON
@@ -114,7 +115,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     import threading
     from contextlib import asynccontextmanager
 
-    from runner.dispatch import Dispatcher, RayRefused, RayUnreachable, whole_lines
+    from runner.dispatch import Dispatcher, RayRefused, RayUnreachable
 
     home = Path(home)
     root = artifacts_root(home).resolve()
@@ -258,7 +259,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         out = job.to_json()
         now = clock()
         out["duration_s"] = round((job.ended_at or now) - job.started_at, 1) if job.started_at else None
-        out["eta_s"] = eta_seconds(out["progress"]) if job.state in ("RUNNING", "RETRYING") else None
+        out["eta_s"] = eta_seconds(out["progress"]) if job.state in (JobState.RUNNING, JobState.RETRYING) else None
         if job.state == "QUEUED":
             order = order if order is not None else [j.id for j in store.queue()]
             waits = dispatcher.waiting.get(job.id) if dispatcher else None
@@ -432,7 +433,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         def read(at: int) -> tuple[bool, list]:  # the store and the file are read off the event loop
             ended = store.get(job_id).state in TERMINAL  # read before the file: its last lines come after
             path = log_path()
-            return ended, log_lines(path, at, 1 << 20) if path else []
+            return ended, lines_after(path, at, 1 << 20) if path else []
 
         streams["open"] += 1  # counted at once: two requests cannot both pass the check above
 
@@ -557,19 +558,6 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
         return {"code": sessions.code(), "expires_in": CODE_S}
 
     return app
-
-
-def log_lines(path: Path, offset: int, limit: int) -> list[tuple[int, str]]:
-    """The whole lines of a log after a byte offset, each with the byte offset after it (the SSE id a reconnect
-    goes on from): counted in bytes, so that a line of invalid UTF-8 does not shift the ids."""
-    chunk = read_at(path, offset, limit)
-    out, at = [], offset
-    if len(chunk) == limit and b"\n" not in chunk:  # a line longer than limit (a progress bar redrawn with CRs):
-        return [(offset + limit, chunk.decode("utf-8", "replace"))]  # in pieces, never a reader stalled on it
-    for raw in chunk.split(b"\n")[:-1]:  # the part after the last newline is a line still being written
-        at += len(raw) + 1
-        out.append((at, raw.decode("utf-8", "replace")))
-    return out
 
 
 def _mtime(path: Path) -> float | None:

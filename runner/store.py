@@ -19,21 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-STATES = ("QUEUED", "STARTING", "RUNNING", "RETRYING", "EXPORTING", "SUCCEEDED", "FAILED", "CANCELLED")
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
-ENDINGS = ("FAILED", "CANCELLED")
-
-# DESIGN.md's state machine; a retry (runner retry) puts an ended job back in the queue as a new attempt.
-TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "QUEUED": ("STARTING", *ENDINGS),
-    "STARTING": ("RUNNING", *ENDINGS),
-    "RUNNING": ("EXPORTING", "SUCCEEDED", "RETRYING", *ENDINGS),
-    "RETRYING": ("RUNNING", *ENDINGS),
-    "EXPORTING": ("SUCCEEDED", *ENDINGS),
-    "SUCCEEDED": (),
-    "FAILED": ("QUEUED",),
-    "CANCELLED": ("QUEUED",),
-}
+from jobs.jobdir import STATES, TERMINAL, TRANSITIONS, can_move
 
 def _backfill_model_mode(db: sqlite3.Connection) -> None:
     """Migration 3's second half: the model and mode of the jobs stored before it, read from their recipes."""
@@ -388,12 +374,12 @@ class Store:
             cur = self.get(job_id).state
             if expect is not None and cur != expect:
                 raise InvalidTransition(f"job {job_id} is {cur}, not {expect}")
-            if new not in TRANSITIONS[cur]:
+            if not can_move(cur, new):
                 allowed = ", ".join(TRANSITIONS[cur]) or "nothing (it has ended)"
                 raise InvalidTransition(f"job {job_id} cannot go from {cur} to {new}; from {cur} it can go to "
                                         f"{allowed}")
             sets = ["state = ?", "updated_at = ?", "reason = ?"]
-            args: list = [new, now, reason if new in ENDINGS or reason else None]
+            args: list = [new, now, reason if new in ("FAILED", "CANCELLED") or reason else None]
             if new == "STARTING":
                 sets += ["attempt = attempt + 1", "started_at = ?", "ended_at = NULL"]
                 args.append(now)

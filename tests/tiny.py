@@ -101,3 +101,9 @@ def keyword_rows(n: int, seed: int = 0) -> list[dict]:
         words.insert(rng.randrange(5), "good" if label == "pos" else "bad")
         rows.append({"text": " ".join(words), "label": label})
     return rows
+
+
+def faults(**args) -> str:
+    """Lines under a recipe's `train:` that ask for jobs.faults (slow steps, a pause, a crash, records), e.g.
+    faults(step_delay=0.2): what the tests and the chaos bench inject into real jobs, through the recipe."""
+    return "  callbacks:\n    - use: jobs.faults:Faults\n      args: " + json.dumps(args) + "\n"

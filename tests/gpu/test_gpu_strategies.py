@@ -28,18 +28,18 @@ def model_dir(tmp_path_factory):
 
 
 def run(tmp_path: Path, model_dir: Path, resources: str, tuning: str = "full", export: bool = False,
-        hooks: dict | None = None, train: str = "") -> Path:
+        faults: dict | None = None, train: str = "") -> Path:
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": TEXT[i % len(TEXT)] + f" {i}"}) + "\n" for i in range(96)))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"name: gpu\nmodel: {{name: {model_dir}, dtype: float32}}\ntask: causal_lm\n"
         f"data: {{train: {data}, max_seq_len: 32}}\ntuning: {tuning}\n"
-        f"train: {{max_steps: 8, batch_size: 8, lr: 0.001, eval_every: 4, checkpoint_every: 4{train}}}\n"
+        f"train: {{max_steps: 8, batch_size: 8, lr: 0.001, eval_every: 4, checkpoint_every: 4{train}"
+        + (f", callbacks: [{{use: 'jobs.faults:Faults', args: {json.dumps(faults)}}}]" if faults else "") + "}\n"
         f"resources: {{workers: 1, gpus_per_worker: 1, cpus_per_worker: 2, {resources}}}\n"
         f"export: {{onnx: {str(export).lower()}, max_quality_drop: 10}}\n")
-    env = {**os.environ, "RUNNER_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
-           "RUNNER_TEST_HOOKS": json.dumps(hooks or {})}
+    env = {**os.environ, "RUNNER_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(recipe)], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
@@ -87,7 +87,7 @@ def test_fsdp_with_checkpointing_shards_checkpoints_and_gathers_for_export(tmp_p
 
 def test_fsdp_resumes_from_its_sharded_checkpoint(tmp_path, model_dir):
     job = run(tmp_path, model_dir, "strategy: fsdp, mixed_precision: bf16, max_failures: 1",
-              hooks={"crash_after_step": 4})
+              faults={"crash_after_step": 4})
     assert "resumed from checkpoint at step 4" in (job / "train.log").read_text()
     trained(job, model_dir)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import keyword_rows, tiny_model_dir
+from tiny import faults, keyword_rows, tiny_model_dir
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,10 +50,11 @@ def test_ctrl_c_leaves_no_process_and_resume_goes_on(tmp_path, tokenizer):
     (tmp_path / "recipe.yaml").write_text(
         f"name: cc\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: data.jsonl\n  max_seq_len: 16\n"
         "train:\n  epochs: 2\n  batch_size: 4\n  lr: 0.003\n  checkpoint_every: 4\n  eval_every: 4\n"
-        "resources:\n  workers: 2\n  cpus_per_worker: 1\n")
+        + faults(pause_after_step=6, hold_file=str(tmp_path / "hold"), record_seen=str(tmp_path / "seen"))
+        + "resources:\n  workers: 2\n  cpus_per_worker: 1\n")
+    (tmp_path / "hold").touch()  # the first run holds after step 6 while it is there: Ctrl-C comes then
     marker = f"RUNNER_TEST_MARK={os.getpid()}-{time.time_ns()}"
-    env = {**os.environ, "RUNNER_HOME": str(tmp_path / "home"), marker.split("=")[0]: marker.split("=")[1],
-           "RUNNER_TEST_HOOKS": json.dumps({"pause_after_step": 6, "record_seen": str(tmp_path / "seen")})}
+    env = {**os.environ, "RUNNER_HOME": str(tmp_path / "home"), marker.split("=")[0]: marker.split("=")[1]}
     env.pop("RAY_ADDRESS", None)
     # started as a shell starts a background job (SIGINT ignored): Ctrl-C must work all the same
     cli = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(tmp_path / "recipe.yaml")], env=env,
@@ -76,7 +77,7 @@ def test_ctrl_c_leaves_no_process_and_resume_goes_on(tmp_path, tokenizer):
     wait_for(lambda: not processes_with(marker), "every process of the job to end", timeout=10)
     assert not (job / "model").exists() and not (job / "eval.json").exists()
 
-    env["RUNNER_TEST_HOOKS"] = json.dumps({"record_seen": str(tmp_path / "seen")})
+    (tmp_path / "hold").unlink()  # the resumed run passes step 6 again without a pause
     out = subprocess.run([sys.executable, "-m", "runner.cli", "run", "--resume", job.name], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr

@@ -23,7 +23,7 @@ if not Path(CHROMIUM).exists():
 
 import httpx  # noqa: E402
 
-from tiny import keyword_rows, tiny_model_dir  # noqa: E402
+from tiny import faults, keyword_rows, tiny_model_dir  # noqa: E402
 from web import served  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -35,14 +35,12 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    """The runner's local Ray head (2 CPUs) and server, as `runner submit` starts them, with test hooks set."""
+    """The runner's local Ray head (2 CPUs) and server, as `runner submit` starts them."""
     from runner import local
 
     home = tmp_path_factory.mktemp("home")
-    saved = {k: os.environ.get(k) for k in ("RUNNER_TEST_HOOKS", "RUNNER_SSE_MAX_S", "RUNNER_PORT")}
-    os.environ.update(RUNNER_TEST_HOOKS=json.dumps({"step_delay": 0.2, "pause_after_step": 20,
-                                                     "hold_file": "hold"}),
-                      RUNNER_SSE_MAX_S="2", RUNNER_PORT=str(local.free_port()))
+    saved = {k: os.environ.get(k) for k in ("RUNNER_SSE_MAX_S", "RUNNER_PORT")}
+    os.environ.update(RUNNER_SSE_MAX_S="2", RUNNER_PORT=str(local.free_port()))
     try:
         ray = local.start_ray(home, num_cpus=2)
         local._write_state(home, {"ray": ray})
@@ -90,7 +88,8 @@ def test_jobs_live_in_the_browser(local, browser, tmp_path, tokenizer):
     data.write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(160)))
     recipe = (f"name: {{name}}\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: {data}\n"
               "  max_seq_len: 16\ntrain:\n  max_steps: 40\n  batch_size: 4\n  eval_every: 10\n"
-              "resources:\n  workers: 1\n  cpus_per_worker: 2\n")
+              + faults(step_delay=0.2, pause_after_step=20, hold_file="hold").replace("{", "{{").replace("}", "}}")
+              + "resources:\n  workers: 1\n  cpus_per_worker: 2\n")
     if SHOTS.exists():
         shutil.rmtree(SHOTS)
     errors: list[str] = []

@@ -27,7 +27,7 @@ while BENCH in sys.path:  # off again: bench/queue.py would stand in for the sta
 
 from runner.local import alive as pid_alive  # noqa: E402
 from runner.local import free_port  # noqa: E402
-from tiny import keyword_rows, tiny_model_dir  # noqa: E402
+from tiny import faults, keyword_rows, tiny_model_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,15 +47,14 @@ def cluster():
 class Server:
     """`python -m runner.server` as a process of its own, so that it can be SIGKILLed."""
 
-    def __init__(self, home: Path, dashboard: str, hooks: dict):
-        self.home, self.dashboard, self.hooks = home, dashboard, hooks
+    def __init__(self, home: Path, dashboard: str):
+        self.home, self.dashboard = home, dashboard
         self.proc = None
 
     def start(self) -> None:
         port = free_port()
         # the simulated nodes share this machine's disk: vouch for it, or a 3-node cluster refuses a local path
-        env = {**os.environ, "RUNNER_HOME": str(self.home), "RUNNER_TEST_HOOKS": json.dumps(self.hooks),
-               "RUNNER_SHARED_STORAGE": "1"}
+        env = {**os.environ, "RUNNER_HOME": str(self.home), "RUNNER_SHARED_STORAGE": "1"}
         self.log = open(self.home / f"server-{port}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "runner.server", "--port", str(port), "--ray",
                                       self.dashboard, "--interval", "0.5"], env=env, cwd=ROOT, stdout=self.log,
@@ -96,7 +95,10 @@ def wait_for(what, check, timeout: float, every: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def recipe(model: Path, data: Path, name: str, steps: int = 6, extra: str = "", task="classification") -> str:
+HOLD = faults(pause_after_step=2, hold_file="hold")  # each job waits at step 2 while <job>/hold is there
+
+
+def recipe(model: Path, data: Path, name: str, steps: int = 6, extra: str = HOLD, task="classification") -> str:
     return (f"name: {name}\nmodel:\n  name: {model}\ntask: {task}\ndata:\n  train: {data}\n  max_seq_len: 16\n"
             f"train:\n  max_steps: {steps}\n  batch_size: 8\n{extra}"
             "resources:\n  workers: 1\n  cpus_per_worker: 1\n  gpus_per_worker: 1\n")
@@ -130,7 +132,7 @@ def test_queue_survives_server_kill_driver_death_and_cancel(cluster, tmp_path, t
                                  for i, r in enumerate(keyword_rows(60))))
     home = tmp_path / "home"
     home.mkdir()
-    srv = Server(home, dashboard, {"pause_after_step": 2, "hold_file": "hold"})
+    srv = Server(home, dashboard)
     servers.append(srv)
     srv.start()
 
@@ -212,7 +214,8 @@ def test_lost_node_job_resumes_from_checkpoint_on_the_other(cluster, tmp_path, t
     data.write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(80)))
     from jobs.recipe import parse_recipe
 
-    r = parse_recipe(recipe(model, data, "lost", steps=8, extra="  checkpoint_every: 2\n").replace(
+    r = parse_recipe(recipe(model, data, "lost", steps=8, extra="  checkpoint_every: 2\n" + faults(
+        pause_after_step=4, hold_file="hold", record_nodes=True)).replace(
         "gpus_per_worker: 1\n", "gpus_per_worker: 1\n  max_failures: 1\n"), env={})
     job_dir = tmp_path / "artifacts" / "lost"
     job_dir.mkdir(parents=True)
@@ -220,8 +223,7 @@ def test_lost_node_job_resumes_from_checkpoint_on_the_other(cluster, tmp_path, t
     (job_dir / "hold").touch()
     store = Store(tmp_path / "runner.db")
     store.add_job("lost", "lost", r.snapshot_yaml(), str(job_dir), 1, 1, 1)
-    d = Dispatcher(store, RayJobs(dashboard), env={**os.environ, "RUNNER_SHARED_STORAGE": "1", "RUNNER_TEST_HOOKS":
-                   json.dumps({"pause_after_step": 4, "hold_file": "hold", "record_nodes": True})})
+    d = Dispatcher(store, RayJobs(dashboard), env={**os.environ, "RUNNER_SHARED_STORAGE": "1"})
     assert d.tick() == ["lost"]
 
     def at_checkpoint():  # written by the worker, and registered by Ray Train's controller

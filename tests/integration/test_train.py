@@ -13,7 +13,7 @@ os.environ["RAY_DEDUP_LOGS"] = "0"
 ray = pytest.importorskip("ray")
 
 from jobs.driver import JobFailed, run_job  # noqa: E402
-from tiny import WORDS, keyword_rows  # noqa: E402
+from tiny import WORDS, faults, keyword_rows  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -129,8 +129,10 @@ def test_workers_and_accumulation_change_the_speed_not_the_result(tmp_path, stil
         (tmp_path / name).mkdir()
         d = job(tmp_path / name, still_bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
                 f"train:\n  epochs: 2\n  batch_size: {batch}\n  grad_accum: {accum}\n  lr: 0.003\n"
-                f"  warmup_ratio: 0.25\n  eval_every: 1000\nresources:\n  workers: {workers}\n", rows=rows)
-        run_job(d, {"record_seen": str(d / "seen"), **({"record_weights": True} if workers == 2 else {})})
+                f"  warmup_ratio: 0.25\n  eval_every: 1000\n"
+                + faults(record_seen="seen", record_weights=workers == 2)
+                + f"resources:\n  workers: {workers}\n", rows=rows)
+        run_job(d)
         runs[name] = d
     d = runs["ddp"]
     assert "2 workers, data-parallel" in (d / "train.log").read_text()
@@ -335,8 +337,9 @@ def test_sharded_checkpoints_resume_and_gather(tmp_path, bert_dir):
 
     d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
             "train:\n  epochs: 2\n  batch_size: 4\n  lr: 0.005\n  checkpoint_every: 4\n  eval_every: 4\n"
-            "  warmup_ratio: 0.2\nresources:\n  workers: 2\n  max_failures: 1\n", rows=keyword_rows(120))
-    result = run_job(d, {"force_sharded": True, "crash_after_step": 6})
+            "  warmup_ratio: 0.2\n" + faults(force_sharded=True, crash_after_step=6)
+            + "resources:\n  workers: 2\n  max_failures: 1\n", rows=keyword_rows(120))
+    result = run_job(d)
     assert (d / "crashed").read_text() == "6"
     assert "resumed from checkpoint at step 4 " in (d / "train.log").read_text()
     steps = [m["step"] for m in metrics(d) if "split" not in m]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from jobs import data as D
-from jobs.preflight import Report, preflight, resolve_model
+from jobs.modelfiles import resolve_model
+from jobs.preflight import Report, preflight
 from jobs.recipe import parse_recipe
 
 ROWS = [{"text": f"sentence number {i}", "label": "pos" if i % 3 else "neg"} for i in range(30)]

@@ -108,6 +108,21 @@ def test_events_of_the_job_move_its_state(world):
                          ("EXPORTING", "exporting"), (None, "a note"), ("SUCCEEDED", "succeeded")]
 
 
+def test_a_move_the_job_cannot_make_is_said_as_not_taken(world):
+    """EXPORTING -> RETRYING is no move of the state machine: the state stays, and the event says so (before, it
+    became a plain note, as if the driver had meant nothing by it)."""
+    store, ray, clock, job_dir, d = world
+    d.tick()
+    d.tick()
+    append(job_dir / "events.jsonl", {"state": "EXPORTING", "message": "exporting"},
+           {"state": "RETRYING", "message": "the workers failed"})
+    d.tick()
+    last = store.events("j")[-1]
+    assert store.get("j").state == "EXPORTING"
+    assert (last["state_to"], last["level"]) == (None, "warning")
+    assert last["message"] == "the workers failed (the driver's move to RETRYING was not taken: the job is EXPORTING)"
+
+
 def test_a_retry_starts_over_unless_from_the_checkpoint(world):
     store, ray, clock, job_dir, d = world
     d.tick()
@@ -203,7 +218,7 @@ def test_one_jobs_unreadable_folder_does_not_stop_the_others(world, tmp_path):
     d.tick()
     assert store.get("j").state == "SUCCEEDED", "Ray's word on its ending counts though its files cannot be read"
     os.mkfifo(job_dir / "events.jsonl")  # and a pipe never hangs the server's reading
-    from runner.dispatch import whole_lines
+    from jobs.jobdir import whole_lines
 
     assert whole_lines(job_dir / "events.jsonl", 0) == ("", 0)
 

@@ -2,7 +2,8 @@
 
 import json
 
-from jobs.driver import earlier_checkpoints, set_aside
+from jobs.driver import set_aside
+from jobs.jobdir import checkpoints_newest_first as earlier_checkpoints
 
 
 def test_a_fresh_retry_sets_the_earlier_attempt_aside(tmp_path):

@@ -136,8 +136,7 @@ def test_events_and_metrics_come_in_pages(world):
 
 
 def test_job_logs_are_private_to_their_owner(tmp_path):
-    from jobs.appendfile import open_private  # the entrypoint's job.log
-    from jobs.driver import event, note  # train.log, events.jsonl
+    from jobs.jobdir import event, note, open_private  # job.log (the entrypoint), train.log, events.jsonl
 
     job_dir = tmp_path / "j"
     job_dir.mkdir()

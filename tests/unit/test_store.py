@@ -5,7 +5,8 @@ import sqlite3
 
 import pytest
 
-from runner.store import MIGRATIONS, STATES, TRANSITIONS, InvalidTransition, Store, StoreError, UnknownJob
+from jobs.jobdir import STATES, TRANSITIONS
+from runner.store import MIGRATIONS, InvalidTransition, Store, StoreError, UnknownJob
 
 
 class Clock:

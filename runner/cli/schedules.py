@@ -9,12 +9,10 @@ from pathlib import Path
 import typer
 
 from jobs.recipe import RecipeError, env_refs, load_recipe
-from runner.cli import _fail, app
-from runner.commands import _api, _client, _get, _next
+from runner.cli.common import api, fail, get, say_next, server
 
 schedule_app = typer.Typer(help="Retrain a recipe on a cron or when its data changes (kept by the runner server).",
                            no_args_is_help=True)
-app.add_typer(schedule_app, name="schedule")
 NAME = typer.Argument(..., metavar="NAME", help="The schedule's name (its recipe's name).", show_default=False)
 
 
@@ -36,34 +34,35 @@ def add(recipe: Path = typer.Argument(..., help="A recipe with a `schedule` sect
     try:
         load_recipe(recipe)
     except RecipeError as e:
-        _fail(e.render())
+        fail(e.render())
     text = recipe.read_text(encoding="utf-8")
     env = {k: os.environ[k] for k in env_refs(text) if k in os.environ}
-    s = _api(_client(start=True).post, "/schedules", {"recipe": text, "base_dir": str(recipe.resolve().parent), "env": env})
+    s = api(server(start=True).post, "/schedules",
+            {"recipe": text, "base_dir": str(recipe.resolve().parent), "env": env})
     typer.echo(f"schedule {s['id']}: {s['what']}, concurrency {s['concurrency']}")
     if s["next"]:
         typer.echo(f"next fire: {s['next'][0]['local']} ({s['next'][0]['utc']})")
-    _next(f"runner schedule next {s['id']}", f"runner schedule trigger {s['id']}", "runner schedule list")
+    say_next(f"runner schedule next {s['id']}", f"runner schedule trigger {s['id']}", "runner schedule list")
 
 
 @schedule_app.command("list")
 def listing(as_json: bool = typer.Option(False, "--json", help="The server's answer as JSON.")) -> None:
     """Every schedule with its next fire and its last outcome."""
-    got = _get("/schedules", as_json)
+    got = get("/schedules", as_json)
     if got is None:
         return
     for s in got["schedules"]:
         typer.echo(_line(s))
     if not got["schedules"]:
         typer.echo("no schedules")
-    _next("runner schedule add recipe.yaml", "runner schedule show NAME")
+    say_next("runner schedule add recipe.yaml", "runner schedule show NAME")
 
 
 @schedule_app.command("show")
 def show(name: str = NAME, fires: int = typer.Option(20, "--fires", help="How many of the last fires."),
          as_json: bool = typer.Option(False, "--json", help="The server's answer as JSON.")) -> None:
     """One schedule: what fires it, and each fire's outcome (submitted, skipped, missed) with its reason."""
-    s = _get(f"/schedules/{name}", as_json, fires=fires)
+    s = get(f"/schedules/{name}", as_json, fires=fires)
     if s is None:
         return
     typer.echo(f"schedule {s['id']}: {s['what']}, concurrency {s['concurrency']}"
@@ -73,44 +72,44 @@ def show(name: str = NAME, fires: int = typer.Option(20, "--fires", help="How ma
     for f in s["fires"]:
         job = f" -> job {f['job_id']}" if f["job_id"] else ""
         typer.echo(f"  {_local(f['slot_at'])}  {f['outcome']:<9} {f['reason']}{job}")
-    _next(f"runner schedule next {name}", f"runner schedule {'resume' if s['paused'] else 'pause'} {name}")
+    say_next(f"runner schedule next {name}", f"runner schedule {'resume' if s['paused'] else 'pause'} {name}")
 
 
 @schedule_app.command("next")
 def upcoming(name: str = NAME, n: int = typer.Option(5, "-n", help="How many.")) -> None:
     """The next N fire times, in the schedule's time zone and in UTC."""
-    got = _api(_client().get, f"/schedules/{name}/next", n=n)
+    got = api(server().get, f"/schedules/{name}/next", n=n)
     for f in got["next"]:
         typer.echo(f"{f['local']}   {f['utc']}")
-    _next(f"runner schedule show {name}")
+    say_next(f"runner schedule show {name}")
 
 
 @schedule_app.command("pause")
 def pause(name: str = NAME) -> None:
     """Fires while paused are recorded as skipped; none is made up on resume."""
-    _api(_client(start=True).post, f"/schedules/{name}/pause")
+    api(server(start=True).post, f"/schedules/{name}/pause")
     typer.echo(f"schedule {name} paused")
-    _next(f"runner schedule resume {name}")
+    say_next(f"runner schedule resume {name}")
 
 
 @schedule_app.command("resume")
 def resume(name: str = NAME) -> None:
-    s = _api(_client(start=True).post, f"/schedules/{name}/resume")
+    s = api(server(start=True).post, f"/schedules/{name}/resume")
     typer.echo(f"schedule {name} resumed" + (f"; next fire {s['next'][0]['local']}" if s["next"] else ""))
-    _next(f"runner schedule show {name}")
+    say_next(f"runner schedule show {name}")
 
 
 @schedule_app.command("trigger")
 def trigger(name: str = NAME) -> None:
     """Fire now, under the schedule's concurrency policy."""
-    f = _api(_client(start=True).post, f"/schedules/{name}/trigger")
+    f = api(server(start=True).post, f"/schedules/{name}/trigger")
     typer.echo(f"{f['outcome']}: {f['reason']}" + (f" -> job {f['job_id']}" if f["job_id"] else ""))
-    _next(f"runner logs -f {f['job_id']}" if f["job_id"] else f"runner schedule show {name}")
+    say_next(f"runner logs -f {f['job_id']}" if f["job_id"] else f"runner schedule show {name}")
 
 
 @schedule_app.command("remove")
 def remove(name: str = NAME) -> None:
     """Forget the schedule and its fires; the jobs it queued stay."""
-    _api(_client(start=True).call, "DELETE", f"/schedules/{name}")
+    api(server(start=True).call, "DELETE", f"/schedules/{name}")
     typer.echo(f"schedule {name} removed")
-    _next("runner schedule list")
+    say_next("runner schedule list")

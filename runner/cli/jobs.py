@@ -1,85 +1,30 @@
-"""The CLI verbs that go through the runner server: submit, list, status, logs, cancel, retry, artifacts, and the
-local server and cluster (`runner server start|stop|status`, `runner cluster status|down`).
+"""The verbs about jobs, through the runner server: submit, list, status, logs, artifacts, cancel, retry, rm, and
+the dashboard.
 
-Each ends with the next useful commands. A user's mistake, an unknown job, an unreachable server or a stopped Ray
-is one line on stderr and a non-zero exit, never a traceback.
+Each ends with the next useful commands. A job's id is its folder's name under $RUNNER_HOME/artifacts.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from jobs.jobdir import TERMINAL
 from jobs.recipe import RecipeError, env_refs, load_recipe
-from runner.cli import EXIT_INVALID, _fail, _render, app, metrics_line, result_lines, run_preflight
-from runner.client import Client, ClientError, connect, runner_home
-
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
-EXIT_FAILED = 1
-
-server_app = typer.Typer(help="The local runner server: start, stop, status.", no_args_is_help=True)
-cluster_app = typer.Typer(help="The Ray cluster behind the server: status, and `down` for the local one.",
-                          no_args_is_help=True)
-app.add_typer(server_app, name="server")
-app.add_typer(cluster_app, name="cluster")
-
-
-def _client(start: bool = False) -> Client:
-    """The server. Only the verbs that change something start the local one where none runs (start=True); the
-    read verbs never start anything: with no server they say so, with the command that starts one."""
-    try:
-        return connect(start, say=lambda m: typer.echo(m, err=True))
-    except ClientError as e:
-        _fail(str(e), code=EXIT_FAILED)
-        raise AssertionError from e
-
-
-def _get(path: str, as_json: bool, **params) -> dict | None:
-    """The server's answer to GET path; with --json it is printed as it is and None comes back (nothing to add)."""
-    got = _api(_client().get, path, **params)
-    if as_json:
-        typer.echo(json.dumps(got, indent=2))
-        return None
-    return got
-
-
-def _api(fn, *args, **kwargs):
-    """A call to the server; its refusal (404, 409, 422, 503, unreachable) becomes one line and exit 1 (2 for a
-    recipe the server finds invalid)."""
-    try:
-        return fn(*args, **kwargs)
-    except ClientError as e:
-        msg = str(e)
-        if e.code == 404 and msg.startswith("no job"):
-            msg += " (runner list shows the jobs)"
-        _fail(msg.splitlines(), code=EXIT_INVALID if e.code == 422 else EXIT_FAILED)
-
-
-def _next(*cmds: str) -> None:
-    typer.echo("next: " + "   |   ".join(cmds))
-
-
-def _ago(t: float | None) -> str:
-    if not t:
-        return "-"
-    s = max(0, time.time() - t)
-    return f"{s:.0f}s ago" if s < 90 else f"{s / 60:.0f}m ago" if s < 5400 else f"{s / 3600:.1f}h ago"
-
-
-def _when(t: float | None) -> str:
-    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+from runner.cli.common import EXIT_FAILED, ago, api, fail, get, metrics_line, problem_lines, result_lines, \
+    run_preflight, say_next, server, when
+from runner.client import Client, ClientError, connect
 
 
 # --- submit and follow --------------------------------------------------------------------------------------------
 
 
-@app.command()
 def submit(
     recipe: Path = typer.Argument(..., help="The recipe file.", show_default=False),
     detach: bool = typer.Option(False, "--detach", "-d", help="Queue the job and return at once."),
@@ -93,31 +38,25 @@ def submit(
     (`runner logs -f ID` follows it again). Exit 0 when the job SUCCEEDED (or was detached), 1 when it failed,
     2 when the recipe or its data has problems (nothing is queued then).
     """
-    import os
-
     try:
         r = load_recipe(recipe)
     except RecipeError as e:
         report = run_preflight(recipe) if e.partial is not None else \
             {"problems": [p._asdict() for p in e.problems]}  # the data too, where it can be read: all at once
-        n = len(report["problems"])
-        _fail([f"{recipe}: {n} problem{'s' if n != 1 else ''}; nothing was queued"]
-              + ["  " + _render(p, str(recipe)) for p in report["problems"]])
+        fail(problem_lines(recipe, report["problems"], "; nothing was queued"))
     report = run_preflight(recipe, _cluster_gpu_size(r))
     if not report["ok"]:
-        n = len(report["problems"])
-        _fail([f"{recipe}: {n} problem{'s' if n != 1 else ''}; nothing was queued"]
-              + ["  " + _render(p, str(recipe)) for p in report["problems"]])
-    client = _client(start=True)
+        fail(problem_lines(recipe, report["problems"], "; nothing was queued"))
+    client = server(start=True)
     text = recipe.read_text(encoding="utf-8")
     env = {k: os.environ[k] for k in env_refs(text) if k in os.environ}  # for the server's check; never stored
-    job = _api(client.post, "/jobs", {"recipe": text,
+    job = api(client.post, "/jobs", {"recipe": text,
                                       "base_dir": str(recipe.resolve().parent), "priority": priority, "name": name,
                                       "env": env})
     where = f", #{job['queue_position']} in the queue ({job['waiting_for']})" if job.get("queue_position") else ""
     typer.echo(f"job {job['id']} QUEUED{where}")
     if detach:
-        _next(f"runner logs -f {job['id']}", f"runner status {job['id']}", f"runner cancel {job['id']}")
+        say_next(f"runner logs -f {job['id']}", f"runner status {job['id']}", f"runner cancel {job['id']}")
         return
     follow(client, job["id"])
 
@@ -126,8 +65,6 @@ def _cluster_gpu_size(recipe) -> dict:
     """For a GPU recipe that does not say its GPUs' memory, sent to a remote server (RUNNER_SERVER): the smallest
     GPU of the server's cluster, for the pre-flight memory check (a local cluster's GPUs are this machine's, which
     the pre-flight reads itself). Nothing when the server does not answer or Ray reports no GPU memory."""
-    import os
-
     if not (recipe.needs_gpu and recipe.resources.gpu_memory_gib is None and os.environ.get("RUNNER_SERVER")):
         return {}
     try:
@@ -157,13 +94,13 @@ def follow(client: Client, job_id: str) -> None:
     try:
         with bar:
             while True:
-                job = _api(client.get, f"/jobs/{job_id}")
+                job = api(client.get, f"/jobs/{job_id}")
                 if job["state"] != state:
                     state = job["state"]
                     extra = f" ({job['waiting_for']})" if state == "QUEUED" else \
                         f": {job['reason']}" if job.get("reason") else ""
                     bar.console.print(f"{time.strftime('%H:%M:%S')} {state}{extra}")
-                for m in _api(client.get, f"/jobs/{job_id}/metrics", split="train", after_step=step)["metrics"]:
+                for m in api(client.get, f"/jobs/{job_id}/metrics", split="train", after_step=step)["metrics"]:
                     step = m["step"]
                     bar.update(task, completed=step, total=m.get("total_steps"),
                                where=f"step {step}/{m.get('total_steps') or '?'}",
@@ -176,7 +113,7 @@ def follow(client: Client, job_id: str) -> None:
                 time.sleep(1.0)
     except KeyboardInterrupt:
         typer.echo(f"\ndetached: job {job_id} goes on", err=True)
-        _next(f"runner logs -f {job_id}", f"runner status {job_id}", f"runner cancel {job_id}")
+        say_next(f"runner logs -f {job_id}", f"runner status {job_id}", f"runner cancel {job_id}")
         raise typer.Exit(0)
     _ending(job)
 
@@ -187,17 +124,16 @@ def _ending(job: dict) -> None:
         typer.echo(f"job {jid} SUCCEEDED")
         for line in result_lines(job.get("result"), [w["message"] for w in job.get("warnings", [])]):
             typer.echo(line)
-        _next(f"runner artifacts {jid}", f"runner predict {jid} \"some text\"")
+        say_next(f"runner artifacts {jid}", f"runner predict {jid} \"some text\"")
         return
     typer.echo(f"job {jid} {job['state']}: {job.get('reason') or 'no reason given'}", err=True)
-    _next(f"runner logs {jid}", f"runner retry {jid}", f"runner retry {jid} --from-checkpoint")
+    say_next(f"runner logs {jid}", f"runner retry {jid}", f"runner retry {jid} --from-checkpoint")
     raise typer.Exit(EXIT_FAILED)
 
 
 # --- read verbs ---------------------------------------------------------------------------------------------------
 
 
-@app.command("list")
 def list_jobs(
     state: Optional[str] = typer.Option(None, "--state", help="Only jobs in this state (QUEUED, RUNNING, ...)."),
     name: Optional[str] = typer.Option(None, "--name", help="Only jobs of this name."),
@@ -206,32 +142,31 @@ def list_jobs(
     as_json: bool = typer.Option(False, "--json", help="Print the server's answer as JSON."),
 ) -> None:
     """The jobs, newest first; a queued job with its place in the queue and what it waits for."""
-    out = _get("/jobs", as_json, state=state, name=name, limit=limit, offset=offset)
+    out = get("/jobs", as_json, state=state, name=name, limit=limit, offset=offset)
     if out is None:
         return
     jobs = out["jobs"]
     if not jobs:
         typer.echo("no jobs" + (" match" if state or name else " yet"))
-        _next("runner submit recipe.yaml")
+        say_next("runner submit recipe.yaml")
         return
     width = max(len(j["id"]) for j in jobs)
     typer.echo(f"{'ID':<{width}}  {'STATE':<10} {'PRI':>4}  {'UPDATED':<10} NOTE")
     for j in jobs:
         note = f"#{j['queue_position']}: {j['waiting_for']}" if j["state"] == "QUEUED" else (j.get("reason") or "")
-        typer.echo(f"{j['id']:<{width}}  {j['state']:<10} {j['priority']:>4}  {_ago(j['updated_at']):<10} {note}")
-    _next("runner status ID", "runner logs -f ID")
+        typer.echo(f"{j['id']:<{width}}  {j['state']:<10} {j['priority']:>4}  {ago(j['updated_at']):<10} {note}")
+    say_next("runner status ID", "runner logs -f ID")
 
 
-@app.command()
 def status(
     job_id: str = typer.Argument(..., metavar="ID", help="The job's id.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the job, its events and last metrics as JSON."),
 ) -> None:
     """One job: state and reason, queue place, attempts, progress, the last events."""
-    client = _client()
-    job = _api(client.get, f"/jobs/{job_id}")
-    events = _api(client.get, f"/jobs/{job_id}/events")["events"]
-    train = _api(client.get, f"/jobs/{job_id}/metrics", split="train")["metrics"]
+    client = server()
+    job = api(client.get, f"/jobs/{job_id}")
+    events = api(client.get, f"/jobs/{job_id}/events")["events"]
+    train = api(client.get, f"/jobs/{job_id}/metrics", split="train")["metrics"]
     if as_json:
         typer.echo(json.dumps({**job, "events": events, "last_metrics": train[-1] if train else None}, indent=2))
         return
@@ -241,8 +176,8 @@ def status(
         typer.echo(f"queue:     #{job['queue_position']}, {job['waiting_for']}")
     typer.echo(f"resources: {job['workers']} worker(s) x ({job['cpus']:g} CPUs"
                + (f", {job['gpus']:g} GPUs)" if job["gpus"] else ")") + f", priority {job['priority']}")
-    typer.echo(f"attempt:   {job['attempt']}   created {_when(job['created_at'])}, started {_when(job['started_at'])},"
-               f" ended {_when(job['ended_at'])}")
+    typer.echo(f"attempt:   {job['attempt']}   created {when(job['created_at'])}, started {when(job['started_at'])},"
+               f" ended {when(job['ended_at'])}")
     if train:
         m = train[-1]
         typer.echo(f"progress:  step {m['step']}/{m.get('total_steps', '?')}, loss {m['loss']:.4f}")
@@ -255,21 +190,20 @@ def status(
         typer.echo(f"  {time.strftime('%H:%M:%S', time.localtime(e['at']))}  {move}{e['message']}")
     jid = job["id"]
     if job["state"] in TERMINAL:
-        _next(f"runner artifacts {jid}", f"runner logs {jid}", *([f"runner retry {jid}"]
+        say_next(f"runner artifacts {jid}", f"runner logs {jid}", *([f"runner retry {jid}"]
                                                                  if job["state"] != "SUCCEEDED" else []))
     else:
-        _next(f"runner logs -f {jid}", f"runner cancel {jid}")
+        say_next(f"runner logs -f {jid}", f"runner cancel {jid}")
 
 
-@app.command()
 def logs(
     job_id: str = typer.Argument(..., metavar="ID", help="The job's id.", show_default=False),
     follow_: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the job ends."),
 ) -> None:
     """The job's log (its driver's output: pre-flight, progress, evaluation, export); -f follows it live."""
-    client = _client()
+    client = server()
     if not follow_:
-        typer.echo(_api(client.get, f"/jobs/{job_id}/logs")["text"], nl=False)
+        typer.echo(api(client.get, f"/jobs/{job_id}/logs")["text"], nl=False)
         return
     try:
         for event, data in client.events(f"/jobs/{job_id}/logs", follow="true"):
@@ -279,19 +213,18 @@ def logs(
                 typer.echo(f"job {job_id} ended: {data}", err=True)
                 break
     except ClientError as e:
-        _fail(str(e), code=EXIT_FAILED)
+        fail(str(e), code=EXIT_FAILED)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
-    _next(f"runner status {job_id}", f"runner artifacts {job_id}")
+    say_next(f"runner status {job_id}", f"runner artifacts {job_id}")
 
 
-@app.command()
 def artifacts(
     job_id: str = typer.Argument(..., metavar="ID", help="The job's id.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the file list and results as JSON."),
 ) -> None:
     """The job's folder: its files with sizes, the test metrics and the export's checks."""
-    out = _api(_client().get, f"/jobs/{job_id}/artifacts")
+    out = api(server().get, f"/jobs/{job_id}/artifacts")
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
@@ -303,24 +236,22 @@ def artifacts(
     if out.get("export"):
         typer.echo(f"export: {'passed' if out['export'].get('passed') else 'FAILED'} its checks "
                    f"(onnx/export_report.json)")
-    _next(f"runner predict {job_id} \"some text\"", f"runner export {job_id} --quantize int8_static")
+    say_next(f"runner predict {job_id} \"some text\"", f"runner export {job_id} --quantize int8_static")
 
 
 # --- write verbs --------------------------------------------------------------------------------------------------
 
 
-@app.command()
 def cancel(job_id: str = typer.Argument(..., metavar="ID", help="The job's id.", show_default=False)) -> None:
     """Cancel a job: a queued one at once; a running one's processes stop within seconds."""
-    job = _api(_client(start=True).post, f"/jobs/{job_id}/cancel")
+    job = api(server(start=True).post, f"/jobs/{job_id}/cancel")
     if job["state"] == "CANCELLED":
         typer.echo(f"job {job_id} CANCELLED")
     else:
         typer.echo(f"job {job_id}: stopping (was {job['state']}); its resources go to the next queued job")
-    _next(f"runner status {job_id}", f"runner retry {job_id} --from-checkpoint")
+    say_next(f"runner status {job_id}", f"runner retry {job_id} --from-checkpoint")
 
 
-@app.command()
 def retry(
     job_id: str = typer.Argument(..., metavar="ID", help="A FAILED or CANCELLED job.", show_default=False),
     from_checkpoint: bool = typer.Option(False, "--from-checkpoint",
@@ -328,19 +259,18 @@ def retry(
                                               "position it recorded (default: from the start)."),
 ) -> None:
     """Queue an ended job again as a new attempt, with the same recipe, id and folder."""
-    job = _api(_client(start=True).post, f"/jobs/{job_id}/retry", {"from_checkpoint": from_checkpoint})
+    job = api(server(start=True).post, f"/jobs/{job_id}/retry", {"from_checkpoint": from_checkpoint})
     how = "from its last checkpoint" if from_checkpoint else "from the start (the earlier attempt's results move " \
                                                              "to earlier/)"
     typer.echo(f"job {job_id} QUEUED again, attempt {job['attempt'] + 1}, {how}")
-    _next(f"runner logs -f {job_id}", f"runner status {job_id}")
+    say_next(f"runner logs -f {job_id}", f"runner status {job_id}")
 
 
-@app.command("rm")
 def remove(job_ids: list[str] = typer.Argument(..., metavar="ID...", help="Ended jobs' ids.", show_default=False)) \
         -> None:
     """Remove ended jobs: each one's folder (checkpoints, model, exports) and its records. A running job must be
     cancelled first; a registered model version's job stays while the version does."""
-    client = _client(start=True)
+    client = server(start=True)
     refused = []
     for job_id in job_ids:  # each on its own: one refusal does not stop the others
         try:
@@ -351,21 +281,20 @@ def remove(job_ids: list[str] = typer.Argument(..., metavar="ID...", help="Ended
             continue
         where = "" if got.get("folder") == "removed" else f"; its folder was {got.get('folder')}"
         typer.echo(f"removed job {job_id} ({got['bytes'] / 1e6:.1f} MB){where}")
-    _next("runner list")
+    say_next("runner list")
     if refused:
         raise typer.Exit(EXIT_FAILED)
 
 
-@app.command()
 def dashboard(no_open: bool = typer.Option(False, "--no-open", help="Print the address; open no browser.")) -> None:
     """Open the dashboard (jobs, their curves and logs, the cluster) in the browser; starts the local server first
     where none runs. With a token (the local server has one of its own) it opens a one-time sign-in link."""
     import webbrowser
 
-    client = _client(start=True)
+    client = server(start=True)
     page = f"{client.url}/ui/jobs"
     if client.token:  # a one-time sign-in link: the token itself never goes into a URL
-        code = _api(client.post, "/login/code")["code"]
+        code = api(client.post, "/login/code")["code"]
         page = f"{client.url}/login?code={code}&next=/ui/jobs"
         typer.echo(f"dashboard: {page}")
         typer.echo("(a sign-in link for one browser, good for ten minutes; run runner dashboard again for another)")
@@ -373,86 +302,4 @@ def dashboard(no_open: bool = typer.Option(False, "--no-open", help="Print the a
         typer.echo(f"dashboard: {page}")
     if not no_open and not webbrowser.open(page):
         typer.echo("no browser to open here: open the address above in yours", err=True)
-    _next("runner list", "runner submit recipe.yaml")
-
-
-# --- the local server and cluster ---------------------------------------------------------------------------------
-
-
-@server_app.command("start")
-def server_start() -> None:
-    """Start the local runner server and Ray head in the background (bound to 127.0.0.1), where not running."""
-    import os
-
-    if os.environ.get("RUNNER_SERVER"):
-        _fail(f"RUNNER_SERVER is set ({os.environ['RUNNER_SERVER']}): the CLI uses that server and starts none "
-              "here; unset it to use a local one", code=EXIT_FAILED)
-    client = _client(start=True)
-    typer.echo(f"runner server: {client.url}   (log: {runner_home() / 'server.log'})")
-    _next("runner submit recipe.yaml", "runner server status")
-
-
-@server_app.command("stop")
-def server_stop() -> None:
-    """Stop the local runner server. Running jobs go on in Ray; a later start picks them up again."""
-    from runner.local import stop
-
-    typer.echo("runner server stopped" if stop(runner_home(), "server") else "no local runner server was running")
-    _next("runner server start", "runner cluster down")
-
-
-@server_app.command("status")
-def server_status() -> None:
-    """Where the server is, whether it answers, and what the cluster behind it has."""
-    from runner.local import alive, read_state
-
-    try:
-        client = connect(autostart=False)
-    except ClientError as e:
-        ray = read_state(runner_home()).get("ray") or {}
-        typer.echo(str(e))
-        if alive(ray.get("pid")):
-            typer.echo(f"local Ray head: running, dashboard {ray['dashboard']}")
-        raise typer.Exit(EXIT_FAILED) from None
-    _api(client.get, "/health")
-    typer.echo(f"runner server: {client.url}, answering")
-    _cluster_lines(client)
-    _next("runner list", "runner server stop")
-
-
-def _cluster_lines(client: Client) -> None:
-    try:
-        c = client.get("/cluster")
-    except ClientError as e:
-        typer.echo(f"cluster: {e}")
-        return
-    typer.echo(f"cluster: {len(c['nodes'])} node(s), CPUs {c['free_cpus']:g} free of {c['cpus']:g}, "
-               f"GPUs {c['free_gpus']:g} free of {c['gpus']:g}")
-    for n in c["nodes"]:
-        kind = f"  ({n['gpu_name'] or 'GPU'}, {n['gpu_memory_bytes'] / 2**30:.1f} GiB each)" \
-            if n.get("gpu_memory_bytes") else ""
-        typer.echo(f"  {n['id'][:12]}  CPUs {n['free_cpus']:g}/{n['cpus']:g}  GPUs {n['free_gpus']:g}/{n['gpus']:g}"
-                   f"{kind}")
-
-
-@cluster_app.command("status")
-def cluster_status(as_json: bool = typer.Option(False, "--json", help="The server's answer as JSON.")) -> None:
-    """The nodes of the Ray cluster, with CPUs and GPUs in total and free."""
-    client = _client()
-    if as_json:
-        typer.echo(json.dumps(_api(client.get, "/cluster"), indent=2))
-        return
-    _api(client.get, "/cluster")
-    _cluster_lines(client)
-
-
-@cluster_app.command("down")
-def cluster_down() -> None:
-    """Stop the local Ray head, and the jobs running on it (the server marks them FAILED)."""
-    from runner.local import stop
-
-    typer.echo("local Ray head stopped" if stop(runner_home(), "ray") else "no local Ray head was running")
-    _next("runner server start   (starts it again)")
-
-
-from runner import model_commands, schedule_commands  # noqa: E402,F401 - `runner schedule|models ...` use the above
+    say_next("runner list", "runner submit recipe.yaml")

@@ -6,12 +6,10 @@ from datetime import datetime
 
 import typer
 
-from runner.cli import app
-from runner.commands import _api, _client, _get, _next
+from runner.cli.common import api, get, say_next, server
 
 models_app = typer.Typer(help="The model registry: versions of each registered model, aliases, promotion.",
                          no_args_is_help=True)
-app.add_typer(models_app, name="models")
 MODEL = typer.Argument(..., metavar="MODEL", help="The registered name (`register_as`).", show_default=False)
 
 
@@ -22,7 +20,7 @@ def _value(v) -> str:
 @models_app.command("list")
 def listing(as_json: bool = typer.Option(False, "--json", help="The server's answer as JSON.")) -> None:
     """Each registered model: how many versions, and where its aliases point."""
-    got = _get("/models", as_json)
+    got = get("/models", as_json)
     if got is None:
         return
     for m in got["models"]:
@@ -30,13 +28,13 @@ def listing(as_json: bool = typer.Option(False, "--json", help="The server's ans
         typer.echo(f"{m['model']:<28} {m['versions']} version(s), latest v{m['latest']}   {aliases}")
     if not got["models"]:
         typer.echo("no registered models (a recipe with register_as: NAME registers its SUCCEEDED jobs)")
-    _next("runner models show MODEL")
+    say_next("runner models show MODEL")
 
 
 @models_app.command("show")
 def show(model: str = MODEL, as_json: bool = typer.Option(False, "--json", help="The server's answer as JSON.")) -> None:
     """Every version with its job, test metric and the gate's decision; the aliases; every move of an alias."""
-    got = _get(f"/models/{model}", as_json)
+    got = get(f"/models/{model}", as_json)
     if got is None:
         return
     marks = {}
@@ -51,32 +49,32 @@ def show(model: str = MODEL, as_json: bool = typer.Option(False, "--json", help=
             at = datetime.fromtimestamp(e["at"]).strftime("%Y-%m-%d %H:%M:%S")
             before = f"v{e['from_version']}" if e["from_version"] else "none"
             typer.echo(f"  {at}  {e['alias']}: {before} -> v{e['to_version']}  {e['message']}")
-    _next(f"runner models diff {model} A B", f"runner models rollback {model}")
+    say_next(f"runner models diff {model} A B", f"runner models rollback {model}")
 
 
 @models_app.command("promote")
 def promote(model: str = MODEL, version: int = typer.Argument(..., help="The version.", show_default=False),
             alias: str = typer.Option("champion", "--alias", help="The alias to move.")) -> None:
     """Point an alias at a version by hand (no gate)."""
-    got = _api(_client(start=True).post, f"/models/{model}/promote", {"version": version, "alias": alias})
+    got = api(server(start=True).post, f"/models/{model}/promote", {"version": version, "alias": alias})
     typer.echo(f"{model}:{got['alias']} -> v{got['version']}")
-    _next(f"runner models show {model}")
+    say_next(f"runner models show {model}")
 
 
 @models_app.command("rollback")
 def rollback(model: str = MODEL, alias: str = typer.Option("champion", "--alias", help="The alias to move back.")) \
         -> None:
     """Move the alias back to the version it pointed at before its last promotion."""
-    got = _api(_client(start=True).post, f"/models/{model}/rollback", {"alias": alias})
+    got = api(server(start=True).post, f"/models/{model}/rollback", {"alias": alias})
     typer.echo(f"{model}:{got['alias']} rolled back from v{got['from']} to v{got['version']}")
-    _next(f"runner models show {model}")
+    say_next(f"runner models show {model}")
 
 
 @models_app.command("diff")
 def diff(model: str = MODEL, a: int = typer.Argument(..., show_default=False),
          b: int = typer.Argument(..., show_default=False)) -> None:
     """Two versions side by side: test metrics, whether the data and test data are the same, the recipes' diff."""
-    got = _api(_client().get, f"/models/{model}/diff", a=a, b=b)
+    got = api(server().get, f"/models/{model}/diff", a=a, b=b)
     typer.echo(f"{'metric':<16}{'v' + str(a):>12}{'v' + str(b):>12}{'change':>12}")
     for k, m in got["metrics"].items():
         typer.echo(f"{k:<16}{_value(m['a']):>12}{_value(m['b']):>12}{_value(m.get('change')):>12}")

@@ -1,7 +1,6 @@
-"""The `runner` command line: a thin skin over the library; each command parses, calls one function, prints.
+"""The verbs that work on this machine without a server: validate, run, export, predict, view, schema.
 
-Imports no torch: pre-flight, which needs datasets and a tokenizer, runs as `python -m jobs.preflight` in a child
-process.
+Imports no torch: pre-flight, a job's driver and an export run as `python -m jobs....` in child processes.
 """
 
 from __future__ import annotations
@@ -15,26 +14,13 @@ from typing import Optional
 
 import typer
 
+from jobs.jobdir import latest_export, warnings_since
 from jobs.recipe import SNAPSHOT, RecipeError, json_schema, load_recipe
+from runner.cli.common import EXIT_FAILED, EXIT_INVALID, QUIET_ENV, fail, problem_lines, result_lines, \
+    run_preflight
 from runner.client import artifacts_root
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="runner: fine-tune models from one YAML recipe on a Ray cluster.",
-    pretty_exceptions_enable=False,
-)
 
-EXIT_INVALID = 2
-
-
-def _fail(lines: list[str] | str, code: int = EXIT_INVALID) -> None:
-    for line in [lines] if isinstance(lines, str) else lines:
-        typer.echo(line, err=True)
-    raise typer.Exit(code)
-
-
-@app.command()
 def validate(
     recipe: Path = typer.Argument(..., help="The recipe file.", show_default=False),
     show_defaults: bool = typer.Option(False, "--show-defaults", help="Print the recipe with every default filled in."),
@@ -55,9 +41,7 @@ def validate(
         if as_json:
             typer.echo(json.dumps(report))
             raise typer.Exit(EXIT_INVALID)
-        n = len(report["problems"])
-        _fail([f"{recipe}: {n} problem{'s' if n != 1 else ''}"] + ["  " + _render(p, str(recipe))
-                                                                  for p in report["problems"]])
+        fail(problem_lines(recipe, report["problems"]))
     if show_defaults:
         typer.echo(r.to_yaml(), nl=False)
         if schema_only:
@@ -69,10 +53,7 @@ def validate(
         typer.echo(json.dumps(report))
         raise typer.Exit(0 if report["ok"] else EXIT_INVALID)
     if not report["ok"]:
-        n = len(report["problems"])
-        _fail([f"{recipe}: {n} problem{'s' if n != 1 else ''}"]
-              + ["  " + _render(p, str(recipe)) for p in report["problems"]]
-              + [f"  note: {x}" for x in report["notes"]])
+        fail(problem_lines(recipe, report["problems"]) + [f"  note: {x}" for x in report["notes"]])
     for note in report["notes"]:
         typer.echo(f"note: {note}")
     summary = ", ".join(f"{k} {v}" for k, v in report.get("rows", {}).items())
@@ -81,67 +62,6 @@ def validate(
     if report.get("labels"):
         typer.echo(f"labels: {', '.join(report['labels'])}")
     typer.echo(f"next: runner submit {recipe}   |   runner run {recipe}   (in the foreground, without a server)")
-
-
-def run_preflight(recipe: Path, extra_env: dict | None = None) -> dict:
-    """Run `jobs.preflight` in a child process (it imports datasets and transformers); return its report."""
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-           "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
-    proc = subprocess.run([sys.executable, "-m", "jobs.preflight", str(recipe), "--json"], capture_output=True,
-                          text=True, env=env)
-    try:
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        _fail(f"{recipe}: the pre-flight check itself failed ({tail}); run python -m jobs.preflight {recipe}",
-              code=1)
-    report["ok"] = not report["problems"]
-    return report
-
-
-def _render(p: dict, source: str) -> str:
-    where = f"{source}:{p['line']}" if p.get("line") else source
-    return f"{where}: {p['path']}: {p['message']}" if p.get("path") else f"{where}: {p['message']}"
-
-
-def metrics_line(figures: dict) -> str:
-    """'loss=0.3120, accuracy=0.9950, examples=200': a split's metrics on one line."""
-    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
-
-
-def result_lines(result: dict | None, warnings: list[str]) -> list[str]:
-    """A finished job's eval.json and warnings as `status` and the end of `run` and `submit` print them: the test
-    metrics, which step's weights were kept and why, the verdict against the baseline, each warning."""
-    out = []
-    if result:
-        out.append("test:      " + metrics_line(result.get("test", {})))
-        sel = result.get("selection")
-        if sel:
-            out.append(f"kept:      step {sel['step']} of {result.get('steps')}: {sel['why']}")
-        base = result.get("baseline")
-        if base and base.get("verdict"):
-            out.append(f"baseline:  {base['verdict']}")
-        champ = result.get("champion")
-        if champ:
-            out.append(f"champion:  {_champion_words(champ, result)}")
-    out += [f"warning:   {w}" for w in warnings]
-    return out
-
-
-def _champion_words(champ: dict, result: dict) -> str:
-    """The like-for-like figure the gate decides on (jobs.compare's section of eval.json), in words."""
-    who = f"{champ.get('model')} v{champ.get('version')}"
-    pair = champ.get("on_this_test")
-    if not isinstance(pair, dict) or not isinstance(pair.get("challenger"), dict) or \
-            not isinstance(pair.get("champion"), dict):
-        return f"not compared with {who}: {champ.get('note', 'no figures')}"
-    figures = [m for m in pair["challenger"] if isinstance(pair["challenger"][m], float)
-               and isinstance(pair["champion"].get(m), (int, float))]
-    k = champ.get("metric") if champ.get("metric") in figures else (figures[0] if figures else None)
-    if k is None:
-        return f"not compared with {who}: no figure of both models"
-    return (f"on this job's test split ({pair.get('rows')} rows) {k} {pair['challenger'][k]:.4g} here, "
-            f"{pair['champion'][k]:.4g} for {who}")
 
 
 def new_job_dir(name: str) -> Path:
@@ -163,11 +83,9 @@ def find_job(ref: str) -> Path:
             return d.resolve()
     known = sorted(p.name for p in root.iterdir() if (p / "recipe.yaml").is_file()) if root.is_dir() else []
     hint = f"; the latest there: {', '.join(known[-3:])}" if known else f"; {root} holds no jobs"
-    _fail(f"no job '{ref}': not a job folder, nor a job id under {root}{hint}")
-    raise AssertionError  # _fail exits
+    fail(f"no job '{ref}': not a job folder, nor a job id under {root}{hint}")
 
 
-@app.command()
 def run(
     recipe: Optional[Path] = typer.Argument(None, help="The recipe file.", show_default=False),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="JOB",
@@ -180,12 +98,12 @@ def run(
     checkpoint. The job's files land in $RUNNER_HOME/artifacts/<job id>/ (RUNNER_HOME defaults to ~/.runner).
     """
     if (recipe is None) == (resume is None):
-        _fail("give a recipe file (runner run recipe.yaml) or a job to go on with (runner run --resume JOB), "
+        fail("give a recipe file (runner run recipe.yaml) or a job to go on with (runner run --resume JOB), "
               "not both")
     if resume is not None:
         job_dir = find_job(resume)
         if (job_dir / "eval.json").exists() and (job_dir / "model").is_dir():
-            _fail([f"job {job_dir.name} has already finished; its model is in {job_dir / 'model'}",
+            fail([f"job {job_dir.name} has already finished; its model is in {job_dir / 'model'}",
                    f"to train again from the start: runner run {job_dir / 'recipe.yaml'}"])
         ckpts = sorted((job_dir / "checkpoints").glob("checkpoint_*"))
         typer.echo(f"job {job_dir.name}: going on from {ckpts[-1].name if ckpts else 'the start (no checkpoint yet)'}",
@@ -194,7 +112,7 @@ def run(
         try:
             r = load_recipe(recipe)
         except RecipeError as e:
-            _fail(e.render())
+            fail(e.render())
         job_dir = new_job_dir(r.name)
         (job_dir / "recipe.yaml").write_text(r.snapshot_yaml(), encoding="utf-8")
         typer.echo(f"job {job_dir.name}: {r.task}, {r.tuning.mode}, {r.resources.workers} worker(s)", err=True)
@@ -209,8 +127,7 @@ def _drive(job_dir: Path) -> None:
     # KeyboardInterrupt; a foreground job must stop on Ctrl-C wherever it was started from.
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **QUIET_ENV, "PYTHONUNBUFFERED": "1"}
     import time
 
     started = time.time()
@@ -226,45 +143,29 @@ def _drive(job_dir: Path) -> None:
         except (KeyboardInterrupt, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        _fail([f"job {job_dir.name}: cancelled; its files are in {job_dir}",
+        fail([f"job {job_dir.name}: cancelled; its files are in {job_dir}",
                f"to go on from its last checkpoint: runner run --resume {job_dir.name}"], code=130)
     if proc.returncode != 0:
         reason = (job_dir / "failure.txt").read_text().strip() if (job_dir / "failure.txt").exists() else \
             f"the driver exited with code {proc.returncode}"
-        _fail([f"job {job_dir.name} FAILED: {reason}", f"files: {job_dir}",
+        fail([f"job {job_dir.name} FAILED: {reason}", f"files: {job_dir}",
                f"after a fix that leaves the recipe as it is, go on with: runner run --resume {job_dir.name}"],
-              code=1)
+              code=EXIT_FAILED)
     result = json.loads((job_dir / "eval.json").read_text())
     typer.echo(f"job {job_dir.name} SUCCEEDED")
     typer.echo(f"artifacts: {job_dir}")
-    for line in result_lines(result, warnings_of(job_dir, since=started)):
+    for line in result_lines(result, warnings_since(job_dir, since=started)):
         typer.echo(line)
     typer.echo(f"next: ls {job_dir / 'model'}   (loads with from_pretrained)")
-
-
-def warnings_of(job_dir: Path, since: float = 0.0) -> list[str]:
-    """The warnings the job wrote into its events.jsonl (alarms, a baseline not beaten) from `since` on."""
-    out = []
-    path = job_dir / "events.jsonl"
-    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(ev, dict) and ev.get("level") == "warning" and isinstance(ev.get("message"), str) and \
-                isinstance(ev.get("time"), (int, float)) and ev["time"] >= since:
-            out.append(ev["message"])
-    return out
 
 
 def _finished(ref: str) -> Path:
     job_dir = find_job(ref)
     if not (job_dir / "model" / "config.json").exists():
-        _fail(f"job {job_dir.name} has no trained model yet (model/ is written when training succeeds)")
+        fail(f"job {job_dir.name} has no trained model yet (model/ is written when training succeeds)")
     return job_dir
 
 
-@app.command()
 def export(
     job: str = typer.Argument(..., help="A finished job: its id or folder.", show_default=False),
     quantize: Optional[str] = typer.Option(None, help="none, int8_dynamic, int8_static or int4_weight_only "
@@ -288,18 +189,17 @@ def export(
         ExportSpec(**{**r.export.model_dump(), "onnx": True, **changes})
     except ValueError as e:
         errs = getattr(e, "errors", lambda: [])()
-        _fail([f"--{str(x['loc'][0]).replace('_', '-')}: {x['input']!r}: {x['msg']}" for x in errs] or str(e))
+        fail([f"--{str(x['loc'][0]).replace('_', '-')}: {x['input']!r}: {x['msg']}" for x in errs] or str(e))
     args = [f"--{k.replace('_', '-')}={v}" for k, v in changes.items()]
     proc = subprocess.run([sys.executable, "-m", "jobs.export", str(job_dir), *args], stdout=subprocess.PIPE,
                           text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if proc.returncode != 0:
-        _fail(f"job {job_dir.name}: the export did not pass (see above)", code=1)
+        fail(f"job {job_dir.name}: the export did not pass (see above)", code=EXIT_FAILED)
     out = json.loads(proc.stdout.strip().splitlines()[-1])["export_dir"]
     typer.echo(f"export: {out}")
     typer.echo(f"next: runner predict {job_dir.name} \"some text\"   |   runner view {job_dir.name}")
 
 
-@app.command()
 def predict(
     job: str = typer.Argument(..., help="A job with an ONNX export: its id or folder.", show_default=False),
     texts: list[str] = typer.Argument(..., help="One or more inputs.", show_default=False),
@@ -317,7 +217,6 @@ def predict(
         raise typer.Exit(proc.returncode)
 
 
-@app.command()
 def view(
     job: str = typer.Argument(..., help="A job with an ONNX export: its id or folder.", show_default=False),
     port: int = typer.Option(8081, help="Local port for Netron."),
@@ -325,17 +224,14 @@ def view(
 ) -> None:
     """Open the job's ONNX graph in Netron on 127.0.0.1 and print the URL; Ctrl-C stops it."""
     job_dir = find_job(job)
-    # the export `runner predict` uses (jobs.export.latest_export): the newest passing re-export, else onnx/
-    found = [d for d in sorted((job_dir / "exports").glob("*"), reverse=True) + [job_dir / "onnx"]
-             if (d / "export_report.json").exists()
-             and json.loads((d / "export_report.json").read_text()).get("passed")]
-    if not found:
-        _fail(f"job {job_dir.name} has no ONNX export that passed its checks; make one with: "
-              f"runner export {job_dir.name}")
+    found = latest_export(job_dir)  # the export `runner predict` uses
+    if found is None:
+        fail(f"job {job_dir.name} has no ONNX export that passed its checks; make one with: "
+             f"runner export {job_dir.name}")
     name = "model.quantized.onnx" if quantized else "model.onnx"
-    path = found[0] / name
+    path = found / name
     if not path.exists():
-        _fail(f"{path}: no such file (the export has {', '.join(sorted(p.name for p in found[0].glob('*.onnx')))})")
+        fail(f"{path}: no such file (the export has {', '.join(sorted(p.name for p in found.glob('*.onnx')))})")
     import netron
 
     netron.serve(str(path), None, address=("127.0.0.1", port), browse=False)
@@ -348,18 +244,6 @@ def view(
         netron.stop(("127.0.0.1", port))
 
 
-@app.command()
 def schema() -> None:
     """Print the recipe's JSON Schema, for editors (e.g. the YAML language server's `# yaml-language-server: $schema=`)."""
     typer.echo(json.dumps(json_schema(), indent=2))
-
-
-from runner import commands  # noqa: E402,F401 - registers the verbs that go through the runner server
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

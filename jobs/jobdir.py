@@ -1,0 +1,218 @@
+"""The job folder: the contract between the processes that write a job (its driver, rank 0 of its workers) and those
+that read it (the runner server, its dispatcher, the CLI). Torch-free, so that both sides import it.
+
+A job is a folder, <RUNNER_HOME>/artifacts/<job id>/, and its state:
+
+    recipe.yaml      the recipe as submitted, every default filled in       (written once, by the server or `run`)
+    job.log          the driver's stdout and stderr                          (grows)
+    train.log        lines for the person running the job                   (grows: `note`)
+    events.jsonl     the job's changes of state and its warnings            (grows: `event`; the server follows it)
+    metrics.jsonl    one record per logged step and per evaluation          (grows: rank 0)
+    warnings.jsonl   alarms rank 0 raised (loss not finite, ...)            (grows; the driver relays them as events)
+    checkpoints/     checkpoint_<n>/ with state.pt and step.json             (the newest `keep` of them)
+    model/ eval.json manifest.json onnx/ exports/   what a SUCCEEDED job leaves; failure.txt what a FAILED one does
+
+Files that grow are written by `append`: one write of whole lines, O_APPEND, 0600, so that two writers never
+interleave a line; readers take only whole lines (`lines_after`) and take every file as untrusted (`read_at`: no
+link followed, nothing but a plain file, bounded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from enum import Enum
+from pathlib import Path
+
+RECIPE, JOB_LOG, TRAIN_LOG = "recipe.yaml", "job.log", "train.log"
+EVENTS, METRICS, WARNINGS = "events.jsonl", "metrics.jsonl", "warnings.jsonl"
+FAILURE, EVAL, MANIFEST = "failure.txt", "eval.json", "manifest.json"
+CHECKPOINTS, MODEL, ONNX, EXPORTS = "checkpoints", "model", "onnx", "exports"
+EXPORT_REPORT = "export_report.json"
+
+
+# --- the states -----------------------------------------------------------------------------------------------
+
+
+class JobState(str, Enum):
+    """Where a job is. The store keeps one per job; `TRANSITIONS` says which moves exist."""
+
+    QUEUED = "QUEUED"  # waiting for the resources it asks for, in priority then submission order
+    STARTING = "STARTING"  # handed to Ray; its driver has not yet said it runs
+    RUNNING = "RUNNING"  # its workers train
+    RETRYING = "RETRYING"  # a worker or node was lost; Ray Train restarts the workers from the last checkpoint
+    EXPORTING = "EXPORTING"  # trained and evaluated; the model is being merged, exported and checked
+    SUCCEEDED = "SUCCEEDED"  # ended with its model, eval.json and a passing export (final)
+    FAILED = "FAILED"  # ended with a reason (failure.txt, the store's reason); `runner retry` queues it again
+    CANCELLED = "CANCELLED"  # stopped by a person; `runner retry` queues it again
+
+    def __str__(self) -> str:  # the same on every Python: the name, as stored and printed
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+S = JobState
+TERMINAL = (S.SUCCEEDED, S.FAILED, S.CANCELLED)
+ACTIVE = (S.STARTING, S.RUNNING, S.RETRYING, S.EXPORTING)  # handed to Ray, not yet ended: the dispatcher follows it
+TRAINING = (S.RUNNING, S.RETRYING, S.EXPORTING)  # the driver's own moves, which it writes into events.jsonl
+_ENDINGS = (S.FAILED, S.CANCELLED)
+TRANSITIONS: dict[JobState, tuple[JobState, ...]] = {
+    S.QUEUED: (S.STARTING, *_ENDINGS),
+    S.STARTING: (S.RUNNING, *_ENDINGS),
+    S.RUNNING: (S.EXPORTING, S.SUCCEEDED, S.RETRYING, *_ENDINGS),
+    S.RETRYING: (S.RUNNING, *_ENDINGS),
+    S.EXPORTING: (S.SUCCEEDED, *_ENDINGS),
+    S.SUCCEEDED: (),
+    S.FAILED: (S.QUEUED,),  # a retry: a new attempt of the same job
+    S.CANCELLED: (S.QUEUED,),
+}
+STATES = tuple(JobState)
+
+
+def is_terminal(state: str) -> bool:
+    return state in TERMINAL
+
+
+def can_move(old: str, new: str) -> bool:
+    """Whether a job in state `old` may move to `new` (both as stored: the states' names)."""
+    return old in TRANSITIONS and new in TRANSITIONS[JobState(old)]
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
+
+PRIVATE = 0o600
+
+
+def append(path: Path, text: str) -> None:
+    """Add `text` (whole lines, ending with a newline) to the file at path, creating it 0600."""
+    fd = open_private(path)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def open_private(path: Path) -> int:
+    """A descriptor that appends to path, the file created 0600 (the driver's stdout and stderr go there)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE)
+
+
+def event(job_dir: Path, message: str, state: JobState | None = None, level: str | None = None, **extra) -> None:
+    """A line of events.jsonl: one of the driver's moves (`TRAINING`) or a note (level "warning" for what a person
+    should look at: an alarm, a baseline not beaten), which the runner server copies into its store as it follows
+    the job."""
+    if state is not None and state not in TRAINING:
+        raise ValueError(f"a job's driver moves it to {', '.join(TRAINING)} only, not {state}")
+    record = {"time": time.time(), "state": None if state is None else str(state), "message": message,
+              "level": level, **extra}
+    append(job_dir / EVENTS, json.dumps(record) + "\n")
+
+
+def note(job_dir: Path, msg: str) -> None:
+    """A line for the person running the job, in train.log (the driver's `Follow` shows it as it comes)."""
+    append(job_dir / TRAIN_LOG, f"{time.strftime('%H:%M:%S')} {msg}\n")
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+def read_at(path: Path, offset: int, limit: int) -> bytes:
+    """Up to `limit` bytes of a plain file from `offset`; nothing where the path is absent, a link, a FIFO, a folder
+    or unreadable (opened without following a link and without blocking, so that no file a job's code makes can
+    hang or redirect the reader)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return b""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        os.lseek(fd, offset, os.SEEK_SET)
+        out = bytearray()
+        while len(out) < limit:
+            part = os.read(fd, min(limit - len(out), 1 << 20))
+            if not part:
+                break
+            out += part
+        return bytes(out)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _whole(path: Path, offset: int, limit: int) -> tuple[bytes, bool]:
+    """The bytes of the whole lines after `offset`, and whether they are a piece of a line longer than `limit`. The
+    part after the last newline is a line still being written: it comes next time; a line longer than `limit`
+    comes in pieces of `limit` bytes, so that no reader stalls on it."""
+    chunk = read_at(path, offset, limit)
+    end = chunk.rfind(b"\n") + 1
+    if end == 0 and len(chunk) == limit and limit:
+        return chunk, True
+    return chunk[:end], False
+
+
+def whole_lines(path: Path, offset: int, limit: int = 1 << 24) -> tuple[str, int]:
+    """The whole lines of a growing file after a byte offset, as one text, and the offset after them."""
+    raw, _ = _whole(path, offset, limit)
+    return raw.decode("utf-8", "replace"), offset + len(raw)
+
+
+def lines_after(path: Path, offset: int, limit: int = 1 << 24) -> list[tuple[int, str]]:
+    """The whole lines after a byte offset, each with the byte offset after it (where a reader goes on from;
+    counted in bytes, so that a line of invalid UTF-8 does not shift it)."""
+    raw, piece = _whole(path, offset, limit)
+    if piece:
+        return [(offset + len(raw), raw.decode("utf-8", "replace"))]
+    out, at = [], offset
+    for line in raw.split(b"\n")[:-1]:
+        at += len(line) + 1
+        out.append((at, line.decode("utf-8", "replace")))
+    return out
+
+
+def checkpoints_newest_first(job_dir: Path) -> list[str]:
+    """Checkpoints a run of this job folder left (cancelled, failed, killed), newest step first.
+
+    Ray Train restores a rerun by itself only from the snapshot it writes as it goes, which a killed run may not
+    have written yet; each checkpoint carries its step in step.json, so the folder alone says where to go on."""
+    found = []
+    for d in (job_dir / CHECKPOINTS).glob("checkpoint_*"):
+        try:
+            step = json.loads((d / "step.json").read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (d / "state.pt").is_file():
+            found.append((step, str(d)))
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+def latest_export(job_dir: Path) -> Path | None:
+    """The newest export that passed its checks: a re-export under exports/ (named by UTC time), else onnx/."""
+    for d in sorted((job_dir / EXPORTS).glob("*"), reverse=True) + [job_dir / ONNX]:
+        try:
+            report = json.loads((d / EXPORT_REPORT).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and report.get("passed"):
+            return d
+    return None
+
+
+def warnings_since(job_dir: Path, since: float = 0.0) -> list[str]:
+    """The warnings the job wrote into its events.jsonl (alarms, a baseline not beaten) from `since` on."""
+    out = []
+    path = job_dir / EVENTS
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict) and ev.get("level") == "warning" and isinstance(ev.get("message"), str) and \
+                isinstance(ev.get("time"), (int, float)) and ev["time"] >= since:
+            out.append(ev["message"])
+    return out
