@@ -167,7 +167,7 @@ def quantize(fp32: Path, out: Path, kind: str, calibration: list[dict] | None = 
                 def get_next(self):
                     return next(self.it, None)
 
-            # MatMul only: full-graph static int8 broke a BERT classifier (DESIGN.md)
+            # MatMul only: full-graph static int8 broke a BERT classifier (ARCHITECTURE.md, Decisions)
             quantize_static(str(pre), str(out), Reader(calibration or []), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, use_external_data_format=True)
