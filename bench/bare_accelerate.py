@@ -4,7 +4,6 @@ Same model, same tokenized data (jobs.data), same optimizer, schedule, batch, st
 the model saved. Usage: python bench/bare_accelerate.py RECIPE OUT_DIR
 """
 
-import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
 
 import json
 import random

@@ -5,7 +5,6 @@ loss read back each step as the runner does. Usage: python bench/bare_lm.py RECI
 tokens_per_s (steps after the first few) and peak_gib (torch's peak allocation on the GPU).
 """
 
-import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
 
 import json
 import sys

@@ -29,7 +29,6 @@ tests/integration/test_chaos.py runs a smaller fixed-seed version (`run(...)`) i
 
 from __future__ import annotations
 
-import _paths  # noqa: F401  (the repository on sys.path, bench/ off it)
 
 import argparse
 import collections
@@ -97,6 +96,21 @@ class Server:
         import httpx
 
         return httpx.post(self.url + path, json=body, timeout=60)
+
+    def call(self, path: str, body: dict | None = None, quiet: bool = False) -> tuple[int, object]:
+        """(status, JSON) of GET path, or of POST path with body; quiet: (0, None) when nothing answers."""
+        import httpx
+
+        try:
+            r = httpx.request("POST" if body is not None else "GET", self.url + path, json=body, timeout=60)
+        except httpx.TransportError:
+            if quiet:
+                return 0, None
+            raise
+        return r.status_code, r.json()
+
+    def job(self, job_id: str) -> dict:
+        return self.call(f"/jobs/{job_id}")[1]
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

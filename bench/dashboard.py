@@ -16,7 +16,6 @@ Goals: first_page_ms <= 300, first_page_kb <= 200, server_rss_mb <= 250.
 
 from __future__ import annotations
 
-import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
 
 import argparse
 import json

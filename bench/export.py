@@ -9,7 +9,6 @@ on test rows, batch 1 and 8) and scored on the whole test split. Last line: one 
 Goals: size <= 0.3x, at least 2x faster at batch 1 and 8, accuracy drop <= 1 point.
 """
 
-import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
 
 import argparse
 import json

@@ -19,7 +19,6 @@ server's peak is its VmHWM less its resident size after a warm-up. The last line
 
 from __future__ import annotations
 
-import _paths  # noqa: F401  (the repository on sys.path, bench/ off it)
 
 import argparse
 import collections

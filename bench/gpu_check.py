@@ -1,6 +1,5 @@
 """The body of bench/gpu_check.sh (read that first): model, data, the runs, the figures."""
 
-import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
 
 import argparse
 import json

@@ -10,7 +10,6 @@ down over the minutes weighs on both alike. Last line: JSON with runner_s, bare_
 a job of about 2 minutes.
 """
 
-import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
 
 import argparse
 import json

@@ -9,7 +9,6 @@ fraction of the run), the test loss against ln(labels) for guessing, the test ac
 Exit 1 when the lr is more than 10% off the schedule or the test loss is not under 1.0. Last line: one JSON object.
 """
 
-import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
 
 import argparse
 import json

@@ -9,7 +9,6 @@ from interpreter start to exit, less the same imports in one plain process (whic
 line: JSON with floor_s and its parts.
 """
 
-import _paths  # noqa: F401 - first: bench/ off sys.path (see _paths.py)
 
 import json
 import subprocess

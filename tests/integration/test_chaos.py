@@ -15,8 +15,8 @@ BENCH = str(Path(__file__).resolve().parents[2] / "bench")
 sys.path.insert(0, BENCH)
 import chaos  # noqa: E402
 
-while BENCH in sys.path:  # off again: bench/queue.py would stand in for the standard library's queue (in spawned
-    sys.path.remove(BENCH)  # processes too, which inherit sys.path)
+while BENCH in sys.path:  # off again: spawned processes inherit sys.path, and bench/ is no package of theirs
+    sys.path.remove(BENCH)
 
 pytestmark = pytest.mark.slow
 PLAN = ("kill_worker", "torn_line", "kill_driver", "kill_server", "remove_node", "cancel", "down_submit")

@@ -8,7 +8,6 @@ killed without a word, a cancel); another loses the node a job trains on.
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,17 +21,16 @@ BENCH = str(Path(__file__).resolve().parents[2] / "bench")
 sys.path.insert(0, BENCH)
 import chaos  # noqa: E402
 
-while BENCH in sys.path:  # off again: bench/queue.py would stand in for the standard library's queue (in spawned
-    sys.path.remove(BENCH)  # processes too, which inherit sys.path)
+while BENCH in sys.path:  # off again: spawned processes inherit sys.path, and bench/ is no package of theirs
+    sys.path.remove(BENCH)
 
 from runner.local import alive as pid_alive  # noqa: E402
-from runner.local import free_port  # noqa: E402
 from tiny import faults, keyword_rows, tiny_model_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-ACTIVE = ("STARTING", "RUNNING", "RETRYING", "EXPORTING")
-ENDED = ("SUCCEEDED", "FAILED", "CANCELLED")
+ACTIVE, ENDED = chaos.ACTIVE, chaos.ENDED
+Server = chaos.Server  # `python -m runner.server` as a process of its own, so that it can be SIGKILLed
 
 
 @pytest.fixture(scope="module")
@@ -42,47 +40,6 @@ def cluster():
     yield c, nodes, dashboard
     ray.shutdown()
     c.shutdown()
-
-
-class Server:
-    """`python -m runner.server` as a process of its own, so that it can be SIGKILLed."""
-
-    def __init__(self, home: Path, dashboard: str):
-        self.home, self.dashboard = home, dashboard
-        self.proc = None
-
-    def start(self) -> None:
-        port = free_port()
-        # the simulated nodes share this machine's disk: vouch for it, or a 3-node cluster refuses a local path
-        env = {**os.environ, "RUNNER_HOME": str(self.home), "RUNNER_SHARED_STORAGE": "1"}
-        self.log = open(self.home / f"server-{port}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "runner.server", "--port", str(port), "--ray",
-                                      self.dashboard, "--interval", "0.5"], env=env, cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            if self.call("/health", quiet=True)[0] == 200:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"server did not start: {(self.home / f'server-{port}.log').read_text()}")
-
-    def call(self, path, body=None, quiet=False):
-        import httpx
-
-        try:
-            r = httpx.request("POST" if body is not None else "GET", self.url + path, json=body, timeout=30)
-        except httpx.TransportError:
-            if quiet:
-                return 0, None
-            raise
-        return r.status_code, r.json()
-
-    def job(self, job_id: str) -> dict:
-        return self.call(f"/jobs/{job_id}")[1]
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
 
 
 def wait_for(what, check, timeout: float, every: float = 0.5):

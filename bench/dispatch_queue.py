@@ -1,6 +1,6 @@
 """How fast the runner's queue dispatches: many tiny jobs submitted at once to the local runner server.
 
-    python bench/queue.py [--jobs 100]
+    python bench/dispatch_queue.py [--jobs 100]
 
 Starts a local Ray head and runner server of its own (a temporary RUNNER_HOME, as `runner submit` would on first
 use), submits the jobs at once through the REST API (each: a tiny BERT built here, one worker of one CPU, 2 training
@@ -18,7 +18,6 @@ Last line: one JSON object with jobs, dispatch_median_s, dispatch_p95_s, submit_
 submit_to_start_p95_s, wall_s, sum_run_s, all_succeeded_once. Goal: dispatch_median_s <= 0.5.
 """
 
-import _paths  # noqa: F401 - first: this very file must not stand in for the standard library's queue
 
 import argparse
 import json
