@@ -21,6 +21,7 @@ from pathlib import Path
 
 from jobs.jobdir import STATES, TERMINAL, TRANSITIONS, can_move
 
+
 def _backfill_model_mode(db: sqlite3.Connection) -> None:
     """Migration 3's second half: the model and mode of the jobs stored before it, read from their recipes."""
     for job_id, text in db.execute("SELECT id, recipe FROM jobs WHERE model IS NULL").fetchall():

@@ -1,0 +1,177 @@
+"""What the routes act on: the store, the registry, the dispatcher and the scheduler of one server, its artifacts
+folder, and the operations several routes share (describe a job, parse a recipe, queue one, stop one), with the
+dispatch loop: a thread that runs the schedules' pass and the dispatcher's every `interval` seconds, and at once
+after a submit, cancel or retry (`wake`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import HTTPException
+
+from jobs.jobdir import STATES, JobState
+from jobs.recipe import NAME_RE, NAME_RULE, RecipeError, parse_recipe, shared_storage_problem
+from runner.client import artifacts_root
+from runner.store import Store, eta_seconds
+
+
+def need_of_recipe(recipe):
+    from runner.queue import Need
+
+    r = recipe.resources
+    return Need(r.workers, r.cpus_per_worker, r.gpus_per_worker)
+
+
+class Service:
+    def __init__(self, home: Path, clock=time.time, backend=None):
+        from runner.cleanup import Retention, keep_from_env
+        from runner.dispatch import Dispatcher
+        from runner.registry import Registry
+
+        self.clock, self.backend = clock, backend
+        self.root = artifacts_root(Path(home)).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = Store(Path(home) / "runner.db", clock=clock)
+        self.registry = Registry(self.store, clock=clock)
+        self.dispatcher = Dispatcher(self.store, backend, on_success=self._registered, on_start=self._starting,
+                                     on_end=Retention(self.store, keep_from_env())) if backend is not None else None
+        self.scheduler = None  # set by create_app (runner.api.schedules.make_scheduler)
+        self.ray_url = getattr(backend, "address", None)
+        self.wake, self._stop = threading.Event(), threading.Event()
+        self.artifacts_cache: dict[str, tuple[tuple, dict]] = {}  # an ended job's, by id: its folder no longer changes
+        self.streams = {"open": 0}  # log streams open now
+        self.max_streams = int(os.environ.get("RUNNER_MAX_LOG_STREAMS", "64"))
+        self.sse_max_s = 30.0  # a log stream ends after this long; the client reconnects (create_app sets it)
+
+    # --- the dispatch loop ----------------------------------------------------------------------------------------
+
+    def lifespan(self, interval: float):
+        @asynccontextmanager
+        async def run(_app):
+            thread = threading.Thread(target=self._loop, args=(interval,), daemon=True, name="dispatch")
+            thread.start()
+            yield
+            self._stop.set()
+            self.wake.set()
+            thread.join(timeout=10)
+
+        return run
+
+    def _loop(self, interval: float) -> None:
+        while not self._stop.is_set():
+            self.wake.wait(interval)
+            self.wake.clear()
+            if self._stop.is_set():
+                break
+            for what, tick in (("schedules", self.scheduler and self.scheduler.tick),
+                               ("dispatch", self.dispatcher and self.dispatcher.tick)):
+                try:
+                    if tick:
+                        tick()
+                except Exception as e:  # noqa: BLE001 - a pass that failed: say so, try again next pass
+                    print(f"{what}: {type(e).__name__}: {e}", flush=True)
+
+    def _registered(self, job) -> None:
+        version = self.registry.register(job)
+        if version is not None:
+            self.store.note(job.id, f"registered as {version['model']} v{version['version']}: {version['decision']}")
+
+    def _starting(self, job) -> None:
+        """The champion a registered model's job will be scored against (jobs.compare), in champion.json."""
+        spec = self.registry.champion_for(job)
+        path = Path(job.job_dir) / "champion.json"
+        if spec is None:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_name("champion.json.tmp")
+        tmp.unlink(missing_ok=True)  # a link planted there is removed, not written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(spec, indent=2))
+        tmp.replace(path)
+
+    # --- jobs -----------------------------------------------------------------------------------------------------
+
+    def described(self, job, order: list[str] | None = None) -> dict:
+        """A job as the API shows it: with its place in the queue and why it waits, while it is QUEUED.
+        order: the queue's job ids, when the caller describes many jobs (read once, not once a job)."""
+        out = job.to_json()
+        now = self.clock()
+        out["duration_s"] = round((job.ended_at or now) - job.started_at, 1) if job.started_at else None
+        out["eta_s"] = eta_seconds(out["progress"]) if job.state in (JobState.RUNNING, JobState.RETRYING) else None
+        if job.state == JobState.QUEUED:
+            order = order if order is not None else [j.id for j in self.store.queue()]
+            waits = self.dispatcher.waiting.get(job.id) if self.dispatcher else None
+            out["queue_position"] = order.index(job.id) + 1 if job.id in order else None
+            out["waiting_for"] = waits[1] if waits else ("no Ray cluster attached" if self.dispatcher is None
+                                                         else "the next dispatch pass")
+        return out
+
+    def listing(self, state: str | None, name: str | None, q: str | None, limit: int, offset: int) -> dict:
+        if state is not None and state.upper() not in STATES:
+            raise HTTPException(422, f"state {state!r}: one of {', '.join(STATES)}")
+        state = state.upper() if state else None
+        store = self.store
+        jobs = store.list(state=state, name=name, limit=limit, offset=offset, text=q)
+        order = [j.id for j in store.queue()] if any(j.state == JobState.QUEUED for j in jobs) else []
+        return {"jobs": [self.described(j, order) for j in jobs], "limit": limit, "offset": offset,
+                "total": store.count(state=state, name=name, text=q), "counts": store.counts()}
+
+    @staticmethod
+    def parsed(text: str, base_dir: str | None, env: dict, source: str = "recipe.yaml"):
+        """A recipe from a request, or a 422 with every problem."""
+        if base_dir is not None and (len(base_dir) > 4096 or any(ord(c) < 32 for c in base_dir)):
+            raise HTTPException(422, f"base_dir {base_dir[:60]!r}: a folder's path, at most 4,096 characters, with no "
+                                     "control characters")
+        try:
+            return parse_recipe(text, source=source, base_dir=Path(base_dir) if base_dir else None, env=env)
+        except RecipeError as e:
+            raise HTTPException(422, {"message": "the recipe has problems", "problems": [
+                {"path": p.path, "line": p.line, "message": p.message} for p in e.problems]}) from None
+
+    def queue_recipe(self, recipe, name: str | None = None, priority: int | None = None, job_id: str | None = None):
+        """A checked recipe as a new QUEUED job: its folder, its snapshot, its row."""
+        name = recipe.name if name is None else name
+        fixed = job_id is not None  # a scheduled fire's id, made from its slot
+        if not NAME_RE.fullmatch(name):
+            raise HTTPException(422, f"name {name!r}: {NAME_RULE}")
+        recipe = recipe.model_copy(update={"name": name})
+        job_id = job_id or f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(self.clock()))}-" \
+                           f"{secrets.token_hex(2)}"
+        job_dir = (self.root / job_id).resolve()
+        if job_dir.parent != self.root:  # the name rules make this impossible; the check keeps it so
+            raise HTTPException(422, f"name {name!r} would leave the artifacts folder")
+        res = recipe.resources
+        if self.dispatcher is not None:
+            why = self.dispatcher.refusal(need_of_recipe(recipe))
+            if why:
+                raise HTTPException(422, f"refused: the job {why}")
+            storage = shared_storage_problem(self.root, len(self.dispatcher.backend.nodes()))
+            if storage:
+                raise HTTPException(422, f"refused: {storage}")
+        job_dir.mkdir(exist_ok=fixed)  # a fire's folder may be there from a server that died before its row
+        snapshot = recipe.snapshot_yaml()
+        (job_dir / "recipe.yaml").write_text(snapshot, encoding="utf-8")
+        priority = priority if priority is not None else recipe.resources.priority
+        job = self.store.add_job(job_id, name, snapshot, str(job_dir), res.workers, res.cpus_per_worker,
+                                 res.gpus_per_worker, priority=priority)
+        self.wake.set()
+        return job
+
+    def stop_job(self, job_id: str, reason: str = "cancelled by the user"):
+        """Cancel a job: a queued one at once, a running one through Ray; 409 when it has ended."""
+        job = self.store.get(job_id)
+        if job.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+            raise HTTPException(409, f"job {job_id} has already ended ({job.state})")
+        if self.dispatcher is not None and job.state != JobState.QUEUED:
+            out = self.dispatcher.cancel(job)
+        else:
+            out = self.store.set_state(job_id, JobState.CANCELLED, reason=reason, expect=job.state)
+        self.wake.set()
+        return out
