@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.recipe import Problem, Recipe, Source, roles_for
+from jobs.recipe import Problem
+from jobs.schema import Recipe, Source, roles_for
 
 SPLITS = ("train", "validation", "test")
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -212,7 +213,7 @@ def map_columns(recipe: Recipe, sp: Split) -> Split:
         if col in have:
             keep[col] = role
         elif role in required:
-            from jobs.recipe import did_you_mean
+            from jobs.schema import did_you_mean
 
             hint = did_you_mean(col, have)
             how = f"data.columns.{role}: COLUMN" if role not in cols else f"data.columns.{role}"

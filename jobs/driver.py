@@ -19,7 +19,9 @@ from pathlib import Path
 
 from jobs import secrets
 from jobs.jobdir import JobState, checkpoints_newest_first, event, note, open_private
-from jobs.recipe import SNAPSHOT, Recipe, RecipeError, load_recipe, shared_storage_problem
+from jobs.jobdir import shared_storage_problem
+from jobs.recipe import RecipeError, SNAPSHOT, load_recipe
+from jobs.schema import Recipe
 
 
 class JobFailed(Exception):

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from jobs.jobdir import latest_export
-from jobs.recipe import SNAPSHOT, ExportSpec, Recipe, load_recipe
+from jobs.recipe import SNAPSHOT, load_recipe
+from jobs.schema import ExportSpec, Recipe
 
 FP32_ATOL = 1e-3
 QUALITY_DEFAULT = {"classification": 1.0, "causal_lm": 1.05, "regression": 1.10}

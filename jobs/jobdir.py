@@ -216,3 +216,54 @@ def warnings_since(job_dir: Path, since: float = 0.0) -> list[str]:
                 isinstance(ev.get("time"), (int, float)) and ev["time"] >= since:
             out.append(ev["message"])
     return out
+
+
+# --- where the folders live ---------------------------------------------------------------------------------------
+
+
+# Filesystems every node of a cluster can mount at the same path (/proc/mounts' type names).
+SHARED_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "cephfs", "glusterfs", "beegfs",
+                      "wekafs", "fuse.gcsfuse", "fuse.mountpoint-s3", "fuse.s3fs", "fuse.juicefs", "fuse.goofys",
+                      "fuse.rclone", "fuse.efs", "efs", "virtiofs"}
+
+
+def filesystem_of(path: str | Path, mounts: str | None = None) -> tuple[str, str]:
+    """(mount point, filesystem type) that holds `path`, from /proc/mounts (or the text given)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return "/", "unknown"
+    target = os.path.realpath(os.path.expanduser(str(path)))
+    best = ("/", "unknown")
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+            best = (point, parts[2])
+    return best
+
+
+def shared_storage_problem(path: str | Path, nodes: int, mounts: str | None = None) -> str | None:
+    """Why the artifacts folder `path` cannot serve a cluster of `nodes` nodes, or None when it can.
+
+    Every node writes into the job's folder (checkpoints from the workers, the model from rank 0, which Ray may
+    place on any node) and the driver reads it back, so with more than one node it must be one filesystem that
+    all of them mount: NFS (EFS, Filestore), a parallel filesystem, or a bucket mounted with gcsfuse or
+    mountpoint-s3. RUNNER_SHARED_STORAGE=1 vouches for a path whose type is not recognised."""
+    if nodes <= 1 or os.environ.get("RUNNER_SHARED_STORAGE") == "1":
+        return None
+    text = str(path)
+    if text.startswith(("s3://", "gs://")):
+        return (f"the artifacts path {text} is a bucket URL; the runner writes job folders through a filesystem "
+                f"path: mount the bucket on every node (mountpoint-s3, gcsfuse) and set RUNNER_HOME to it")
+    point, fstype = filesystem_of(path, mounts)
+    if fstype in SHARED_FILESYSTEMS:
+        return None
+    return (f"the cluster has {nodes} nodes but the artifacts path {text} is on a local filesystem ({fstype} at "
+            f"{point}): workers on other nodes would write checkpoints and the model where the driver cannot read "
+            f"them. Put RUNNER_HOME on storage every node mounts at the same path (NFS, EFS, Filestore, or an "
+            f"s3/gs bucket through mountpoint-s3 or gcsfuse; see cluster/README.md), or set RUNNER_SHARED_STORAGE=1 "
+            f"if it is shared already")

@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
-from jobs.recipe import Recipe
+from jobs.schema import Recipe
 
 GIB = 2**30
 CONTEXT_BYTES = 1 * GIB  # CUDA context, cuBLAS workspaces and allocator slack, seen as 0.5-1 GiB on H100s

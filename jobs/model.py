@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from jobs.recipe import Recipe
+from jobs.schema import Recipe
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jobs.recipe import Problem, Recipe
+from jobs.recipe import Problem
+from jobs.schema import Recipe
 
 
 def resolve_model(recipe: Recipe) -> tuple[str | None, Problem | None]:

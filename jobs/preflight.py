@@ -12,7 +12,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from jobs.modelfiles import load_tokenizer, resolve_model
-from jobs.recipe import Problem, Recipe, RecipeError, load_recipe
+from jobs.recipe import Problem, RecipeError, load_recipe
+from jobs.schema import Recipe
 
 STATS_ROWS = 5000  # rows per split tokenized for the truncation figures
 CHARS_PER_TOKEN_BOUND = 64  # no tokenizer's tokens average more characters than this over a text

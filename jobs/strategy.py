@@ -19,7 +19,7 @@ activation checkpointing of each unit for fsdp.
 
 from __future__ import annotations
 
-from jobs.recipe import Recipe
+from jobs.schema import Recipe
 
 BUCKET = 50_000_000  # DeepSpeed reduce / all-gather bucket, in elements (its default of 5e8 holds 1 GB in bf16)
 

@@ -35,7 +35,8 @@ from jobs import secrets
 from jobs.callbacks import Loop
 from jobs.callbacks import build as build_callbacks
 from jobs.jobdir import append, checkpoints_newest_first
-from jobs.recipe import SNAPSHOT, Recipe, parse_recipe
+from jobs.recipe import SNAPSHOT, parse_recipe
+from jobs.schema import Recipe
 
 
 @dataclass

@@ -16,7 +16,9 @@ from pathlib import Path
 from fastapi import HTTPException
 
 from jobs.jobdir import STATES, JobState
-from jobs.recipe import NAME_RE, NAME_RULE, RecipeError, parse_recipe, shared_storage_problem
+from jobs.jobdir import shared_storage_problem
+from jobs.recipe import RecipeError, parse_recipe
+from jobs.schema import NAME_RE, NAME_RULE
 from runner.client import artifacts_root
 from runner.store import Store, eta_seconds
 

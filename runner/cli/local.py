@@ -15,7 +15,8 @@ from typing import Optional
 import typer
 
 from jobs.jobdir import latest_export, warnings_since
-from jobs.recipe import SNAPSHOT, RecipeError, json_schema, load_recipe
+from jobs.recipe import RecipeError, SNAPSHOT, load_recipe
+from jobs.schema import json_schema
 from runner.cli.common import EXIT_FAILED, EXIT_INVALID, QUIET_ENV, fail, problem_lines, result_lines, \
     run_preflight
 from runner.client import artifacts_root
@@ -179,7 +180,7 @@ def export(
     The new export lands in <job>/exports/<UTC time>-<quantize>/ with its own export_report.json, after the same
     checks as the job's own export (fp32 parity, quantized quality, generation for a causal LM).
     """
-    from jobs.recipe import ExportSpec
+    from jobs.schema import ExportSpec
 
     job_dir = _finished(job)
     r = load_recipe(job_dir / "recipe.yaml", allowed=SNAPSHOT)

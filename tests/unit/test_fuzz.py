@@ -20,6 +20,8 @@ from runner.server import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 BASES = base_recipes()
+
+
 def fixed(n: int):
     return settings(max_examples=n, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck),
                     database=None)

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from jobs.recipe import ScheduleSpec
+from jobs.schema import ScheduleSpec
 from runner.schedules import Scheduler, cron_slots, next_fires
 from runner.store import Store
 

@@ -3,7 +3,7 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from jobs.recipe import filesystem_of, shared_storage_problem
+from jobs.jobdir import filesystem_of, shared_storage_problem
 from runner.queue import Node
 from runner.server import create_app
 

@@ -1,0 +1,664 @@
+"""The recipe's schema: every key, its type, its default and its meaning, and the rules that span several keys.
+
+This module is the single home of every default. It imports no torch (the control plane imports it). Reading a
+recipe from YAML, with its problems located and said, is jobs/recipe.py.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+MAX_TEXT = 4096  # a name, id, path or setting (PATH_MAX); a chat template may hold more
+MAX_TEMPLATE = 65536
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _plain_text(cls, v, info):
+        """No text of a recipe holds a NUL or a control character other than tab and newline, or runs past
+        MAX_TEXT characters: none is a name, path or setting, and each would break a file name or a log line."""
+        if isinstance(v, str):
+            most = MAX_TEMPLATE if info.field_name == "chat_template" else MAX_TEXT
+            if len(v) > most:
+                raise ValueError(f"{len(v):,} characters long; at most {most:,}")
+            bad = next((c for c in v if ord(c) < 32 and c not in "\t\n\r"), None)
+            if bad is not None:
+                raise ValueError(f"holds the control character {bad!r}; a name, path or setting holds none")
+        return v
+
+
+class ModelSpec(_Strict):
+    """The base model."""
+
+    name: str = Field(description="Hub id (`org/name`) or a local folder holding `config.json`.")
+    revision: str = Field("main", description="Hub branch, tag or commit; ignored for a local folder.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the weights are loaded in; `auto` keeps the checkpoint's own."
+    )
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off unless you trust it).")
+    token: SecretStr | None = Field(None, description="Hub token for gated models; write `${HF_TOKEN}`, never the token itself.")
+
+
+Task = Literal["classification", "regression", "causal_lm"]
+DataFormat = Literal["text", "instruction", "chat"]
+
+# Column roles each task (and causal-LM format) reads; the recipe's `data.columns` maps a role to a column name.
+ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # key: (required roles, optional roles)
+    "classification": (("text", "label"), ("text_pair",)),
+    "regression": (("text", "label"), ("text_pair",)),
+    "causal_lm/text": (("text",), ()),
+    "causal_lm/instruction": (("instruction", "output"), ("input",)),
+    "causal_lm/chat": (("messages",), ()),
+}
+
+
+def roles_for(task: str, fmt: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return ROLES[f"causal_lm/{fmt or 'text'}" if task == "causal_lm" else task]
+
+
+class Source(_Strict):
+    """One split's data: a local file or folder, or a hub dataset. A plain string is shorthand for `path`."""
+
+    path: str | None = Field(
+        None,
+        description="Local `.jsonl`, `.json`, `.csv`, `.parquet` file, or a `datasets` save_to_disk folder; "
+        "relative to the recipe file.",
+    )
+    hub: str | None = Field(None, description="Hub dataset id, e.g. `stanfordnlp/imdb`.")
+    subset: str | None = Field(None, description="Hub dataset configuration name, where it has several.")
+    split: str | None = Field(None, description="Split to read; default: the split this source stands for.")
+    revision: str | None = Field(None, description="Hub dataset branch, tag or commit.")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "Source":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' (a local file or folder) or 'hub' (a hub dataset id)")
+        if self.path is not None and (self.subset or self.revision):
+            raise ValueError("'subset' and 'revision' apply to hub datasets only")
+        return self
+
+
+def _source(v: Any) -> Any:
+    return {"path": v} if isinstance(v, str) else v
+
+
+class SplitSpec(_Strict):
+    """How validation and test are carved from train when the recipe does not give them."""
+
+    validation: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for validation (on "
+                              "average: each row is placed by a hash of its content).")
+    test: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for test (on average).")
+    seed: int = Field(42, description="Seed of the split. A row's split follows from its content and the seed "
+                      "alone: the same row stays in the same split when the file grows, and copies of a row share it.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SplitSpec":
+        if self.validation + self.test >= 0.9:
+            raise ValueError(
+                f"validation + test = {self.validation + self.test:g} leaves too little to train on; keep it below 0.9"
+            )
+        return self
+
+
+class DataSpec(_Strict):
+    """Where the examples come from and how they become model inputs."""
+
+    train: Source = Field(description="Training data (required).")
+    validation: Source | None = Field(None, description="Validation data; split off train when absent.")
+    test: Source | None = Field(None, description="Test data; split off train when absent.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Role -> column name where they differ. Roles: `text`, `text_pair`, `label` "
+        "(classification, regression); `text` (causal_lm text); `instruction`, `input`, `output` (instruction); "
+        "`messages` (chat).",
+    )
+    format: DataFormat | None = Field(
+        None,
+        description="Causal LM only: `text` (raw text, loss on every token), `instruction` (alpaca, loss on the "
+        "response), `chat` (role/content messages through the chat template, loss on assistant turns). "
+        "Default `text`.",
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for a tokenizer that has none (chat format only)."
+    )
+    labels: list[str | int] | None = Field(
+        None, description="Classification only: label names in order; default: the sorted labels found in train."
+    )
+    max_seq_len: int = Field(512, ge=8, le=131072, description="Tokens per example; longer ones are truncated.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="Used only for splits the recipe does not give.")
+
+    @field_validator("train", "validation", "test", mode="before")
+    @classmethod
+    def _coerce_sources(cls, v: Any) -> Any:
+        return _source(v)
+
+
+class FullTuning(_Strict):
+    """Train every parameter."""
+
+    mode: Literal["full"] = "full"
+
+
+class LoraTuning(_Strict):
+    """Low-rank adapters (peft); only the adapters train, merged into the model at the end."""
+
+    mode: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(16, ge=1, description="Adapter scale numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="Module names to adapt; `auto` picks the attention projections of the architecture."
+    )
+
+
+class QloraTuning(LoraTuning):
+    """LoRA on a 4-bit quantized base model (bitsandbytes); needs GPUs."""
+
+    mode: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+
+
+class FreezeTuning(_Strict):
+    """Freeze the backbone; train the task head and, optionally, the last N transformer layers."""
+
+    mode: Literal["freeze"] = "freeze"
+    train_last_layers: int = Field(0, ge=0, description="How many of the last transformer layers also train.")
+
+
+TUNING_MODES = ("full", "lora", "qlora", "freeze")
+Tuning = Annotated[Union[FullTuning, LoraTuning, QloraTuning, FreezeTuning], Field(discriminator="mode")]
+
+
+class EarlyStopping(_Strict):
+    """Stop when the validation metric has not improved for `patience` evaluations."""
+
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest gain of the select metric that resets the patience (the "
+                             "weights kept are the best whatever the gain).")
+
+
+class CallbackSpec(_Strict):
+    """Code of your own called at fixed points of the training loop on every worker (jobs/callbacks.py)."""
+
+    use: str = Field(description="`package.module:Class`, a subclass of `jobs.callbacks.Callback` importable where "
+                                 "the workers run (e.g. `jobs.faults:Faults`, faults for drills).")
+    args: dict[str, typing.Any] = Field(default_factory=dict, max_length=32,
+                                        description="Keyword arguments of its constructor: text, numbers, booleans.")
+
+    @field_validator("use")
+    @classmethod
+    def _importable_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", v):
+            raise ValueError(f"{v[:200]!r} is not `package.module:Class` (a module the workers import, never a "
+                             f"file path)")
+        return v
+
+    @field_validator("args")
+    @classmethod
+    def _scalars(cls, v: dict) -> dict:
+        for k, x in v.items():
+            if not isinstance(x, (str, int, float, bool, type(None))):
+                raise ValueError(f"{k}: {type(x).__name__}; a callback's arguments are text, numbers, true/false "
+                                 f"or null")
+        return v
+
+
+class TrainSpec(_Strict):
+    """The optimisation."""
+
+    epochs: float | None = Field(3, gt=0, description="Passes over train; ignored when `max_steps` is set.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps in all; overrides `epochs`.")
+    optimizer: Literal["adamw", "sgd", "adafactor"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(5e-5, gt=0, le=10, description="Peak learning rate.")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warm-up.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up as a fraction of all steps.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up in steps; give this or `warmup_ratio`, not both.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not applied to biases and norms).")
+    batch_size: int = Field(8, ge=1, description="Examples per worker per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null turns it off.")
+    seed: int = Field(42, description="Seed of initialisation, shuffling and dropout.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate on validation every N steps; default each epoch.")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps; default at each evaluation."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept, besides the best one.")
+    early_stopping: EarlyStopping | None = Field(None, description="Off unless given.")
+    select_metric: str | None = Field(
+        None, description="Validation metric that picks the weights kept (and drives early stopping), its direction "
+        "known: default `accuracy` for classification, `mse` for regression, `loss` for causal LM (also `macro_f1`, "
+        "`loss`, `mae`, `perplexity`). Ties go to the lower validation loss, then the later step.")
+    callbacks: list[CallbackSpec] = Field(
+        default_factory=list, max_length=16,
+        description="Code of your own at fixed points of the loop, on every worker, in this order: each "
+        "`{use: package.module:Class, args: {...}}`, a subclass of `jobs.callbacks.Callback` importable where the "
+        "workers run, built with `args` (text, numbers, booleans). `jobs.faults:Faults` injects faults for drills.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSpec":
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("give 'epochs' or 'max_steps'")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("give 'warmup_ratio' or 'warmup_steps', not both")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    """What the job asks of the cluster."""
+
+    workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (data-parallel processes).")
+    gpus_per_worker: float = Field(0, ge=0, le=16, description="GPUs each worker holds; 0 trains on CPUs.")
+    cpus_per_worker: float = Field(1, gt=0, le=256, description="CPUs each worker holds.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision of the forward pass.")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="How the workers share the model: `ddp` keeps a whole copy on each GPU; `fsdp` shards "
+        "weights, gradients and optimizer states (each decoder layer a unit); `deepspeed` shards by `zero_stage`.")
+    zero_stage: Literal[2, 3] | None = Field(None, description="DeepSpeed ZeRO stage with strategy `deepspeed` "
+                                             "(default 2): 2 shards gradients and optimizer states, 3 the weights "
+                                             "as well.")
+    gradient_checkpointing: bool = Field(False, description="Keep only each layer's input and recompute the rest in "
+                                         "the backward pass: far less activation memory for about a third more "
+                                         "compute.")
+    gpu_memory_gib: float | None = Field(None, gt=0, le=4096, description="Memory of each GPU, for the pre-flight "
+                                         "memory check; default: the local GPU's, where there is one.")
+    max_failures: int = Field(0, ge=-1, description="Worker or node losses survived by resuming from the last "
+                              "checkpoint; -1 retries forever.")
+    priority: int = Field(0, ge=-100, le=100, description="Place in the runner's queue: a higher priority "
+                          "starts first, then the older job; `runner submit --priority` overrides it.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false: accept what the user meant.
+        return "no" if v is False else v
+
+
+class TrackingSpec(_Strict):
+    """Experiment tracking besides the runner's own store."""
+
+    mode: Literal["disabled", "offline", "online"] = Field(
+        "disabled", description="Weights & Biases: `online` needs WANDB_API_KEY; `offline` writes runs locally."
+    )
+    project: str | None = Field(None, description="W&B project; default: the recipe name.")
+    entity: str | None = Field(None, description="W&B team or user.")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "disabled" if v is False else v
+
+
+class ExportSpec(_Strict):
+    """What the finished model is exported to, and the checks it must pass for the job to succeed."""
+
+    onnx: bool = Field(False, description="Export the merged model to ONNX and check it against PyTorch.")
+    quantize: Literal["none", "int8_dynamic", "int8_static", "int4_weight_only"] = Field(
+        "int8_dynamic", description="Quantization of the ONNX model (applies when `onnx` is true): int8 dynamic "
+        "per-channel; int8 static (MatMul only, calibrated on train samples); int4 weight-only (MatMulNBits, "
+        "for decoders)."
+    )
+    opset: int = Field(18, ge=14, le=22, description="ONNX opset. 23 breaks int8 BERT and Llama in onnxruntime 1.32.")
+    max_quality_drop: float | None = Field(
+        None, ge=0, description="How much worse the quantized model may be than PyTorch on the test split: "
+        "accuracy points for classification (default 1.0); a ratio of perplexities for causal LM, or of mean "
+        "squared errors for regression (default 1.05 and 1.10)."
+    )
+    calibration_samples: int = Field(64, ge=1, le=10_000, description="Train rows that calibrate `int8_static`.")
+
+
+CRON_FIELDS = "five fields: minute hour day-of-month month day-of-week (for example '30 2 * * *': 02:30 every day)"
+
+
+class ScheduleSpec(_Strict):
+    """When the runner server retrains this recipe by itself (`runner schedule add recipe.yaml`)."""
+
+    cron: str | None = Field(None, description="Cron expression, five fields, read in `timezone`: `30 2 * * *` is "
+                             "02:30 every day. Across daylight-saving changes a daily time fires once a local day: "
+                             "a skipped time at the first minute after the gap, a repeated one the first time.")
+    timezone: str = Field("UTC", description="IANA time zone of `cron` (`Europe/Berlin`, `America/New_York`).")
+    on_data_change: bool = Field(False, description="Also retrain when the data changes (sizes, times and hashes of "
+                                 "local files; the revision of hub datasets).")
+    poll_interval: int = Field(600, ge=10, description="Seconds between two looks at the data (`on_data_change`).")
+    concurrency: Literal["forbid", "allow", "replace"] = Field(
+        "forbid", description="A fire while the previous run still goes: `forbid` records it as skipped, `allow` "
+        "starts another, `replace` cancels the running one first.")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
+
+        try:
+            CronSim(v, datetime(2000, 1, 1))
+        except CronSimError as e:  # "Bad minute", "Bad day-of-week", "Wrong number of fields"
+            what = f"the {str(e)[4:]} field is wrong" if str(e).startswith("Bad ") else str(e).lower()
+            raise ValueError(f"{v!r}: {what}; {CRON_FIELDS}") from None
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            close = difflib.get_close_matches(v, sorted(available_timezones()), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else \
+                "an IANA name such as 'UTC', 'Europe/Berlin' or 'America/New_York'"
+            raise ValueError(f"unknown time zone {v!r}: {hint}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> "ScheduleSpec":
+        if self.cron is None and not self.on_data_change:
+            raise ValueError("a schedule needs `cron`, `on_data_change: true`, or both")
+        return self
+
+
+# The validation metric that picks the best weights, per task, and whether higher is better; the first is the default.
+SELECT_METRICS = {
+    "classification": {"accuracy": True, "macro_f1": True, "loss": False},
+    "regression": {"mse": False, "mae": False, "loss": False},
+    "causal_lm": {"loss": False, "perplexity": False},
+}
+
+# The test metric a registered model is judged by, per task, and whether higher is better.
+GATE_METRICS = {
+    "classification": {"accuracy": True, "macro_f1": True, "loss": False},
+    "regression": {"mse": False, "mae": False},
+    "causal_lm": {"perplexity": False, "loss": False},
+}
+
+
+class PromotionSpec(_Strict):
+    """When a new version of a registered model (`register_as`) becomes its `champion`."""
+
+    metric: str | None = Field(None, description="Test metric compared: default `accuracy` for classification, "
+                               "`mse` for regression, `perplexity` for causal LM (also `macro_f1`, `loss`, `mae`).")
+    min_improvement: float = Field(0.0, ge=0, description="How much better than the champion's it must be (in the "
+                                   "metric's units; any gain when 0).")
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # also a folder name: no '/', no leading '.'
+NAME_RULE = "use letters, digits, '-', '_' and '.', starting with a letter or digit (at most 100)"
+
+
+class Recipe(_Strict):
+    """A fine-tuning job."""
+
+    name: str = Field(description="Job name: letters, digits, `-`, `_`, `.`; starts with a letter or digit.")
+    model: ModelSpec
+    task: Task = Field(description="`classification`, `regression` (numeric target, mean squared error) or `causal_lm`.")
+    data: DataSpec
+    tuning: Tuning = Field(default_factory=FullTuning, description="`full`, `lora`, `qlora` or `freeze`.")
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    schedule: ScheduleSpec | None = Field(None, description="Retrain on a cron schedule or when the data changes; "
+                                          "used by `runner schedule add`, ignored by `runner run` and `submit`.")
+    register_as: str | None = Field(None, description="Model registry name: each SUCCEEDED job of the runner "
+                                    "server becomes a version of it, promoted to `champion` when it beats the current "
+                                    "one (see `promotion`).")
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
+
+    @model_validator(mode="after")
+    def _gate_metric(self) -> "Recipe":
+        if self.register_as is not None and not NAME_RE.fullmatch(self.register_as):
+            raise ValueError(f"register_as {self.register_as!r}: {NAME_RULE}")
+        known = GATE_METRICS[self.task]
+        if self.promotion.metric is not None and self.promotion.metric not in known:
+            raise ValueError(f"promotion.metric {self.promotion.metric!r} is not a test metric of {self.task}: one "
+                             f"of {', '.join(known)}")
+        return self
+
+    @property
+    def select_metric(self) -> tuple[str, bool]:
+        """(validation metric that picks the best weights, higher is better)."""
+        metric = self.train.select_metric or next(iter(SELECT_METRICS[self.task]))
+        return metric, SELECT_METRICS[self.task][metric]
+
+    @property
+    def gate_metric(self) -> tuple[str, bool]:
+        """(metric, higher is better) that promotion compares."""
+        metric = self.promotion.metric or next(iter(GATE_METRICS[self.task]))
+        return metric, GATE_METRICS[self.task][metric]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.fullmatch(v):
+            raise ValueError(NAME_RULE)
+        return v
+
+    @field_validator("tuning", mode="before")
+    @classmethod
+    def _mode_shorthand(cls, v: Any) -> Any:
+        return {"mode": v} if isinstance(v, str) else v
+
+    # Where a recipe was read from: relative data paths resolve against it. Not part of the schema.
+    _base_dir: Path = Path(".")
+    _secrets: dict[tuple, str] = {}
+    _lines: dict[tuple, int] = {}
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def resolve_path(self, p: str) -> Path:
+        q = Path(os.path.expanduser(p))
+        return q if q.is_absolute() else (self._base_dir / q).resolve()
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.resources.gpus_per_worker > 0
+
+    def redacted(self) -> dict:
+        """The recipe with defaults filled in, every interpolated value put back as its `${VAR}` reference."""
+        d = self.model_dump(mode="json")
+        for path, original in self._secrets.items():
+            put_at(d, path, original)
+        return d
+
+    def line_of(self, dotted: str) -> int | None:
+        """Line in the recipe file of a dotted key path (or of its nearest given parent)."""
+        return key_line(self._lines, tuple(dotted.split(".")))
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.redacted(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+    def snapshot_yaml(self) -> str:
+        """The recipe as run, for the job folder: defaults filled in, secrets as `${VAR}`, local paths absolute
+        (so that it loads the same data from anywhere)."""
+        d = self.redacted()
+        for split in ("train", "validation", "test"):
+            src = getattr(self.data, split)
+            if src is not None and src.path is not None and ("data", split) not in self._secrets \
+                    and ("data", split, "path") not in self._secrets:
+                try:
+                    d["data"][split]["path"] = str(self.resolve_path(src.path))
+                except (OSError, ValueError, RuntimeError):  # no file system takes it: kept as written
+                    pass
+        try:
+            local = self.resolve_path(self.model.name)
+            here = local.exists()
+        except (OSError, ValueError, RuntimeError):  # a name no file system takes: a hub id then
+            here = False
+        if here and ("model", "name") not in self._secrets:
+            d["model"]["name"] = str(local)
+        return yaml.dump(d, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+class _Dumper(yaml.SafeDumper):
+    """safe_dump that writes a value met twice out twice: a recipe may hold no aliases (see _yaml_limits)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def check_recipe(r: Recipe) -> list[tuple[str, str]]:
+    """Rules that span several keys. Returns (dotted path, message) pairs."""
+    out: list[tuple[str, str]] = []
+    d, res = r.data, r.resources
+    if r.task == "causal_lm":
+        if d.labels is not None:
+            out.append(("data.labels", "applies to task 'classification' only (task is 'causal_lm')"))
+        if d.chat_template and (d.format or "text") != "chat":
+            out.append(("data.chat_template", f"applies to format 'chat' only (format is '{d.format or 'text'}')"))
+    else:
+        if d.format is not None:
+            out.append(("data.format", f"applies to task 'causal_lm' only (task is '{r.task}')"))
+        if d.chat_template is not None:
+            out.append(("data.chat_template", "applies to task 'causal_lm' with format 'chat' only"))
+        if r.task == "regression" and d.labels is not None:
+            out.append(("data.labels", "applies to task 'classification' only (task is 'regression')"))
+    if d.labels is not None and r.task == "classification":
+        if len(d.labels) < 2:
+            out.append(("data.labels", f"needs at least 2 labels, got {d.labels!r}"))
+        dup = sorted({str(x) for x in d.labels if d.labels.count(x) > 1})
+        if dup:
+            out.append(("data.labels", f"repeats {', '.join(repr(x) for x in dup)}; each label once"))
+    required, optional = roles_for(r.task, d.format)
+    allowed = required + optional
+    for role in d.columns:
+        if role not in allowed:
+            hint = did_you_mean(role, allowed)
+            fmt = f" format '{d.format or 'text'}'" if r.task == "causal_lm" else ""
+            out.append((f"data.columns.{role}",
+                        f"unknown role '{role}' for task '{r.task}'{fmt}{hint}; roles: {', '.join(allowed)}"))
+    q = r.export.max_quality_drop
+    if q is not None and r.task != "classification" and q < 1:
+        metric = "perplexity" if r.task == "causal_lm" else "mean squared error"
+        out.append(("export.max_quality_drop", f"{q:g}: for task '{r.task}' it is a ratio of the quantized model's "
+                                               f"{metric} to PyTorch's, so 1 or more (1.05 allows 5% worse)"))
+    if q is not None and r.task == "classification" and q > 100:
+        out.append(("export.max_quality_drop", f"{q:g}: accuracy points, between 0 and 100"))
+    if r.tuning.mode == "qlora" and not r.needs_gpu:
+        out.append(("tuning.mode", "'qlora' quantizes the base model with bitsandbytes and needs GPUs; set "
+                                   "resources.gpus_per_worker to 1 or more, or use mode 'lora' on CPUs"))
+    if r.tuning.mode == "qlora" and res.strategy != "ddp":
+        out.append(("resources.strategy", f"'{res.strategy}' with mode 'qlora' is not supported: the 4-bit base "
+                                          f"weights cannot be sharded here; use 'ddp' (each GPU holds the small "
+                                          f"4-bit model) or mode 'lora' with '{res.strategy}'"))
+    if r.tuning.mode == "freeze" and r.task == "causal_lm" and r.tuning.train_last_layers == 0:
+        out.append(("tuning.train_last_layers", "a causal LM's head is tied to its embeddings; with 0 layers "
+                                                "nothing would train. Set 1 or more, or use mode 'lora'"))
+    if not r.needs_gpu:
+        if res.mixed_precision == "fp16":
+            out.append(("resources.mixed_precision", "'fp16' needs GPUs; use 'bf16' or 'no' on CPUs, or set "
+                                                     "resources.gpus_per_worker"))
+        if res.strategy != "ddp":
+            out.append(("resources.strategy", f"'{res.strategy}' needs GPUs; use 'ddp' on CPUs, or set "
+                                              "resources.gpus_per_worker"))
+    if res.zero_stage is not None and res.strategy != "deepspeed":
+        out.append(("resources.zero_stage", f"applies to strategy 'deepspeed' only (strategy is '{res.strategy}')"))
+    if res.gpus_per_worker > 1 and res.gpus_per_worker != int(res.gpus_per_worker):
+        out.append(("resources.gpus_per_worker", f"{res.gpus_per_worker:g}: above 1, give a whole number of GPUs"))
+    known = SELECT_METRICS[r.task]
+    if r.train.select_metric is not None and r.train.select_metric not in known:
+        out.append(("train.select_metric", f"{r.train.select_metric!r} is not a validation metric of task "
+                                           f"'{r.task}'{did_you_mean(r.train.select_metric, known)}; expected one "
+                                           f"of {', '.join(known)}"))
+    if r.train.eval_every and r.train.checkpoint_every and r.train.checkpoint_every % r.train.eval_every:
+        out.append(("train.checkpoint_every", f"{r.train.checkpoint_every} is not a multiple of train.eval_every "
+                                              f"({r.train.eval_every}); the best checkpoint is chosen at evaluations"))
+    return out
+
+
+def json_schema() -> dict:
+    """JSON Schema of the recipe, for editors (`runner schema`)."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "runner recipe"
+    # `tuning: lora` is shorthand for {mode: lora}.
+    tuning = schema["properties"]["tuning"]
+    schema["properties"]["tuning"] = {"description": tuning.pop("description", ""), "anyOf": [
+        {"enum": list(TUNING_MODES), "description": "Shorthand for {mode: ...}."}, tuning]}
+    # A plain string is shorthand for {path: ...}.
+    for key, prop in schema["$defs"]["DataSpec"]["properties"].items():
+        if key in ("train", "validation", "test"):
+            prop.setdefault("anyOf", [{"$ref": prop.pop("$ref")}] if "$ref" in prop else prop.get("anyOf", []))
+            prop["anyOf"].insert(0, {"type": "string", "description": "Shorthand for {path: ...}."})
+    return schema
+
+
+def unwrap(t: Any) -> Any:
+    while True:
+        origin = typing.get_origin(t)
+        if origin is Annotated:
+            t = typing.get_args(t)[0]
+        elif origin in (Union, types.UnionType):
+            models = tuple(a for a in typing.get_args(t) if isinstance(a, type) and issubclass(a, BaseModel))
+            if len(models) == 1:
+                t = models[0]
+            else:
+                return models
+        else:
+            return t
+
+
+# Names other tools use for our keys: "did you mean" knows them even where the spelling is far.
+_SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs", "steps": "max_steps",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum",
+    "warmup": "warmup_ratio", "lr_scheduler": "schedule", "lr_scheduler_type": "schedule", "scheduler": "schedule",
+    "optim": "optimizer", "model_name": "name", "model_id": "name", "path": "name", "num_workers": "workers",
+    "gpus": "gpus_per_worker", "num_gpus": "gpus_per_worker", "cpus": "cpus_per_worker", "precision": "mixed_precision",
+    "max_length": "max_seq_len", "cutoff_len": "max_seq_len", "seq_len": "max_seq_len", "eval": "validation",
+    "valid": "validation", "val": "validation", "dev": "validation", "target_modules": "target_modules",
+    "method": "mode", "type": "mode", "stage": "zero_stage",
+    "activation_checkpointing": "gradient_checkpointing", "gpu_memory": "gpu_memory_gib", "finetuning_type": "mode", "quantization": "quantize",
+}
+
+
+def did_you_mean(word: str, options) -> str:
+    """' (did you mean X?)' for the closest option, knowing other tools' names for our keys; '' if none is close."""
+    options = list(options)
+    aliases = {a: t for a, t in _SYNONYMS.items() if t in options}
+    close = difflib.get_close_matches(word, options + list(aliases), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean '{aliases.get(close[0], close[0])}'?)"
+
+
+def key_line(lines: dict, path: tuple) -> int | None:
+    """The line of a key path in the recipe file (or of its nearest given parent)."""
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return None
+
+
+def put_at(d: dict, path: tuple, value: Any) -> None:
+    """Set the value at a key path of a dumped recipe (a source given as a plain string: its path)."""
+    for part in path[:-1]:
+        d = d[int(part)] if isinstance(d, list) else d[part]
+    last = path[-1]
+    if isinstance(d, list):
+        d[int(last)] = value
+    elif isinstance(d.get(last), dict) and "path" in d[last]:  # a source given as a plain string
+        d[last]["path"] = value
+    else:
+        d[last] = value
