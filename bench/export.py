@@ -39,7 +39,8 @@ def main() -> None:
         job = newest_quickstart()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from jobs.export import export_job, table
+    from jobs.export import export_job
+    from jobs.export_checks import table
     from jobs.recipe import SNAPSHOT, load_recipe
 
     recipe = load_recipe(job / "recipe.yaml", allowed=SNAPSHOT)

@@ -1,7 +1,8 @@
 """Export a finished job's model to ONNX, quantize it, and prove both against the PyTorch model.
 
     python -m jobs.export JOB_DIR [--quantize KIND] [--opset N] [--out DIR]   re-export without retraining
-    python -m jobs.export predict JOB_DIR TEXT... [--json]                      run the exported model
+
+Running an export the way the checks do is jobs/export_checks.py; predicting with one is jobs/predict.py.
 
 The driver calls `export_job` after training when the recipe asks for `export.onnx`. Everything is written into
 `<out>.tmp/` and renamed to `<out>/` only when every check passed; a failed export is renamed to `<out>.failed/`,
@@ -17,10 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
-import statistics
 import sys
 import time
 import warnings
@@ -29,15 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.jobdir import latest_export
+from jobs.export_checks import (
+    FP32_ATOL, GENERATE_PROMPTS, GENERATE_TOKENS, METRIC_ROWS, PARITY_ROWS, QUALITY_DEFAULT, Runner, batch_arrays,
+    eos_ids, latencies_ms, ort_generate, parity, past_names, prompts, quality_check, score, session, table,
+)
 from jobs.recipe import SNAPSHOT, load_recipe
 from jobs.schema import ExportSpec, Recipe
 
-FP32_ATOL = 1e-3
-QUALITY_DEFAULT = {"classification": 1.0, "causal_lm": 1.05, "regression": 1.10}
-PARITY_ROWS = 64  # held-out rows compared element-wise, fp32 ONNX against PyTorch
-METRIC_ROWS = 1000  # test rows scored by each variant
-GENERATE_PROMPTS, GENERATE_TOKENS = 3, 8
+TEMPLATES = Path(__file__).parent / "templates"
 
 
 class ExportFailed(Exception):
@@ -86,10 +84,6 @@ def kv_layout(model) -> dict:
     layers = out.past_key_values.layers
     _, heads, _, head_dim = layers[0].keys.shape
     return {"layers": len(layers), "kv_heads": int(heads), "head_dim": int(head_dim)}
-
-
-def past_names(kv: dict) -> list[str]:
-    return [f"past_key_values.{i}.{x}" for i in range(kv["layers"]) for x in ("key", "value")]
 
 
 def export_onnx(model, task: str, path: Path, opset: int, pad_id: int) -> dict | None:
@@ -187,162 +181,9 @@ def onnx_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Running the three variants the same way
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def batch_arrays(rows: list[dict], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r["input_ids"])] = r["input_ids"]
-        mask[i, : len(r["input_ids"])] = 1
-    return ids, mask
-
-
-class Runner:
-    """logits of a padded batch, from PyTorch or an ONNX session, for every task."""
-
-    def __init__(self, task: str, kv: dict | None, model=None, sess=None):
-        self.task, self.kv, self.model, self.sess = task, kv, model, sess
-
-    def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        if self.model is not None:
-            with torch.no_grad():
-                return self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
-                                  ).logits.float().numpy()
-        feed = {"input_ids": ids, "attention_mask": mask}
-        if self.task == "causal_lm":
-            b = ids.shape[0]
-            feed["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
-            empty = np.zeros((b, self.kv["kv_heads"], 0, self.kv["head_dim"]), dtype=np.float32)
-            feed.update({n: empty for n in past_names(self.kv)})
-        return self.sess.run(["logits"], feed)[0]
-
-
-def score(run: Runner, rows: list[dict], pad_id: int, task: str, batch: int = 8) -> dict:
-    """The task's metric over rows: accuracy, mse or perplexity (with the loss)."""
-    correct, sq, nll, tokens = 0, 0.0, 0.0, 0
-    for i in range(0, len(rows), batch):
-        part = rows[i:i + batch]
-        ids, mask = batch_arrays(part, pad_id)
-        logits = run.logits(ids, mask).astype(np.float64)
-        if task == "classification":
-            correct += int((logits.argmax(-1) == np.array([r["labels"] for r in part])).sum())
-        elif task == "regression":
-            sq += float(((logits[:, 0] - np.array([float(r["labels"]) for r in part])) ** 2).sum())
-        else:
-            logp = logits - logits.max(-1, keepdims=True)
-            logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-            for j, r in enumerate(part):
-                for t in range(1, len(r["labels"])):
-                    if r["labels"][t] != -100:
-                        nll -= logp[j, t - 1, r["labels"][t]]
-                        tokens += 1
-    n = len(rows)
-    if task == "classification":
-        return {"accuracy": correct / n, "examples": n}
-    if task == "regression":
-        return {"mse": sq / n, "examples": n}
-    loss = nll / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, "examples": n}
-
-
-def parity(torch_run: Runner, onnx_run: Runner, rows: list[dict], pad_id: int, task: str) -> dict:
-    """fp32 ONNX against PyTorch on padded batches: the largest logit difference (pads left out) and predictions."""
-    max_diff, disagree, compared = 0.0, 0, 0
-    for i in range(0, len(rows), 8):
-        ids, mask = batch_arrays(rows[i:i + 8], pad_id)
-        a, b = torch_run.logits(ids, mask), onnx_run.logits(ids, mask)
-        if task == "causal_lm":
-            keep = mask.astype(bool)
-            a, b = a[keep], b[keep]  # (tokens, vocab)
-        max_diff = max(max_diff, float(np.abs(a - b).max()))
-        if task != "regression":
-            disagree += int((a.argmax(-1) != b.argmax(-1)).sum())
-            compared += a.shape[0]
-    return {"max_abs_diff": max_diff, "prediction_mismatches": disagree, "predictions_compared": compared,
-            "rows": len(rows)}
-
-
-def ort_generate(sess, kv: dict, prompt: list[int], new_tokens: int, eos: set[int]) -> list[int]:
-    """Greedy decoding with the ONNX model and its KV cache: the prompt once, then one token a step."""
-    past = {n: np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), dtype=np.float32) for n in past_names(kv)}
-    names = past_names(kv)
-    ids = np.array([prompt], dtype=np.int64)
-    seen, out = 0, []
-    for _ in range(new_tokens):
-        n = ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, seen + n), dtype=np.int64),
-                "position_ids": np.arange(seen, seen + n, dtype=np.int64)[None], **past}
-        logits, *present = sess.run(None, feed)
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        if token in eos:
-            break
-        past = dict(zip(names, present))
-        seen += n
-        ids = np.array([[token]], dtype=np.int64)
-    return out
-
-
-def eos_ids(model) -> set[int]:
-    e = model.generation_config.eos_token_id if model.generation_config else None
-    e = model.config.eos_token_id if e is None else e
-    return set(e if isinstance(e, list) else [] if e is None else [e])
-
-
-def prompts(rows: list[dict], k: int) -> list[list[int]]:
-    """Prompts from held-out rows: what comes before the response (or the first half of a plain text)."""
-    out = []
-    for r in rows[:k]:
-        first = next((t for t in range(1, len(r["labels"])) if r["labels"][t] != -100), len(r["labels"]))
-        cut = first if first < len(r["labels"]) and first >= 2 else max(2, len(r["input_ids"]) // 2)
-        out.append(list(r["input_ids"][: min(cut, 32)]))
-    return out
-
-
-def latencies_ms(runs: dict[str, Runner], rows: list[dict], pad_id: int, batch: int, repeats: int) -> dict:
-    """Median ms of one forward pass of a batch, per variant. The variants take turns, round after round, so a
-    burst of load on the machine slows them all alike rather than the one measured at that moment."""
-    ids, mask = batch_arrays((rows * batch)[:batch], pad_id)
-    for run in runs.values():
-        for _ in range(2):
-            run.logits(ids, mask)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run.logits(ids, mask)
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The job's export
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def quality_check(task: str, bound: float, reference: dict, quantized: dict) -> tuple[str, float, bool]:
-    """(what was compared, the figure, whether it is within the bound)."""
-    if task == "classification":
-        drop = 100 * (reference["accuracy"] - quantized["accuracy"])
-        return "accuracy drop in points", drop, drop <= bound + 1e-9
-    key = "perplexity" if task == "causal_lm" else "mse"
-    ratio = quantized[key] / max(reference[key], 1e-12)
-    return f"{key} ratio", ratio, ratio <= bound + 1e-9
 
 
 def export_job(job_dir: Path, recipe: Recipe, out: Path | None = None, threads: int = 2, repeats: int = 10,
@@ -356,7 +197,6 @@ def export_job(job_dir: Path, recipe: Recipe, out: Path | None = None, threads: 
     out = Path(out) if out else job_dir / "onnx"
     spec, task = recipe.export, recipe.task
     kind = spec.quantize
-    bound = spec.max_quality_drop if spec.max_quality_drop is not None else QUALITY_DEFAULT[task]
     tmp = out.with_name(out.name + ".tmp")
     failed_dir = out.with_name(out.name + ".failed")
     for d in (tmp, failed_dir):
@@ -375,93 +215,114 @@ def export_job(job_dir: Path, recipe: Recipe, out: Path | None = None, threads: 
     rows = [held_out[i] for i in range(min(len(held_out), METRIC_ROWS))]
     report: dict = {"task": task, "quantize": kind, "opset": spec.opset, "threads": threads, "passed": False,
                     "checks": {}, "variants": {}}
-
-    def fail(reason: str) -> None:
-        report["failure"] = reason
-        _finish(tmp, failed_dir, report)
-        raise ExportFailed(f"export: {reason}; the files are kept in {failed_dir}")
-
-    fp32 = tmp / "model.onnx"
-    t0 = time.perf_counter()
     try:
-        with warnings.catch_warnings():  # the exporter's notes on axis names and pytree specs are not the user's
-            warnings.simplefilter("ignore")
-            kv = export_onnx(model, task, fp32, spec.opset, pad_id)
-    except Exception as e:  # noqa: BLE001 - the exporter's own words are the reason
-        fail(f"torch.onnx.export failed: {_first_line(e)}")
-    report["export_s"] = round(time.perf_counter() - t0, 2)
-    log(f"export: ONNX fp32 written ({onnx_bytes(fp32) / 1e6:.1f} MB, {report['export_s']:.1f} s)")
-    torch_run = Runner(task, kv, model=model)
-    fp32_run = Runner(task, kv, sess=session(fp32, threads))
-
-    p = parity(torch_run, fp32_run, rows[:PARITY_ROWS], pad_id, task)
-    p["passed"] = p["max_abs_diff"] <= FP32_ATOL and p["prediction_mismatches"] == 0
-    report["checks"]["fp32_parity"] = p
-    if not p["passed"]:
-        fail(f"ONNX fp32 differs from PyTorch on {p['rows']} held-out rows: max |logit difference| "
-             f"{p['max_abs_diff']:.2e} (allowed {FP32_ATOL:g}), {p['prediction_mismatches']} different predictions")
-
-    if task == "causal_lm":
-        eos = eos_ids(model)
-        cases = []
-        for prompt in prompts(rows, GENERATE_PROMPTS):
-            with torch.no_grad():
-                ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                     max_new_tokens=GENERATE_TOKENS, do_sample=False, pad_token_id=pad_id)
-            want = ref[0, len(prompt):].tolist()
-            got = ort_generate(fp32_run.sess, kv, prompt, len(want), eos)
-            cases.append({"prompt_tokens": len(prompt), "torch": want, "onnx": got})
-        same = all(c["torch"] == c["onnx"] for c in cases)
-        report["checks"]["generation"] = {"passed": same, "cases": cases}
-        if not same:
-            bad = next(c for c in cases if c["torch"] != c["onnx"])
-            fail(f"greedy generation with the ONNX model and its KV cache gives {bad['onnx']}, generate gives "
-                 f"{bad['torch']}")
-
-    calibration = None
-    qpath = tmp / "model.quantized.onnx"
-    if kind != "none":
-        if kind == "int8_static":
-            calibration = _calibration(job_dir, data, spec.calibration_samples, pad_id, task, kv, recipe.train.seed)
-        t0 = time.perf_counter()
-        try:
-            quantize(fp32, qpath, kind, calibration)
-        except Exception as e:  # noqa: BLE001
-            fail(f"{kind} quantization failed: {_first_line(e)}")
-        report["quantize_s"] = round(time.perf_counter() - t0, 2)
-        log(f"export: {kind} written ({onnx_bytes(qpath) / 1e6:.1f} MB, {report['quantize_s']:.1f} s)")
-
-    variants = {"pytorch_fp32": (torch_run, sum(p.numel() * 4 for p in model.parameters())),
-                "onnx_fp32": (fp32_run, onnx_bytes(fp32))}
-    if kind != "none":
-        variants[f"onnx_{kind}"] = (Runner(task, kv, sess=session(qpath, threads)), onnx_bytes(qpath))
-    runs = {name: run for name, (run, _) in variants.items()}
-    b1 = latencies_ms(runs, rows, pad_id, 1, repeats)
-    b8 = latencies_ms(runs, rows, pad_id, 8, repeats)
-    for name, (run, size) in variants.items():
-        report["variants"][name] = {"bytes": size, **score(run, rows, pad_id, task),
-                                    "latency_ms_b1": round(b1[name], 3), "latency_ms_b8": round(b8[name], 3)}
-    if kind != "none":
-        what, figure, ok = quality_check(task, bound, report["variants"]["pytorch_fp32"],
-                                         report["variants"][f"onnx_{kind}"])
-        report["checks"]["quantized_quality"] = {"compared": what, "value": figure, "bound": bound, "passed": ok,
-                                                 "rows": len(rows)}
-        if not ok:
-            fail(f"the {kind} model is worse than PyTorch on {len(rows)} test rows: {what} {figure:.4g}, allowed "
-                 f"{bound:g} (export.max_quality_drop)")
+        fp32 = tmp / "model.onnx"
+        kv = _export_fp32(model, task, fp32, spec.opset, pad_id, report, log)
+        torch_run, fp32_run = Runner(task, kv, model=model), Runner(task, kv, sess=session(fp32, threads))
+        _check_fp32(torch_run, fp32_run, rows, pad_id, task, report)
+        if task == "causal_lm":
+            _check_generation(model, fp32_run, kv, rows, pad_id, report)
+        qpath = tmp / "model.quantized.onnx"
+        if kind != "none":
+            calibration = _calibration(job_dir, data, spec.calibration_samples, pad_id, task, kv, recipe.train.seed) \
+                if kind == "int8_static" else None
+            _quantize(fp32, qpath, kind, calibration, report, log)
+        variants = {"pytorch_fp32": (torch_run, sum(p.numel() * 4 for p in model.parameters())),
+                    "onnx_fp32": (fp32_run, onnx_bytes(fp32))}
+        if kind != "none":
+            variants[f"onnx_{kind}"] = (Runner(task, kv, sess=session(qpath, threads)), onnx_bytes(qpath))
+        _measure(variants, rows, pad_id, task, repeats, report)
+        if kind != "none":
+            bound = spec.max_quality_drop if spec.max_quality_drop is not None else QUALITY_DEFAULT[task]
+            _check_quality(task, kind, bound, len(rows), report)
+    except ExportFailed as e:
+        report["failure"] = str(e)
+        _finish(tmp, failed_dir, report)
+        raise ExportFailed(f"export: {e}; the files are kept in {failed_dir}") from None
 
     tok.save_pretrained(tmp)
     if (model_dir / "labels.json").exists():
         shutil.copy(model_dir / "labels.json", tmp / "labels.json")
     (tmp / "export.json").write_text(json.dumps({"task": task, "quantize": kind, "pad_token_id": pad_id,
                                                  "kv": kv, "eos": sorted(eos_ids(model)) if kv else None}, indent=2))
-    (tmp / "README.md").write_text(_readme(task, kind))
+    (tmp / "README.md").write_text(readme(task, kind))
     report["passed"] = True
     report["total_s"] = round(time.perf_counter() - t_start, 2)
     _finish(tmp, out, report)
     for line in table(report):
         log(line)
     return report
+
+
+def _export_fp32(model, task: str, fp32: Path, opset: int, pad_id: int, report: dict, log) -> dict | None:
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():  # the exporter's notes on axis names and pytree specs are not the user's
+            warnings.simplefilter("ignore")
+            kv = export_onnx(model, task, fp32, opset, pad_id)
+    except Exception as e:  # noqa: BLE001 - the exporter's own words are the reason
+        raise ExportFailed(f"torch.onnx.export failed: {_first_line(e)}") from None
+    report["export_s"] = round(time.perf_counter() - t0, 2)
+    log(f"export: ONNX fp32 written ({onnx_bytes(fp32) / 1e6:.1f} MB, {report['export_s']:.1f} s)")
+    return kv
+
+
+def _check_fp32(torch_run: Runner, fp32_run: Runner, rows: list[dict], pad_id: int, task: str, report: dict) -> None:
+    p = parity(torch_run, fp32_run, rows[:PARITY_ROWS], pad_id, task)
+    p["passed"] = p["max_abs_diff"] <= FP32_ATOL and p["prediction_mismatches"] == 0
+    report["checks"]["fp32_parity"] = p
+    if not p["passed"]:
+        raise ExportFailed(f"ONNX fp32 differs from PyTorch on {p['rows']} held-out rows: max |logit difference| "
+                           f"{p['max_abs_diff']:.2e} (allowed {FP32_ATOL:g}), {p['prediction_mismatches']} "
+                           f"different predictions")
+
+
+def _check_generation(model, fp32_run: Runner, kv: dict, rows: list[dict], pad_id: int, report: dict) -> None:
+    """Greedy generation with the fp32 ONNX model and its KV cache gives the tokens of `generate`."""
+    eos = eos_ids(model)
+    cases = []
+    for prompt in prompts(rows, GENERATE_PROMPTS):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=GENERATE_TOKENS, do_sample=False, pad_token_id=pad_id)
+        want = ref[0, len(prompt):].tolist()
+        got = ort_generate(fp32_run.sess, kv, prompt, len(want), eos)
+        cases.append({"prompt_tokens": len(prompt), "torch": want, "onnx": got})
+    same = all(c["torch"] == c["onnx"] for c in cases)
+    report["checks"]["generation"] = {"passed": same, "cases": cases}
+    if not same:
+        bad = next(c for c in cases if c["torch"] != c["onnx"])
+        raise ExportFailed(f"greedy generation with the ONNX model and its KV cache gives {bad['onnx']}, generate "
+                           f"gives {bad['torch']}")
+
+
+def _quantize(fp32: Path, qpath: Path, kind: str, calibration, report: dict, log) -> None:
+    t0 = time.perf_counter()
+    try:
+        quantize(fp32, qpath, kind, calibration)
+    except Exception as e:  # noqa: BLE001
+        raise ExportFailed(f"{kind} quantization failed: {_first_line(e)}") from None
+    report["quantize_s"] = round(time.perf_counter() - t0, 2)
+    log(f"export: {kind} written ({onnx_bytes(qpath) / 1e6:.1f} MB, {report['quantize_s']:.1f} s)")
+
+
+def _measure(variants: dict, rows: list[dict], pad_id: int, task: str, repeats: int, report: dict) -> None:
+    """Each variant's size, the task's metric on the test rows, and its latency at batch 1 and 8."""
+    runs = {name: run for name, (run, _) in variants.items()}
+    b1 = latencies_ms(runs, rows, pad_id, 1, repeats)
+    b8 = latencies_ms(runs, rows, pad_id, 8, repeats)
+    for name, (run, size) in variants.items():
+        report["variants"][name] = {"bytes": size, **score(run, rows, pad_id, task),
+                                    "latency_ms_b1": round(b1[name], 3), "latency_ms_b8": round(b8[name], 3)}
+
+
+def _check_quality(task: str, kind: str, bound: float, n_rows: int, report: dict) -> None:
+    what, figure, ok = quality_check(task, bound, report["variants"]["pytorch_fp32"], report["variants"][f"onnx_{kind}"])
+    report["checks"]["quantized_quality"] = {"compared": what, "value": figure, "bound": bound, "passed": ok,
+                                             "rows": n_rows}
+    if not ok:
+        raise ExportFailed(f"the {kind} model is worse than PyTorch on {n_rows} test rows: {what} {figure:.4g}, "
+                           f"allowed {bound:g} (export.max_quality_drop)")
 
 
 def _finish(tmp: Path, final: Path, report: dict) -> None:
@@ -487,63 +348,16 @@ def _calibration(job_dir: Path, data, n: int, pad_id: int, task: str, kv, seed: 
     return feeds
 
 
-def table(report: dict) -> list[str]:
-    """The size / speed / quality table of an export, as lines."""
-    metric = {"classification": "accuracy", "regression": "mse", "causal_lm": "perplexity"}[report["task"]]
-    lines = [f"{'variant':<24}{'size MB':>10}{'b1 ms':>10}{'b8 ms':>10}{metric:>12}"]
-    for name, v in report["variants"].items():
-        lines.append(f"{name:<24}{v['bytes'] / 1e6:>10.2f}{v['latency_ms_b1']:>10.2f}{v['latency_ms_b8']:>10.2f}"
-                     f"{v[metric]:>12.4f}")
-    return lines
-
-
-def _readme(task: str, kind: str) -> str:
-    q = "model.quantized.onnx" if kind != "none" else "model.onnx"
-    if task == "causal_lm":
-        use = f'''```python
-import json, numpy as np, onnxruntime as ort
-from transformers import AutoTokenizer   # or the `tokenizers` package with tokenizer.json
-
-tok = AutoTokenizer.from_pretrained(".")
-meta = json.load(open("export.json"))
-kv = meta["kv"]
-sess = ort.InferenceSession("{q}", providers=["CPUExecutionProvider"])
-names = [f"past_key_values.{{i}}.{{x}}" for i in range(kv["layers"]) for x in ("key", "value")]
-past = {{n: np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), np.float32) for n in names}}
-ids = np.array([tok("Once upon a time")["input_ids"]], np.int64)
-seen, out = 0, []
-for _ in range(20):                                  # greedy: the prompt once, then one token a step
-    n = ids.shape[1]
-    logits, *present = sess.run(None, {{"input_ids": ids, "attention_mask": np.ones((1, seen + n), np.int64),
-                                       "position_ids": np.arange(seen, seen + n)[None], **past}})
-    token = int(logits[0, -1].argmax()); out.append(token)
-    if token in meta["eos"]: break
-    past, seen, ids = dict(zip(names, present)), seen + n, np.array([[token]], np.int64)
-print(tok.decode(out))
-```'''
-    else:
-        use = f'''```python
-import json, numpy as np, onnxruntime as ort
-from transformers import AutoTokenizer   # or the `tokenizers` package with tokenizer.json
-
-tok = AutoTokenizer.from_pretrained(".")
-sess = ort.InferenceSession("{q}", providers=["CPUExecutionProvider"])
-enc = tok(["first text", "a second, longer text"], padding=True, return_tensors="np")
-logits = sess.run(["logits"], {{"input_ids": enc["input_ids"].astype(np.int64),
-                               "attention_mask": enc["attention_mask"].astype(np.int64)}})[0]
-''' + ('labels = json.load(open("labels.json"))\nprint([labels[i] for i in logits.argmax(-1)])\n```'
-       if task == "classification" else "print(logits[:, 0])   # the predicted values\n```")
-    return f"""# ONNX export
-
-`model.onnx` (+ `model.onnx.data`) is the fine-tuned model in fp32; `model.quantized.onnx` (+ `.data`), when
-present, is its `{kind}` quantization. Both passed the checks in `export_report.json` against the PyTorch model.
-Keep each `.onnx` file beside its `.data` file. Inputs are int64 `input_ids` and `attention_mask` of shape
-(batch, sequence){", plus `position_ids` and the KV cache for a causal LM" if task == "causal_lm" else ""}.
-
-Run it with onnxruntime alone:
-
-{use}
-"""
+def readme(task: str, kind: str) -> str:
+    """The export folder's README.md: what each file is, and how to run it with onnxruntime alone."""
+    use = (TEMPLATES / ("use_causal_lm.md" if task == "causal_lm" else "use_encoder.md")).read_text(encoding="utf-8")
+    if task != "causal_lm":
+        use += ('labels = json.load(open("labels.json"))\nprint([labels[i] for i in logits.argmax(-1)])\n'
+                if task == "classification" else "print(logits[:, 0])   # the predicted values\n")
+    extra = ", plus `position_ids` and the KV cache for a causal LM" if task == "causal_lm" else ""
+    model = "model.quantized.onnx" if kind != "none" else "model.onnx"
+    return (TEMPLATES / "onnx_README.md").read_text(encoding="utf-8").format(
+        kind=kind, inputs_extra=extra, use=use.replace("{model}", model).rstrip("\n") + "\n```")
 
 
 def _first_line(e: BaseException) -> str:
@@ -557,38 +371,6 @@ def _first_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Predict with an exported model (no PyTorch)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def predict(export_dir: Path, texts: list[str], threads: int = 2, new_tokens: int = 32) -> list[dict]:
-    from transformers import AutoTokenizer
-
-    meta = json.loads((export_dir / "export.json").read_text())
-    path = export_dir / ("model.quantized.onnx" if (export_dir / "model.quantized.onnx").exists() else "model.onnx")
-    sess = session(path, threads)
-    tok = AutoTokenizer.from_pretrained(str(export_dir))
-    if meta["task"] == "causal_lm":
-        eos = set(meta["eos"] or [])
-        out = []
-        for t in texts:
-            ids = tok(t)["input_ids"]
-            gen = ort_generate(sess, meta["kv"], ids, new_tokens, eos)
-            out.append({"text": t, "generated": tok.decode([g for g in gen if g not in eos], skip_special_tokens=True)})
-        return out
-    enc = tok(texts, padding=True, truncation=True, return_tensors="np")
-    logits = sess.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
-                                   "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
-    if meta["task"] == "regression":
-        return [{"text": t, "value": float(v)} for t, v in zip(texts, logits[:, 0])]
-    labels = json.loads((export_dir / "labels.json").read_text())
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    return [{"text": t, "label": labels[int(p.argmax())],
-             "scores": {labels[i]: round(float(x), 4) for i, x in enumerate(p)}} for t, p in zip(texts, probs)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -596,27 +378,6 @@ def main(argv: list[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if args and args[0] == "predict":
-        ap = argparse.ArgumentParser(prog="python -m jobs.export predict")
-        ap.add_argument("job_dir", type=Path)
-        ap.add_argument("texts", nargs="+")
-        ap.add_argument("--json", action="store_true")
-        a = ap.parse_args(args[1:])
-        where = latest_export(a.job_dir)
-        if where is None:
-            print(f"job {a.job_dir.name} has no ONNX export that passed its checks; make one with: runner export "
-                  f"{a.job_dir.name}", file=sys.stderr)
-            return 2
-        for r in predict(where, a.texts):
-            if a.json:
-                print(json.dumps(r))
-            elif "label" in r:
-                print(f"{r['label']}\t" + " ".join(f"{k}={v:.3f}" for k, v in r["scores"].items()) + f"\t{r['text']}")
-            elif "value" in r:
-                print(f"{r['value']:.4f}\t{r['text']}")
-            else:
-                print(f"{r['text']}{r['generated']}")
-        return 0
     ap = argparse.ArgumentParser(prog="python -m jobs.export")
     ap.add_argument("job_dir", type=Path)
     ap.add_argument("--quantize", choices=["none", "int8_dynamic", "int8_static", "int4_weight_only"])

@@ -211,7 +211,7 @@ def predict(
     Classification: the label and each label's score; regression: the value; causal LM: the generated text.
     """
     job_dir = find_job(job)
-    proc = subprocess.run([sys.executable, "-m", "jobs.export", "predict", str(job_dir), *texts,
+    proc = subprocess.run([sys.executable, "-m", "jobs.predict", str(job_dir), *texts,
                            *(["--json"] if as_json else [])], text=True,
                           env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if proc.returncode != 0:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from jobdirs import make_job, trained_classifier, with_export
-from jobs.export import ExportFailed, export_job, predict
+from jobs.export import ExportFailed, export_job
+from jobs.predict import predict
 from jobs.jobdir import latest_export
 from tiny import keyword_rows, tiny_model_dir
 

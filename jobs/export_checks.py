@@ -1,0 +1,181 @@
+"""Running an exported model the way the checks compare it: PyTorch and onnxruntime sessions behind one `Runner`,
+the task's metric (`score`), fp32 parity, greedy generation with the KV cache, latencies, and the quality bound of
+the quantized model. Used by the export (jobs/export.py) and by predict (jobs/predict.py)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FP32_ATOL = 1e-3
+QUALITY_DEFAULT = {"classification": 1.0, "causal_lm": 1.05, "regression": 1.10}
+PARITY_ROWS = 64  # held-out rows compared element-wise, fp32 ONNX against PyTorch
+METRIC_ROWS = 1000  # test rows scored by each variant
+GENERATE_PROMPTS, GENERATE_TOKENS = 3, 8
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def past_names(kv: dict) -> list[str]:
+    return [f"past_key_values.{i}.{x}" for i in range(kv["layers"]) for x in ("key", "value")]
+
+
+def batch_arrays(rows: list[dict], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = r["input_ids"]
+        mask[i, : len(r["input_ids"])] = 1
+    return ids, mask
+
+
+class Runner:
+    """logits of a padded batch, from PyTorch or an ONNX session, for every task."""
+
+    def __init__(self, task: str, kv: dict | None, model=None, sess=None):
+        self.task, self.kv, self.model, self.sess = task, kv, model, sess
+
+    def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.model is not None:
+            with torch.no_grad():
+                return self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+                                  ).logits.float().numpy()
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if self.task == "causal_lm":
+            b = ids.shape[0]
+            feed["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+            empty = np.zeros((b, self.kv["kv_heads"], 0, self.kv["head_dim"]), dtype=np.float32)
+            feed.update({n: empty for n in past_names(self.kv)})
+        return self.sess.run(["logits"], feed)[0]
+
+
+def score(run: Runner, rows: list[dict], pad_id: int, task: str, batch: int = 8) -> dict:
+    """The task's metric over rows: accuracy, mse or perplexity (with the loss)."""
+    correct, sq, nll, tokens = 0, 0.0, 0.0, 0
+    for i in range(0, len(rows), batch):
+        part = rows[i:i + batch]
+        ids, mask = batch_arrays(part, pad_id)
+        logits = run.logits(ids, mask).astype(np.float64)
+        if task == "classification":
+            correct += int((logits.argmax(-1) == np.array([r["labels"] for r in part])).sum())
+        elif task == "regression":
+            sq += float(((logits[:, 0] - np.array([float(r["labels"]) for r in part])) ** 2).sum())
+        else:
+            logp = logits - logits.max(-1, keepdims=True)
+            logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+            for j, r in enumerate(part):
+                for t in range(1, len(r["labels"])):
+                    if r["labels"][t] != -100:
+                        nll -= logp[j, t - 1, r["labels"][t]]
+                        tokens += 1
+    n = len(rows)
+    if task == "classification":
+        return {"accuracy": correct / n, "examples": n}
+    if task == "regression":
+        return {"mse": sq / n, "examples": n}
+    loss = nll / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, "examples": n}
+
+
+def parity(torch_run: Runner, onnx_run: Runner, rows: list[dict], pad_id: int, task: str) -> dict:
+    """fp32 ONNX against PyTorch on padded batches: the largest logit difference (pads left out) and predictions."""
+    max_diff, disagree, compared = 0.0, 0, 0
+    for i in range(0, len(rows), 8):
+        ids, mask = batch_arrays(rows[i:i + 8], pad_id)
+        a, b = torch_run.logits(ids, mask), onnx_run.logits(ids, mask)
+        if task == "causal_lm":
+            keep = mask.astype(bool)
+            a, b = a[keep], b[keep]  # (tokens, vocab)
+        max_diff = max(max_diff, float(np.abs(a - b).max()))
+        if task != "regression":
+            disagree += int((a.argmax(-1) != b.argmax(-1)).sum())
+            compared += a.shape[0]
+    return {"max_abs_diff": max_diff, "prediction_mismatches": disagree, "predictions_compared": compared,
+            "rows": len(rows)}
+
+
+def ort_generate(sess, kv: dict, prompt: list[int], new_tokens: int, eos: set[int]) -> list[int]:
+    """Greedy decoding with the ONNX model and its KV cache: the prompt once, then one token a step."""
+    past = {n: np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), dtype=np.float32) for n in past_names(kv)}
+    names = past_names(kv)
+    ids = np.array([prompt], dtype=np.int64)
+    seen, out = 0, []
+    for _ in range(new_tokens):
+        n = ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, seen + n), dtype=np.int64),
+                "position_ids": np.arange(seen, seen + n, dtype=np.int64)[None], **past}
+        logits, *present = sess.run(None, feed)
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        if token in eos:
+            break
+        past = dict(zip(names, present))
+        seen += n
+        ids = np.array([[token]], dtype=np.int64)
+    return out
+
+
+def eos_ids(model) -> set[int]:
+    e = model.generation_config.eos_token_id if model.generation_config else None
+    e = model.config.eos_token_id if e is None else e
+    return set(e if isinstance(e, list) else [] if e is None else [e])
+
+
+def prompts(rows: list[dict], k: int) -> list[list[int]]:
+    """Prompts from held-out rows: what comes before the response (or the first half of a plain text)."""
+    out = []
+    for r in rows[:k]:
+        first = next((t for t in range(1, len(r["labels"])) if r["labels"][t] != -100), len(r["labels"]))
+        cut = first if first < len(r["labels"]) and first >= 2 else max(2, len(r["input_ids"]) // 2)
+        out.append(list(r["input_ids"][: min(cut, 32)]))
+    return out
+
+
+def latencies_ms(runs: dict[str, Runner], rows: list[dict], pad_id: int, batch: int, repeats: int) -> dict:
+    """Median ms of one forward pass of a batch, per variant. The variants take turns, round after round, so a
+    burst of load on the machine slows them all alike rather than the one measured at that moment."""
+    ids, mask = batch_arrays((rows * batch)[:batch], pad_id)
+    for run in runs.values():
+        for _ in range(2):
+            run.logits(ids, mask)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run.logits(ids, mask)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def quality_check(task: str, bound: float, reference: dict, quantized: dict) -> tuple[str, float, bool]:
+    """(what was compared, the figure, whether it is within the bound)."""
+    if task == "classification":
+        drop = 100 * (reference["accuracy"] - quantized["accuracy"])
+        return "accuracy drop in points", drop, drop <= bound + 1e-9
+    key = "perplexity" if task == "causal_lm" else "mse"
+    ratio = quantized[key] / max(reference[key], 1e-12)
+    return f"{key} ratio", ratio, ratio <= bound + 1e-9
+
+
+def table(report: dict) -> list[str]:
+    """The size / speed / quality table of an export, as lines."""
+    metric = {"classification": "accuracy", "regression": "mse", "causal_lm": "perplexity"}[report["task"]]
+    lines = [f"{'variant':<24}{'size MB':>10}{'b1 ms':>10}{'b8 ms':>10}{metric:>12}"]
+    for name, v in report["variants"].items():
+        lines.append(f"{name:<24}{v['bytes'] / 1e6:>10.2f}{v['latency_ms_b1']:>10.2f}{v['latency_ms_b8']:>10.2f}"
+                     f"{v[metric]:>12.4f}")
+    return lines
