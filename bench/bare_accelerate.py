@@ -18,7 +18,8 @@ from transformers import AutoModelForSequenceClassification
 from jobs import data as D
 from jobs.modelfiles import load_tokenizer
 from jobs.recipe import load_recipe
-from jobs.train import collate, make_optimizer, make_schedule, per_example_loss
+from jobs.evaluation import collate, per_example_loss
+from jobs.train import make_optimizer, make_schedule
 
 
 def main(recipe_path: str, out: str) -> None:

@@ -17,7 +17,8 @@ from jobs import data as D
 from jobs.model import build_model
 from jobs.modelfiles import load_tokenizer
 from jobs.recipe import load_recipe
-from jobs.train import collate, make_optimizer, make_schedule, per_example_loss, units
+from jobs.evaluation import collate, per_example_loss, units
+from jobs.train import make_optimizer, make_schedule
 
 
 def main(path: str, steps: str) -> None:

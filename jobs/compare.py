@@ -228,7 +228,7 @@ class _Scorer:
         own label order by name)."""
         import contextlib
 
-        from jobs.train import metrics, score_records
+        from jobs.evaluation import metrics, score_records
 
         if self.task == "classification":
             mine = [str(x) for x in self.labels]

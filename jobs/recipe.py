@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from jobs.schema import TUNING_MODES, Recipe, check_recipe, did_you_mean, key_line, unwrap
+from jobs.schema import SELECT_METRICS, TUNING_MODES, Recipe, did_you_mean, key_line, roles_for, unwrap
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: YAML -> interpolation -> schema -> cross-field checks, every problem at once
@@ -388,3 +388,70 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
     return out
 
 
+def check_recipe(r: Recipe) -> list[tuple[str, str]]:
+    """Rules that span several keys. Returns (dotted path, message) pairs."""
+    out: list[tuple[str, str]] = []
+    d, res = r.data, r.resources
+    if r.task == "causal_lm":
+        if d.labels is not None:
+            out.append(("data.labels", "applies to task 'classification' only (task is 'causal_lm')"))
+        if d.chat_template and (d.format or "text") != "chat":
+            out.append(("data.chat_template", f"applies to format 'chat' only (format is '{d.format or 'text'}')"))
+    else:
+        if d.format is not None:
+            out.append(("data.format", f"applies to task 'causal_lm' only (task is '{r.task}')"))
+        if d.chat_template is not None:
+            out.append(("data.chat_template", "applies to task 'causal_lm' with format 'chat' only"))
+        if r.task == "regression" and d.labels is not None:
+            out.append(("data.labels", "applies to task 'classification' only (task is 'regression')"))
+    if d.labels is not None and r.task == "classification":
+        if len(d.labels) < 2:
+            out.append(("data.labels", f"needs at least 2 labels, got {d.labels!r}"))
+        dup = sorted({str(x) for x in d.labels if d.labels.count(x) > 1})
+        if dup:
+            out.append(("data.labels", f"repeats {', '.join(repr(x) for x in dup)}; each label once"))
+    required, optional = roles_for(r.task, d.format)
+    allowed = required + optional
+    for role in d.columns:
+        if role not in allowed:
+            hint = did_you_mean(role, allowed)
+            fmt = f" format '{d.format or 'text'}'" if r.task == "causal_lm" else ""
+            out.append((f"data.columns.{role}",
+                        f"unknown role '{role}' for task '{r.task}'{fmt}{hint}; roles: {', '.join(allowed)}"))
+    q = r.export.max_quality_drop
+    if q is not None and r.task != "classification" and q < 1:
+        metric = "perplexity" if r.task == "causal_lm" else "mean squared error"
+        out.append(("export.max_quality_drop", f"{q:g}: for task '{r.task}' it is a ratio of the quantized model's "
+                                               f"{metric} to PyTorch's, so 1 or more (1.05 allows 5% worse)"))
+    if q is not None and r.task == "classification" and q > 100:
+        out.append(("export.max_quality_drop", f"{q:g}: accuracy points, between 0 and 100"))
+    if r.tuning.mode == "qlora" and not r.needs_gpu:
+        out.append(("tuning.mode", "'qlora' quantizes the base model with bitsandbytes and needs GPUs; set "
+                                   "resources.gpus_per_worker to 1 or more, or use mode 'lora' on CPUs"))
+    if r.tuning.mode == "qlora" and res.strategy != "ddp":
+        out.append(("resources.strategy", f"'{res.strategy}' with mode 'qlora' is not supported: the 4-bit base "
+                                          f"weights cannot be sharded here; use 'ddp' (each GPU holds the small "
+                                          f"4-bit model) or mode 'lora' with '{res.strategy}'"))
+    if r.tuning.mode == "freeze" and r.task == "causal_lm" and r.tuning.train_last_layers == 0:
+        out.append(("tuning.train_last_layers", "a causal LM's head is tied to its embeddings; with 0 layers "
+                                                "nothing would train. Set 1 or more, or use mode 'lora'"))
+    if not r.needs_gpu:
+        if res.mixed_precision == "fp16":
+            out.append(("resources.mixed_precision", "'fp16' needs GPUs; use 'bf16' or 'no' on CPUs, or set "
+                                                     "resources.gpus_per_worker"))
+        if res.strategy != "ddp":
+            out.append(("resources.strategy", f"'{res.strategy}' needs GPUs; use 'ddp' on CPUs, or set "
+                                              "resources.gpus_per_worker"))
+    if res.zero_stage is not None and res.strategy != "deepspeed":
+        out.append(("resources.zero_stage", f"applies to strategy 'deepspeed' only (strategy is '{res.strategy}')"))
+    if res.gpus_per_worker > 1 and res.gpus_per_worker != int(res.gpus_per_worker):
+        out.append(("resources.gpus_per_worker", f"{res.gpus_per_worker:g}: above 1, give a whole number of GPUs"))
+    known = SELECT_METRICS[r.task]
+    if r.train.select_metric is not None and r.train.select_metric not in known:
+        out.append(("train.select_metric", f"{r.train.select_metric!r} is not a validation metric of task "
+                                           f"'{r.task}'{did_you_mean(r.train.select_metric, known)}; expected one "
+                                           f"of {', '.join(known)}"))
+    if r.train.eval_every and r.train.checkpoint_every and r.train.checkpoint_every % r.train.eval_every:
+        out.append(("train.checkpoint_every", f"{r.train.checkpoint_every} is not a multiple of train.eval_every "
+                                              f"({r.train.eval_every}); the best checkpoint is chosen at evaluations"))
+    return out

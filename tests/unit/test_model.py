@@ -5,7 +5,8 @@ import torch
 
 from jobs.model import build_model, merged
 from jobs.recipe import parse_recipe
-from jobs.train import epoch_plan, make_optimizer, make_schedule, per_example_loss
+from jobs.evaluation import per_example_loss
+from jobs.train import epoch_plan, make_optimizer, make_schedule
 
 
 def recipe(tuning: str, task: str = "classification", train: str = ""):

@@ -1,6 +1,6 @@
 """Which evaluation's weights a job keeps, and when early stopping stops, on sequences worked out by hand: the rule
 is the select metric, ties to the lower validation loss (the later of equals); early stopping's min_delta counts
-only for patience (as HF Trainer's threshold does). Run through the loop's own _track_best with a real module."""
+only for patience (as HF Trainer's threshold does). Run through the loop's own track_best with a real module."""
 
 import json
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from jobs.recipe import parse_recipe
-from jobs.train import State, _track_best, baseline, selection, versus_baseline
+from jobs.checkpoints import State, selection, track_best
+from jobs.evaluation import baseline, versus_baseline
 
 BASE = "name: s\nmodel:\n  name: m\ntask: {task}\ndata:\n  train: t.jsonl\ntrain:\n  epochs: 1\n"
 
@@ -22,7 +23,7 @@ def kept(tmp_path, evals: list[tuple[int, dict]], task="classification", train="
         state.step = step
         with torch.no_grad():
             raw.weight.fill_(step)  # the weights of this step, to find in best/ afterwards
-        _track_best(state, figures, recipe, raw, tmp_path, rank=0)
+        track_best(state, figures, recipe, raw, tmp_path, rank=0)
     saved = torch.load(tmp_path / "best" / "state.pt")
     assert saved["weight"][0, 0].item() == state.best_step, "best/ holds the kept step's weights"
     return state
