@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from jobs.jobdir import first_line
 from jobs.recipe import Problem
 from jobs.schema import Recipe, Source, roles_for
 
@@ -77,7 +78,7 @@ def read_source(recipe: Recipe, split: str, src: Source) -> Split:
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps pyarrow errors in several types; the message is what helps
-        raise DataError([Problem(key, f"{src.path}: cannot be loaded: {_first_line(e)}")]) from None
+        raise DataError([Problem(key, f"{src.path}: cannot be loaded: {first_line(e)}")]) from None
     if lines is not None:
         return Split(split, ds, str(path), lambda i, p=path, ls=lines: f"{p.name}:{ls[i]}")
     return Split(split, ds, str(path), lambda i, p=path: f"{p.name} row {i + 1}")
@@ -92,7 +93,7 @@ def _scan(key: str, path: Path) -> list[int] | None:
         try:
             pq.read_schema(path)
         except Exception as e:
-            raise DataError([Problem(key, f"{path.name}: not a readable Parquet file: {_first_line(e)}")]) from None
+            raise DataError([Problem(key, f"{path.name}: not a readable Parquet file: {first_line(e)}")]) from None
         return None
     try:
         text = path.read_text(encoding="utf-8")
@@ -169,7 +170,7 @@ def _read_disk(key: str, split: str, src: Source, path: Path) -> Split:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise DataError([Problem(key, f"{src.path}: cannot be loaded: {_first_line(e)}")]) from None
+        raise DataError([Problem(key, f"{src.path}: cannot be loaded: {first_line(e)}")]) from None
     if isinstance(ds, datasets.DatasetDict):
         want = src.split or split
         if want not in ds:
@@ -190,7 +191,7 @@ def _read_hub(key: str, split: str, src: Source) -> Split:
         fix = (f"; fetch it once with network: hf download --repo-type dataset {src.hub}"
                if offline else "")
         raise DataError([Problem(key, f"hub dataset '{src.hub}' (split '{want}'): cannot be loaded: "
-                                      f"{_first_line(e)}{fix}")]) from None
+                                      f"{first_line(e)}{fix}")]) from None
     return Split(split, ds, f"{src.hub}[{want}]")
 
 
@@ -203,7 +204,7 @@ def map_columns(recipe: Recipe, sp: Split) -> Split:
     """Keep the columns the task reads, renamed to their roles. Raises DataError for a missing column."""
     import datasets
 
-    required, optional = roles_for(recipe.task, recipe.data.format)
+    required, optional = roles_for(recipe.task, recipe.data.layout)
     cols = recipe.data.columns
     have = list(sp.dataset.column_names)
     keep: dict[str, str] = {}
@@ -236,7 +237,7 @@ def map_columns(recipe: Recipe, sp: Split) -> Split:
 
 def check_rows(recipe: Recipe, sp: Split) -> list[Problem]:
     """Each row holds what the task needs, of the right type."""
-    key, fmt = f"data.{sp.name}", recipe.data.format or "text"
+    key, fmt = f"data.{sp.name}", recipe.data.layout
     checks: dict[str, Callable[[Any], str | None]] = {}
     if recipe.task == "classification":
         checks["text"] = _need_text
@@ -484,7 +485,7 @@ def tokenize_example(recipe: Recipe, tokenizer, row: dict, label_ids: dict[str, 
         label = label_ids[str(row["label"])] if recipe.task == "classification" else float(row["label"])
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": label,
                 "n_tokens": n}
-    fmt = recipe.data.format or "text"
+    fmt = recipe.data.layout
     if fmt == "text":
         ids = tokenizer(row["text"])["input_ids"]
         if tokenizer.eos_token_id is not None:
@@ -512,7 +513,7 @@ def tokenize_example(recipe: Recipe, tokenizer, row: dict, label_ids: dict[str, 
 
 def tokenize_split(recipe: Recipe, tokenizer, sp: Split, label_ids: dict[str, int] | None = None):
     """The split as model inputs. `n_tokens` keeps each example's length before truncation."""
-    if recipe.task == "causal_lm" and (recipe.data.format or "text") != "text" and not tokenizer.is_fast:
+    if recipe.task == "causal_lm" and (recipe.data.layout) != "text" and not tokenizer.is_fast:
         raise ValueError("instruction and chat formats need a fast tokenizer (offsets place the loss)")
     cols = sp.dataset.column_names
     # `content`: the row's input digest (content_key), by which another job knows the rows this one trained on
@@ -530,11 +531,6 @@ def _cap(problems: list[Problem]) -> list[Problem]:
         return problems
     extra = len(problems) - MAX_ROWS_NAMED
     return problems[:MAX_ROWS_NAMED] + [Problem(problems[0].path, f"... and {extra} more malformed rows")]
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
 
 
 def _nearby(path: Path) -> str:

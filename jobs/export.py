@@ -32,6 +32,7 @@ from jobs.export_checks import (
     FP32_ATOL, GENERATE_PROMPTS, GENERATE_TOKENS, METRIC_ROWS, PARITY_ROWS, QUALITY_DEFAULT, Runner, batch_arrays,
     eos_ids, latencies_ms, ort_generate, parity, past_names, prompts, quality_check, score, session, table,
 )
+from jobs.jobdir import first_line
 from jobs.recipe import SNAPSHOT, load_recipe
 from jobs.schema import ExportSpec, Recipe
 
@@ -261,7 +262,7 @@ def _export_fp32(model, task: str, fp32: Path, opset: int, pad_id: int, report: 
             warnings.simplefilter("ignore")
             kv = export_onnx(model, task, fp32, opset, pad_id)
     except Exception as e:  # noqa: BLE001 - the exporter's own words are the reason
-        raise ExportFailed(f"torch.onnx.export failed: {_first_line(e)}") from None
+        raise ExportFailed(f"torch.onnx.export failed: {first_line(e, 400)}") from None
     report["export_s"] = round(time.perf_counter() - t0, 2)
     log(f"export: ONNX fp32 written ({onnx_bytes(fp32) / 1e6:.1f} MB, {report['export_s']:.1f} s)")
     return kv
@@ -301,7 +302,7 @@ def _quantize(fp32: Path, qpath: Path, kind: str, calibration, report: dict, log
     try:
         quantize(fp32, qpath, kind, calibration)
     except Exception as e:  # noqa: BLE001
-        raise ExportFailed(f"{kind} quantization failed: {_first_line(e)}") from None
+        raise ExportFailed(f"{kind} quantization failed: {first_line(e, 400)}") from None
     report["quantize_s"] = round(time.perf_counter() - t0, 2)
     log(f"export: {kind} written ({onnx_bytes(qpath) / 1e6:.1f} MB, {report['quantize_s']:.1f} s)")
 
@@ -358,16 +359,6 @@ def readme(task: str, kind: str) -> str:
     model = "model.quantized.onnx" if kind != "none" else "model.onnx"
     return (TEMPLATES / "onnx_README.md").read_text(encoding="utf-8").format(
         kind=kind, inputs_extra=extra, use=use.replace("{model}", model).rstrip("\n") + "\n```")
-
-
-def _first_line(e: BaseException) -> str:
-    """The line of an exception worth showing (the exporter wraps the real error in a page of advice)."""
-    import re
-
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
-    lines = [ln for ln in lines if ln]
-    inner = [m.group(1) + ": " + m.group(2) for ln in lines if (m := re.match(r"<class '[\w.]*?(\w+)'>: (.*)", ln))]
-    return (inner[0] if inner else lines[0] if lines else type(e).__name__)[:400]
 
 
 # ----------------------------------------------------------------------------------------------------------------

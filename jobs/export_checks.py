@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jobs.schema import headline
+
 FP32_ATOL = 1e-3
 QUALITY_DEFAULT = {"classification": 1.0, "causal_lm": 1.05, "regression": 1.10}
 PARITY_ROWS = 64  # held-out rows compared element-wise, fp32 ONNX against PyTorch
@@ -166,14 +168,14 @@ def quality_check(task: str, bound: float, reference: dict, quantized: dict) -> 
     if task == "classification":
         drop = 100 * (reference["accuracy"] - quantized["accuracy"])
         return "accuracy drop in points", drop, drop <= bound + 1e-9
-    key = "perplexity" if task == "causal_lm" else "mse"
+    key = headline(task)
     ratio = quantized[key] / max(reference[key], 1e-12)
     return f"{key} ratio", ratio, ratio <= bound + 1e-9
 
 
 def table(report: dict) -> list[str]:
     """The size / speed / quality table of an export, as lines."""
-    metric = {"classification": "accuracy", "regression": "mse", "causal_lm": "perplexity"}[report["task"]]
+    metric = headline(report["task"])
     lines = [f"{'variant':<24}{'size MB':>10}{'b1 ms':>10}{'b8 ms':>10}{metric:>12}"]
     for name, v in report["variants"].items():
         lines.append(f"{name:<24}{v['bytes'] / 1e6:>10.2f}{v['latency_ms_b1']:>10.2f}{v['latency_ms_b8']:>10.2f}"

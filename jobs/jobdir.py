@@ -26,6 +26,12 @@ import time
 from enum import Enum
 from pathlib import Path
 
+
+def runner_home() -> Path:
+    """RUNNER_HOME (default ~/.runner): the store, the local server's and Ray's state, and artifacts/."""
+    return Path(os.environ.get("RUNNER_HOME") or Path.home() / ".runner").expanduser()
+
+
 RECIPE, JOB_LOG, TRAIN_LOG = "recipe.yaml", "job.log", "train.log"
 EVENTS, METRICS, WARNINGS = "events.jsonl", "metrics.jsonl", "warnings.jsonl"
 FAILURE, EVAL, MANIFEST = "failure.txt", "eval.json", "manifest.json"
@@ -267,3 +273,14 @@ def shared_storage_problem(path: str | Path, nodes: int, mounts: str | None = No
             f"them. Put RUNNER_HOME on storage every node mounts at the same path (NFS, EFS, Filestore, or an "
             f"s3/gs bucket through mountpoint-s3 or gcsfuse; see cluster/README.md), or set RUNNER_SHARED_STORAGE=1 "
             f"if it is shared already")
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The line of an error worth showing a person: where a library wraps the real error in a page of advice (the
+    ONNX exporter: "<class 'x.Y'>: message"), that error; else its first non-empty line, colour codes removed."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+    lines = [ln for ln in lines if ln]
+    inner = [m.group(1) + ": " + m.group(2) for ln in lines if (m := re.match(r"<class '[\w.]*?(\w+)'>: (.*)", ln))]
+    return (inner[0] if inner else lines[0] if lines else type(e).__name__)[:limit]

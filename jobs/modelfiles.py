@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jobs.jobdir import first_line
 from jobs.recipe import Problem
 from jobs.schema import Recipe
 
@@ -37,7 +38,7 @@ def resolve_model(recipe: Recipe) -> tuple[str | None, Problem | None]:
     try:
         hf_hub_download(name, "config.json", revision=rev, token=token, etag_timeout=10)
     except Exception as e:  # not found, gated, or no network: all mean the job cannot start
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e, 500)
         return None, Problem("model.name", f"'{name}' (revision '{rev}') cannot be fetched from the hub: {reason}. "
                                            f"Check the id, set model.token for a gated model, or fetch it with: {fix}")
     return name, None

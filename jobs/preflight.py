@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
+from jobs.jobdir import first_line
 from jobs.modelfiles import load_tokenizer, resolve_model
 from jobs.recipe import Problem, RecipeError, load_recipe
 from jobs.schema import Recipe
@@ -76,9 +77,9 @@ def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True) -> Repo
         tok = load_tokenizer(recipe, model_path)
     except Exception as e:
         report.problems.append(Problem("model.name", f"the tokenizer of '{recipe.model.name}' cannot be loaded: "
-                                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else e}"))
+                                                     f"{first_line(e, 500)}"))
         return report
-    fmt = recipe.data.format or "text"
+    fmt = recipe.data.layout
     if recipe.task == "causal_lm" and fmt == "chat" and not tok.chat_template:
         report.problems.append(Problem("data.format", f"the tokenizer of '{recipe.model.name}' has no chat template; "
                                                       f"give one in data.chat_template, or use format 'instruction'"))

@@ -395,8 +395,8 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
     if r.task == "causal_lm":
         if d.labels is not None:
             out.append(("data.labels", "applies to task 'classification' only (task is 'causal_lm')"))
-        if d.chat_template and (d.format or "text") != "chat":
-            out.append(("data.chat_template", f"applies to format 'chat' only (format is '{d.format or 'text'}')"))
+        if d.chat_template and d.layout != "chat":
+            out.append(("data.chat_template", f"applies to format 'chat' only (format is '{d.layout}')"))
     else:
         if d.format is not None:
             out.append(("data.format", f"applies to task 'causal_lm' only (task is '{r.task}')"))
@@ -410,12 +410,12 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
         dup = sorted({str(x) for x in d.labels if d.labels.count(x) > 1})
         if dup:
             out.append(("data.labels", f"repeats {', '.join(repr(x) for x in dup)}; each label once"))
-    required, optional = roles_for(r.task, d.format)
+    required, optional = roles_for(r.task, d.layout)
     allowed = required + optional
     for role in d.columns:
         if role not in allowed:
             hint = did_you_mean(role, allowed)
-            fmt = f" format '{d.format or 'text'}'" if r.task == "causal_lm" else ""
+            fmt = f" format '{d.layout}'" if r.task == "causal_lm" else ""
             out.append((f"data.columns.{role}",
                         f"unknown role '{role}' for task '{r.task}'{fmt}{hint}; roles: {', '.join(allowed)}"))
     q = r.export.max_quality_drop

@@ -65,8 +65,9 @@ ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def roles_for(task: str, fmt: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return ROLES[f"causal_lm/{fmt or 'text'}" if task == "causal_lm" else task]
+def roles_for(task: str, layout: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) column roles of a task; layout: a causal LM's format in effect (DataSpec.layout)."""
+    return ROLES[f"causal_lm/{layout}" if task == "causal_lm" else task]
 
 
 class Source(_Strict):
@@ -139,6 +140,11 @@ class DataSpec(_Strict):
     )
     max_seq_len: int = Field(512, ge=8, le=131072, description="Tokens per example; longer ones are truncated.")
     split: SplitSpec = Field(default_factory=SplitSpec, description="Used only for splits the recipe does not give.")
+
+    @property
+    def layout(self) -> str:
+        """The causal-LM format in effect: `format`, or `text` where the recipe gives none."""
+        return self.format or "text"
 
     @field_validator("train", "validation", "test", mode="before")
     @classmethod
@@ -381,12 +387,18 @@ SELECT_METRICS = {
     "causal_lm": {"loss": False, "perplexity": False},
 }
 
-# The test metric a registered model is judged by, per task, and whether higher is better.
+# The test metric a registered model is judged by, per task, and whether higher is better; the first is the default,
+# and the task's headline figure wherever one figure stands for a model (an export's table and quality bound).
 GATE_METRICS = {
     "classification": {"accuracy": True, "macro_f1": True, "loss": False},
     "regression": {"mse": False, "mae": False},
     "causal_lm": {"perplexity": False, "loss": False},
 }
+
+
+def headline(task: str) -> str:
+    """The one figure that stands for a model of the task: accuracy, mse or perplexity."""
+    return next(iter(GATE_METRICS[task]))
 
 
 class PromotionSpec(_Strict):
@@ -440,7 +452,7 @@ class Recipe(_Strict):
     @property
     def gate_metric(self) -> tuple[str, bool]:
         """(metric, higher is better) that promotion compares."""
-        metric = self.promotion.metric or next(iter(GATE_METRICS[self.task]))
+        metric = self.promotion.metric or headline(self.task)
         return metric, GATE_METRICS[self.task][metric]
 
     @field_validator("name")

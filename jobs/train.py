@@ -37,7 +37,7 @@ from jobs.checkpoints import (
     State, checkpoint, cpu_copy, resume_state, save_model, selection, track_best, trainable_state,
 )
 from jobs.evaluation import baseline, collate, evaluate, per_example_loss, units, versus_baseline
-from jobs.jobdir import EVAL, FAILURE, METRICS, RECIPE, TRAIN_LOG, WARNINGS, append
+from jobs.jobdir import EVAL, FAILURE, METRICS, RECIPE, WARNINGS, append, note
 from jobs.recipe import SNAPSHOT, parse_recipe
 from jobs.schema import Recipe
 
@@ -228,7 +228,7 @@ class Run:
         """Rank 0's words for the person running the job: train.log, and stdout."""
         if self.rank == 0:
             print(msg, flush=True)
-            append(self.job_dir / TRAIN_LOG, f"{time.strftime('%H:%M:%S')} {msg}\n")
+            note(self.job_dir, msg)
 
     def warn(self, kind: str, step: int, msg: str) -> None:
         """Rank 0: a warning in the log and in warnings.jsonl (one writer; the driver relays it as an event)."""

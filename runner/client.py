@@ -12,6 +12,10 @@ from pathlib import Path
 
 import httpx
 
+from jobs.jobdir import runner_home
+
+__all__ = ["Client", "ClientError", "artifacts_root", "connect", "runner_home"]
+
 
 class ClientError(Exception):
     """One line for the person at the terminal; `code` is the HTTP status where there was one."""
@@ -19,10 +23,6 @@ class ClientError(Exception):
     def __init__(self, message: str, code: int | None = None):
         super().__init__(message)
         self.code = code
-
-
-def runner_home() -> Path:
-    return Path(os.environ.get("RUNNER_HOME") or Path.home() / ".runner")
 
 
 def artifacts_root(home: Path | None = None) -> Path:

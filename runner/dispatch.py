@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.jobdir import ACTIVE, TERMINAL, TRAINING, can_move, read_at, whole_lines
+from jobs.jobdir import ACTIVE, TERMINAL, TRAINING, can_move, first_line, read_at, whole_lines
 from runner.jobfiles import read_text
 from runner.queue import Need, Node, place, plan, refusal
 from runner.store import InvalidTransition, Job, Store, StoreError
@@ -112,7 +112,7 @@ class RayJobs:
             try:
                 self._client = JobSubmissionClient(self.address, headers=self.headers)
             except Exception as e:  # noqa: BLE001 - ConnectionError, or Ray's RuntimeError around it
-                raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({_first_line(e)})") \
+                raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({first_line(e)})") \
                     from None
         return self._client
 
@@ -122,11 +122,11 @@ class RayJobs:
         except Exception as e:  # noqa: BLE001 - sorted by Ray's HTTP status, never by words in a message
             code = ray_status(e)
             if code == 404:
-                raise UnknownSubmission(_first_line(e)) from None
+                raise UnknownSubmission(first_line(e)) from None
             if code is not None and 400 <= code < 500:
                 raise RayRefused(str(e)[:2000]) from None
             self._client = None
-            raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({_first_line(e)})") from None
+            raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({first_line(e)})") from None
 
     def nodes(self) -> list[Node]:
         """The ALIVE nodes with their CPUs and GPUs, at most `nodes_max_age` seconds old."""
@@ -137,7 +137,7 @@ class RayJobs:
         try:
             found = list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
         except Exception as e:  # noqa: BLE001
-            raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({_first_line(e)})") from None
+            raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({first_line(e)})") from None
         out = []
         for n in found:
             res = n.resources_total or {}
@@ -170,7 +170,7 @@ class RayJobs:
             groups = list_placement_groups(address=self.address, filters=[("state", "=", "CREATED")], detail=True,
                                            raise_on_missing_output=False)
         except Exception as e:  # noqa: BLE001
-            raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({_first_line(e)})") from None
+            raise RayUnreachable(f"the Ray cluster at {self.address} does not answer ({first_line(e)})") from None
         for g in groups:
             held: dict[str, dict[str, float]] = {}
             for b in g.bundles or []:
@@ -197,11 +197,6 @@ class RayJobs:
 
     def stop(self, submission_id: str) -> None:
         self._call(self.client.stop_job, submission_id)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 class Dispatcher:
@@ -277,7 +272,7 @@ class Dispatcher:
         except RayRefused as e:  # Ray answered no: the job cannot start, unless it is Ray's already; say why
             if self._known(job):  # submitted before a restart ("already exists", a 400 or a 500 by Ray's version)
                 return True
-            self.store.set_state(job.id, "FAILED", reason=f"Ray did not take the job: {_first_line(e)}")
+            self.store.set_state(job.id, "FAILED", reason=f"Ray did not take the job: {first_line(e)}")
             return False
         except RayUnreachable:
             if self._known(job):
@@ -285,7 +280,7 @@ class Dispatcher:
             raise
         except Exception as e:  # noqa: BLE001 - anything else the submission raised: the job cannot start; say why
             self.store.set_state(job.id, "FAILED", reason=f"the job could not be submitted to Ray: "
-                                                          f"{type(e).__name__}: {_first_line(e)}")
+                                                          f"{type(e).__name__}: {first_line(e)}")
             return False
         self.store.set_submission(job.id, self.submission(job))
         return True
@@ -319,7 +314,7 @@ class Dispatcher:
         except RayUnreachable:
             raise
         except Exception as e:  # noqa: BLE001 - one job's follow-up; the next pass tries it again
-            why = f"{type(e).__name__}: {_first_line(e)}"
+            why = f"{type(e).__name__}: {first_line(e)}"
             if self.failing.get(job.id) != why:
                 self.failing[job.id] = why
                 try:
@@ -349,7 +344,7 @@ class Dispatcher:
         except Exception as e:  # noqa: BLE001 - its files cannot be read: Ray's word on its ending still counts
             if status not in ("SUCCEEDED", "STOPPED", "FAILED"):
                 raise
-            self.store.note(job.id, f"the job's last lines could not be read: {type(e).__name__}: {_first_line(e)}",
+            self.store.note(job.id, f"the job's last lines could not be read: {type(e).__name__}: {first_line(e)}",
                             level="warning")
             job = self.store.get(job.id)
         if status == "SUCCEEDED":
@@ -361,7 +356,7 @@ class Dispatcher:
             if failure and failure.strip():
                 reason = failure.strip()
             else:
-                reason = f"the job's driver ended without a reason: {_first_line(Exception(message)) or 'no message'}"
+                reason = f"the job's driver ended without a reason: {first_line(Exception(message)) or 'no message'}"
             self._end(job, "FAILED", reason)
 
     def _end(self, job: Job, state: str, reason: str | None = None) -> None:

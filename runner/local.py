@@ -29,6 +29,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from jobs.jobdir import runner_home
+
 
 class LocalError(Exception):
     """The local server or Ray could not be started or stopped; the message says why and where to look."""
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, help="GPUs the head declares (default: those Ray finds); fake ones "
                                              "schedule like real ones, and a job asking for them trains on CPUs")
     args = ap.parse_args(argv)
-    home = Path(os.environ.get("RUNNER_HOME", Path.home() / ".runner")).expanduser()
+    home = runner_home()
     home.mkdir(parents=True, exist_ok=True)
     if args.verb == "down":
         server, ray = stop(home, "server"), stop(home, "ray")

@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from runner.api.auth import SESSION_COOKIE, Gate, check_bind, is_loopback
+from jobs.jobdir import runner_home
 from runner.api import jobs
 from runner.api.service import Service
 from runner.store import StoreError, UnknownJob
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="The Ray dashboard's address (http://HEAD:8265); without it jobs stay QUEUED.")
     ap.add_argument("--interval", type=float, default=0.25, help="Seconds between dispatch passes.")
     a = ap.parse_args(argv)
-    home = Path(os.environ.get("RUNNER_HOME") or Path.home() / ".runner")
+    home = runner_home()
     try:
         from runner.cleanup import keep_from_env
 

@@ -17,6 +17,7 @@ from typing import NoReturn
 
 import typer
 
+from jobs.recipe import Problem, RecipeError
 from runner.client import Client, ClientError, connect
 
 EXIT_FAILED = 1  # a job failed, the server refused, nothing answered
@@ -42,17 +43,12 @@ def say_next(*cmds: str) -> None:
 # --- recipes and pre-flight ---------------------------------------------------------------------------------------
 
 
-def render_problem(p: dict, source: str) -> str:
-    """'recipe.yaml:12: train.lr: ...': a problem as pre-flight reports it, on one line."""
-    where = f"{source}:{p['line']}" if p.get("line") else source
-    return f"{where}: {p['path']}: {p['message']}" if p.get("path") else f"{where}: {p['message']}"
-
-
 def problem_lines(recipe: Path, problems: list[dict], tail: str = "") -> list[str]:
-    """The heading line and one line per problem, as `validate`, `submit` and `schedule add` print them."""
-    n = len(problems)
-    return [f"{recipe}: {n} problem{'s' if n != 1 else ''}{tail}"] + ["  " + render_problem(p, str(recipe))
-                                                                      for p in problems]
+    """The heading line and one line per problem ('  recipe.yaml:12: train.lr: ...'), as `validate` and `submit`
+    print the problems pre-flight reports: the same lines as a recipe's own errors (jobs.recipe.RecipeError)."""
+    found = [Problem(p.get("path") or "", p.get("message") or "", p.get("line")) for p in problems]
+    head, *rest = RecipeError(str(recipe), found).render().splitlines()
+    return [head + tail, *rest]
 
 
 def run_preflight(recipe: Path, extra_env: dict | None = None) -> dict:
