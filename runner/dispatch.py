@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.jobdir import ACTIVE, TERMINAL, TRAINING, can_move, first_line, read_at, whole_lines
+from jobs.jobdir import ACTIVE, TERMINAL, TRAINING, JobState, can_move, first_line, read_at, whole_lines
 from runner.jobfiles import read_text
 from runner.queue import Need, Node, place, plan, refusal
 from runner.store import InvalidTransition, Job, Store, StoreError
@@ -247,7 +247,7 @@ class Dispatcher:
         for job_id in decision.start:
             job = self.store.get(job_id)
             try:
-                job = self.store.set_state(job_id, "STARTING", expect="QUEUED", offsets=self._sizes(job))
+                job = self.store.set_state(job_id, JobState.STARTING, expect=JobState.QUEUED, offsets=self._sizes(job))
             except InvalidTransition:  # another dispatcher took it, or it was cancelled meanwhile
                 continue
             if self._submit(job):
@@ -272,14 +272,14 @@ class Dispatcher:
         except RayRefused as e:  # Ray answered no: the job cannot start, unless it is Ray's already; say why
             if self._known(job):  # submitted before a restart ("already exists", a 400 or a 500 by Ray's version)
                 return True
-            self.store.set_state(job.id, "FAILED", reason=f"Ray did not take the job: {first_line(e)}")
+            self.store.set_state(job.id, JobState.FAILED, reason=f"Ray did not take the job: {first_line(e)}")
             return False
         except RayUnreachable:
             if self._known(job):
                 return True
             raise
         except Exception as e:  # noqa: BLE001 - anything else the submission raised: the job cannot start; say why
-            self.store.set_state(job.id, "FAILED", reason=f"the job could not be submitted to Ray: "
+            self.store.set_state(job.id, JobState.FAILED, reason=f"the job could not be submitted to Ray: "
                                                           f"{type(e).__name__}: {first_line(e)}")
             return False
         self.store.set_submission(job.id, self.submission(job))
@@ -302,8 +302,8 @@ class Dispatcher:
         if now - self.unreachable_since < LOST_AFTER:
             return
         for job in self.active():
-            self.store.set_state(job.id, "FAILED", reason=f"lost: {why} for {LOST_AFTER:.0f} s; the job's driver "
-                                                          "cannot be followed", expect=job.state)
+            self.store.set_state(job.id, JobState.FAILED, expect=job.state,
+                                 reason=f"lost: {why} for {LOST_AFTER:.0f} s; the job's driver cannot be followed")
 
     def _follow_one(self, job: Job) -> None:
         """_follow, where one job's trouble (its folder unreadable, a store error) is said once in its events and
@@ -328,17 +328,17 @@ class Dispatcher:
         try:
             status, message = self.backend.status(self.submission(job))
         except UnknownSubmission:
-            if attempt and attempt["submission"] is None and job.state == "STARTING":
+            if attempt and attempt["submission"] is None and job.state == JobState.STARTING:
                 self._submit(job)  # claimed by a server that died before it submitted
             else:
-                self.store.set_state(job.id, "FAILED", expect=job.state, reason=(
+                self.store.set_state(job.id, JobState.FAILED, expect=job.state, reason=(
                     f"Ray no longer knows the job's submission {self.submission(job)}: the Ray cluster was "
                     "restarted or replaced while the job ran"))
             return
         if attempt and attempt["submission"] is None:
             self.store.set_submission(job.id, self.submission(job))
-        if status == "RUNNING" and job.state == "STARTING":
-            job = self.store.set_state(job.id, "RUNNING", expect="STARTING")
+        if status == "RUNNING" and job.state == JobState.STARTING:
+            job = self.store.set_state(job.id, JobState.RUNNING, expect=JobState.STARTING)
         try:
             job = self._copy(job, attempt)
         except Exception as e:  # noqa: BLE001 - its files cannot be read: Ray's word on its ending still counts
@@ -348,26 +348,26 @@ class Dispatcher:
                             level="warning")
             job = self.store.get(job.id)
         if status == "SUCCEEDED":
-            self._end(job, "SUCCEEDED")
+            self._end(job, JobState.SUCCEEDED)
         elif status == "STOPPED":
-            self._end(job, "CANCELLED", "stopped")
+            self._end(job, JobState.CANCELLED, "stopped")
         elif status == "FAILED":
             failure = read_text(job.job_dir, "failure.txt")  # a link out of the folder reads as none
             if failure and failure.strip():
                 reason = failure.strip()
             else:
                 reason = f"the job's driver ended without a reason: {first_line(Exception(message)) or 'no message'}"
-            self._end(job, "FAILED", reason)
+            self._end(job, JobState.FAILED, reason)
 
     def _end(self, job: Job, state: str, reason: str | None = None) -> None:
         try:  # jobs.secrets.FILE: the driver removes it as it ends; one killed (SIGKILL, a lost node) cannot
             (Path(job.job_dir) / ".secrets.json").unlink(missing_ok=True)
         except OSError:
             pass
-        if state == "SUCCEEDED" and job.state in ("STARTING", "RETRYING"):
-            job = self.store.set_state(job.id, "RUNNING", expect=job.state)
+        if state == JobState.SUCCEEDED and job.state in (JobState.STARTING, JobState.RETRYING):
+            job = self.store.set_state(job.id, JobState.RUNNING, expect=job.state)
         job = self.store.set_state(job.id, state, reason=reason, expect=job.state)
-        for hook, what in ((self.on_success if state == "SUCCEEDED" else None, "not registered in the model "
+        for hook, what in ((self.on_success if state == JobState.SUCCEEDED else None, "not registered in the model "
                             "registry"), (self.on_end, "checkpoint retention failed")):
             if hook is None:
                 continue
@@ -421,13 +421,15 @@ class Dispatcher:
 
     def cancel(self, job: Job) -> Job:
         """A queued job is cancelled at once; a running one is stopped through Ray (the next pass records it)."""
-        if job.state == "QUEUED":
-            return self.store.set_state(job.id, "CANCELLED", reason="cancelled by the user", expect="QUEUED")
+        if job.state == JobState.QUEUED:
+            return self.store.set_state(job.id, JobState.CANCELLED, reason="cancelled by the user",
+                                        expect=JobState.QUEUED)
         if job.state in ACTIVE:
             try:
                 self.backend.stop(self.submission(job))
             except UnknownSubmission:  # claimed, not yet submitted: nothing runs
-                return self.store.set_state(job.id, "CANCELLED", reason="cancelled by the user", expect=job.state)
+                return self.store.set_state(job.id, JobState.CANCELLED, reason="cancelled by the user",
+                                            expect=job.state)
             self.store.note(job.id, "cancel requested: stopping the job's processes")
         return self.store.get(job.id)
 

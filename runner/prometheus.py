@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from jobs.jobdir import TRAINING
+from jobs.jobdir import TRAINING, JobState
 from runner.store import Store
 
 
@@ -26,7 +26,8 @@ class _Jobs:
         for state, n in counts.items():
             by_state.add_metric([state], n)
         yield by_state
-        yield GaugeMetricFamily("runner_queue_length", "Jobs waiting in the queue (QUEUED).", value=counts["QUEUED"])
+        yield GaugeMetricFamily("runner_queue_length", "Jobs waiting in the queue (QUEUED).",
+                                value=counts[JobState.QUEUED])
         families = {
             "samples_per_s": GaugeMetricFamily("runner_job_samples_per_second",
                                                "Training samples a second at the job's latest step.",

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.jobdir import STATES, TERMINAL, TRANSITIONS, can_move
+from jobs.jobdir import STATES, TERMINAL, TRANSITIONS, JobState, can_move
 
 
 def _backfill_model_mode(db: sqlite3.Connection) -> None:
@@ -310,7 +310,7 @@ class Store:
                     (job_id, name, priority, recipe_snapshot, job_dir, workers, cpus, gpus, now, now, model, mode))
             except sqlite3.IntegrityError:
                 raise StoreError(f"job id '{job_id}' is taken") from None
-            self._event(job_id, None, "QUEUED", "submitted", now)
+            self._event(job_id, None, JobState.QUEUED, "submitted", now)
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job:
@@ -368,7 +368,7 @@ class Store:
         """
         if new not in STATES:
             raise StoreError(f"state '{new}' is not one of {', '.join(STATES)}")
-        if new == "FAILED" and not (reason and reason.strip()):
+        if new == JobState.FAILED and not (reason and reason.strip()):
             raise StoreError(f"job {job_id}: FAILED needs a reason in words")
         now = self.clock()
         with self._tx():
@@ -380,8 +380,8 @@ class Store:
                 raise InvalidTransition(f"job {job_id} cannot go from {cur} to {new}; from {cur} it can go to "
                                         f"{allowed}")
             sets = ["state = ?", "updated_at = ?", "reason = ?"]
-            args: list = [new, now, reason if new in ("FAILED", "CANCELLED") or reason else None]
-            if new == "STARTING":
+            args: list = [new, now, reason if new in (JobState.FAILED, JobState.CANCELLED) or reason else None]
+            if new == JobState.STARTING:
                 sets += ["attempt = attempt + 1", "started_at = ?", "ended_at = NULL"]
                 args.append(now)
             if new in TERMINAL:
@@ -395,7 +395,7 @@ class Store:
             if done != 1:  # cannot happen inside BEGIN IMMEDIATE; kept as the invariant it is
                 raise InvalidTransition(f"job {job_id} changed state meanwhile")
             job = self.get(job_id)
-            if new == "STARTING":
+            if new == JobState.STARTING:
                 self.db.execute("INSERT INTO attempts (job_id, attempt, started_at, metrics_offset, events_offset, "
                                 "resume) VALUES (?, ?, ?, ?, ?, ?)", (job_id, job.attempt, now, *offsets, job.resume))
             if new in TERMINAL and job.attempt:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from jobs.jobdir import TERMINAL
+from jobs.jobdir import TERMINAL, JobState
 from jobs.recipe import RecipeError, env_refs, load_recipe
 from runner.cli.common import EXIT_FAILED, ago, api, fail, get, metrics_line, problem_lines, result_lines, \
     run_preflight, say_next, server, when
@@ -97,7 +97,7 @@ def follow(client: Client, job_id: str) -> None:
                 job = api(client.get, f"/jobs/{job_id}")
                 if job["state"] != state:
                     state = job["state"]
-                    extra = f" ({job['waiting_for']})" if state == "QUEUED" else \
+                    extra = f" ({job['waiting_for']})" if state == JobState.QUEUED else \
                         f": {job['reason']}" if job.get("reason") else ""
                     bar.console.print(f"{time.strftime('%H:%M:%S')} {state}{extra}")
                 for m in api(client.get, f"/jobs/{job_id}/metrics", split="train", after_step=step)["metrics"]:
@@ -120,7 +120,7 @@ def follow(client: Client, job_id: str) -> None:
 
 def _ending(job: dict) -> None:
     jid = job["id"]
-    if job["state"] == "SUCCEEDED":
+    if job["state"] == JobState.SUCCEEDED:
         typer.echo(f"job {jid} SUCCEEDED")
         for line in result_lines(job.get("result"), [w["message"] for w in job.get("warnings", [])]):
             typer.echo(line)
@@ -153,7 +153,8 @@ def list_jobs(
     width = max(len(j["id"]) for j in jobs)
     typer.echo(f"{'ID':<{width}}  {'STATE':<10} {'PRI':>4}  {'UPDATED':<10} NOTE")
     for j in jobs:
-        note = f"#{j['queue_position']}: {j['waiting_for']}" if j["state"] == "QUEUED" else (j.get("reason") or "")
+        queued = j["state"] == JobState.QUEUED
+        note = f"#{j['queue_position']}: {j['waiting_for']}" if queued else (j.get("reason") or "")
         typer.echo(f"{j['id']:<{width}}  {j['state']:<10} {j['priority']:>4}  {ago(j['updated_at']):<10} {note}")
     say_next("runner status ID", "runner logs -f ID")
 
@@ -172,7 +173,7 @@ def status(
         return
     typer.echo(f"job {job['id']}   ({job['name']})")
     typer.echo(f"state:     {job['state']}" + (f": {job['reason']}" if job.get("reason") else ""))
-    if job["state"] == "QUEUED":
+    if job["state"] == JobState.QUEUED:
         typer.echo(f"queue:     #{job['queue_position']}, {job['waiting_for']}")
     typer.echo(f"resources: {job['workers']} worker(s) x ({job['cpus']:g} CPUs"
                + (f", {job['gpus']:g} GPUs)" if job["gpus"] else ")") + f", priority {job['priority']}")
@@ -191,7 +192,7 @@ def status(
     jid = job["id"]
     if job["state"] in TERMINAL:
         say_next(f"runner artifacts {jid}", f"runner logs {jid}", *([f"runner retry {jid}"]
-                                                                 if job["state"] != "SUCCEEDED" else []))
+                                                                 if job["state"] != JobState.SUCCEEDED else []))
     else:
         say_next(f"runner logs -f {jid}", f"runner cancel {jid}")
 
@@ -245,7 +246,7 @@ def artifacts(
 def cancel(job_id: str = typer.Argument(..., metavar="ID", help="The job's id.", show_default=False)) -> None:
     """Cancel a job: a queued one at once; a running one's processes stop within seconds."""
     job = api(server(start=True).post, f"/jobs/{job_id}/cancel")
-    if job["state"] == "CANCELLED":
+    if job["state"] == JobState.CANCELLED:
         typer.echo(f"job {job_id} CANCELLED")
     else:
         typer.echo(f"job {job_id}: stopping (was {job['state']}); its resources go to the next queued job")
