@@ -1,6 +1,6 @@
 """From the recipe to Accelerate: the distributed strategy, mixed precision and memory savers of each worker.
 
-`plan()` is plain data, what an `accelerate config` file would hold for the recipe, so each strategy and precision
+`distribution()` is plain data, what an `accelerate config` file would hold for the recipe, so each strategy and precision
 is checked without a GPU; `make_accelerator()` builds the Accelerator from it inside a Ray Train worker, where Ray
 has already made the process group.
 
@@ -24,7 +24,7 @@ from jobs.schema import Recipe
 BUCKET = 50_000_000  # DeepSpeed reduce / all-gather bucket, in elements (its default of 5e8 holds 1 GB in bf16)
 
 
-def plan(recipe: Recipe, layer_classes: list[str] | None = None, gpu: bool | None = None) -> dict:
+def distribution(recipe: Recipe, layer_classes: list[str] | None = None, gpu: bool | None = None) -> dict:
     """The Accelerate set-up for `recipe`; `layer_classes` are the model's decoder layer classes (FSDP units);
     `gpu` False trains on CPUs whatever the recipe asks (a worker holding a GPU that CUDA cannot see)."""
     res, t = recipe.resources, recipe.train

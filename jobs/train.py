@@ -155,10 +155,10 @@ def train_func(config: dict) -> None:
     done = state.step >= run.steps or state.stopped_early
     val = None  # the latest validation metrics, of the weights as they are now
     while not done:
-        plan = epoch_plan(len(run.train_ds), t.seed, state.epoch, run.world, t.batch_size, t.grad_accum)
+        by_step = epoch_plan(len(run.train_ds), t.seed, state.epoch, run.world, t.batch_size, t.grad_accum)
         epoch = run.loop.epoch = state.epoch
         while state.epoch == epoch and not done:
-            rec = _train_step(run, state, plan)
+            rec = _train_step(run, state, by_step)
             _record(run, state, rec, epoch)
             finished = state.step >= run.steps
             report: dict = {"step": state.step, "loss": rec["loss"]}
@@ -187,7 +187,7 @@ class Run:
     recipe: Recipe
     job_dir: Path
     model_path: str
-    sp: dict  # jobs.strategy.plan: strategy, mixed precision, sharded or not, ...
+    sp: dict  # jobs.strategy.distribution: strategy, mixed precision, sharded or not, ...
     acc: object  # the Accelerator
     model: object  # prepared (wrapped for DDP, FSDP or DeepSpeed)
     raw: object  # the model itself
@@ -258,7 +258,7 @@ def _set_up(config: dict) -> Run:
     from transformers import AutoTokenizer
 
     from jobs.model import build_model
-    from jobs.strategy import describe, layer_classes, make_accelerator, plan
+    from jobs.strategy import describe, layer_classes, distribution, make_accelerator
 
     job_dir = Path(config["job_dir"])
     secrets.take(job_dir)  # the tokens the driver handed over (never through Ray's runtime_env)
@@ -273,8 +273,8 @@ def _set_up(config: dict) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(str(prepared / "tokenizer"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model, n_trainable, n_total = build_model(recipe, config["model_path"], labels, pad_id, gradient_checkpointing=
-                                              plan(recipe, gpu=use_gpu)["model_gradient_checkpointing"])
-    sp = plan(recipe, layer_classes(model), gpu=use_gpu)
+                                              distribution(recipe, gpu=use_gpu)["model_gradient_checkpointing"])
+    sp = distribution(recipe, layer_classes(model), gpu=use_gpu)
     callbacks = build_callbacks(recipe.train.callbacks)
     callbacks.on_plan(sp)
     acc = make_accelerator(sp)
@@ -319,13 +319,13 @@ def _resume(run: Run, candidates: list[str]) -> State:
     return state
 
 
-def _train_step(run: Run, state: State, plan: list) -> dict:
+def _train_step(run: Run, state: State, by_step: list) -> dict:
     """One optimizer step over this rank's micro-batches of the step's rows; moves the state on; returns the step's
     record (loss, lr, gradient norm, throughput)."""
     acc, model, optimizer, sp, task = run.acc, run.model, run.optimizer, run.sp, run.recipe.task
     tick = time.perf_counter()
-    micro = plan[state.step_in_epoch][run.rank]
-    step_rows = [j for r in plan[state.step_in_epoch] for m in r for j in m]
+    micro = by_step[state.step_in_epoch][run.rank]
+    step_rows = [j for r in by_step[state.step_in_epoch] for m in r for j in m]
     step_units = len(step_rows) if run.unit_of is None else max(1, sum(run.unit_of[j] for j in step_rows))
     # set on the prepared optimizer's own groups, every step: prepare() and every load_state_dict (a resume)
     # put new dicts in place, so a reference kept from before would set nothing
@@ -354,7 +354,7 @@ def _train_step(run: Run, state: State, plan: list) -> dict:
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.step_in_epoch += 1
-    if state.step_in_epoch == len(plan):  # the position a checkpoint records is where to go on
+    if state.step_in_epoch == len(by_step):  # the position a checkpoint records is where to go on
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
     loss_value = acc.reduce(local_sum, reduction="sum").item() / step_units
     elapsed = time.perf_counter() - tick

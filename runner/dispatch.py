@@ -7,7 +7,7 @@
    store. The server pulls: the job folder is on storage both can read, and the driver needs no way back to the
    server. How far each file was copied is kept per attempt in the store, so a restarted server goes on where the
    last one stopped;
-2. asks `runner.queue.plan` which queued jobs fit what the cluster has free, claims each (QUEUED -> STARTING,
+2. asks `runner.queue.decide` which queued jobs fit what the cluster has free, claims each (QUEUED -> STARTING,
    compare-and-set) and submits it with submission id `<job id>-<attempt>`. Ray refuses a submission id it
    already has, so a job claimed by a server that died before its submission is recorded is submitted again
    safely: never twice.
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from jobs.jobdir import ACTIVE, TERMINAL, TRAINING, JobState, can_move, first_line, read_at, whole_lines
 from runner.jobfiles import read_text
-from runner.queue import Need, Node, place, plan, refusal
+from runner.queue import Need, Node, decide, place, refusal
 from runner.store import InvalidTransition, Job, Store, StoreError
 
 LOST_AFTER = 30.0
@@ -241,7 +241,7 @@ class Dispatcher:
             return []
         self.unreachable_since = None
         queue = self.store.queue()
-        decision = plan([(j.id, need_of(j)) for j in queue], self.free(nodes))
+        decision = decide([(j.id, need_of(j)) for j in queue], self.free(nodes))
         self.waiting = decision.waiting
         started = []
         for job_id in decision.start:

@@ -88,7 +88,7 @@ class Decision:
     waiting: dict[str, tuple[int, str]]  # job id -> (position in the queue, 1-based, reason)
 
 
-def plan(queue: list[tuple[str, Need]], free: list[Node]) -> Decision:
+def decide(queue: list[tuple[str, Need]], free: list[Node]) -> Decision:
     """queue: (job id, need) in dispatch order (priority, then age). free: what each node has free now."""
     start: list[str] = []
     waiting: dict[str, tuple[int, str]] = {}

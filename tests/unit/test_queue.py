@@ -2,7 +2,7 @@
 
 import random
 
-from runner.queue import Need, Node, place, plan, refusal
+from runner.queue import Need, Node, decide, place, refusal
 
 
 def two_gpu_nodes():
@@ -22,7 +22,7 @@ def test_a_worker_must_fit_on_one_node():
 def test_priority_then_age_and_no_overtaking():
     free = two_gpu_nodes()
     queue = [("big", Need(2, 4, 2)), ("small", Need(1, 2, 1)), ("tiny", Need(1, 1, 0))]
-    d = plan(queue, free)
+    d = decide(queue, free)
     # big takes all 4 GPUs; small then waits, and tiny waits behind it rather than overtaking
     assert d.start == ["big"]
     assert d.waiting == {"small": (1, "needs 1 GPUs, 0 free"), "tiny": (2, "waiting behind small")}
@@ -30,12 +30,12 @@ def test_priority_then_age_and_no_overtaking():
 
 def test_reasons_name_what_is_missing():
     free = [Node("a", cpus=16, gpus=2)]
-    d = plan([("j", Need(2, 2, 2))], free)
+    d = decide([("j", Need(2, 2, 2))], free)
     assert d.waiting == {"j": (1, "needs 4 GPUs, 2 free")}
-    d = plan([("c", Need(3, 2, 0))], [Node("a", cpus=4)])
+    d = decide([("c", Need(3, 2, 0))], [Node("a", cpus=4)])
     assert d.waiting == {"c": (1, "needs 6 CPUs, 4 free")}
     # enough in total, but split across nodes so that no node holds one worker
-    d = plan([("s", Need(1, 3, 0))], [Node("a", cpus=2), Node("b", cpus=2)])
+    d = decide([("s", Need(1, 3, 0))], [Node("a", cpus=2), Node("b", cpus=2)])
     assert d.waiting["s"] == (1, "needs 1 worker x (3 CPUs); free now: a (2 CPUs), b (2 CPUs)")
 
 
@@ -61,7 +61,7 @@ def test_never_over_committed_over_a_simulated_day():
                 used[node][1] += g
         free = [Node(k, capacity[k][0] - used[k][0], capacity[k][1] - used[k][1]) for k in capacity]
         assert all(n.cpus >= -1e-9 and n.gpus >= -1e-9 for n in free), "over-committed"
-        d = plan(queue, free)
+        d = decide(queue, free)
         assert d.start == [j for j, _ in queue[: len(d.start)]], "starts follow the queue order"
         left = free
         for job_id in d.start:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from jobs.recipe import RecipeError, parse_recipe
-from jobs.strategy import make_accelerator, plan
+from jobs.strategy import distribution, make_accelerator
 
 
 def recipe(resources: str = "", tuning: str = "full", train: str = "batch_size: 4, grad_accum: 2"):
@@ -17,7 +17,7 @@ GPU2 = "workers: 2, gpus_per_worker: 1"
 
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
 def test_ddp_reduces_once_a_step_and_scales_fp16_losses(precision):
-    p = plan(recipe(f"{GPU2}, mixed_precision: {precision}"))
+    p = distribution(recipe(f"{GPU2}, mixed_precision: {precision}"))
     assert (p["strategy"], p["cpu"], p["mixed_precision"]) == ("ddp", False, precision)
     assert p["no_sync"] and not p["sharded"] and not p["clip_by_engine"] and p["loss_multiplier"] == 1
     assert p["loss_scaling"] == ("dynamic" if precision == "fp16" else None)
@@ -26,7 +26,7 @@ def test_ddp_reduces_once_a_step_and_scales_fp16_losses(precision):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fsdp_full_shard_wraps_each_decoder_layer_and_checkpoints_sharded(checkpointing):
-    p = plan(recipe(f"{GPU2}, strategy: fsdp, mixed_precision: bf16, gradient_checkpointing: {checkpointing}"),
+    p = distribution(recipe(f"{GPU2}, strategy: fsdp, mixed_precision: bf16, gradient_checkpointing: {checkpointing}"),
              ["LlamaDecoderLayer"])
     f = p["fsdp"]
     assert f["fsdp_version"] == 2 and f["reshard_after_forward"] is True
@@ -44,7 +44,7 @@ def test_fsdp_full_shard_wraps_each_decoder_layer_and_checkpoints_sharded(checkp
 
 @pytest.mark.parametrize("stage,precision", [(2, "bf16"), (3, "bf16"), (2, "fp16"), (3, "fp16"), (3, "no")])
 def test_deepspeed_zero_config(stage, precision):
-    p = plan(recipe(f"{GPU2}, strategy: deepspeed, zero_stage: {stage}, mixed_precision: {precision}, "
+    p = distribution(recipe(f"{GPU2}, strategy: deepspeed, zero_stage: {stage}, mixed_precision: {precision}, "
                     f"gradient_checkpointing: true", train="batch_size: 4, grad_accum: 3, max_grad_norm: 0.5"))
     ds = p["deepspeed"]
     assert ds["zero_optimization"]["stage"] == stage
@@ -59,15 +59,15 @@ def test_deepspeed_zero_config(stage, precision):
 
 
 def test_without_gpus_every_recipe_trains_ddp_on_cpus():
-    p = plan(recipe("workers: 2"))
+    p = distribution(recipe("workers: 2"))
     assert (p["strategy"], p["cpu"]) == ("ddp", True)
     # a worker that holds a GPU CUDA cannot see (Ray's fake GPUs in tests) trains on its CPU, unsharded
-    p = plan(recipe(f"{GPU2}, strategy: fsdp, mixed_precision: bf16"), ["LlamaDecoderLayer"], gpu=False)
+    p = distribution(recipe(f"{GPU2}, strategy: fsdp, mixed_precision: bf16"), ["LlamaDecoderLayer"], gpu=False)
     assert (p["strategy"], p["cpu"], p["sharded"]) == ("ddp", True, False) and "fsdp" not in p
 
 
 def test_make_accelerator_on_cpu_takes_the_precision():
-    acc = make_accelerator(plan(recipe("mixed_precision: bf16")))
+    acc = make_accelerator(distribution(recipe("mixed_precision: bf16")))
     assert acc.device.type == "cpu" and acc.mixed_precision == "bf16" and acc.num_processes == 1
 
 
