@@ -33,7 +33,7 @@ class Loop:
 
 class Callback:
     def on_plan(self, plan: dict) -> None:
-        """The distribution plan (jobs.strategy.distribution) before the accelerator is made; a callback may change it."""
+        """The distribution plan (jobs.strategy.distribution) before the accelerator is made; it may change it."""
 
     def on_start(self, loop: Loop) -> None:
         """The model is built and prepared and a checkpoint (if any) restored; the first step comes next."""

@@ -269,13 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-    args = sys.argv[1:] if argv is None else argv
-    fresh = "--fresh" in args
-    args = [a for a in args if a != "--fresh"]
-    if len(args) != 1:
-        print("usage: python -m jobs.entrypoint JOB_DIR [--fresh]", file=sys.stderr)
-        return 2
-    job_dir = Path(args[0]).resolve()
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m jobs.entrypoint", description="Drive one job to its end.")
+    ap.add_argument("job_dir", type=Path, help="The job's folder (its recipe.yaml, prepared data, checkpoints).")
+    ap.add_argument("--fresh", action="store_true", help="A retry from the start: set the earlier attempt's "
+                                                         "results aside first.")
+    a = ap.parse_args(argv)
+    fresh, job_dir = a.fresh, a.job_dir.resolve()
     (job_dir / "driver.pid").write_text(str(os.getpid()))
     # the driver shows progress itself (jobs.progress): the libraries' bars (loading and writing weights, mapping
     # datasets) are noise, and redrawn in a log file they are garbage

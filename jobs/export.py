@@ -367,7 +367,6 @@ def readme(task: str, kind: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     ap = argparse.ArgumentParser(prog="python -m jobs.export")
     ap.add_argument("job_dir", type=Path)
@@ -375,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opset", type=int)
     ap.add_argument("--max-quality-drop", type=float)
     ap.add_argument("--out", type=Path)
-    a = ap.parse_args(args)
+    a = ap.parse_args(argv)
     job_dir = a.job_dir.resolve()
     recipe = load_recipe(job_dir / "recipe.yaml", allowed=SNAPSHOT)
     changes = {k: v for k, v in {"onnx": True, "quantize": a.quantize, "opset": a.opset,

@@ -307,8 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.modelfiles import resolve_model
     from jobs.recipe import load_recipe
 
-    args = sys.argv[1:] if argv is None else argv
-    recipe = load_recipe(args[0])
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m jobs.memory", description="Each GPU's peak memory, estimated.")
+    ap.add_argument("recipe")
+    recipe = load_recipe(ap.parse_args(argv).recipe)
     path, problem = resolve_model(recipe)
     if problem:
         print(problem.message, file=sys.stderr)

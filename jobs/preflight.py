@@ -164,12 +164,14 @@ def length_problems(recipe: Recipe, split: str, lengths: list[int], targets: lis
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.preflight RECIPE [--json]`: exit 0 when the job can run, 2 with the problems."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    as_json = "--json" in args
-    args = [a for a in args if a != "--json"]
-    if len(args) != 1:
-        print("usage: python -m jobs.preflight RECIPE [--json]", file=sys.stderr)
-        return 2
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m jobs.preflight", description="Check a recipe, its data and its "
+                                 "model before anything is scheduled.")
+    ap.add_argument("recipe")
+    ap.add_argument("--json", action="store_true", help="One JSON object: the problems, notes, rows and labels.")
+    a = ap.parse_args(argv)
+    as_json, source = a.json, a.recipe
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import datasets
     import transformers
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     try:
-        recipe = load_recipe(args[0])
+        recipe = load_recipe(source)
     except RecipeError as e:  # the data is still checked where the sections it needs are sound: every problem at once
         report = preflight(e.partial, memory=not e.reset & {"tuning", "train", "resources"}) \
             if e.partial is not None else Report()
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report.to_json()))
     else:
         for p in report.problems:
-            print(p.render(args[0]))
+            print(p.render(source))
         for n in report.notes:
             print("note:", n)
     return 0 if report.ok else 2

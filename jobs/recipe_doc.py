@@ -99,14 +99,18 @@ def splice(readme: str) -> str:
     return readme[:start] + render() + readme[end + len(END):]
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("--write", "--check"):
-        print(__doc__)
-        return 2
-    path = Path(argv[1])
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m jobs.recipe_doc", description=__doc__.splitlines()[0])
+    how = ap.add_mutually_exclusive_group(required=True)
+    how.add_argument("--write", type=Path, metavar="README", help="Rewrite the reference in this file.")
+    how.add_argument("--check", type=Path, metavar="README", help="Exit 1 when the reference there is stale.")
+    a = ap.parse_args(argv)
+    path = a.write or a.check
     text = path.read_text(encoding="utf-8")
     new = splice(text)
-    if argv[0] == "--write":
+    if a.write:
         path.write_text(new, encoding="utf-8")
         return 0
     if new != text:
@@ -116,4 +120,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """From the recipe to Accelerate: the distributed strategy, mixed precision and memory savers of each worker.
 
-`distribution()` is plain data, what an `accelerate config` file would hold for the recipe, so each strategy and precision
-is checked without a GPU; `make_accelerator()` builds the Accelerator from it inside a Ray Train worker, where Ray
-has already made the process group.
+`distribution()` is plain data, what an `accelerate config` file would hold for the recipe, so each strategy and
+precision is checked without a GPU; `make_accelerator()` builds the Accelerator from it inside a Ray Train worker,
+where Ray has already made the process group.
 
     ddp        a whole copy of the model on each GPU; gradients all-reduced (skipped on all but the last
                micro-batch of a step)

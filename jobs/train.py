@@ -258,7 +258,7 @@ def _set_up(config: dict) -> Run:
     from transformers import AutoTokenizer
 
     from jobs.model import build_model
-    from jobs.strategy import describe, layer_classes, distribution, make_accelerator
+    from jobs.strategy import describe, distribution, layer_classes, make_accelerator
 
     job_dir = Path(config["job_dir"])
     secrets.take(job_dir)  # the tokens the driver handed over (never through Ray's runtime_env)

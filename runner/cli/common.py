@@ -53,7 +53,7 @@ def problem_lines(recipe: Path, problems: list[dict], tail: str = "") -> list[st
 
 def run_preflight(recipe: Path, extra_env: dict | None = None) -> dict:
     """Run `jobs.preflight` in a child process (it imports datasets and transformers); return its report."""
-    proc = subprocess.run([sys.executable, "-m", "jobs.preflight", str(recipe), "--json"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "jobs.preflight", "--json", "--", str(recipe)], capture_output=True,
                           text=True, env={**os.environ, **QUIET_ENV, **(extra_env or {})})
     try:
         report = json.loads(proc.stdout.strip().splitlines()[-1])
