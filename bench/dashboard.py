@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from procmem import rss_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 
 STATE_MIX = [("SUCCEEDED", 0.62), ("FAILED", 0.18), ("CANCELLED", 0.12), ("QUEUED", 0.05), ("RUNNING", 0.03)]
@@ -95,11 +97,6 @@ def timed_get(client, path: str) -> tuple[float, int]:
     ms = (time.perf_counter() - t0) * 1000
     assert r.status_code == 200, (path, r.status_code, r.text[:300])
     return ms, len(r.content)
-
-
-def rss_mb(pid: int) -> tuple[float, float]:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def browser_ms(url: str, signin=None) -> float | None:

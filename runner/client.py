@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from httpx_sse import connect_sse
 
 from jobs.jobdir import runner_home
 
@@ -72,25 +73,18 @@ class Client:
         while True:
             headers = {"Last-Event-ID": last} if last else {}
             try:
-                with self.http.stream("GET", path, params=params, headers=headers,
-                                      timeout=httpx.Timeout(30.0, read=None)) as r:
+                with connect_sse(self.http, "GET", path, params=params, headers=headers,
+                                 timeout=httpx.Timeout(30.0, read=None)) as source:
+                    r = source.response
                     if r.status_code >= 400:
                         r.read()
                         raise ClientError(_words(r.json().get("detail")) or f"HTTP {r.status_code}", r.status_code)
-                    event, data = "message", []
-                    for line in r.iter_lines():
-                        if not line:
-                            if data:
-                                yield event, "\n".join(data)
-                                if event == "end":
-                                    return
-                            event, data = "message", []
-                        elif line.startswith("event:"):
-                            event = line[6:].strip()
-                        elif line.startswith("id:"):
-                            last = line[3:].strip()
-                        elif line.startswith("data:"):
-                            data.append(line[5:][1:] if line[5:].startswith(" ") else line[5:])
+                    for sse in source.iter_sse():
+                        last = sse.id or last
+                        if sse.data:
+                            yield sse.event, sse.data
+                            if sse.event == "end":
+                                return
             except httpx.TransportError as e:
                 raise self._unreachable(e) from None
 

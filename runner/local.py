@@ -54,17 +54,15 @@ def _write_state(home: Path, state: dict) -> None:
 
 
 def alive(pid: int | None) -> bool:
+    import psutil
+
     if not pid:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     try:  # a zombie (exited, not yet reaped by the CLI that started it) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # another user's: there, whatever its state
         return True
 
 
