@@ -8,8 +8,12 @@ A recipe names them, each a class importable where the workers run:
         - use: mypackage.hooks:LogToSlack
           args: {channel: "#training"}
 
-The class subclasses `Callback` and overrides what it needs; its constructor takes `args` and must be cheap and free
-of side effects (pre-flight builds it to check the arguments). Every method runs on every rank; `loop.rank == 0`
+Only modules the operator lists may be named: RUNNER_CALLBACKS, a comma-separated list of module names (or
+prefixes ending in `.`), default `jobs.faults`; the server refuses a recipe naming another, and the workers check
+again before importing anything.
+
+The class subclasses `Callback` and overrides what it needs; its constructor takes `args` and must be cheap and
+free of side effects (pre-flight builds it to check the arguments). Every method runs on every rank; `loop.rank == 0`
 picks one. A callback that raises fails the job with its message, as any other error of the loop would.
 """
 
@@ -18,6 +22,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from jobs.schema import callback_refusal as refusal
 
 
 @dataclass
@@ -84,11 +90,15 @@ class CallbackError(Exception):
 
 
 def build(specs) -> Callbacks:
-    """The recipe's `train.callbacks` (each with `use` and `args`), imported and built."""
+    """The recipe's `train.callbacks` (each with `use` and `args`), checked against RUNNER_CALLBACKS, imported and
+    built."""
     out = []
     for i, spec in enumerate(specs):
         key = f"train.callbacks.{i}"
         module, _, name = spec.use.partition(":")
+        why = refusal(spec.use)
+        if why:  # before the import: a module's own code runs as it is imported
+            raise CallbackError(f"{key}.use", why)
         try:
             cls = getattr(importlib.import_module(module), name)
         except ImportError as e:

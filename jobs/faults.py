@@ -8,7 +8,7 @@ A callback (jobs/callbacks.py) a recipe asks for when it wants them; the runner'
         - use: jobs.faults:Faults
           args: {step_delay: 0.2, crash_after_step: 4}
 
-Paths are the job folder's files unless absolute.
+`hold_file` and `record_seen` name files of the job folder (a plain relative name; nothing outside it).
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ class Faults(Callback):
         record_weights: each rank writes the SHA-256 of its final weights to weights.<rank>.sha256."""
         if step_delay < 0 or step_delay > 60:
             raise ValueError(f"step_delay {step_delay}: 0 to 60 seconds")
+        for key, name in (("hold_file", hold_file), ("record_seen", record_seen)):
+            if name is not None and not _in_folder(name):
+                raise ValueError(f"{key} {name[:100]!r}: a file of the job folder, named relative to it (no '/' "
+                                 f"at the start, no '..')")
         self.step_delay, self.pause_after_step, self.hold_file = step_delay, pause_after_step, hold_file
         self.crash_after_step, self.force_sharded = crash_after_step, force_sharded
         self.record_seen, self.record_nodes, self.record_weights = record_seen, record_nodes, record_weights
@@ -73,3 +77,9 @@ class Faults(Callback):
                 h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
             (loop.job_dir / f"weights.{loop.rank}.sha256").write_text(h.hexdigest())
 
+
+def _in_folder(name: str) -> bool:
+    from pathlib import PurePosixPath
+
+    p = PurePosixPath(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name and "\x00" not in name

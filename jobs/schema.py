@@ -223,6 +223,25 @@ class CallbackSpec(_Strict):
         return v
 
 
+CALLBACKS_VAR = "RUNNER_CALLBACKS"  # the operator's list of modules a recipe's callbacks may come from
+
+
+def callback_modules(environ=None) -> list[str]:
+    """The modules a recipe's callbacks may come from (RUNNER_CALLBACKS; default: jobs.faults only)."""
+    given = (environ if environ is not None else os.environ).get(CALLBACKS_VAR)
+    return [m.strip() for m in (given if given is not None else "jobs.faults").split(",") if m.strip()]
+
+
+def callback_refusal(use: str, environ=None) -> str | None:
+    """Why a callback's `use` may not be imported here, or None."""
+    module = use.partition(":")[0]
+    allowed = callback_modules(environ)
+    if any(module == m or (m.endswith(".") and module.startswith(m)) for m in allowed):
+        return None
+    return (f"{use}: module {module} is not among the callbacks this runner takes ({CALLBACKS_VAR}: "
+            f"{', '.join(allowed) or 'none'}); its operator lists a module there to allow it")
+
+
 class TrainSpec(_Strict):
     """The optimisation."""
 
@@ -476,6 +495,11 @@ class Recipe(_Strict):
     def base_dir(self) -> Path:
         return self._base_dir
 
+    def written_as(self, *path: str) -> str | None:
+        """The text a field was written as where it was a `${VAR}` reference (or a secret typed in): what the
+        snapshot keeps instead of the value; None for any other field."""
+        return self._secrets.get(tuple(path))
+
     def resolve_path(self, p: str) -> Path:
         q = Path(os.path.expanduser(p))
         return q if q.is_absolute() else (self._base_dir / q).resolve()
@@ -489,6 +513,8 @@ class Recipe(_Strict):
         d = self.model_dump(mode="json")
         for path, original in self._secrets.items():
             put_at(d, path, original)
+        if not d["train"]["callbacks"]:  # none: said by its absence, as recipes written before the key say it
+            del d["train"]["callbacks"]
         return d
 
     def line_of(self, dotted: str) -> int | None:

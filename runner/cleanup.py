@@ -41,7 +41,7 @@ def remove_job(store: Store, job_id: str, root: Path) -> dict:
     that is queued or runs, or that is a registered model version, checked in the transaction that deletes (a retry
     or a registration a moment before wins)."""
     store.get(job_id)
-    with store._tx():
+    with store.transaction():
         job = store.get(job_id)
         if job.state not in TERMINAL:
             raise StoreError(f"job {job_id} is {job.state}: cancel it first (runner cancel {job_id})")

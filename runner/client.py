@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from httpx_sse import connect_sse
+from httpx_sse import SSEError, connect_sse
 
 from jobs.jobdir import runner_home
 
@@ -81,12 +81,14 @@ class Client:
                         raise ClientError(_words(r.json().get("detail")) or f"HTTP {r.status_code}", r.status_code)
                     for sse in source.iter_sse():
                         last = sse.id or last
-                        if sse.data:
+                        if sse.event != "message" or sse.data:  # not the bare `retry:` line; a blank log line is one
                             yield sse.event, sse.data
                             if sse.event == "end":
                                 return
             except httpx.TransportError as e:
                 raise self._unreachable(e) from None
+            except SSEError as e:
+                raise ClientError(f"{self.url}{path} did not answer with an event stream ({e})") from None
 
 
 def _words(detail) -> str:

@@ -37,7 +37,7 @@ from runner.store import InvalidTransition, Job, Store, StoreError
 
 LOST_AFTER = 30.0
 WORKER_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_MODE",
-              "RUNNER_VERBOSE", "RUNNER_SHARED_STORAGE")
+              "RUNNER_VERBOSE", "RUNNER_SHARED_STORAGE", "RUNNER_CALLBACKS")
 # Ray's own token is not among them: the drivers inherit it from the Ray head they run on, and env_vars of a job are
 # shown by Ray's API and dashboard.
 

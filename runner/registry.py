@@ -137,7 +137,7 @@ class Registry:
         artifacts = {k: str(job_dir / k) for k in ("model", "adapter", "onnx", "eval.json", "manifest.json")
                      if (job_dir / k).exists()}
         now = self.clock()
-        with self.store._tx():
+        with self.store.transaction():
             if self.store.db.execute("SELECT 1 FROM jobs WHERE id = ?", (job.id,)).fetchone() is None:
                 return None  # removed (runner rm) while its files were read: there is nothing to register
             version = self.store.db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE model = ?",
@@ -165,14 +165,14 @@ class Registry:
     def promote(self, model: str, version: int, alias: str = CHAMPION, why: str = "promoted by hand") -> dict:
         """Point `alias` at `version` (by hand: no gate), as one event."""
         self.version(model, version)
-        with self.store._tx():
+        with self.store.transaction():
             self._move(model, alias, version, "promote", why, self.clock())
         return {"model": model, "alias": alias, "version": version}
 
     def rollback(self, model: str, alias: str = CHAMPION) -> dict:
         """Move `alias` back to the version it pointed at before the promotion that put it where it is."""
         self.versions(model)
-        with self.store._tx():
+        with self.store.transaction():
             current = self.aliases(model).get(alias)
             if current is None:
                 raise StoreError(f"model '{model}' has no alias '{alias}'")

@@ -131,7 +131,7 @@ class Scheduler:
             -> Schedule:
         """A new schedule; slots before now never fire. fingerprint: the data as it is now (the baseline)."""
         now = self.clock()
-        with self.store._tx():
+        with self.store.transaction():
             if self.store.db.execute("SELECT 1 FROM schedules WHERE id = ?", (sched_id,)).fetchone():
                 raise StoreError(f"a schedule named '{sched_id}' exists (runner schedule remove {sched_id} first)")
             self.store.db.execute(
@@ -157,7 +157,7 @@ class Scheduler:
 
     def remove(self, sched_id: str) -> None:
         self.get(sched_id)
-        with self.store._tx():
+        with self.store.transaction():
             self.store.db.execute("DELETE FROM fires WHERE schedule_id = ?", (sched_id,))
             self.store.db.execute("DELETE FROM schedules WHERE id = ?", (sched_id,))
 

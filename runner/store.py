@@ -270,7 +270,7 @@ class Store:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
 
     def _migrate(self) -> None:
-        with self._tx():
+        with self.transaction():
             have = self.version
             if have > len(MIGRATIONS):
                 raise StoreError(f"{self.path} was written by a newer runner (schema {have}; this one knows "
@@ -286,7 +286,7 @@ class Store:
                 self.db.execute(f"PRAGMA user_version = {n}")
 
     @contextmanager
-    def _tx(self):
+    def transaction(self):
         """One write transaction, taken up front (BEGIN IMMEDIATE) so that readers never see half of it."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
@@ -302,7 +302,7 @@ class Store:
                 gpus: float, priority: int = 0) -> Job:
         now = self.clock()
         model, mode = recipe_summary(recipe_snapshot)
-        with self._tx():
+        with self.transaction():
             try:
                 self.db.execute(
                     "INSERT INTO jobs (id, name, state, priority, recipe, job_dir, workers, cpus, gpus, created_at, "
@@ -371,7 +371,7 @@ class Store:
         if new == JobState.FAILED and not (reason and reason.strip()):
             raise StoreError(f"job {job_id}: FAILED needs a reason in words")
         now = self.clock()
-        with self._tx():
+        with self.transaction():
             cur = self.get(job_id).state
             if expect is not None and cur != expect:
                 raise InvalidTransition(f"job {job_id} is {cur}, not {expect}")
@@ -438,7 +438,7 @@ class Store:
         if level is not None and level not in LEVELS:
             raise StoreError(f"event level {level!r} is not one of {', '.join(LEVELS)}")
         self.get(job_id)
-        with self._tx():
+        with self.transaction():
             self._event(job_id, None, None, message, self.clock(), level)
 
     def events(self, job_id: str, after: int = 0, level: str | None = None, limit: int = -1) -> list[dict]:
@@ -452,7 +452,7 @@ class Store:
         job = self.get(job_id)
         now = self.clock()
         train = [r for r in records if r.get("split", "train") == "train"]
-        with self._tx():
+        with self.transaction():
             for rec in records:
                 self.db.execute("INSERT OR REPLACE INTO metrics (job_id, attempt, step, split, at, data) VALUES "
                                 "(?, ?, ?, ?, ?, ?)", (job_id, job.attempt, int(rec["step"]),

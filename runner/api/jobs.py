@@ -66,7 +66,7 @@ def is_up() -> dict:
 def create(req: JobRequest, svc: Service = SVC) -> dict:
     recipe = svc.parsed(req.recipe, req.base_dir, req.env)
     if recipe.model.token is not None and not re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}",
-                                                           recipe._secrets.get(("model", "token"), "")):
+                                                           recipe.written_as("model", "token") or ""):
         # kept as its snapshot the token would be `**********`, and the job would run with that
         raise HTTPException(422, "model.token: a token written into the recipe is neither kept nor sent; write "
                                  "${HF_TOKEN} and set HF_TOKEN where the jobs run")

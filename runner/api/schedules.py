@@ -70,7 +70,7 @@ def add(req: ScheduleRequest, svc=SVC) -> dict:
     if recipe.schedule is None:
         raise HTTPException(422, "the recipe has no `schedule` section: add one with `cron` (and `timezone`) "
                                  "or `on_data_change: true`")
-    if recipe.model.token is not None and ("model", "token") not in recipe._secrets:
+    if recipe.model.token is not None and recipe.written_as("model", "token") is None:
         raise HTTPException(422, "model.token: a token written into a scheduled recipe would be kept by the "
                                  "server; write ${HF_TOKEN} and set HF_TOKEN in the server's environment")
     fingerprint = None

@@ -18,7 +18,7 @@ from fastapi import HTTPException
 from jobs.jobdir import STATES, JobState
 from jobs.jobdir import shared_storage_problem
 from jobs.recipe import RecipeError, parse_recipe
-from jobs.schema import NAME_RE, NAME_RULE
+from jobs.schema import NAME_RE, NAME_RULE, callback_refusal
 from runner.client import artifacts_root
 from runner.store import Store, eta_seconds
 
@@ -132,10 +132,16 @@ class Service:
             raise HTTPException(422, f"base_dir {base_dir[:60]!r}: a folder's path, at most 4,096 characters, with no "
                                      "control characters")
         try:
-            return parse_recipe(text, source=source, base_dir=Path(base_dir) if base_dir else None, env=env)
+            recipe = parse_recipe(text, source=source, base_dir=Path(base_dir) if base_dir else None, env=env)
         except RecipeError as e:
             raise HTTPException(422, {"message": "the recipe has problems", "problems": [
                 {"path": p.path, "line": p.line, "message": p.message} for p in e.problems]}) from None
+        refused = [(i, why) for i, c in enumerate(recipe.train.callbacks) if (why := callback_refusal(c.use))]
+        if refused:  # the server's own list (RUNNER_CALLBACKS), never the client's
+            raise HTTPException(422, {"message": "the recipe has problems", "problems": [
+                {"path": f"train.callbacks.{i}.use", "line": recipe.line_of(f"train.callbacks.{i}.use"),
+                 "message": why} for i, why in refused]})
+        return recipe
 
     def queue_recipe(self, recipe, name: str | None = None, priority: int | None = None, job_id: str | None = None):
         """A checked recipe as a new QUEUED job: its folder, its snapshot, its row."""

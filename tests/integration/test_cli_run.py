@@ -50,9 +50,8 @@ def test_ctrl_c_leaves_no_process_and_resume_goes_on(tmp_path, tokenizer):
     (tmp_path / "recipe.yaml").write_text(
         f"name: cc\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: data.jsonl\n  max_seq_len: 16\n"
         "train:\n  epochs: 2\n  batch_size: 4\n  lr: 0.003\n  checkpoint_every: 4\n  eval_every: 4\n"
-        + faults(pause_after_step=6, hold_file=str(tmp_path / "hold"), record_seen=str(tmp_path / "seen"))
+        + faults(pause_after_step=6, hold_file="hold", record_seen="seen")
         + "resources:\n  workers: 2\n  cpus_per_worker: 1\n")
-    (tmp_path / "hold").touch()  # the first run holds after step 6 while it is there: Ctrl-C comes then
     marker = f"RUNNER_TEST_MARK={os.getpid()}-{time.time_ns()}"
     env = {**os.environ, "RUNNER_HOME": str(tmp_path / "home"), marker.split("=")[0]: marker.split("=")[1]}
     env.pop("RAY_ADDRESS", None)
@@ -63,6 +62,7 @@ def test_ctrl_c_leaves_no_process_and_resume_goes_on(tmp_path, tokenizer):
     try:
         wait_for(lambda: list((tmp_path / "home" / "artifacts").glob("cc-*")), "the job folder")
         job = next((tmp_path / "home" / "artifacts").glob("cc-*"))
+        (job / "hold").touch()  # the first run holds after step 6 while it is there (Ray takes longer to start)
         wait_for(lambda: 6 in steps_logged(job) and list((job / "checkpoints").glob("checkpoint_*")),
                  "step 6 and a checkpoint")
         running = processes_with(marker)
@@ -77,7 +77,7 @@ def test_ctrl_c_leaves_no_process_and_resume_goes_on(tmp_path, tokenizer):
     wait_for(lambda: not processes_with(marker), "every process of the job to end", timeout=10)
     assert not (job / "model").exists() and not (job / "eval.json").exists()
 
-    (tmp_path / "hold").unlink()  # the resumed run passes step 6 again without a pause
+    (job / "hold").unlink()  # the resumed run passes step 6 again without a pause
     out = subprocess.run([sys.executable, "-m", "runner.cli", "run", "--resume", job.name], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr
@@ -94,7 +94,7 @@ def test_ctrl_c_leaves_no_process_and_resume_goes_on(tmp_path, tokenizer):
     # data position: epoch 0 saw every train row, and only the rows of steps 5-6 (2 steps x 2 ranks x 4) twice
     seen = {0: [], 1: []}
     for rank in (0, 1):
-        for line in (tmp_path / f"seen.{rank}").read_text().splitlines():
+        for line in (job / f"seen.{rank}").read_text().splitlines():
             epoch, *rows = map(int, line.split())
             seen[epoch] += rows
     assert sorted(set(seen[0])) == list(range(n)) and len(seen[0]) == n + 16

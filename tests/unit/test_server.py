@@ -130,6 +130,7 @@ def test_a_followed_log_reconnects_with_last_event_id_and_loses_and_repeats_noth
     lines = [f"step {i} loss {1 / (i + 1):.4f}".encode() for i in range(60)]
     lines[7] = b"progress 10%\rprogress 20%"
     lines[9] = b"bad byte \xff here"
+    lines[11] = b""  # a blank line of the log (a traceback's, a table's) comes through as one
     store = Store(tmp_path / "home" / "runner.db")
 
     def write():
