@@ -214,7 +214,7 @@ def map_columns(recipe: Recipe, sp: Split) -> Split:
         if col in have:
             keep[col] = role
         elif role in required:
-            from jobs.schema import did_you_mean
+            from jobs.recipe import did_you_mean
 
             hint = did_you_mean(col, have)
             how = f"data.columns.{role}: COLUMN" if role not in cols else f"data.columns.{role}"

@@ -8,16 +8,18 @@ would be accepted. It imports no torch (the control plane imports it); the schem
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from jobs.schema import SELECT_METRICS, TUNING_MODES, Recipe, did_you_mean, key_line, roles_for, unwrap
+from jobs.schema import SELECT_METRICS, TUNING_MODES, Recipe, key_line, roles_for
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: YAML -> interpolation -> schema -> cross-field checks, every problem at once
@@ -455,3 +457,60 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
         out.append(("train.checkpoint_every", f"{r.train.checkpoint_every} is not a multiple of train.eval_every "
                                               f"({r.train.eval_every}); the best checkpoint is chosen at evaluations"))
     return out
+
+
+def json_schema() -> dict:
+    """JSON Schema of the recipe, for editors (`runner schema`)."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "runner recipe"
+    # `tuning: lora` is shorthand for {mode: lora}.
+    tuning = schema["properties"]["tuning"]
+    schema["properties"]["tuning"] = {"description": tuning.pop("description", ""), "anyOf": [
+        {"enum": list(TUNING_MODES), "description": "Shorthand for {mode: ...}."}, tuning]}
+    # A plain string is shorthand for {path: ...}.
+    for key, prop in schema["$defs"]["DataSpec"]["properties"].items():
+        if key in ("train", "validation", "test"):
+            prop.setdefault("anyOf", [{"$ref": prop.pop("$ref")}] if "$ref" in prop else prop.get("anyOf", []))
+            prop["anyOf"].insert(0, {"type": "string", "description": "Shorthand for {path: ...}."})
+    return schema
+
+
+def unwrap(t: Any) -> Any:
+    while True:
+        origin = typing.get_origin(t)
+        if origin is Annotated:
+            t = typing.get_args(t)[0]
+        elif origin in (Union, types.UnionType):
+            models = tuple(a for a in typing.get_args(t) if isinstance(a, type) and issubclass(a, BaseModel))
+            if len(models) == 1:
+                t = models[0]
+            else:
+                return models
+        else:
+            return t
+
+
+_SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs", "steps": "max_steps",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum",
+    "warmup": "warmup_ratio", "lr_scheduler": "schedule", "lr_scheduler_type": "schedule", "scheduler": "schedule",
+    "optim": "optimizer", "model_name": "name", "model_id": "name", "path": "name", "num_workers": "workers",
+    "gpus": "gpus_per_worker", "num_gpus": "gpus_per_worker", "cpus": "cpus_per_worker", "precision": "mixed_precision",
+    "max_length": "max_seq_len", "cutoff_len": "max_seq_len", "seq_len": "max_seq_len", "eval": "validation",
+    "valid": "validation", "val": "validation", "dev": "validation", "target_modules": "target_modules",
+    "method": "mode", "type": "mode", "stage": "zero_stage",
+    "activation_checkpointing": "gradient_checkpointing", "gpu_memory": "gpu_memory_gib", "finetuning_type": "mode", "quantization": "quantize",
+}
+
+
+def did_you_mean(word: str, options) -> str:
+    """' (did you mean X?)' for the closest option, knowing other tools' names for our keys; '' if none is close."""
+    options = list(options)
+    aliases = {a: t for a, t in _SYNONYMS.items() if t in options}
+    close = difflib.get_close_matches(word, options + list(aliases), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean '{aliases.get(close[0], close[0])}'?)"

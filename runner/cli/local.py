@@ -15,8 +15,7 @@ from typing import Optional
 import typer
 
 from jobs.jobdir import latest_export, warnings_since
-from jobs.recipe import RecipeError, SNAPSHOT, load_recipe
-from jobs.schema import json_schema
+from jobs.recipe import SNAPSHOT, RecipeError, json_schema, load_recipe
 from runner.cli.common import EXIT_FAILED, EXIT_INVALID, QUIET_ENV, fail, problem_lines, result_lines, \
     run_preflight
 from runner.client import artifacts_root

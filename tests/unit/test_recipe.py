@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.recipe import RecipeError, SNAPSHOT, allowed_vars, load_recipe, parse_recipe
-from jobs.schema import json_schema
+from jobs.recipe import SNAPSHOT, RecipeError, allowed_vars, json_schema, load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
