@@ -51,7 +51,7 @@ def create_app(home: Path, token: str | None = None, clock=time.time, backend=No
     app.middleware("http")(gate.guard)
     _errors(app)
     svc.scheduler = schedules.make_scheduler(svc)
-    for router in (jobs.health, jobs.router, models.router, schedules.router, pages.router, auth.login):
+    for router in (jobs.health, jobs.router, models.router, schedules.router, pages.router, auth.login, auth.codes):
         app.include_router(router)
     return app
 

@@ -135,11 +135,12 @@ def require(request: Request) -> None:
 
 # --- the dashboard's sign-in: /login (a form, or a one-time code), /logout ------------------------------------------
 
-login = APIRouter(include_in_schema=False)
+login = APIRouter(include_in_schema=False)  # the pages a browser signs in with
+codes = APIRouter()  # the API's: a one-time sign-in code for the token's holder (runner dashboard)
 LOGIN_FORM = (UI / "login.html").read_text(encoding="utf-8")
 
 
-@login.post("/login/code", dependencies=[Depends(require)])
+@codes.post("/login/code", dependencies=[Depends(require)])
 def login_code(request: Request) -> dict:
     """A one-time sign-in code for the dashboard (`runner dashboard` opens /login?code=...): used once, valid for
     ten minutes; only a holder of the token (not a session) gets one."""
