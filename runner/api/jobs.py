@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from jobs.jobdir import TERMINAL, JobState, lines_after, whole_lines
 from runner import jobfiles
 from runner.api.auth import require
-from runner.api.service import Service
+from runner.api.service import SVC, Service
 from runner.jobfiles import inside, read_json
 from runner.series import CHARTED, MAX_POINTS, thin
 
@@ -40,12 +40,6 @@ class JobRequest(BaseModel):
                                                                   "to check the recipe, never stored.")
 
 
-def service(request: Request) -> Service:
-    """The routes' dependency: the server's Service (runner/server.py puts it on app.state)."""
-    return request.app.state.service
-
-
-SVC = Depends(service)
 health = APIRouter()
 router = APIRouter(dependencies=[Depends(require)])
 

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from runner.api.auth import require
+from runner.api.service import current
 from runner.registry import CHAMPION, Registry
 
 
@@ -16,7 +17,7 @@ class AliasRequest(BaseModel):
 
 
 def registry(request: Request) -> Registry:
-    return request.app.state.service.registry
+    return current(request).registry
 
 
 REG = Depends(registry)

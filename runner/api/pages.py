@@ -21,6 +21,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
+from runner.api.service import current
 from runner.store import UnknownJob
 
 UI = Path(__file__).parents[1] / "ui"
@@ -40,10 +41,6 @@ VERSION = str(int(max((UI / n).stat().st_mtime for n in STATIC)))  # cache-busti
 
 def authorized(request: Request) -> bool:
     return request.app.state.gate.authorized(request)
-
-
-def service(request: Request):
-    return request.app.state.service
 
 
 def render(request: Request, page: str, title: str, data: dict, code: int = 200) -> Response:
@@ -71,7 +68,7 @@ def root(request: Request):
 @router.get("/ui/jobs")
 def jobs_page(request: Request, state: str | None = None, q: str | None = None, page: int = 1):
     page = min(max(1, page), 10**9)  # far past the last page is the last page's emptiness, never an overflow
-    first = service(request).listing(state or None, None, q or None, PAGE_SIZE, (page - 1) * PAGE_SIZE) \
+    first = current(request).listing(state or None, None, q or None, PAGE_SIZE, (page - 1) * PAGE_SIZE) \
         if authorized(request) else {}
     return render(request, "jobs", "Jobs", {"list": first, "page_size": PAGE_SIZE, "state": state or "",
                                             "q": q or "", "page": page})
@@ -82,7 +79,7 @@ def job_page(request: Request, job_id: str):
     if not authorized(request):
         return render(request, "job", job_id, {})
     try:
-        svc = service(request)
+        svc = current(request)
         job = svc.described(svc.store.get(job_id))
     except UnknownJob as e:
         return render(request, "job", job_id, {"id": job_id, "missing": str(e)}, 404)
@@ -91,7 +88,7 @@ def job_page(request: Request, job_id: str):
 
 @router.get("/ui/cluster")
 def cluster_page(request: Request):
-    return render(request, "cluster", "Cluster", {"ray_url": service(request).ray_url})
+    return render(request, "cluster", "Cluster", {"ray_url": current(request).ray_url})
 
 
 @router.get("/ui/schedules")

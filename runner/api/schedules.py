@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from runner.api.auth import require
+from runner.api.service import SVC
 from runner.schedules import Scheduler, data_fingerprint, next_fires
 
 
@@ -48,11 +49,6 @@ def make_scheduler(svc) -> Scheduler:
                      fingerprint=lambda s: data_fingerprint(recipe_of(s)))
 
 
-def service(request: Request):
-    return request.app.state.service
-
-
-SVC = Depends(service)
 router = APIRouter(dependencies=[Depends(require)])
 
 

@@ -13,9 +13,9 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import HTTPException
+from fastapi import Depends, HTTPException, Request
 
-from jobs.jobdir import STATES, JobState
+from jobs.jobdir import STATES, TERMINAL, JobState
 from jobs.jobdir import shared_storage_problem
 from jobs.recipe import RecipeError, parse_recipe
 from jobs.schema import NAME_RE, NAME_RULE, callback_refusal
@@ -175,7 +175,7 @@ class Service:
     def stop_job(self, job_id: str, reason: str = "cancelled by the user"):
         """Cancel a job: a queued one at once, a running one through Ray; 409 when it has ended."""
         job = self.store.get(job_id)
-        if job.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+        if job.state in TERMINAL:
             raise HTTPException(409, f"job {job_id} has already ended ({job.state})")
         if self.dispatcher is not None and job.state != JobState.QUEUED:
             out = self.dispatcher.cancel(job)
@@ -183,3 +183,11 @@ class Service:
             out = self.store.set_state(job_id, JobState.CANCELLED, reason=reason, expect=job.state)
         self.wake.set()
         return out
+
+
+def current(request: Request) -> Service:
+    """The routes' dependency: the server's Service (create_app puts it on app.state)."""
+    return request.app.state.service
+
+
+SVC = Depends(current)
