@@ -180,6 +180,9 @@ def train_job(job_dir: Path, prep: Prepared) -> dict:
             write_manifest(job_dir, recipe, timings, result, prep.rows, report)
             raise JobFailed(str(e)) from None
         timings["export_s"] = time.perf_counter() - t0
+        shipped = export.get("shipped") or {}
+        if shipped.get("note"):  # no quantized model met its bound: the fp32 ONNX model ships, and the job says so
+            event(job_dir, f"export: {shipped['note']}", level="warning")
     write_manifest(job_dir, recipe, timings, result, prep.rows, export)
     return result
 

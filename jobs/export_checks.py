@@ -21,14 +21,20 @@ METRIC_ROWS = 1000  # test rows scored by each variant
 GENERATE_PROMPTS, GENERATE_TOKENS = 3, 8
 
 
-def session(path: Path, threads: int):
+# onnxruntime fusions its sessions leave out: SkipLayerNormalization's CPU kernel is 4-5x slower than the Add and
+# LayerNormalization it replaces (jobs/onnx_fusion.py); export.json passes this on to the user's sessions
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
+def session(path: Path, threads: int, disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
 
 
 def past_names(kv: dict) -> list[str]:
@@ -65,32 +71,46 @@ class Runner:
         return self.sess.run(["logits"], feed)[0]
 
 
-def score(run: Runner, rows: list[dict], pad_id: int, task: str, batch: int = 8) -> dict:
-    """The task's metric over rows: accuracy, mse or perplexity (with the loss)."""
-    correct, sq, nll, tokens = 0, 0.0, 0.0, 0
+def outcomes(run: Runner, rows: list[dict], pad_id: int, task: str, batch: int = 8) -> np.ndarray:
+    """Each row's outcome, what the task's metric averages: 1/0 correct (classification), the squared error
+    (regression), or [summed negative log-likelihood, tokens] (causal LM)."""
+    out = []
     for i in range(0, len(rows), batch):
         part = rows[i:i + batch]
         ids, mask = batch_arrays(part, pad_id)
         logits = run.logits(ids, mask).astype(np.float64)
         if task == "classification":
-            correct += int((logits.argmax(-1) == np.array([r["labels"] for r in part])).sum())
+            out += list((logits.argmax(-1) == np.array([r["labels"] for r in part])).astype(np.float64))
         elif task == "regression":
-            sq += float(((logits[:, 0] - np.array([float(r["labels"]) for r in part])) ** 2).sum())
+            out += list((logits[:, 0] - np.array([float(r["labels"]) for r in part])) ** 2)
         else:
             logp = logits - logits.max(-1, keepdims=True)
             logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
             for j, r in enumerate(part):
+                nll, tokens = 0.0, 0
                 for t in range(1, len(r["labels"])):
                     if r["labels"][t] != -100:
                         nll -= logp[j, t - 1, r["labels"][t]]
                         tokens += 1
-    n = len(rows)
+                out.append([nll, tokens])
+    return np.array(out, dtype=np.float64)
+
+
+def summarise(task: str, per_row: np.ndarray) -> dict:
+    """The task's metric over rows from their `outcomes`: accuracy, mse or perplexity (with the loss)."""
+    n = len(per_row)
     if task == "classification":
-        return {"accuracy": correct / n, "examples": n}
+        return {"accuracy": float(per_row.sum()) / max(n, 1), "examples": n}
     if task == "regression":
-        return {"mse": sq / n, "examples": n}
-    loss = nll / max(tokens, 1)
+        return {"mse": float(per_row.sum()) / max(n, 1), "examples": n}
+    tokens = int(per_row[:, 1].sum()) if n else 0
+    loss = float(per_row[:, 0].sum()) / max(tokens, 1) if n else 0.0
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, "examples": n}
+
+
+def score(run: Runner, rows: list[dict], pad_id: int, task: str, batch: int = 8) -> dict:
+    """The task's metric over rows: accuracy, mse or perplexity (with the loss)."""
+    return summarise(task, outcomes(run, rows, pad_id, task, batch))
 
 
 def parity(torch_run: Runner, onnx_run: Runner, rows: list[dict], pad_id: int, task: str) -> dict:
@@ -148,29 +168,62 @@ def prompts(rows: list[dict], k: int) -> list[list[int]]:
 
 
 def latencies_ms(runs: dict[str, Runner], rows: list[dict], pad_id: int, batch: int, repeats: int) -> dict:
-    """Median ms of one forward pass of a batch, per variant. The variants take turns, round after round, so a
-    burst of load on the machine slows them all alike rather than the one measured at that moment."""
+    """Median ms of one forward pass of a batch of rows, per variant (`latencies_of`)."""
     ids, mask = batch_arrays((rows * batch)[:batch], pad_id)
+    return latencies_of(runs, ids, mask, repeats)
+
+
+def latencies_of(runs: dict[str, Runner], ids: np.ndarray, mask: np.ndarray, repeats: int) -> dict:
+    """Median ms of one forward pass, per variant. The variants take turns, round after round, so a burst of load
+    on the machine slows them all alike rather than the one measured at that moment. Each turn first waits 20 ms
+    and runs once untimed: the thread pools of the variant before (onnxruntime's and OpenMP's spin a while after a
+    run) would otherwise take the cores from the first passes, which on 2 cores made PyTorch's batch 1 eight times
+    slower and reordered the ONNX variants."""
     for run in runs.values():
-        for _ in range(2):
-            run.logits(ids, mask)
+        run.logits(ids, mask)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            t0 = time.perf_counter()
+            time.sleep(0.02)
             run.logits(ids, mask)
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(2):
+                t0 = time.perf_counter()
+                run.logits(ids, mask)
+                times[name].append(time.perf_counter() - t0)
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
-def quality_check(task: str, bound: float, reference: dict, quantized: dict) -> tuple[str, float, bool]:
-    """(what was compared, the figure, whether it is within the bound)."""
+Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
+
+
+def quality_check(task: str, bound: float, reference: np.ndarray, quantized: np.ndarray) -> dict:
+    """The quantized model against the reference on the same rows (their `outcomes`): the figure the bound is
+    about, its 95% interval from the paired per-row differences, and whether the figure is within the bound.
+
+    classification: the accuracy drop in points, mean(ref - q) * 100, interval mean +- 1.96 sd / sqrt(n);
+    regression: the ratio of mean squared errors, 1 + (mean(se_q - se_ref) +- 1.96 sd / sqrt(n)) / mean(se_ref);
+    causal LM: the ratio of perplexities, exp(sum(nll_q - nll_ref) / tokens), its log's interval from the rows'
+    differences (sd * sqrt(n) / tokens).
+    The decision is the figure against the bound; the interval says how far one row or a few move it."""
+    n = len(reference)
+    if task == "causal_lm":
+        d = quantized[:, 0] - reference[:, 0]
+        tokens = max(float(reference[:, 1].sum()), 1.0)
+    else:
+        d = reference - quantized if task == "classification" else quantized - reference
+    mean = float(d.mean()) if n else 0.0
+    half = Z95 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
     if task == "classification":
-        drop = 100 * (reference["accuracy"] - quantized["accuracy"])
-        return "accuracy drop in points", drop, drop <= bound + 1e-9
-    key = headline(task)
-    ratio = quantized[key] / max(reference[key], 1e-12)
-    return f"{key} ratio", ratio, ratio <= bound + 1e-9
+        what, value, low, high = "accuracy drop in points", 100 * mean, 100 * (mean - half), 100 * (mean + half)
+    elif task == "regression":
+        base = max(float(reference.mean()), 1e-12) if n else 1e-12
+        what, value, low, high = "mse ratio", 1 + mean / base, 1 + (mean - half) / base, 1 + (mean + half) / base
+    else:
+        log_ratio, log_half = float(d.sum()) / tokens, half * n / tokens
+        what = "perplexity ratio"
+        value, low, high = (math.exp(min(x, 50)) for x in (log_ratio, log_ratio - log_half, log_ratio + log_half))
+    return {"compared": what, "value": value, "low": low, "high": high, "bound": bound, "rows": n,
+            "passed": value <= bound + 1e-9}
 
 
 def table(report: dict) -> list[str]:

@@ -16,11 +16,23 @@ from jobs.export_checks import ort_generate, session
 from jobs.jobdir import latest_export
 
 
+SHIPPABLE = ("model.quantized.onnx", "model.onnx")
+
+
+def model_file(meta: dict, export_dir: Path) -> str:
+    """The file the export ships (export.json's `model_file`: the quantized model, or fp32 when no quantization met
+    its bound); an export from before that key: the quantized model when there is one. Only these two names."""
+    named = meta.get("model_file")
+    if named in SHIPPABLE:
+        return named
+    return "model.quantized.onnx" if (export_dir / "model.quantized.onnx").exists() else "model.onnx"
+
+
 def predict(export_dir: Path, texts: list[str], threads: int = 2, new_tokens: int = 32) -> list[dict]:
     from transformers import AutoTokenizer
 
     meta = json.loads((export_dir / "export.json").read_text())
-    path = export_dir / ("model.quantized.onnx" if (export_dir / "model.quantized.onnx").exists() else "model.onnx")
+    path = export_dir / model_file(meta, export_dir)
     sess = session(path, threads)
     tok = AutoTokenizer.from_pretrained(str(export_dir))
     if meta["task"] == "causal_lm":

@@ -337,11 +337,18 @@ class ExportSpec(_Strict):
     )
     opset: int = Field(18, ge=14, le=22, description="ONNX opset. 23 breaks int8 BERT and Llama in onnxruntime 1.32.")
     max_quality_drop: float | None = Field(
-        None, ge=0, description="How much worse the quantized model may be than PyTorch on the test split: "
+        None, ge=0, description="How much worse the quantized model may be than PyTorch on the held-out rows "
+        "(test and validation, with a 95% interval in the report): "
         "accuracy points for classification (default 1.0); a ratio of perplexities for causal LM, or of mean "
         "squared errors for regression (default 1.05 and 1.10)."
     )
     calibration_samples: int = Field(64, ge=1, le=10_000, description="Train rows that calibrate `int8_static`.")
+    optimize: bool = Field(True, description="Fuse the ONNX graph into onnxruntime's transformer ops (attention, "
+                           "skip layer norm, bias GELU, RMS norm, rotary) before quantizing. The fused graph passes "
+                           "the same checks as the plain one, or the plain one is used and the report says why.")
+    require_quantized: bool = Field(False, description="Fail the job when no quantized model meets "
+                                    "`max_quality_drop`. By default the export then keeps the most hurt layers in "
+                                    "fp32, tries static int8, and ships the checked fp32 ONNX model if none passes.")
 
 
 CRON_FIELDS = "five fields: minute hour day-of-month month day-of-week (for example '30 2 * * *': 02:30 every day)"

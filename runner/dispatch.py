@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from jobs.jobdir import ACTIVE, TERMINAL, TRAINING, JobState, can_move, first_line, read_at, whole_lines
-from runner.jobfiles import read_text
+from runner.jobfiles import export_note, read_text
 from runner.queue import Need, Node, decide, place, refusal
 from runner.store import InvalidTransition, Job, Store, StoreError
 
@@ -348,7 +348,7 @@ class Dispatcher:
                             level="warning")
             job = self.store.get(job.id)
         if status == "SUCCEEDED":
-            self._end(job, JobState.SUCCEEDED)
+            self._end(job, JobState.SUCCEEDED, export_note(job.job_dir))
         elif status == "STOPPED":
             self._end(job, JobState.CANCELLED, "stopped")
         elif status == "FAILED":

@@ -61,6 +61,18 @@ def read_json(job_dir: str | Path, rel: str, limit: int = MAX_JSON) -> dict | No
     return out if isinstance(out, dict) else None
 
 
+def export_note(job_dir: str | Path) -> str | None:
+    """What a SUCCEEDED job's state line says about its export: the words of onnx/export_report.json when no
+    quantized model met its bound and the fp32 ONNX model ships (None otherwise, and for a report that is not the
+    runner's shape)."""
+    report = read_json(job_dir, "onnx/export_report.json")
+    shipped = report.get("shipped") if report else None
+    if not isinstance(shipped, dict) or shipped.get("quantized") is not False:
+        return None
+    note = shipped.get("note")
+    return f"export: {note[:2000]}" if isinstance(note, str) and note.strip() else None
+
+
 def listing(job_dir: str | Path, skip: tuple[str, ...] = ("prepared",), most: int = 5000) -> list[dict]:
     """The folder's plain files (path, bytes), links and what is under `skip` left out, at most `most` of them."""
     root = Path(job_dir)

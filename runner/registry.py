@@ -126,7 +126,7 @@ class Registry:
             raise ValueError("the job's eval.json is missing or not a JSON object")
         test = result.get("test") if isinstance(result.get("test"), dict) else {}
         metric, higher = recipe.gate_metric
-        export = read_json(job_dir, "onnx/export_report.json")
+        export = export_summary(read_json(job_dir, "onnx/export_report.json"))
         try:
             data, test_data = data_fingerprint(recipe), fingerprint_of_test_split(recipe)
         except OSError as e:
@@ -153,7 +153,7 @@ class Registry:
                 "data, recipe_hash, export, artifacts, decision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (model, version, job.id, now, metric, test.get(metric), int(higher), json.dumps(result), test_data,
                  data, hashlib.sha256(job.recipe.encode()).hexdigest(),
-                 json.dumps({"passed": export.get("passed")}) if export else None, json.dumps(artifacts), decision))
+                 json.dumps(export) if export else None, json.dumps(artifacts), decision))
             self._event(model, None, None, version, "register", f"v{version} registered from job {job.id}: "
                                                                  f"{decision}", now)
             if promote:
@@ -222,6 +222,27 @@ class Registry:
     def _event(self, model, alias, before, after, kind, message, now) -> None:
         self.store.db.execute("INSERT INTO model_events (model, at, alias, from_version, to_version, kind, message) "
                               "VALUES (?, ?, ?, ?, ?, ?, ?)", (model, now, alias, before, after, kind, message))
+
+
+def export_summary(report: dict | None) -> dict | None:
+    """What a version records of its export (onnx/export_report.json, a file the job wrote): whether it passed,
+    and the variant it ships ("int8_dynamic", "int8_dynamic, 2 MatMuls kept in fp32", "int8_static", "fp32").
+    It passed when the report says so, its fp32 parity passed, and the shipped variant met its bound: a quantized
+    one its quality check, the fp32 model its parity. A report from before `shipped` existed: its `passed` alone."""
+    if report is None:
+        return None
+    checks = report.get("checks") if isinstance(report.get("checks"), dict) else {}
+    shipped = report.get("shipped")
+    passed = report.get("passed") is True
+    if not isinstance(shipped, dict):
+        return {"passed": passed, "variant": None}
+    parity, quality = checks.get("fp32_parity"), checks.get("quantized_quality")
+    parity_ok = isinstance(parity, dict) and parity.get("passed") is True
+    quantized = shipped.get("quantized") is True
+    met = (isinstance(quality, dict) and quality.get("passed") is True) if quantized else parity_ok
+    variant = shipped.get("variant") if isinstance(shipped.get("variant"), str) else None
+    return {"passed": passed and parity_ok and met, "variant": variant[:200] if variant else None,
+            "quantized": quantized}
 
 
 def _gate(metric: str, higher: bool, value, test_data, export, champ, min_gain: float, unreadable,

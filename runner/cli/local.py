@@ -173,6 +173,10 @@ def export(
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the recipe's, else 18)."),
     max_quality_drop: Optional[float] = typer.Option(None, help="Bound for the quantized model (see the recipe "
                                                                   "reference)."),
+    optimize: Optional[bool] = typer.Option(None, "--optimize/--no-optimize", help="Fuse the graph into "
+                                            "onnxruntime's ops before quantizing (default: the recipe's, else on)."),
+    require_quantized: Optional[bool] = typer.Option(None, "--require-quantized/--allow-fp32", help="Fail when no "
+                                                     "quantized model meets the bound, instead of shipping fp32."),
 ) -> None:
     """Export a finished job's model to ONNX again, with other settings, into a new folder; no retraining.
 
@@ -183,14 +187,15 @@ def export(
 
     job_dir = _finished(job)
     r = load_recipe(job_dir / "recipe.yaml", allowed=SNAPSHOT)
-    changes = {k: v for k, v in {"quantize": quantize, "opset": opset, "max_quality_drop": max_quality_drop}.items()
+    changes = {k: v for k, v in {"quantize": quantize, "opset": opset, "max_quality_drop": max_quality_drop,
+                                 "optimize": optimize, "require_quantized": require_quantized}.items()
                if v is not None}
     try:
         ExportSpec(**{**r.export.model_dump(), "onnx": True, **changes})
     except ValueError as e:
         errs = getattr(e, "errors", lambda: [])()
         fail([f"--{str(x['loc'][0]).replace('_', '-')}: {x['input']!r}: {x['msg']}" for x in errs] or str(e))
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in changes.items()]
+    args = [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items()]
     proc = subprocess.run([sys.executable, "-m", "jobs.export", str(job_dir), *args], stdout=subprocess.PIPE,
                           text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if proc.returncode != 0:
@@ -205,7 +210,8 @@ def predict(
     texts: list[str] = typer.Argument(..., help="One or more inputs.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="One JSON object a line."),
 ) -> None:
-    """Run the job's newest passing ONNX export (the quantized model when there is one) on the given texts.
+    """Run the job's newest passing ONNX export (the model it ships: quantized, or fp32 when no quantization met its
+    bound) on the given texts.
 
     Classification: the label and each label's score; regression: the value; causal LM: the generated text.
     """

@@ -42,7 +42,10 @@ def show(model: str = MODEL, as_json: bool = typer.Option(False, "--json", help=
         marks.setdefault(v, []).append(alias)
     for v in got["versions"]:
         tag = f" [{', '.join(marks[v['version']])}]" if v["version"] in marks else ""
-        typer.echo(f"v{v['version']}{tag}  job {v['job_id']}  {v['metric']} {_value(v['value'])}  {v['decision']}")
+        ships = (v.get("export") or {}).get("variant")
+        ships = f"  ships {ships}" if isinstance(ships, str) else ""
+        typer.echo(f"v{v['version']}{tag}  job {v['job_id']}  {v['metric']} {_value(v['value'])}{ships}  "
+                   f"{v['decision']}")
     typer.echo("moves:")
     for e in got["events"]:
         if e["alias"]:

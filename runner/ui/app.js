@@ -347,6 +347,8 @@ function jobPage() {
         h("b", { text: job.queue_position ? `#${job.queue_position} in the queue: ` : "queued: " }), job.waiting_for || ""));
     } else if (job.reason && (job.state === "FAILED" || job.state === "CANCELLED")) {
       reason.append(h("div", { class: "reason", id: "reason" }, h("b", { text: job.state === "FAILED" ? "Failed: " : "Cancelled: " }), job.reason));
+    } else if (job.reason && job.state === "SUCCEEDED") {
+      reason.append(h("div", { class: "reason warn", id: "reason" }, h("b", { text: "Succeeded, but: " }), job.reason));
     }
     const p = job.progress || {};
     const card = (k, v, extra) => h("div", { class: "card" }, h("div", { class: "k", text: k }), h("div", { class: "v", text: v }), extra || "");
@@ -415,9 +417,24 @@ function jobPage() {
       const quality = ex.task === "classification" ? "accuracy" : ex.task === "regression" ? "mse" : "perplexity";
       exportBox.append(table(["variant", "size", "latency b=1", "latency b=8", quality],
         Object.entries(ex.variants || {}).map(([name, x]) => [name, bytes(x.bytes), num(x.latency_ms_b1, 1) + " ms", num(x.latency_ms_b8, 1) + " ms", num(x[quality], 4)])));
+      const interval = (c) => typeof c.low === "number" ? `, 95% interval ${num(c.low, 3)} to ${num(c.high, 3)} on ${num(c.rows)} rows` : "";
       const checks = Object.entries(ex.checks || {}).map(([name, c]) => h("li", {},
         h("span", { class: c.passed ? "ok" : "bad", text: c.passed ? "passed " : "failed " }), name,
-        c.value !== undefined ? ` (${c.compared}: ${num(c.value, 3)}, bound ${num(c.bound, 3)})` : (c.max_abs_diff !== undefined ? ` (max |diff| ${num(c.max_abs_diff)})` : "")));
+        c.value !== undefined ? ` (${c.compared}: ${num(c.value, 3)}${interval(c)}, bound ${num(c.bound, 3)})` : (c.max_abs_diff !== undefined ? ` (max |diff| ${num(c.max_abs_diff)})` : "")));
+      const opt = ex.optimize || {};
+      const fused = Object.entries(opt.fused_ops || {}).map(([op, n]) => `${n} ${op}`).join(", ");
+      exportBox.append(h("p", { class: "small", id: "fusion" }, opt.used ? "Fused graph: " + (fused || "no onnxruntime ops")
+        : opt.asked === undefined ? "" : "Unfused graph: " + (opt.reason || "the optimisation stage did not run")));
+      const shipped = ex.shipped;
+      if (shipped) exportBox.append(h("p", { class: shipped.note ? "reason warn small" : "small", id: "shipped" },
+        h("b", { text: "Ships: " }), shipped.quantized ? `${shipped.variant} (model.quantized.onnx)` : "fp32 (model.onnx)",
+        shipped.note ? " — " + shipped.note : ""));
+      const tries = Array.isArray(ex.attempts) ? ex.attempts : [];
+      if (tries.length > 1 || (tries.length === 1 && !tries[0].passed)) exportBox.append(h("div", { id: "attempts" },
+        h("h3", { text: "Quantization tries" }),
+        table(["try", "kept fp32", "quality", "latency b=8", "result"], tries.map((a) => [a.description || a.variant,
+          num((a.kept_fp32 || []).length), a.quality ? `${a.quality.compared} ${num(a.quality.value, 3)}${interval(a.quality)}` : (a.error || ""),
+          typeof a.latency_ms_b8 === "number" ? num(a.latency_ms_b8, 1) + " ms" : "", a.passed ? "within the bound" : "missed"]))));
       exportBox.append(h("ul", { class: "small" }, checks),
         h("p", { class: ex.passed ? "ok" : "bad", text: ex.passed ? "The export passed its checks." : "The export failed: " + (ex.failure || "see the checks") }));
     } else exportBox.append(h("p", { class: "muted", text: "PyTorch, ONNX and quantized ONNX compared here once the job exports." }));

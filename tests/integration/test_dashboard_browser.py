@@ -217,8 +217,19 @@ def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path
     (job_dir / "onnx" / "export_report.json").write_text(json.dumps({
         "task": "classification", "passed": True,
         "checks": {"fp32_parity": {"max_abs_diff": 1.1e-7, "passed": True},
-                   "quantized_quality": {"compared": "accuracy drop in points", "value": 0.5, "bound": 1.0,
-                                         "passed": True}},
+                   "quantized_quality": {"compared": "accuracy drop in points", "value": 0.5, "low": -0.48,
+                                         "high": 1.48, "rows": 320, "bound": 1.0, "passed": True}},
+        "optimize": {"asked": True, "used": True, "reason": None, "fused_ops": {"MultiHeadAttention": 6,
+                                                                                  "BiasGelu": 6}},
+        "attempts": [{"variant": "onnx_int8_dynamic", "description": "int8_dynamic", "kept_fp32": [],
+                      "passed": False, "latency_ms_b8": 6.4,
+                      "quality": {"compared": "accuracy drop in points", "value": 1.7, "low": 0.3, "high": 3.1,
+                                  "rows": 320}},
+                     {"variant": "onnx_int8_dynamic_keep2", "description": "int8_dynamic, 2 MatMuls kept in fp32",
+                      "kept_fp32": ["a", "b"], "passed": True, "latency_ms_b8": 6.9,
+                      "quality": {"compared": "accuracy drop in points", "value": 0.5, "low": -0.48, "high": 1.48,
+                                  "rows": 320}}],
+        "shipped": {"variant": "int8_dynamic, 2 MatMuls kept in fp32", "quantized": True, "note": None},
         "variants": {"pytorch_fp32": {**variant, "bytes": 90_859_024, "accuracy": 0.995},
                      "onnx_fp32": {**variant, "bytes": 91_742_487, "accuracy": 0.995},
                      "onnx_int8_dynamic": {**variant, "bytes": 23_002_606, "accuracy": 0.99}}}))
@@ -235,7 +246,13 @@ def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path
         export = page.inner_text("#export")
         for name, size in (("pytorch_fp32", "90.9 MB"), ("onnx_fp32", "91.7 MB"), ("onnx_int8_dynamic", "23.0 MB")):
             assert name in export and size in export
-        assert "passed quantized_quality (accuracy drop in points: 0.5, bound 1)" in export
+        assert ("passed quantized_quality (accuracy drop in points: 0.5, 95% interval -0.48 to 1.48 on 320 rows, "
+                "bound 1)") in export
+        assert page.inner_text("#fusion") == "Fused graph: 6 MultiHeadAttention, 6 BiasGelu"
+        assert page.inner_text("#shipped") == "Ships: int8_dynamic, 2 MatMuls kept in fp32 (model.quantized.onnx)"
+        tries = page.inner_text("#attempts")
+        assert "int8_dynamic\t0\taccuracy drop in points 1.7, 95% interval 0.3 to 3.1 on 320 rows\t6.4 ms\tmissed" \
+            in tries and "2 MatMuls kept in fp32\t2\t" in tries and "within the bound" in tries
         assert "The export passed its checks." in export
         results = page.inner_text("#results")
         assert "0.995" in results and "baseline" in results and "0.25" in results
@@ -259,6 +276,26 @@ def test_a_finished_job_shows_its_results_export_and_downloads(browser, tmp_path
         assert page.inner_text("#live") == "up to date"  # an ended job is not polled any more
         assert not page.locator("#cancel").count()
         shoot(page, "job-succeeded")
+
+        # a job whose export ships fp32 because no quantization met its bound: its state line and export say so
+        fp32_dir = home / "artifacts" / "fp32-1"
+        (fp32_dir / "onnx").mkdir(parents=True)
+        note = ("no quantized model met export.max_quality_drop (1) on the held-out rows (tried int8_dynamic: "
+                "accuracy drop in points 3.1): the checked fp32 ONNX model is shipped")
+        (fp32_dir / "onnx" / "export_report.json").write_text(json.dumps({
+            "task": "classification", "passed": True, "checks": {"fp32_parity": {"max_abs_diff": 1e-7, "passed": True}},
+            "variants": {}, "shipped": {"variant": "fp32", "quantized": False, "note": note},
+            "attempts": [{"description": "int8_dynamic", "kept_fp32": [], "passed": False,
+                          "quality": {"compared": "accuracy drop in points", "value": 3.1}}]}))
+        store.add_job("fp32-1", "fp32", "name: fp32\nmodel:\n  name: org/m\n", str(fp32_dir), 1, 1, 0)
+        for state in ("STARTING", "RUNNING"):
+            store.set_state("fp32-1", state)
+        store.set_state("fp32-1", "SUCCEEDED", reason="export: " + note)
+        page.goto(f"{url}/ui/jobs/fp32-1")
+        page.wait_for_selector("#shipped")
+        assert page.inner_text("#reason") == "Succeeded, but: export: " + note
+        assert page.inner_text("#shipped") == "Ships: fp32 (model.onnx) \u2014 " + note
+        assert "missed" in page.inner_text("#attempts")
 
 
 def test_schedules_and_models_pages(browser, tmp_path):

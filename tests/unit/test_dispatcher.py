@@ -271,3 +271,25 @@ def test_a_line_nested_past_any_records_depth_or_claiming_an_ending_is_skipped(w
     assert said[0] == "skipped line 1 of metrics.jsonl: JSON nested past any record's depth"
     assert len(said) == 3 and all("is not one a job's driver reports" in x for x in said[1:]), said
     assert store.get("j").state == "RUNNING" and [m["step"] for m in store.metrics("j")] == [1]
+
+
+@pytest.mark.parametrize("shipped,said", [
+    ({"quantized": False, "note": "no quantized model met export.max_quality_drop (1) on the held-out rows (tried "
+      "int8_dynamic: accuracy drop in points 3.1): the checked fp32 ONNX model is shipped"}, True),
+    ({"quantized": True, "note": None}, False),
+    ({"quantized": False, "note": {"not": "words"}}, False),
+    ("not an object", False),
+])
+def test_a_job_that_ships_no_quantized_model_says_so_in_its_state_line(world, shipped, said):
+    store, ray, clock, job_dir, d = world
+    d.tick()
+    (job_dir / "onnx").mkdir()
+    (job_dir / "onnx" / "export_report.json").write_text(json.dumps({"passed": True, "shipped": shipped}))
+    ray.jobs["j-1"] = "SUCCEEDED"
+    d.tick()
+    job = store.get("j")
+    assert job.state == "SUCCEEDED"
+    if said:
+        assert job.reason == "export: " + shipped["note"]
+    else:
+        assert job.reason is None

@@ -19,14 +19,15 @@ def reg(tmp_path):
     return Registry(Store(tmp_path / "r.db")), tmp_path
 
 
-def finished(reg, job_id, accuracy, exported=True, export_ok=True, gain=0.0, test="test.jsonl", extra="", **result):
+def finished(reg, job_id, accuracy, exported=True, export_ok=True, gain=0.0, test="test.jsonl", extra="", report=None,
+             **result):
     registry, tmp = reg
     job_dir = tmp / job_id
     (job_dir / "onnx").mkdir(parents=True)
     (job_dir / "model").mkdir()
     (job_dir / "eval.json").write_text(json.dumps({"test": {"accuracy": accuracy, "loss": 1 - accuracy}, **result}))
     if exported:
-        (job_dir / "onnx" / "export_report.json").write_text(json.dumps({"passed": export_ok}))
+        (job_dir / "onnx" / "export_report.json").write_text(json.dumps(report or {"passed": export_ok}))
     text = RECIPE.format(train=tmp / "train.jsonl", test=tmp / test, gain=gain) + extra
     store = registry.store
     store.add_job(job_id, "topics", text, str(job_dir), 1, 1, 0)
@@ -157,3 +158,29 @@ def test_champion_for_names_the_champions_folders_for_a_starting_job(reg):
     store.add_job("plain", "plain", "name: plain\nmodel:\n  name: m\ntask: classification\ndata:\n  train: t\n",
                   str(tmp), 1, 1, 0)
     assert registry.champion_for(store.get("plain")) is None
+
+
+def _report(parity: bool, shipped: dict, quality: bool | None) -> dict:
+    checks = {"fp32_parity": {"passed": parity}}
+    if quality is not None:
+        checks["quantized_quality"] = {"passed": quality}
+    return {"passed": True, "checks": checks, "shipped": shipped}
+
+
+FP32 = {"variant": "fp32", "quantized": False, "note": "no quantized model met export.max_quality_drop"}
+KEPT = {"variant": "int8_dynamic, 2 MatMuls kept in fp32", "quantized": True, "note": None}
+
+
+@pytest.mark.parametrize("report,passed,variant", [
+    (_report(True, FP32, None), True, "fp32"),  # the fp32 model ships: its parity is its bound
+    (_report(True, KEPT, True), True, "int8_dynamic, 2 MatMuls kept in fp32"),
+    (_report(True, KEPT, False), False, "int8_dynamic, 2 MatMuls kept in fp32"),  # shipped, yet missed its bound
+    (_report(False, FP32, None), False, "fp32"),  # a report that says passed over a failed parity
+    (_report(True, {"variant": ["x"], "quantized": "yes"}, None), True, None),  # junk types: no variant, not int8
+])
+def test_the_gate_counts_an_export_by_its_parity_and_the_variant_it_ships(reg, report, passed, variant):
+    v = finished(reg, "j1", 0.9, report=report)
+    assert v["export"]["passed"] is passed and v["export"]["variant"] == variant
+    assert v["promoted"] is passed
+    if not passed:
+        assert v["decision"] == "not promoted: its export checks failed"
