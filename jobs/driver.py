@@ -262,7 +262,8 @@ def write_manifest(job_dir: Path, recipe: Recipe, timings: dict, result: dict, r
                 "rows": rows, "metrics": {"validation": result["validation"], "test": result["test"]},
                 "timings": timings, "versions": {"python": platform.python_version(), **versions},
                 "export": export and {k: export[k] for k in ("passed", "quantize", "opset", "checks", "variants",
-                                                              "failure") if k in export},
+                                                              "shipped", "optimize", "attempts", "failure")
+                                     if k in export},
                 "files": files}
     (job_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -168,7 +168,9 @@ def export_job(job_dir: Path, recipe: Recipe, out: Path | None = None, threads: 
     kind = spec.quantize
     tmp = out.with_name(out.name + ".tmp")
     failed_dir = out.with_name(out.name + ".failed")
-    for d in (tmp, failed_dir):
+    # an export of this model replaces whatever the folder held: a stale export that passed for another model
+    # (an earlier attempt of a retried job) must not stay beside a failed one for predict to find
+    for d in (tmp, failed_dir, out):
         shutil.rmtree(d, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.set_num_threads(threads)
@@ -184,15 +186,16 @@ def export_job(job_dir: Path, recipe: Recipe, out: Path | None = None, threads: 
     bound = spec.max_quality_drop if spec.max_quality_drop is not None else QUALITY_DEFAULT[task]
     report: dict = {"task": task, "quantize": kind, "opset": spec.opset, "threads": threads, "passed": False,
                     "held_out_rows": counts, "checks": {}, "optimize": {}, "attempts": [], "variants": {}}
+    fp32, fused = tmp / "model.onnx", tmp / "model.fused.onnx"
     try:
-        fp32 = tmp / "model.onnx"
+        if not rows:
+            raise ExportFailed("there are no held-out rows (test or validation) to check the export against")
         kv = _export_fp32(model, task, fp32, spec.opset, pad_id, report, log)
         torch_run = Runner(task, kv, model=model)
         plain_run = Runner(task, kv, sess=session(fp32, threads))
         _check_fp32(torch_run, plain_run, rows, pad_id, task, report)
         if task == "causal_lm":
             _check_generation(model, plain_run, kv, rows, pad_id, report)
-        fused = tmp / "model.fused.onnx"
         fused_run = _optimize(spec.optimize, fp32, fused, model, torch_run, kv, rows, pad_id, task, threads, report,
                               log, fuse_fn)
         best = (fused, fused_run) if fused_run else (fp32, plain_run)
@@ -207,22 +210,24 @@ def export_job(job_dir: Path, recipe: Recipe, out: Path | None = None, threads: 
             runs.update({a["variant"]: (run, a["bytes"], a) for a, run in tried})
         _measure(runs, rows, pad_id, task, repeats, reference, report)
         shipped = _choose(report, kind, bound, spec.require_quantized, log)
-    except ExportFailed as e:
-        report["failure"] = str(e)
+        _ship(tmp, fp32, best[0], shipped, {n: r for n, (r, _, _) in runs.items()}, rows, pad_id)
+        tok.save_pretrained(tmp)
+        if (model_dir / "labels.json").exists():
+            shutil.copy(model_dir / "labels.json", tmp / "labels.json")
+        (tmp / "export.json").write_text(json.dumps({
+            "task": task, "quantize": kind, "variant": report["shipped"]["variant"],
+            "model_file": report["shipped"]["file"],
+            "optimized": bool(fused_run), "session_options": {"disabled_optimizers": list(DISABLED_OPTIMIZERS)},
+            "pad_token_id": pad_id, "kv": kv, "eos": sorted(eos_ids(model)) if kv else None},
+            indent=2))
+        (tmp / "README.md").write_text(readme(task, report["shipped"]))
+    except Exception as e:  # noqa: BLE001 - any failure of the export fails it in words, with its report kept
+        why = str(e) if isinstance(e, ExportFailed) else f"{type(e).__name__}: {first_line(e, 400)}"
+        report["failure"] = why
+        for p in [fused, tmp / "pre.onnx", tmp / "sensitivity.onnx", *tmp.glob("onnx_*.onnx")]:
+            remove(p)  # the tries are copies of the model: the report says what they were
         _finish(tmp, failed_dir, report)
-        raise ExportFailed(f"export: {e}; the files are kept in {failed_dir}") from None
-
-    _ship(tmp, fp32, best[0], shipped)
-    tok.save_pretrained(tmp)
-    if (model_dir / "labels.json").exists():
-        shutil.copy(model_dir / "labels.json", tmp / "labels.json")
-    (tmp / "export.json").write_text(json.dumps({
-        "task": task, "quantize": kind, "variant": report["shipped"]["variant"],
-        "model_file": report["shipped"]["file"],
-        "optimized": bool(fused_run), "session_options": {"disabled_optimizers": list(DISABLED_OPTIMIZERS)},
-        "pad_token_id": pad_id, "kv": kv, "eos": sorted(eos_ids(model)) if kv else None},
-        indent=2))
-    (tmp / "README.md").write_text(readme(task, report["shipped"]))
+        raise ExportFailed(f"export: {why}; the files are kept in {failed_dir}") from None
     report["passed"] = True
     report["total_s"] = round(time.perf_counter() - t_start, 2)
     _finish(tmp, out, report)
@@ -341,14 +346,14 @@ def _quantize_until_passed(data, recipe: Recipe, fp32: Path, tmp: Path, kv, rows
 
     def attempt(try_kind: str, keep: list[str]) -> bool:
         nonlocal calibration
-        if try_kind == "int8_static" and calibration is None:
-            calibration = _calibration(data, spec.calibration_samples, pad_id, task, kv, recipe.train.seed)
         name = f"onnx_{try_kind}" + (f"_keep{len(keep)}" if keep else "")
         path, t = tmp / f"{name}.onnx", time.perf_counter()
         entry = {"variant": name, "kind": try_kind, "description": _describe(try_kind, len(keep)), "kept_fp32": keep,
                  "file": path.name}
         report["attempts"].append(entry)
         try:
+            if try_kind == "int8_static" and calibration is None:
+                calibration = _calibration(data, spec.calibration_samples, pad_id, task, kv, recipe.train.seed)
             quantize(pre, path, try_kind, calibration, keep)
             run = Runner(task, kv, sess=session(path, threads))
             got = outcomes(run, rows, pad_id, task)
@@ -360,25 +365,43 @@ def _quantize_until_passed(data, recipe: Recipe, fp32: Path, tmp: Path, kv, rows
         q = quality_check(task, bound, reference, got)
         entry.update(bytes=onnx_bytes(path), quantize_s=round(time.perf_counter() - t, 2), quality=q,
                      passed=q["passed"], **summarise(task, got))
-        done.append((entry, run))
+        if q["passed"] or not done:  # the first try is measured beside the others, as the recipe's own choice
+            done.append((entry, run))
+        else:  # a miss is let go at once: a large model's session and file each hold a copy of its weights
+            del run
+            remove(path)
         log(f"export: {entry['description']}: {q['compared']} {q['value']:.4g} (95% interval {q['low']:.3g} to "
             f"{q['high']:.3g}, {q['rows']} rows), allowed {bound:g}: {'passed' if q['passed'] else 'missed'}")
         return q["passed"]
 
     try:
-        if not attempt(kind, []):
-            feeds = _calibration(data, min(spec.calibration_samples, 32), pad_id, task, kv, recipe.train.seed)
-            ranking = sensitivity(pre, feeds, kind, tmp / "sensitivity.onnx")
-            report["sensitivity"] = [{"node": n, "score": round(s, 5)} for n, s in ranking[:20]]
-            k = 1
-            while k <= max(1, len(ranking) // 2) and not attempt(kind, [n for n, _ in ranking[:k]]):
-                k *= 2
+        if not attempt(kind, []) and "error" not in report["attempts"][0]:
+            _escalate(attempt, pre, data, spec, task, kind, pad_id, kv, recipe.train.seed, tmp, report, log)
             if kind == "int8_dynamic":
                 attempt("int8_static", [])
     finally:
         remove(pre)
     report["quantize_s"] = round(time.perf_counter() - t0, 2)
     return done
+
+
+def _escalate(attempt, pre: Path, data, spec: ExportSpec, task: str, kind: str, pad_id: int, kv, seed: int,
+              tmp: Path, report: dict, log) -> None:
+    """The recipe's quantization again with the MatMuls `sensitivity` ranks worst kept in fp32: 1, 2, 4, ... up to
+    half of them, until a try is within the bound."""
+    try:
+        feeds = _calibration(data, min(spec.calibration_samples, 32), pad_id, task, kv, seed)
+        ranking = sensitivity(pre, feeds, kind, tmp / "sensitivity.onnx")
+    except Exception as e:  # noqa: BLE001 - without a ranking there is nothing to keep; static int8 is still tried
+        report["sensitivity_error"] = f"{type(e).__name__}: {first_line(e, 300)}"
+        log(f"export: which layers quantization hurts could not be measured: {report['sensitivity_error']}")
+        return
+    report["sensitivity"] = [{"node": n, "score": round(s, 5)} for n, s in ranking[:20]]
+    k = 1
+    while ranking and k <= max(1, len(ranking) // 2):
+        if attempt(kind, [n for n, _ in ranking[:k]]):
+            return
+        k *= 2
 
 
 def _measure(runs: dict, rows: list[dict], pad_id: int, task: str, repeats: int, reference: np.ndarray,
@@ -407,6 +430,11 @@ def _choose(report: dict, kind: str, bound: float, required: bool, log) -> dict 
     passed = [a for a in report["attempts"] if a.get("passed")]
     best = min(passed, key=lambda a: a["latency_ms_b8"]) if passed else None
     if best is not None:
+        fp32_ms = report["variants"]["onnx_fp32"]["latency_ms_b8"]
+        best["slower_than_fp32"] = best["latency_ms_b8"] > fp32_ms
+        if best["slower_than_fp32"]:  # smaller still, and what the recipe asked for; the report says it
+            log(f"export: {best['description']} is slower than fp32 ONNX at batch 8 on this machine "
+                f"({best['latency_ms_b8']:.1f} ms against {fp32_ms:.1f} ms)")
         report["checks"]["quantized_quality"] = best["quality"]
         report["shipped"] = {"variant": best["description"], "file": "model.quantized.onnx", "quantized": True,
                              "kind": best["kind"], "kept_fp32": best["kept_fp32"], "note": None}
@@ -418,9 +446,12 @@ def _choose(report: dict, kind: str, bound: float, required: bool, log) -> dict 
     if kind == "none":
         return None
     tries = "; ".join(f"{a['description']}: " + (f"{a['quality']['compared']} {a['quality']['value']:.4g}"
-                                                 if "quality" in a else a.get("error", "failed"))
+                                                 if "quality" in a else f"failed, {a.get('error', 'no reason')}")
                       for a in report["attempts"])
-    words = f"no quantized model met export.max_quality_drop ({bound:g}) on the held-out rows (tried {tries})"
+    if all("quality" not in a for a in report["attempts"]):
+        words = f"quantization failed (tried {tries})"
+    else:
+        words = f"no quantized model met export.max_quality_drop ({bound:g}) on the held-out rows (tried {tries})"
     if required:
         raise ExportFailed(f"{words}; export.require_quantized is true")
     report["shipped"]["note"] = f"{words}: the checked fp32 ONNX model is shipped"
@@ -428,28 +459,66 @@ def _choose(report: dict, kind: str, bound: float, required: bool, log) -> dict 
     return None
 
 
-def _ship(tmp: Path, fp32: Path, best_fp32: Path, shipped: dict | None) -> None:
-    """Leave model.onnx (the fused graph when it passed) and model.quantized.onnx (the chosen try) in tmp, and
-    nothing else that looks like a model."""
-    import onnx_ir as ir
-
-    def move(src: Path, dst: Path) -> None:  # the graph names its .data file: save it again, never rename
-        model = ir.load(str(src))
-        remove(dst)
-        ir.save(model, str(dst), external_data=dst.name + ".data")
-        del model
-        remove(src)
-
+def _ship(tmp: Path, fp32: Path, best_fp32: Path, shipped: dict | None, runs: dict, rows: list[dict],
+          pad_id: int) -> None:
+    """Leave model.onnx (the fused graph when it passed) and model.quantized.onnx (the chosen try) in tmp, the very
+    bytes that were checked, and nothing else that looks like a model. Each moved file answers one held-out batch
+    exactly as the session that was scored did."""
+    ids, mask = batch_arrays(rows[:8], pad_id)
     if best_fp32 != fp32:
-        move(best_fp32, fp32)
+        want = runs["onnx_fp32"].logits(ids, mask)
+        _move(best_fp32, fp32)
+        _same(fp32, runs["onnx_fp32"], want, ids, mask)
     if shipped is not None:
-        move(tmp / shipped["file"], tmp / "model.quantized.onnx")
+        want = runs[shipped["variant"]].logits(ids, mask)
+        _move(tmp / shipped["file"], tmp / "model.quantized.onnx")
+        _same(tmp / "model.quantized.onnx", runs[shipped["variant"]], want, ids, mask)
     for p in tmp.glob("onnx_*.onnx"):
         remove(p)
 
 
+def _move(src: Path, dst: Path) -> None:
+    """Rename an ONNX file and its .data file; the graph names its .data file, so its tensors are pointed at the
+    new name (the graph alone is written again, never the weights)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    graph = onnx.load(str(src), load_external_data=False)
+    old, new = src.name + ".data", dst.name + ".data"
+    tensors = list(graph.graph.initializer) + [a.t for n in graph.graph.node for a in n.attribute
+                                               if a.type == onnx.AttributeProto.TENSOR]
+    for tensor in tensors:
+        if uses_external_data(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value == old:
+                    entry.value = new
+    remove(dst)
+    if (src.parent / old).exists():
+        (src.parent / old).rename(dst.parent / new)
+    onnx.save(graph, str(dst))
+    src.unlink()
+
+
+def _same(path: Path, run: Runner, want, ids, mask) -> None:
+    got = Runner(run.task, run.kv, sess=session(path, 1)).logits(ids, mask)
+    if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-5):
+        raise ExportFailed(f"{path.name} answers differently after it was moved into place")
+
+
+def _finite(x):
+    """The report with every non-finite number (a ratio over a zero, a broken model's NaN) as null: JSON has none,
+    and a reader (the server's API) refuses a file that writes them."""
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def _finish(tmp: Path, final: Path, report: dict) -> None:
-    (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
+    (tmp / "export_report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
 

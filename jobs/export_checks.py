@@ -198,32 +198,41 @@ Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
 
 def quality_check(task: str, bound: float, reference: np.ndarray, quantized: np.ndarray) -> dict:
     """The quantized model against the reference on the same rows (their `outcomes`): the figure the bound is
-    about, its 95% interval from the paired per-row differences, and whether the figure is within the bound.
+    about, its 95% interval from the paired per-row outcomes, and whether the figure is within the bound.
 
-    classification: the accuracy drop in points, mean(ref - q) * 100, interval mean +- 1.96 sd / sqrt(n);
-    regression: the ratio of mean squared errors, 1 + (mean(se_q - se_ref) +- 1.96 sd / sqrt(n)) / mean(se_ref);
-    causal LM: the ratio of perplexities, exp(sum(nll_q - nll_ref) / tokens), its log's interval from the rows'
-    differences (sd * sqrt(n) / tokens).
-    The decision is the figure against the bound; the interval says how far one row or a few move it."""
+    classification: the accuracy drop in points, 100 * mean(ref - q), interval mean +- 1.96 sd / sqrt(n);
+    regression: the ratio of summed squared errors R = sum(se_q) / sum(se_ref);
+    causal LM: the ratio of perplexities exp(L), L = sum(nll_q - nll_ref) / tokens.
+    A ratio's interval is the delta method's for a ratio of sums: sd of the residuals e_i = a_i - R * b_i (a the
+    numerator's per-row part, b the denominator's) * sqrt(n) / sum(b); for the perplexity, on L.
+    The decision is the figure against the bound (a miss costs speed, not the job: the export then keeps layers in
+    fp32); the interval says how far a few rows move it."""
     n = len(reference)
-    if task == "causal_lm":
-        d = quantized[:, 0] - reference[:, 0]
-        tokens = max(float(reference[:, 1].sum()), 1.0)
-    else:
-        d = reference - quantized if task == "classification" else quantized - reference
-    mean = float(d.mean()) if n else 0.0
-    half = Z95 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    if n == 0:
+        raise ValueError("no rows to compare")
+
+    def ratio(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+        total = float(b.sum())
+        r = float(a.sum()) / total if total > 0 else (0.0 if float(a.sum()) == 0 else math.inf)
+        resid = a - r * b if math.isfinite(r) else a
+        half = Z95 * float(resid.std(ddof=1)) * math.sqrt(n) / total if n > 1 and total > 0 else 0.0
+        return r, half
+
     if task == "classification":
+        d = reference - quantized
+        mean = float(d.mean())
+        half = Z95 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
         what, value, low, high = "accuracy drop in points", 100 * mean, 100 * (mean - half), 100 * (mean + half)
     elif task == "regression":
-        base = max(float(reference.mean()), 1e-12) if n else 1e-12
-        what, value, low, high = "mse ratio", 1 + mean / base, 1 + (mean - half) / base, 1 + (mean + half) / base
+        what = "mse ratio"
+        value, half = ratio(quantized, reference)
+        low, high = value - half, value + half
     else:
-        log_ratio, log_half = float(d.sum()) / tokens, half * n / tokens
         what = "perplexity ratio"
-        value, low, high = (math.exp(min(x, 50)) for x in (log_ratio, log_ratio - log_half, log_ratio + log_half))
+        log_ratio, half = ratio(quantized[:, 0] - reference[:, 0], reference[:, 1])
+        value, low, high = (math.exp(min(x, 50)) for x in (log_ratio, log_ratio - half, log_ratio + half))
     return {"compared": what, "value": value, "low": low, "high": high, "bound": bound, "rows": n,
-            "passed": value <= bound + 1e-9}
+            "passed": bool(value <= bound + 1e-9)}
 
 
 def table(report: dict) -> list[str]:

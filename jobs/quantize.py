@@ -125,62 +125,87 @@ def _round_weights(w: np.ndarray, kind: str) -> np.ndarray:
     return np.clip(np.round(w / scale), -127, 127) * scale
 
 
-def _weights(node, inits: dict) -> np.ndarray | None:
-    """The [in, out] weight of a MatMul / Gemm whose second input is a 2-D initializer."""
-    from onnx import numpy_helper
+def _weights(node, inits: dict, base: Path) -> np.ndarray | None:
+    """The [in, out] weight of a MatMul / Gemm whose second input is a 2-D float initializer (read from the
+    external data file now, one node at a time)."""
+    from onnx import TensorProto, numpy_helper
 
     if len(node.input) < 2 or node.input[1] not in inits:
         return None
-    w = numpy_helper.to_array(inits[node.input[1]])
-    if w.ndim != 2 or w.dtype != np.float32:
+    init = inits[node.input[1]]
+    if len(init.dims) != 2 or init.data_type != TensorProto.FLOAT:
         return None
+    w = numpy_helper.to_array(init, base_dir=str(base))
     trans = any(a.name == "transB" and a.i for a in node.attribute) if node.op_type == "Gemm" else False
     return w.T if trans else w
 
 
+ACTIVATION_BYTES = 2**28  # what the measured inputs may hold together (256 MB): fewer rows for a wider model
+MAX_COLUMNS = 4096  # a wider output (an LM head over its vocabulary) is measured on this many of its columns
+
+
 def sensitivity(pre: Path, feeds: list[dict], kind: str, work: Path) -> list[tuple[str, float]]:
-    """[(node name, score)] for every MatMul / Gemm with a weight, the most hurt first (see the module's words).
-    `work` is a scratch file path for the instrumented copy of the graph."""
+    """[(node name, score)] for every MatMul (and Gemm, for dynamic int8) with a weight the quantizer would
+    round, the most hurt first (see the module's words). `work` is a scratch path for the graph with each such
+    node's input made an output; it shares pre's weights file, it is the graph alone."""
     import onnx
 
     from jobs.export_checks import session
 
-    model = onnx.load(str(pre))
+    model = onnx.load(str(pre), load_external_data=False)
+    ops = QUANTIZABLE if kind == "int8_dynamic" else ("MatMul",)  # static and int4 quantize MatMul only
     inits = {i.name: i for i in model.graph.initializer}
-    nodes = [(n, w) for n in model.graph.node if n.op_type in QUANTIZABLE for w in [_weights(n, inits)]
-             if w is not None]
+    nodes = [n for n in model.graph.node if n.op_type in ops and len(n.input) > 1 and n.input[1] in inits
+             and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
     if not nodes or not feeds:
         return []
     outputs = {o.name for o in model.graph.output}
-    wanted = list(dict.fromkeys(n.input[0] for n, _ in nodes))
+    wanted = list(dict.fromkeys(n.input[0] for n in nodes))
+    def inputs_width(n) -> int:  # the weight's input dimension: [in, out], or a Gemm's [out, in] with transB
+        trans = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+        return int(inits[n.input[1]].dims[1 if trans else 0])
+
+    width = {n.input[0]: inputs_width(n) for n in nodes}
+    budget_tokens = max(64, min(2048, ACTIVATION_BYTES // (4 * max(1, sum(width.values())))))
     for name in wanted:
         if name not in outputs:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    remove(work)
-    onnx.save(model, str(work), save_as_external_data=True, location=work.name + ".data")
+    work.unlink(missing_ok=True)
+    onnx.save(model, str(work))  # beside pre.onnx: its tensors still point at pre.onnx.data
     del model
+    seen: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
     try:
         sess = session(work, 2)
         known = {i.name for i in sess.get_inputs()}
-        seen: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+        tokens = 0
         for feed in feeds:
+            if tokens >= budget_tokens:
+                break
             values = sess.run(wanted, {k: v for k, v in feed.items() if k in known})
             for name, v in zip(wanted, values):
-                seen[name].append(v.reshape(-1, v.shape[-1]) if v.ndim else v.reshape(1, 1))
+                seen[name].append(v.reshape(-1, v.shape[-1]).astype(np.float32) if v.ndim else v.reshape(1, 1))
+            tokens += int(values[0].size // max(1, values[0].shape[-1])) if values[0].ndim else 1
+        del sess
     finally:
-        remove(work)
+        work.unlink(missing_ok=True)
+    rng = np.random.default_rng(0)
     scores = []
-    for node, w in nodes:
-        error = signal = 0.0
+    for node in nodes:
         xs = seen[node.input[0]]
-        if not xs or xs[0].shape[-1] != w.shape[0]:
+        w = _weights(node, inits, pre.parent)
+        if w is None or not xs or xs[0].shape[-1] != w.shape[0]:
             continue
         wq = _round_weights(w, kind)
-        ys = [x.astype(np.float64) @ w for x in xs]
+        if w.shape[1] > MAX_COLUMNS:  # per-column scales: a sample of columns measures the same rounding
+            cols = np.sort(rng.choice(w.shape[1], MAX_COLUMNS, replace=False))
+            w, wq = w[:, cols], wq[:, cols]
+        ys = [x @ w for x in xs]
         mean = np.concatenate(ys).mean(axis=0, keepdims=True)
+        error = signal = 0.0
         for x, y in zip(xs, ys):
             xq = x if kind == "int4_weight_only" else _round_activations(x)
-            error += float(((xq.astype(np.float64) @ wq - y) ** 2).sum())
-            signal += float(((y - mean) ** 2).sum())
-        scores.append((node.name, (error / signal) ** 0.5 if signal > 0 else (0.0 if error == 0 else float("inf"))))
+            error += float(np.square(xq @ wq - y, dtype=np.float64).sum())
+            signal += float(np.square(y - mean, dtype=np.float64).sum())
+        score = (error / signal) ** 0.5 if signal > 0 else (0.0 if error == 0 else 1e6)
+        scores.append((node.name, min(score, 1e6) if np.isfinite(score) else 1e6))
     return sorted(scores, key=lambda s: -s[1])

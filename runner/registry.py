@@ -228,16 +228,16 @@ def export_summary(report: dict | None) -> dict | None:
     """What a version records of its export (onnx/export_report.json, a file the job wrote): whether it passed,
     and the variant it ships ("int8_dynamic", "int8_dynamic, 2 MatMuls kept in fp32", "int8_static", "fp32").
     It passed when the report says so, its fp32 parity passed, and the shipped variant met its bound: a quantized
-    one its quality check, the fp32 model its parity. A report from before `shipped` existed: its `passed` alone."""
+    one its quality check, the fp32 model its parity. A report from before `shipped` existed: `passed` and parity."""
     if report is None:
         return None
     checks = report.get("checks") if isinstance(report.get("checks"), dict) else {}
     shipped = report.get("shipped")
-    passed = report.get("passed") is True
-    if not isinstance(shipped, dict):
-        return {"passed": passed, "variant": None}
     parity, quality = checks.get("fp32_parity"), checks.get("quantized_quality")
     parity_ok = isinstance(parity, dict) and parity.get("passed") is True
+    passed = report.get("passed") is True and parity_ok
+    if not isinstance(shipped, dict):  # an export from before `shipped`: its quantized model passed or it failed
+        return {"passed": passed, "variant": None}
     quantized = shipped.get("quantized") is True
     met = (isinstance(quality, dict) and quality.get("passed") is True) if quantized else parity_ok
     variant = shipped.get("variant") if isinstance(shipped.get("variant"), str) else None

@@ -421,15 +421,15 @@ function jobPage() {
       const checks = Object.entries(ex.checks || {}).map(([name, c]) => h("li", {},
         h("span", { class: c.passed ? "ok" : "bad", text: c.passed ? "passed " : "failed " }), name,
         c.value !== undefined ? ` (${c.compared}: ${num(c.value, 3)}${interval(c)}, bound ${num(c.bound, 3)})` : (c.max_abs_diff !== undefined ? ` (max |diff| ${num(c.max_abs_diff)})` : "")));
-      const opt = ex.optimize || {};
+      const opt = ex.optimize && typeof ex.optimize === "object" ? ex.optimize : {};
       const fused = Object.entries(opt.fused_ops || {}).map(([op, n]) => `${n} ${op}`).join(", ");
       exportBox.append(h("p", { class: "small", id: "fusion" }, opt.used ? "Fused graph: " + (fused || "no onnxruntime ops")
         : opt.asked === undefined ? "" : "Unfused graph: " + (opt.reason || "the optimisation stage did not run")));
-      const shipped = ex.shipped;
+      const shipped = ex.shipped && typeof ex.shipped === "object" ? ex.shipped : null;
       if (shipped) exportBox.append(h("p", { class: shipped.note ? "reason warn small" : "small", id: "shipped" },
         h("b", { text: "Ships: " }), shipped.quantized ? `${shipped.variant} (model.quantized.onnx)` : "fp32 (model.onnx)",
         shipped.note ? " — " + shipped.note : ""));
-      const tries = Array.isArray(ex.attempts) ? ex.attempts : [];
+      const tries = Array.isArray(ex.attempts) ? ex.attempts.filter((a) => a && typeof a === "object") : [];
       if (tries.length > 1 || (tries.length === 1 && !tries[0].passed)) exportBox.append(h("div", { id: "attempts" },
         h("h3", { text: "Quantization tries" }),
         table(["try", "kept fp32", "quality", "latency b=8", "result"], tries.map((a) => [a.description || a.variant,

@@ -194,7 +194,8 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
             in v["decision"], v["decision"]
     assert good_v["promoted"] and good_v["decision"].startswith("promoted to champion: loss "), good_v["decision"]
     assert not bad_v["promoted"] and bad_v["decision"].startswith("not promoted: loss "), bad_v["decision"]
-    assert shown["aliases"] == {"champion": good_v["version"]} and good_v["export"] == {"passed": True}
+    assert shown["aliases"] == {"champion": good_v["version"]}
+    assert good_v["export"] == {"passed": True, "variant": "int8_dynamic", "quantized": True}
     status = runner("status", worse_id).stdout
     assert f"champion:  on this job's test split ({bad_v['metrics']['champion']['on_this_test']['rows']} rows)" \
         in status and f"for topics v{good_v['version']}" in status, status

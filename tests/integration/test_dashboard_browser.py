@@ -316,7 +316,8 @@ def test_schedules_and_models_pages(browser, tmp_path):
         job_dir = home / "artifacts" / f"t-{i}"
         (job_dir / "onnx").mkdir(parents=True)
         (job_dir / "eval.json").write_text(json.dumps({"test": {"accuracy": accuracy}}))
-        (job_dir / "onnx" / "export_report.json").write_text('{"passed": true}')
+        (job_dir / "onnx" / "export_report.json").write_text(
+            '{"passed": true, "checks": {"fp32_parity": {"passed": true}}}')
         store.add_job(f"t-{i}", "topics", base, str(job_dir), 1, 1, 0)
         for state in ("STARTING", "RUNNING", "SUCCEEDED"):
             store.set_state(f"t-{i}", state)

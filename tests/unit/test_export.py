@@ -204,8 +204,10 @@ def test_a_model_no_quantization_can_save_ships_fp32_or_fails_when_required(tmp_
                    repeats=1)
     assert "no quantized model met export.max_quality_drop (1)" in str(e.value)
     assert "export.require_quantized is true" in str(e.value)
-    assert (job / "onnx.failed" / "export_report.json").exists()
-    assert json.loads((job / "onnx" / "export_report.json").read_text()) == report, "the passing export stays"
+    failed = job / "onnx.failed"
+    assert json.loads((failed / "export_report.json").read_text())["failure"].startswith("no quantized model met")
+    assert not (job / "onnx").exists(), "the earlier export of this model is replaced, not left for predict to find"
+    assert sorted(p.name for p in failed.glob("*.onnx")) == ["model.onnx"], "no copies of the model per try"
 
 
 def _negate_a_weight(model):
@@ -250,18 +252,23 @@ def test_the_quality_interval_against_a_hand_computation():
     half = 1.959964 * statistics.stdev(d) / math.sqrt(6)
     assert got["value"] == pytest.approx(100 * 1 / 6) and not got["passed"]
     assert got["low"] == pytest.approx(100 * (1 / 6 - half)) and got["high"] == pytest.approx(100 * (1 / 6 + half))
-    # regression: the ratio of mean squared errors and its interval
+    # regression: the ratio of summed squared errors, its interval the delta method's for a ratio of sums
     ref, q = np.array([1.0, 2.0, 3.0, 2.0]), np.array([1.5, 2.0, 3.5, 2.0])
     got = quality_check("regression", 1.1, ref, q)
-    half = 1.959964 * statistics.stdev([0.5, 0, 0.5, 0]) / 2
-    assert got["value"] == pytest.approx(9 / 8) and got["low"] == pytest.approx(1 + (0.25 - half) / 2)
+    r = 9 / 8
+    half = 1.959964 * statistics.stdev([1.5 - r * 1, 2 - r * 2, 3.5 - r * 3, 2 - r * 2]) * math.sqrt(4) / 8
+    assert got["value"] == pytest.approx(r) and got["low"] == pytest.approx(r - half)
+    assert got["high"] == pytest.approx(r + half)
     assert not got["passed"] and quality_check("regression", 1.2, ref, q)["passed"]
     # causal LM: [summed nll, tokens] per row; the ratio of perplexities is exp(extra nll per token)
     ref, q = np.array([[4.0, 4], [6.0, 6]]), np.array([[4.4, 4], [6.0, 6]])
     got = quality_check("causal_lm", 1.05, ref, q)
     assert got["value"] == pytest.approx(math.exp(0.4 / 10))
-    half = 1.959964 * statistics.stdev([0.4, 0.0]) / math.sqrt(2) * 2 / 10
-    assert got["high"] == pytest.approx(math.exp(0.04 + half)) and got["passed"]
+    half = 1.959964 * statistics.stdev([0.4 - 0.04 * 4, 0.0 - 0.04 * 6]) * math.sqrt(2) / 10
+    assert got["high"] == pytest.approx(math.exp(0.04 + half)) and got["low"] == pytest.approx(math.exp(0.04 - half))
+    assert got["passed"]
+    with pytest.raises(ValueError):
+        quality_check("classification", 1.0, np.array([]), np.array([]))
 
 
 def test_the_sensitivity_rounds_activations_as_onnxruntime_does():

@@ -27,7 +27,8 @@ def finished(reg, job_id, accuracy, exported=True, export_ok=True, gain=0.0, tes
     (job_dir / "model").mkdir()
     (job_dir / "eval.json").write_text(json.dumps({"test": {"accuracy": accuracy, "loss": 1 - accuracy}, **result}))
     if exported:
-        (job_dir / "onnx" / "export_report.json").write_text(json.dumps(report or {"passed": export_ok}))
+        report = report or {"passed": export_ok, "checks": {"fp32_parity": {"passed": True}}}
+        (job_dir / "onnx" / "export_report.json").write_text(json.dumps(report))
     text = RECIPE.format(train=tmp / "train.jsonl", test=tmp / test, gain=gain) + extra
     store = registry.store
     store.add_job(job_id, "topics", text, str(job_dir), 1, 1, 0)
@@ -177,6 +178,7 @@ KEPT = {"variant": "int8_dynamic, 2 MatMuls kept in fp32", "quantized": True, "n
     (_report(True, KEPT, False), False, "int8_dynamic, 2 MatMuls kept in fp32"),  # shipped, yet missed its bound
     (_report(False, FP32, None), False, "fp32"),  # a report that says passed over a failed parity
     (_report(True, {"variant": ["x"], "quantized": "yes"}, None), True, None),  # junk types: no variant, not int8
+    ({"passed": True}, False, None),  # no parity check at all: a report the runner does not write
 ])
 def test_the_gate_counts_an_export_by_its_parity_and_the_variant_it_ships(reg, report, passed, variant):
     v = finished(reg, "j1", 0.9, report=report)
