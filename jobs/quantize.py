@@ -161,6 +161,7 @@ def sensitivity(pre: Path, feeds: list[dict], kind: str, work: Path) -> list[tup
         return []
     outputs = {o.name for o in model.graph.output}
     wanted = list(dict.fromkeys(n.input[0] for n in nodes))
+
     def inputs_width(n) -> int:  # the weight's input dimension: [in, out], or a Gemm's [out, in] with transB
         trans = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
         return int(inits[n.input[1]].dims[1 if trans else 0])
