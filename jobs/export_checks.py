@@ -17,7 +17,7 @@ from jobs.schema import headline
 FP32_ATOL = 1e-3
 QUALITY_DEFAULT = {"classification": 1.0, "causal_lm": 1.05, "regression": 1.10}
 PARITY_ROWS = 64  # held-out rows compared element-wise, fp32 ONNX against PyTorch
-METRIC_ROWS = 1000  # test rows scored by each variant
+METRIC_ROWS = 5000  # held-out rows (test, then validation) scored by each variant and each quantization try
 GENERATE_PROMPTS, GENERATE_TOKENS = 3, 8
 
 
