@@ -62,6 +62,7 @@ def test_classifier_export_passes_checks_and_reports(tmp_path, classifier_dir):
     opt = report["optimize"]
     assert opt["used"] and opt["reason"] is None
     assert opt["fused_ops"]["MultiHeadAttention"] == 2 and opt["fused_ops"]["BiasGelu"] == 2
+    assert opt["fusions"]["packed_qkv"] == 2 and opt["ops"]["Split"] == 2, "Q, K and V: one MatMul per layer"
     # SkipLayerNormalization is left out (its CPU kernel is slower than its parts), in the file and in the
     # graph onnxruntime runs: the optimised graph a session with export.json's options writes back
     assert "SkipLayerNormalization" not in opt["ops"] and opt["ops"]["LayerNormalization"] >= 4
