@@ -15,8 +15,8 @@ version (SkipSimplifiedLayerNormalization) is as fast as its parts and is fused.
 And `fuse_attention`, which packs the Q, K and V projections into the weights of a contrib `Attention` node:
 dynamic int8 cannot quantize those weights (they are no longer MatMuls), so that graph's int8 ran slower than the
 unfused graph's at batch 8 x 128 (85 ms against 75 ms on all-MiniLM-L6-v2, 2 threads, side by side). With
-MultiHeadAttention the projections stay MatMuls that int8 quantizes (onnxruntime then quantizes their shared input
-once), and the attention itself runs in one kernel.
+MultiHeadAttention the projections stay a MatMul that int8 quantizes (`pack_qkv` makes the three one), and the
+attention itself runs in one kernel.
 
 Every fusion computes what it replaces, but a rewriter can be wrong: the export checks the fused graph against
 PyTorch exactly as the plain one and falls back to the plain graph with the reason when it differs.
