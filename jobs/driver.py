@@ -175,7 +175,10 @@ def train_job(job_dir: Path, prep: Prepared) -> dict:
         try:
             export = export_job(job_dir, recipe, log=lambda m: note(job_dir, m))
         except ExportFailed as e:
-            report = json.loads((job_dir / "onnx.failed" / "export_report.json").read_text())
+            try:  # refused before it began (not an export folder), an export writes no report
+                report = json.loads((job_dir / "onnx.failed" / "export_report.json").read_text())
+            except (OSError, ValueError):
+                report = {"passed": False, "failure": str(e)}
             timings["export_s"] = time.perf_counter() - t0
             write_manifest(job_dir, recipe, timings, result, prep.rows, report)
             raise JobFailed(str(e)) from None

@@ -168,26 +168,27 @@ def export_job(job_dir: Path, recipe: Recipe, out: Path | None = None, threads: 
     kind = spec.quantize
     tmp = out.with_name(out.name + ".tmp")
     failed_dir = out.with_name(out.name + ".failed")
-    # an export of this model replaces whatever the folder held: a stale export that passed for another model
-    # (an earlier attempt of a retried job) must not stay beside a failed one for predict to find
-    for d in (tmp, failed_dir, out):
+    inside = job_dir.resolve() == out.resolve() or job_dir.resolve().is_relative_to(out.resolve())
+    if inside or (out.exists() and any(out.iterdir()) and not (out / "export_report.json").exists()):
+        raise ExportFailed(f"{out} is not an export folder (or holds the job): an export replaces its folder, so it "
+                           f"is written only into a new one or an earlier export's")
+    for d in (tmp, failed_dir):
         shutil.rmtree(d, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
-
-    model_dir = job_dir / "model"
-    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
-    model = cls.from_pretrained(str(model_dir), dtype=torch.float32).float().eval()  # bf16 does not run on ORT CPU
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    data = datasets.load_from_disk(str(job_dir / "prepared" / "data"))
-    rows, counts = held_out_rows(data)
-    bound = spec.max_quality_drop if spec.max_quality_drop is not None else QUALITY_DEFAULT[task]
     report: dict = {"task": task, "quantize": kind, "opset": spec.opset, "threads": threads, "passed": False,
-                    "held_out_rows": counts, "checks": {}, "optimize": {}, "attempts": [], "variants": {}}
+                    "checks": {}, "optimize": {}, "attempts": [], "variants": {}}
     fp32, fused = tmp / "model.onnx", tmp / "model.fused.onnx"
     try:
+        model_dir = job_dir / "model"
+        cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+        model = cls.from_pretrained(str(model_dir), dtype=torch.float32).float().eval()  # bf16 does not run on ORT
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        data = datasets.load_from_disk(str(job_dir / "prepared" / "data"))
+        rows, report["held_out_rows"] = held_out_rows(data)
+        bound = spec.max_quality_drop if spec.max_quality_drop is not None else QUALITY_DEFAULT[task]
         if not rows:
             raise ExportFailed("there are no held-out rows (test or validation) to check the export against")
         kv = _export_fp32(model, task, fp32, spec.opset, pad_id, report, log)
@@ -210,7 +211,7 @@ def export_job(job_dir: Path, recipe: Recipe, out: Path | None = None, threads: 
             runs.update({a["variant"]: (run, a["bytes"], a) for a, run in tried})
         _measure(runs, rows, pad_id, task, repeats, reference, report)
         shipped = _choose(report, kind, bound, spec.require_quantized, log)
-        _ship(tmp, fp32, best[0], shipped, {n: r for n, (r, _, _) in runs.items()}, rows, pad_id)
+        _ship(tmp, fp32, best[0], shipped, {n: r for n, (r, _, _) in runs.items()}, rows, pad_id, threads)
         tok.save_pretrained(tmp)
         if (model_dir / "labels.json").exists():
             shutil.copy(model_dir / "labels.json", tmp / "labels.json")
@@ -224,9 +225,15 @@ def export_job(job_dir: Path, recipe: Recipe, out: Path | None = None, threads: 
     except Exception as e:  # noqa: BLE001 - any failure of the export fails it in words, with its report kept
         why = str(e) if isinstance(e, ExportFailed) else f"{type(e).__name__}: {first_line(e, 400)}"
         report["failure"] = why
-        for p in [fused, tmp / "pre.onnx", tmp / "sensitivity.onnx", *tmp.glob("onnx_*.onnx")]:
+        for p in [fused, tmp / "model.quantized.onnx", tmp / "pre.onnx", tmp / "sensitivity.onnx",
+                  *tmp.glob("onnx_*.onnx")]:
             remove(p)  # the tries are copies of the model: the report says what they were
-        _finish(tmp, failed_dir, report)
+        try:
+            _finish(tmp, failed_dir, report)
+            if (out / "export_report.json").exists():  # an earlier export of another model: not for predict to find
+                shutil.rmtree(out, ignore_errors=True)
+        except OSError as gone:
+            why += f" (and its files could not be kept in {failed_dir}: {gone})"
         raise ExportFailed(f"export: {why}; the files are kept in {failed_dir}") from None
     report["passed"] = True
     report["total_s"] = round(time.perf_counter() - t_start, 2)
@@ -375,9 +382,10 @@ def _quantize_until_passed(data, recipe: Recipe, fp32: Path, tmp: Path, kv, rows
         return q["passed"]
 
     try:
-        if not attempt(kind, []) and "error" not in report["attempts"][0]:
-            _escalate(attempt, pre, data, spec, task, kind, pad_id, kv, recipe.train.seed, tmp, report, log)
-            if kind == "int8_dynamic":
+        if not attempt(kind, []):
+            if "error" not in report["attempts"][0]:  # a crashed quantizer would crash again with layers kept
+                _escalate(attempt, pre, data, spec, task, kind, pad_id, kv, recipe.train.seed, tmp, report, log)
+            if kind == "int8_dynamic":  # another quantizer: worth a try either way
                 attempt("int8_static", [])
     finally:
         remove(pre)
@@ -460,7 +468,7 @@ def _choose(report: dict, kind: str, bound: float, required: bool, log) -> dict 
 
 
 def _ship(tmp: Path, fp32: Path, best_fp32: Path, shipped: dict | None, runs: dict, rows: list[dict],
-          pad_id: int) -> None:
+          pad_id: int, threads: int) -> None:
     """Leave model.onnx (the fused graph when it passed) and model.quantized.onnx (the chosen try) in tmp, the very
     bytes that were checked, and nothing else that looks like a model. Each moved file answers one held-out batch
     exactly as the session that was scored did."""
@@ -468,11 +476,11 @@ def _ship(tmp: Path, fp32: Path, best_fp32: Path, shipped: dict | None, runs: di
     if best_fp32 != fp32:
         want = runs["onnx_fp32"].logits(ids, mask)
         _move(best_fp32, fp32)
-        _same(fp32, runs["onnx_fp32"], want, ids, mask)
+        _same(fp32, runs["onnx_fp32"], want, ids, mask, threads)
     if shipped is not None:
         want = runs[shipped["variant"]].logits(ids, mask)
         _move(tmp / shipped["file"], tmp / "model.quantized.onnx")
-        _same(tmp / "model.quantized.onnx", runs[shipped["variant"]], want, ids, mask)
+        _same(tmp / "model.quantized.onnx", runs[shipped["variant"]], want, ids, mask, threads)
     for p in tmp.glob("onnx_*.onnx"):
         remove(p)
 
@@ -485,9 +493,7 @@ def _move(src: Path, dst: Path) -> None:
 
     graph = onnx.load(str(src), load_external_data=False)
     old, new = src.name + ".data", dst.name + ".data"
-    tensors = list(graph.graph.initializer) + [a.t for n in graph.graph.node for a in n.attribute
-                                               if a.type == onnx.AttributeProto.TENSOR]
-    for tensor in tensors:
+    for tensor in _tensors(graph.graph):
         if uses_external_data(tensor):
             for entry in tensor.external_data:
                 if entry.key == "location" and entry.value == old:
@@ -499,9 +505,31 @@ def _move(src: Path, dst: Path) -> None:
     src.unlink()
 
 
-def _same(path: Path, run: Runner, want, ids, mask) -> None:
-    got = Runner(run.task, run.kv, sess=session(path, 1)).logits(ids, mask)
-    if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-5):
+def _tensors(graph):
+    """Every tensor of a graph that can live in an external file: initializers (sparse ones too) and the tensors
+    of node attributes, subgraphs (If, Loop, Scan) included."""
+    import onnx
+
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            elif a.type == onnx.AttributeProto.TENSORS:
+                yield from a.tensors
+            elif a.type == onnx.AttributeProto.GRAPH:
+                yield from _tensors(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _tensors(g)
+
+
+def _same(path: Path, run: Runner, want, ids, mask, threads: int) -> None:
+    got = Runner(run.task, run.kv, sess=session(path, threads)).logits(ids, mask)
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-6, atol=1e-5):
         raise ExportFailed(f"{path.name} answers differently after it was moved into place")
 
 

@@ -78,19 +78,23 @@ def outcomes(run: Runner, rows: list[dict], pad_id: int, task: str, batch: int =
     for i in range(0, len(rows), batch):
         part = rows[i:i + batch]
         ids, mask = batch_arrays(part, pad_id)
-        logits = run.logits(ids, mask).astype(np.float64)
+        logits = run.logits(ids, mask)
+        if task != "causal_lm":
+            logits = logits.astype(np.float64)
         if task == "classification":
             out += list((logits.argmax(-1) == np.array([r["labels"] for r in part])).astype(np.float64))
         elif task == "regression":
             out += list((logits[:, 0] - np.array([float(r["labels"]) for r in part])) ** 2)
         else:
-            logp = logits - logits.max(-1, keepdims=True)
-            logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+            # log-softmax one position at a time, in float64 over the vocabulary: a batch's whole [b, s, vocab] in
+            # float64 would be gigabytes for a real vocabulary
             for j, r in enumerate(part):
                 nll, tokens = 0.0, 0
                 for t in range(1, len(r["labels"])):
                     if r["labels"][t] != -100:
-                        nll -= logp[j, t - 1, r["labels"][t]]
+                        row = logits[j, t - 1].astype(np.float64)
+                        top = row.max()
+                        nll += float(top + np.log(np.exp(row - top).sum()) - row[r["labels"][t]])
                         tokens += 1
                 out.append([nll, tokens])
     return np.array(out, dtype=np.float64)

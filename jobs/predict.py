@@ -34,8 +34,9 @@ def predict(export_dir: Path, texts: list[str], threads: int = 2, new_tokens: in
     meta = json.loads((export_dir / "export.json").read_text())
     path = export_dir / model_file(meta, export_dir)
     if not path.is_file():
+        job = export_dir.parent.parent if export_dir.parent.name == "exports" else export_dir.parent
         raise FileNotFoundError(f"{export_dir}: export.json names {path.name}, which is not there; export again "
-                                f"with: runner export {export_dir.parent.name}")
+                                f"with: runner export {job.name}")
     sess = session(path, threads)
     tok = AutoTokenizer.from_pretrained(str(export_dir))
     if meta["task"] == "causal_lm":

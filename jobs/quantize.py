@@ -180,11 +180,16 @@ def sensitivity(pre: Path, feeds: list[dict], kind: str, work: Path) -> list[tup
         known = {i.name for i in sess.get_inputs()}
         tokens = 0
         for feed in feeds:
-            if tokens >= budget_tokens:
+            room = budget_tokens - tokens
+            if room <= 0:
                 break
-            values = sess.run(wanted, {k: v for k, v in feed.items() if k in known})
+            # a row longer than the room left is cut to it: (1, sequence) inputs; the empty KV cache stays
+            feed = {k: v[:, :room] if k in ("input_ids", "attention_mask", "position_ids") else v
+                    for k, v in feed.items() if k in known}
+            values = sess.run(wanted, feed)
             for name, v in zip(wanted, values):
-                seen[name].append(v.reshape(-1, v.shape[-1]).astype(np.float32) if v.ndim else v.reshape(1, 1))
+                seen[name].append(v.reshape(-1, v.shape[-1]).astype(np.float32, copy=False) if v.ndim
+                                  else v.reshape(1, 1))
             tokens += int(values[0].size // max(1, values[0].shape[-1])) if values[0].ndim else 1
         del sess
     finally:
@@ -196,10 +201,9 @@ def sensitivity(pre: Path, feeds: list[dict], kind: str, work: Path) -> list[tup
         w = _weights(node, inits, pre.parent)
         if w is None or not xs or xs[0].shape[-1] != w.shape[0]:
             continue
+        if w.shape[1] > MAX_COLUMNS:  # scales per column (int8) or per column block (int4): a sample of columns
+            w = w[:, np.sort(rng.choice(w.shape[1], MAX_COLUMNS, replace=False))]  # is rounded as the whole is
         wq = _round_weights(w, kind)
-        if w.shape[1] > MAX_COLUMNS:  # per-column scales: a sample of columns measures the same rounding
-            cols = np.sort(rng.choice(w.shape[1], MAX_COLUMNS, replace=False))
-            w, wq = w[:, cols], wq[:, cols]
         ys = [x @ w for x in xs]
         mean = np.concatenate(ys).mean(axis=0, keepdims=True)
         error = signal = 0.0

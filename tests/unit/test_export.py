@@ -423,3 +423,14 @@ def test_cli_reexport_predict_and_view(tmp_path, classifier_dir):
     finally:
         view.send_signal(signal.SIGINT)
         view.wait(timeout=20)
+
+
+def test_an_export_never_replaces_a_folder_that_is_not_an_export(tmp_path, classifier_dir):
+    job, recipe = make_job(tmp_path, classifier_dir, "classification", keyword_rows(40, seed=6))
+    before = sorted(p.name for p in (job / "model").iterdir())
+    for out in (job / "model", job, tmp_path):
+        with pytest.raises(ExportFailed) as e:
+            export_job(job, with_export(recipe), out=out, log=lambda m: None, repeats=1)
+        assert f"{out} is not an export folder (or holds the job)" in str(e.value)
+    assert sorted(p.name for p in (job / "model").iterdir()) == before, "the model is untouched"
+    assert not (job / "model.tmp").exists() and not (job / "model.failed").exists()
