@@ -195,7 +195,7 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     assert good_v["promoted"] and good_v["decision"].startswith("promoted to champion: loss "), good_v["decision"]
     assert not bad_v["promoted"] and bad_v["decision"].startswith("not promoted: loss "), bad_v["decision"]
     assert shown["aliases"] == {"champion": good_v["version"]}
-    # the version records what its export ships (int8, int8 with layers kept in fp32, or fp32 on rows this few)
+    # the version records what its export ships (this recipe asks for no quantization: fp32)
     shipped = json.loads((Path(good_v["artifacts"]["onnx"]) / "export_report.json").read_text())["shipped"]
     assert good_v["export"] == {"passed": True, "variant": shipped["variant"], "quantized": shipped["quantized"]}
     status = runner("status", worse_id).stdout
