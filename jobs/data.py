@@ -511,15 +511,57 @@ def tokenize_example(recipe: Recipe, tokenizer, row: dict, label_ids: dict[str, 
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "n_tokens": n}
 
 
+def tokenize_batch(recipe: Recipe, tokenizer, batch: dict[str, list],
+                   label_ids: dict[str, int] | None = None) -> dict[str, list]:
+    """A batch of rows (columns of lists, as `datasets.map(batched=True)` hands them) -> the columns of
+    `tokenize_example`, row for row the same. Classification, regression and plain text go through one tokenizer
+    call per batch (the fast tokenizer splits it over its threads), untruncated, so each row is tokenized once: the
+    untruncated length is `n_tokens`, and only the rows longer than `max_seq_len` are tokenized again with
+    truncation (which keeps the closing special tokens a cut would lose). Instruction and chat rows, whose loss
+    masks come from character offsets, go a row at a time."""
+    n_rows = len(next(iter(batch.values()))) if batch else 0
+    rows = [{k: batch[k][i] for k in batch} for i in range(n_rows)]
+    pairs = batch.get("text_pair")
+    plain = recipe.task in ("classification", "regression") or recipe.data.layout == "text"
+    if not plain or (pairs is not None and any(p is None for p in pairs)):
+        out = [tokenize_example(recipe, tokenizer, row, label_ids) for row in rows]
+        cols: dict[str, list] = {k: [o[k] for o in out] for k in ("input_ids", "attention_mask", "labels", "n_tokens")}
+    else:
+        max_len, texts = recipe.data.max_seq_len, batch["text"]
+        ids = tokenizer(texts, pairs)["input_ids"] if pairs is not None else tokenizer(texts)["input_ids"]
+        if recipe.task == "causal_lm":  # plain text: the EOS, then a cut (no closing token to keep)
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            full = [list(x) + eos for x in ids]
+            n = [len(x) for x in full]
+            ids = [x[:max_len] for x in full]
+            labels: list = [list(x) for x in ids]
+        else:
+            n = [len(x) for x in ids]
+            long = [i for i, k in enumerate(n) if k > max_len]
+            if long:
+                cut = tokenizer([texts[i] for i in long], [pairs[i] for i in long] if pairs is not None else None,
+                                truncation=True, max_length=max_len)["input_ids"]
+                ids = list(ids)
+                for i, x in zip(long, cut):
+                    ids[i] = x
+            label = batch["label"]
+            labels = [label_ids[str(v)] for v in label] if recipe.task == "classification" else \
+                [float(v) for v in label]
+        cols = {"input_ids": [list(x) for x in ids], "attention_mask": [[1] * len(x) for x in ids],
+                "labels": labels, "n_tokens": n}
+    # `content`: the row's input digest (content_key), by which another job knows the rows this one trained on
+    cols["content"] = [content_key(row) for row in rows]
+    return cols
+
+
 def tokenize_split(recipe: Recipe, tokenizer, sp: Split, label_ids: dict[str, int] | None = None):
-    """The split as model inputs. `n_tokens` keeps each example's length before truncation."""
+    """The split as model inputs, a batch of rows at a time (`tokenize_batch`). `n_tokens` keeps each example's
+    length before truncation."""
     if recipe.task == "causal_lm" and (recipe.data.layout) != "text" and not tokenizer.is_fast:
         raise ValueError("instruction and chat formats need a fast tokenizer (offsets place the loss)")
-    cols = sp.dataset.column_names
-    # `content`: the row's input digest (content_key), by which another job knows the rows this one trained on
-    return sp.dataset.map(lambda row: {**tokenize_example(recipe, tokenizer, row, label_ids),
-                                       "content": content_key(row)}, remove_columns=cols,
-                          desc=f"tokenizing {sp.name}", load_from_cache_file=False,
+    return sp.dataset.map(lambda b: tokenize_batch(recipe, tokenizer, b, label_ids), batched=True, batch_size=1000,
+                          remove_columns=sp.dataset.column_names, desc=f"tokenizing {sp.name}",
+                          load_from_cache_file=False,
                           new_fingerprint=uuid.uuid4().hex)  # not a hash of the tokenizer: 2 s of pickling
 
 

@@ -298,6 +298,32 @@ def test_classification_and_regression_examples(tmp_path, tokenizer):
     assert D.tokenize_example(r, tokenizer, {"text": "ok", "label": "4.5"})["labels"] == 4.5
 
 
+@pytest.mark.parametrize("task,pairs", [("classification", False), ("classification", True),
+                                        ("regression", False), ("causal_lm", False)])
+def test_batched_tokenizing_gives_each_row_what_one_row_at_a_time_gives(tmp_path, tokenizer, task, pairs):
+    """tokenize_split tokenizes a batch at a time, each row once; the reference is tokenize_example, a row at a
+    time and twice (truncated, and untruncated for n_tokens): the same columns, row for row, long rows included."""
+    import datasets
+
+    words = "the quick brown fox jumps over a lazy dog while seven green parrots sing".split()
+    rows = []
+    for i in range(120):
+        row = {"text": " ".join(words[: 1 + (i * 7) % len(words)] * (1 + i % 3))}
+        if pairs:
+            row["text_pair"] = " ".join(words[(i % 5):(i % 5) + 1 + i % 4])
+        if task != "causal_lm":
+            row["label"] = ("neg", "pos", "mid")[i % 3] if task == "classification" else float(i % 7) / 2
+        rows.append(row)
+    r = recipe(tmp_path, "  train: x.jsonl\n  max_seq_len: 12\n", task=task)
+    ids = {"neg": 0, "pos": 1, "mid": 2} if task == "classification" else None
+    got = D.tokenize_split(r, tokenizer, D.Split("train", datasets.Dataset.from_list(rows), "x"), ids)
+    want = [D.tokenize_example(r, tokenizer, row, ids) for row in rows]
+    assert sum(w["n_tokens"] > 12 for w in want) > 20, "the rows include many that are truncated"
+    for k in ("input_ids", "attention_mask", "labels", "n_tokens"):
+        assert got[k] == [w[k] for w in want], k
+    assert got["content"] == [D.content_key(row) for row in rows]
+
+
 def test_chat_rows_are_checked(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}]}
             for i in range(20)]
