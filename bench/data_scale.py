@@ -8,7 +8,9 @@ all-MiniLM-L6-v2's fast tokenizer (from the local Hugging Face cache, `make inst
   length, the row digests);
 - `plain`: what a plain script does, `datasets.map(lambda b: tok(b["text"], truncation=True, max_length=64),
   batched=True)`;
-- `per_row`: the runner's former way, tokenize_example a row at a time (on the smallest size only: it is slow).
+- `per_row`: the runner's former way, tokenize_example a row at a time (on the smallest size only: it is slow);
+- the driver's whole `prepare_data` on the largest size, cold and then for a second job on the same files (served by
+  the tokenized cache, jobs/tokenized_cache.py).
 Figures are rows per second on this machine (2 cores here). Last line: one JSON object.
 
 Issue 20 asks for more of this bench (validate, first step, evaluation, packing, memory); this is its first part.
@@ -68,6 +70,29 @@ def main() -> None:
             figures["per_row_rows_per_s"] = round(len(part) / (time.perf_counter() - t))
         result["per_size"][n] = figures
         print(n, figures, flush=True)
+    # the driver's whole prepare_data (read, split, tokenize, check lengths, save) on the largest size: cold, and
+    # again for a second job on the same files (a retry, a schedule fire), which the tokenized cache serves
+    import tempfile
+    from pathlib import Path
+
+    from huggingface_hub import snapshot_download
+
+    from jobs.driver import prepare_data
+
+    model_path = snapshot_download("sentence-transformers/all-MiniLM-L6-v2", local_files_only=True)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    data = scratch / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(max(sizes), args.seed)))
+    big_recipe = parse_recipe(f"name: b\nmodel:\n  name: m\ntask: classification\ndata:\n  train: {data}\n"
+                              "  max_seq_len: 64\n", base_dir=scratch, env={})
+    for name in ("cold", "cached"):
+        job = scratch / "artifacts" / name
+        job.mkdir(parents=True)
+        t = time.perf_counter()
+        prepare_data(big_recipe, job, model_path)
+        result[f"prepare_{name}_s"] = round(time.perf_counter() - t, 2)
+    print(f"prepare_data of {max(sizes)} rows: cold {result['prepare_cold_s']} s, "
+          f"cached {result['prepare_cached_s']} s", flush=True)
     big = result["per_size"][max(sizes)]
     result.update(tokenize_rows_per_s=big["runner_rows_per_s"], plain_map_rows_per_s=big["plain_map_rows_per_s"],
                   tokenize_vs_plain=round(big["runner_rows_per_s"] / big["plain_map_rows_per_s"], 2),

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from jobs import secrets
-from jobs.jobdir import JobState, checkpoints_newest_first, event, note, open_private
+from jobs.jobdir import JobState, checkpoints_newest_first, event, first_line, note, open_private
 from jobs.jobdir import shared_storage_problem
 from jobs.recipe import RecipeError, SNAPSHOT, load_recipe
 from jobs.schema import Recipe
@@ -41,9 +41,21 @@ def prepare_data(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, 
     import datasets
 
     from jobs import data as D
+    from jobs import tokenized_cache as cache
     from jobs.modelfiles import load_tokenizer
     from jobs.preflight import length_problems
 
+    out = job_dir / "prepared"
+    k = cache.key(recipe, model_path)
+    entry = cache.lookup(job_dir, k)
+    if entry is not None:
+        try:
+            info = cache.meta(entry)
+            cache.link_into(entry, out)
+            note(job_dir, f"tokenized data reused from {entry} (the same files, tokenizer and data settings)")
+            return info["rows"], info["notes"]
+        except (OSError, ValueError, KeyError) as e:  # an entry half removed by another job's eviction: tokenize
+            note(job_dir, f"the cached tokenized data at {entry} could not be used ({first_line(e)}): tokenizing")
     splits = D.load_splits(recipe)
     labels = D.label_names(recipe, splits["train"]) if recipe.task == "classification" else None
     ids = {n: i for i, n in enumerate(labels)} if labels else None
@@ -60,12 +72,13 @@ def prepare_data(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, 
         tokenized[name] = ds
     if problems:
         raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in problems))
-    out = job_dir / "prepared"
     shutil.rmtree(out, ignore_errors=True)
     datasets.DatasetDict(tokenized).save_to_disk(str(out / "data"))
     tok.save_pretrained(out / "tokenizer")
     (out / "labels.json").write_text(json.dumps(labels))
-    return {k: len(v) for k, v in tokenized.items()}, notes
+    rows = {name: len(v) for name, v in tokenized.items()}
+    cache.store(job_dir, k, out, {"rows": rows, "notes": notes})
+    return rows, notes
 
 
 @dataclass
