@@ -523,7 +523,7 @@ def tokenize_batch(recipe: Recipe, tokenizer, batch: dict[str, list],
     rows = [{k: batch[k][i] for k in batch} for i in range(n_rows)]
     pairs = batch.get("text_pair")
     plain = recipe.task in ("classification", "regression") or recipe.data.layout == "text"
-    if not plain or (pairs is not None and any(p is None for p in pairs)):
+    if not plain or (pairs is not None and any(not p for p in pairs)):  # a row's empty pair: a text alone
         out = [tokenize_example(recipe, tokenizer, row, label_ids) for row in rows]
         cols: dict[str, list] = {k: [o[k] for o in out] for k in ("input_ids", "attention_mask", "labels", "n_tokens")}
     else:

@@ -50,12 +50,12 @@ def prepare_data(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, 
     entry = cache.lookup(job_dir, k)
     if entry is not None:
         try:
-            info = cache.meta(entry)
-            cache.link_into(entry, out)
+            info = cache.link_into(entry, out)
             note(job_dir, f"tokenized data reused from {entry} (the same files, tokenizer and data settings)")
             return info["rows"], info["notes"]
-        except (OSError, ValueError, KeyError) as e:  # an entry half removed by another job's eviction: tokenize
+        except (OSError, ValueError, TypeError) as e:  # being evicted, or not the cache's: tokenize, store anew
             note(job_dir, f"the cached tokenized data at {entry} could not be used ({first_line(e)}): tokenizing")
+            cache.discard(entry)
     splits = D.load_splits(recipe)
     labels = D.label_names(recipe, splits["train"]) if recipe.task == "classification" else None
     ids = {n: i for i, n in enumerate(labels)} if labels else None
@@ -77,7 +77,8 @@ def prepare_data(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, 
     tok.save_pretrained(out / "tokenizer")
     (out / "labels.json").write_text(json.dumps(labels))
     rows = {name: len(v) for name, v in tokenized.items()}
-    cache.store(job_dir, k, out, {"rows": rows, "notes": notes})
+    if k is not None and cache.key(recipe, model_path) == k:  # files rewritten as they were read: not cached
+        cache.store(job_dir, k, out, {"rows": rows, "notes": notes})
     return rows, notes
 
 

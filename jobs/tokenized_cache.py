@@ -5,12 +5,19 @@ them tokenized. `prepare_data` (jobs/driver.py) asks `lookup` first: a hit links
 prepared/ and the job's log says where they came from; a miss tokenizes and `store`s the result.
 
 The key is a hash of everything that changes the result: the content of every local data file (sha256, not its
-time), a hub dataset's id, subset, split and pinned revision (an unpinned hub dataset is never cached: its rows may
-change under the same name), the recipe's whole `data` section and task, the tokenizer's files, and TOKENIZE_VERSION
-(raised whenever tokenizing changes). The cache lives beside the job folders (`<artifacts>/.tokenized/`, shared
-storage on a cluster), each entry written under a temporary name and renamed into place, so a reader never sees half
-of one. It holds at most RUNNER_TOKENIZED_CACHE_GB (default 20; 0 turns it off); past that the entries used least
-recently go first.
+time), a hub dataset's id, subset, split and commit (one named by a branch or tag is never cached: its rows may
+change under the same name), the recipe's whole `data` section and task, every file of the model folder but its
+weights (the tokenizer's files, config.json, custom code), the versions of transformers, tokenizers and datasets,
+and jobs/data.py's own source (for a hub id, the files of its snapshot in the local cache; a model not there is
+not cached). The key is computed again after
+tokenizing, and a file rewritten meanwhile is not cached.
+
+The cache lives beside the job folders (`<artifacts>/.tokenized/`, shared storage on a cluster). An entry is linked
+into a folder aside and renamed into place, so a reader never finds half of one, and it records its files and
+sizes: a hit links them into the job's prepared/ and checks them, and an entry that is not whole is discarded and
+the data tokenized. It holds at most RUNNER_TOKENIZED_CACHE_GB (default 20; 0 turns it off); past that the entries
+used least recently go first (renamed out of sight, then removed), and folders a crash left half written go after
+six hours.
 """
 
 from __future__ import annotations
@@ -18,15 +25,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
 from pathlib import Path
 
-TOKENIZE_VERSION = 2  # 2: tokenize_batch (same results as 1, a row at a time; a new key costs one tokenization)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+TOKENIZE_VERSION = 2  # raised by hand when tokenizing changes; jobs/data.py's own source is in the key as well
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".data", ".gguf", ".h5", ".msgpack", ".ckpt")
 USED = ".used"  # touched on every hit: the eviction's clock
+STALE_S = 6 * 3600  # a folder being written for longer than this was left by a crash
 
 
 def bound_bytes() -> int:
@@ -34,7 +42,7 @@ def bound_bytes() -> int:
         gb = float(os.environ.get("RUNNER_TOKENIZED_CACHE_GB", "20"))
     except ValueError:
         gb = 20.0
-    return int(max(gb, 0.0) * 2**30)
+    return int(max(gb, 0.0) * 2**30) if gb == gb else 0  # NaN: off
 
 
 def root_for(job_dir: Path) -> Path:
@@ -50,26 +58,52 @@ def _file_digest(path: Path) -> str:
 
 
 def key(recipe, model_path: str) -> str | None:
-    """The cache key of the recipe's tokenized data, or None where it cannot be known (an unpinned hub dataset,
-    a tokenizer without files to hash)."""
-    parts: list = [TOKENIZE_VERSION, recipe.task, recipe.data.model_dump(mode="json")]
-    for split in ("train", "validation", "test"):
-        src = getattr(recipe.data, split)
-        if src is None:
-            parts.append(None)
-        elif src.path is not None:
-            p = Path(src.path)
-            files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-            parts.append([(str(f.relative_to(p)) if p.is_dir() else f.name, _file_digest(f)) for f in files])
-        elif src.revision and src.revision != "main":
-            parts.append([src.hub, src.subset, src.split, src.revision])
-        else:
-            return None
-    tok_files = [Path(model_path) / n for n in TOKENIZER_FILES if (Path(model_path) / n).is_file()]
-    if not tok_files:
+    """The cache key of the recipe's tokenized data, or None where it cannot be known (the cache off, a model not
+    in a local folder, an unpinned hub dataset, a file that cannot be read)."""
+    import datasets
+    import tokenizers
+    import transformers
+
+    from jobs import data as D
+
+    if bound_bytes() == 0:
         return None
-    parts.append([(f.name, _file_digest(f)) for f in tok_files])
+    model = Path(model_path)
+    if not model.is_dir():  # a hub id: the snapshot of its revision in the local cache, as the tokenizer loads it
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_path, "config.json", revision=recipe.model.revision)
+        if not isinstance(cached, str):
+            return None
+        model = Path(cached).parent
+    try:
+        # every file of the model folder but its weights: the tokenizer's files whatever their names, config.json
+        # (which class AutoTokenizer picks), custom tokenizer code
+        tok_files = sorted(f for f in model.rglob("*") if f.is_file() and not f.name.endswith(WEIGHTS))
+        parts: list = [TOKENIZE_VERSION, recipe.task, recipe.data.model_dump(mode="json"),
+                       recipe.model.trust_remote_code, transformers.__version__, tokenizers.__version__,
+                       datasets.__version__, _file_digest(Path(D.__file__)),
+                       [(str(f.relative_to(model)), _file_digest(f)) for f in tok_files]]
+        for split in ("train", "validation", "test"):
+            src = getattr(recipe.data, split)
+            if src is None:
+                parts.append(None)
+            elif src.path is not None:
+                p = recipe.resolve_path(src.path)
+                files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+                parts.append([(str(f.relative_to(p)) if p.is_dir() else f.name, _file_digest(f)) for f in files])
+            elif src.revision and re.fullmatch(r"[0-9a-f]{40}", src.revision):  # a commit: a branch or tag moves
+                parts.append([src.hub, src.subset, src.split, src.revision])
+            else:
+                return None
+    except OSError:
+        return None
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(f.relative_to(folder)): f.stat().st_size for f in folder.rglob("*")
+            if f.is_file() and f.name not in (USED, "meta.json")}
 
 
 def lookup(job_dir: Path, k: str | None) -> Path | None:
@@ -86,45 +120,72 @@ def lookup(job_dir: Path, k: str | None) -> Path | None:
     return entry
 
 
-def link_into(entry: Path, prepared: Path) -> None:
-    """prepared/ as a copy of the entry, by hard links where the filesystem allows (the Arrow files are only read)."""
+def _link(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def link_into(entry: Path, prepared: Path) -> dict:
+    """prepared/ as the entry (hard links where the filesystem allows: the Arrow files are only read), checked
+    against the file list the entry was stored with; returns its meta. Raises ValueError for an entry that is not
+    whole (being evicted, or written by something else)."""
+    info = json.loads((entry / "meta.json").read_text())
+    if not isinstance(info, dict) or not isinstance(info.get("rows"), dict) or not isinstance(info.get("files"), dict) \
+            or not isinstance(info.get("notes"), list) or not all(isinstance(n, str) for n in info["notes"]):
+        raise ValueError("its meta.json is not the cache's")
     shutil.rmtree(prepared, ignore_errors=True)
-
-    def link(src, dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(entry, prepared, copy_function=link, ignore=shutil.ignore_patterns(USED, "meta.json"))
-
-
-def meta(entry: Path) -> dict:
-    return json.loads((entry / "meta.json").read_text())
+    shutil.copytree(entry, prepared, copy_function=_link, symlinks=True,
+                    ignore=shutil.ignore_patterns(USED, "meta.json"))
+    got = _files(prepared)
+    if got != info["files"] or any((prepared / f).is_symlink() for f in got):
+        shutil.rmtree(prepared, ignore_errors=True)
+        raise ValueError("its files are not those it was stored with")
+    return info
 
 
 def store(job_dir: Path, k: str | None, prepared: Path, info: dict) -> Path | None:
-    """prepared/ into the cache under key k (a copy written aside, then renamed into place); then the entries used
-    least recently are removed until the cache is within its bound. Returns the entry, or None."""
+    """prepared/ into the cache under key k (linked into a folder aside, then renamed into place); then the entries
+    used least recently are removed until the cache is within its bound. Returns the entry, or None. Never raises:
+    the job goes on without the cache."""
     bound = bound_bytes()
     if k is None or bound == 0:
         return None
     root = root_for(job_dir)
     entry = root / k
-    if entry.exists():
-        return entry
     aside = root / f".{k}.{uuid.uuid4().hex[:8]}.tmp"
     try:
+        files = _files(prepared)
+        if sum(files.values()) > bound:
+            return None  # larger than the whole cache: it would only push everything else out
+        if (entry / "meta.json").is_file():
+            return entry
         root.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(prepared, aside)
-        (aside / "meta.json").write_text(json.dumps({**info, "key": k, "stored_at": time.time()}))
+        if entry.exists():  # a folder without meta.json: half removed, or touched as it went
+            discard(entry)
+        shutil.copytree(prepared, aside, copy_function=_link)
+        (aside / "meta.json").write_text(json.dumps({**info, "files": files, "key": k, "stored_at": time.time()}))
         (aside / USED).touch()
         aside.rename(entry)
-    except OSError:  # another job stored it first, or the disk is full: the job goes on without the cache
+    except OSError:  # another job stored it first, or the disk is full
         shutil.rmtree(aside, ignore_errors=True)
         return entry if (entry / "meta.json").is_file() else None
-    evict(root, bound, keep=entry)
+    try:
+        evict(root, bound, keep=entry)
+    except OSError:
+        pass
     return entry
+
+
+def discard(entry: Path) -> None:
+    """Out of sight first (a reader then finds no entry, not half of one), then removed."""
+    dead = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.dead.tmp")
+    try:
+        entry.rename(dead)
+    except OSError:
+        return
+    shutil.rmtree(dead, ignore_errors=True)
 
 
 def _size(path: Path) -> int:
@@ -132,21 +193,29 @@ def _size(path: Path) -> int:
 
 
 def evict(root: Path, bound: int, keep: Path | None = None) -> list[str]:
-    """Remove the entries used least recently until the cache holds at most `bound` bytes (never `keep`)."""
-    entries = []
+    """Remove the entries used least recently until the cache holds at most `bound` bytes (never `keep`), and the
+    folders a crash left half written."""
+    entries, now = [], time.time()
     for e in root.iterdir():
-        if e.is_dir() and not e.name.startswith(".") and (e / "meta.json").is_file():
+        try:
+            if not e.is_dir():
+                continue
+            if e.name.startswith(".") or not (e / "meta.json").is_file():
+                if now - e.stat().st_mtime > STALE_S:
+                    shutil.rmtree(e, ignore_errors=True)
+                continue
             used = e / USED
-            entries.append((used.stat().st_mtime if used.exists() else 0.0, e))
-    total = sum(_size(e) for _, e in entries)
+            entries.append((used.stat().st_mtime if used.exists() else 0.0, e, _size(e)))
+        except OSError:  # removed by another job as we looked
+            continue
+    total = sum(size for _, _, size in entries)
     removed = []
-    for _, e in sorted(entries, key=lambda x: x[0]):
+    for _, e, size in sorted(entries, key=lambda x: x[0]):
         if total <= bound:
             break
         if keep is not None and e == keep:
             continue
-        size = _size(e)
-        shutil.rmtree(e, ignore_errors=True)
+        discard(e)
         total -= size
         removed.append(e.name)
     return removed

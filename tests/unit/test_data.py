@@ -298,8 +298,8 @@ def test_classification_and_regression_examples(tmp_path, tokenizer):
     assert D.tokenize_example(r, tokenizer, {"text": "ok", "label": "4.5"})["labels"] == 4.5
 
 
-@pytest.mark.parametrize("task,pairs", [("classification", False), ("classification", True),
-                                        ("regression", False), ("causal_lm", False)])
+@pytest.mark.parametrize("task,pairs", [("classification", "none"), ("classification", "all"),
+                                        ("classification", "some"), ("regression", "none"), ("causal_lm", "none")])
 def test_batched_tokenizing_gives_each_row_what_one_row_at_a_time_gives(tmp_path, tokenizer, task, pairs):
     """tokenize_split tokenizes a batch at a time, each row once; the reference is tokenize_example, a row at a
     time and twice (truncated, and untruncated for n_tokens): the same columns, row for row, long rows included."""
@@ -309,8 +309,8 @@ def test_batched_tokenizing_gives_each_row_what_one_row_at_a_time_gives(tmp_path
     rows = []
     for i in range(120):
         row = {"text": " ".join(words[: 1 + (i * 7) % len(words)] * (1 + i % 3))}
-        if pairs:
-            row["text_pair"] = " ".join(words[(i % 5):(i % 5) + 1 + i % 4])
+        if pairs != "none":  # "some": a few rows' pair is "" (which one row at a time reads as no pair)
+            row["text_pair"] = " ".join(words[(i % 5):(i % 5) + 1 + i % 4]) if pairs == "all" or i % 11 else ""
         if task != "causal_lm":
             row["label"] = ("neg", "pos", "mid")[i % 3] if task == "classification" else float(i % 7) / 2
         rows.append(row)

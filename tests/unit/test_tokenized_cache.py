@@ -73,6 +73,31 @@ def test_the_same_rows_are_tokenized_once_and_anything_that_changes_them_misses(
     assert len([e for e in (artifacts / ".tokenized").iterdir() if not e.name.startswith(".")]) == 3
 
 
+def test_an_entry_that_is_not_whole_is_not_used_and_is_stored_anew(world):
+    tmp_path, model, data, artifacts = world
+    first = _job(artifacts, "a")
+    prepare_data(_recipe(tmp_path, data), first, str(model))
+    (entry,) = [e for e in (artifacts / ".tokenized").iterdir() if not e.name.startswith(".")]
+    next((entry / "data" / "train").glob("*.arrow")).unlink()  # half evicted, or damaged
+    second = _job(artifacts, "b")
+    prepare_data(_recipe(tmp_path, data), second, str(model))
+    assert any(m.startswith(f"the cached tokenized data at {entry} could not be used (its files are not those it "
+                            f"was stored with): tokenizing") for m in _said(second))
+    assert _columns(second) == _columns(first)
+    third = _job(artifacts, "c")
+    prepare_data(_recipe(tmp_path, data), third, str(model))
+    assert any(m.startswith("tokenized data reused from") for m in _said(third)), "stored whole again"
+    assert _columns(third) == _columns(first)
+
+
+def test_a_hub_model_is_keyed_by_its_cached_snapshot_and_one_not_there_is_not_cached(world, minilm):
+    tmp_path, model, data, artifacts = world
+    assert cache.key(_recipe(tmp_path, data), "org/not-in-the-cache") is None
+    local = cache.key(_recipe(tmp_path, data), str(model))
+    hub = cache.key(_recipe(tmp_path, data), minilm)  # the packaged MiniLM, seeded into the test HF cache
+    assert local is not None and hub is not None and hub != local, "another tokenizer, another key"
+
+
 def test_the_cache_can_be_turned_off(world, monkeypatch):
     tmp_path, model, data, artifacts = world
     monkeypatch.setenv("RUNNER_TOKENIZED_CACHE_GB", "0")
