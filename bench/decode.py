@@ -35,29 +35,6 @@ def build_model(out: Path):
     return out
 
 
-def ort_decode(sess, kv: dict, prompts, new_tokens: int):
-    """Greedy decoding of a batch of equal-length prompts with the ONNX model and its KV cache."""
-    import numpy as np
-
-    from jobs.export_checks import past_names
-
-    names = past_names(kv)
-    b = prompts.shape[0]
-    past = {n: np.zeros((b, kv["kv_heads"], 0, kv["head_dim"]), dtype=np.float32) for n in names}
-    ids, seen, out = prompts, 0, []
-    for _ in range(new_tokens):
-        n = ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones((b, seen + n), dtype=np.int64),
-                "position_ids": np.broadcast_to(np.arange(seen, seen + n, dtype=np.int64), (b, n)).copy(), **past}
-        logits, *present = sess.run(None, feed)
-        token = logits[:, -1].argmax(-1).astype(np.int64)
-        out.append(token)
-        past = dict(zip(names, present))
-        seen += n
-        ids = token[:, None]
-    return np.stack(out, axis=1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir", nargs="?", type=Path)
@@ -72,7 +49,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from jobs.export import export_onnx, onnx_bytes
-    from jobs.export_checks import session
+    from jobs.export_checks import ort_decode, session
     from jobs.onnx_fusion import fuse_file, fused_ops, op_counts
     from jobs.quantize import prepare, quantize
 

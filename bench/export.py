@@ -57,13 +57,6 @@ def peer_export(model_dir: Path, out: Path) -> tuple[Path | None, str | None]:
     return out / "model.onnx", None
 
 
-def timed(runs: dict, ids, mask, repeats: int) -> dict[str, float]:
-    """Median ms of one forward pass per variant (jobs.export_checks.latencies_ms, on given arrays)."""
-    from jobs.export_checks import latencies_of
-
-    return latencies_of(runs, ids, mask, repeats)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("job_dir", nargs="?", type=Path)
@@ -82,7 +75,7 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
     from jobs.export import export_job, held_out_rows, onnx_bytes
-    from jobs.export_checks import DISABLED_OPTIMIZERS, Runner, batch_arrays, score, session
+    from jobs.export_checks import DISABLED_OPTIMIZERS, Runner, batch_arrays, latencies_of, score, session
     from jobs.recipe import SNAPSHOT, load_recipe
 
     recipe = load_recipe(job / "recipe.yaml", allowed=SNAPSHOT)
@@ -115,7 +108,7 @@ def main() -> None:
     long_ids = [t for r in rows for t in r["input_ids"]][: 8 * 128]
     shapes = {"b1": batch_arrays(rows[:1], pad_id), "b8": batch_arrays(rows[:8], pad_id),
               "b8_s128": (np.array(long_ids, dtype=np.int64).reshape(8, 128), np.ones((8, 128), dtype=np.int64))}
-    latency = {shape: timed(runs, ids, mask, args.repeats) for shape, (ids, mask) in shapes.items()}
+    latency = {shape: latencies_of(runs, ids, mask, args.repeats) for shape, (ids, mask) in shapes.items()}
     accuracy = {name: score(run, rows, pad_id, "classification")["accuracy"] for name, run in runs.items()}
 
     print(f"{len(rows)} held-out rows ({counts}); b1 and b8 at {shapes['b1'][0].shape[1]} and "

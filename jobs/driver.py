@@ -6,7 +6,6 @@ foreground). JOB_DIR holds `recipe.yaml`, the recipe as run (absolute paths, sec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -18,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from jobs import secrets
-from jobs.jobdir import JobState, checkpoints_newest_first, event, first_line, note, open_private
+from jobs.jobdir import JobState, checkpoints_newest_first, event, file_sha256, first_line, note, open_private
 from jobs.jobdir import shared_storage_problem
 from jobs.recipe import RecipeError, SNAPSHOT, load_recipe
 from jobs.schema import Recipe
@@ -264,11 +263,7 @@ def write_manifest(job_dir: Path, recipe: Recipe, timings: dict, result: dict, r
         if not p.is_file() or rel.parts[0] in ("prepared", "wandb", "earlier") or \
                 str(rel) in ("manifest.json", "job.log", "driver.pid"):  # still being written, or not this attempt's
             continue
-        h = hashlib.sha256()
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        files.append({"path": str(rel), "bytes": p.stat().st_size, "sha256": h.hexdigest()})
+        files.append({"path": str(rel), "bytes": p.stat().st_size, "sha256": file_sha256(p)})
     versions = {}
     for pkg in PACKAGES:
         try:

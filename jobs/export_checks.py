@@ -135,24 +135,30 @@ def parity(torch_run: Runner, onnx_run: Runner, rows: list[dict], pad_id: int, t
 
 
 def ort_generate(sess, kv: dict, prompt: list[int], new_tokens: int, eos: set[int]) -> list[int]:
-    """Greedy decoding with the ONNX model and its KV cache: the prompt once, then one token a step."""
-    past = {n: np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), dtype=np.float32) for n in past_names(kv)}
+    """Greedy decoding of one prompt with the ONNX model and its KV cache, up to and with the first EOS."""
+    return ort_decode(sess, kv, np.array([prompt], dtype=np.int64), new_tokens, eos)[0].tolist()
+
+
+def ort_decode(sess, kv: dict, prompts: np.ndarray, new_tokens: int, eos: set[int] = frozenset()) -> np.ndarray:
+    """Greedy decoding of a batch of equal-length prompts [b, n] with the ONNX model and its KV cache: the prompts
+    once, then one token a step; stops early once every row's last token is an EOS. Returns the tokens [b, k]."""
     names = past_names(kv)
-    ids = np.array([prompt], dtype=np.int64)
-    seen, out = 0, []
+    b = prompts.shape[0]
+    past = {n: np.zeros((b, kv["kv_heads"], 0, kv["head_dim"]), dtype=np.float32) for n in names}
+    ids, seen, out = prompts, 0, []
     for _ in range(new_tokens):
         n = ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, seen + n), dtype=np.int64),
-                "position_ids": np.arange(seen, seen + n, dtype=np.int64)[None], **past}
+        feed = {"input_ids": ids, "attention_mask": np.ones((b, seen + n), dtype=np.int64),
+                "position_ids": np.broadcast_to(np.arange(seen, seen + n, dtype=np.int64), (b, n)).copy(), **past}
         logits, *present = sess.run(None, feed)
-        token = int(logits[0, -1].argmax())
+        token = logits[:, -1].argmax(-1).astype(np.int64)
         out.append(token)
-        if token in eos:
+        if eos and all(int(t) in eos for t in token):
             break
         past = dict(zip(names, present))
         seen += n
-        ids = np.array([[token]], dtype=np.int64)
-    return out
+        ids = token[:, None]
+    return np.stack(out, axis=1) if out else np.zeros((b, 0), dtype=np.int64)
 
 
 def eos_ids(model) -> set[int]:

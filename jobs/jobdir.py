@@ -19,6 +19,7 @@ link followed, nothing but a plain file, bounded).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -273,6 +274,15 @@ def shared_storage_problem(path: str | Path, nodes: int, mounts: str | None = No
             f"them. Put RUNNER_HOME on storage every node mounts at the same path (NFS, EFS, Filestore, or an "
             f"s3/gs bucket through mountpoint-s3 or gcsfuse; see cluster/README.md), or set RUNNER_SHARED_STORAGE=1 "
             f"if it is shared already")
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read a megabyte at a time (a data file may be larger than memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

@@ -125,6 +125,11 @@ def _round_weights(w: np.ndarray, kind: str) -> np.ndarray:
     return np.clip(np.round(w / scale), -127, 127) * scale
 
 
+def _trans_b(node) -> bool:
+    """A Gemm that reads its weight as [out, in]."""
+    return node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+
+
 def _weights(node, inits: dict, base: Path) -> np.ndarray | None:
     """The [in, out] weight of a MatMul / Gemm whose second input is a 2-D float initializer (read from the
     external data file now, one node at a time)."""
@@ -136,8 +141,7 @@ def _weights(node, inits: dict, base: Path) -> np.ndarray | None:
     if len(init.dims) != 2 or init.data_type != TensorProto.FLOAT:
         return None
     w = numpy_helper.to_array(init, base_dir=str(base))
-    trans = any(a.name == "transB" and a.i for a in node.attribute) if node.op_type == "Gemm" else False
-    return w.T if trans else w
+    return w.T if _trans_b(node) else w
 
 
 ACTIVATION_BYTES = 2**28  # what the measured inputs may hold together (256 MB): fewer rows for a wider model
@@ -162,11 +166,7 @@ def sensitivity(pre: Path, feeds: list[dict], kind: str, work: Path) -> list[tup
     outputs = {o.name for o in model.graph.output}
     wanted = list(dict.fromkeys(n.input[0] for n in nodes))
 
-    def inputs_width(n) -> int:  # the weight's input dimension: [in, out], or a Gemm's [out, in] with transB
-        trans = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
-        return int(inits[n.input[1]].dims[1 if trans else 0])
-
-    width = {n.input[0]: inputs_width(n) for n in nodes}
+    width = {n.input[0]: int(inits[n.input[1]].dims[1 if _trans_b(n) else 0]) for n in nodes}  # inputs read
     budget_tokens = max(64, min(2048, ACTIVATION_BYTES // (4 * max(1, sum(width.values())))))
     for name in wanted:
         if name not in outputs:

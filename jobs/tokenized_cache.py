@@ -31,6 +31,8 @@ import time
 import uuid
 from pathlib import Path
 
+from jobs.jobdir import file_sha256
+
 TOKENIZE_VERSION = 2  # raised by hand when tokenizing changes; jobs/data.py's own source is in the key as well
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".data", ".gguf", ".h5", ".msgpack", ".ckpt")
 USED = ".used"  # touched on every hit: the eviction's clock
@@ -47,14 +49,6 @@ def bound_bytes() -> int:
 
 def root_for(job_dir: Path) -> Path:
     return Path(job_dir).parent / ".tokenized"
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def key(recipe, model_path: str) -> str | None:
@@ -82,8 +76,8 @@ def key(recipe, model_path: str) -> str | None:
         tok_files = sorted(f for f in model.rglob("*") if f.is_file() and not f.name.endswith(WEIGHTS))
         parts: list = [TOKENIZE_VERSION, recipe.task, recipe.data.model_dump(mode="json"),
                        recipe.model.trust_remote_code, transformers.__version__, tokenizers.__version__,
-                       datasets.__version__, _file_digest(Path(D.__file__)),
-                       [(str(f.relative_to(model)), _file_digest(f)) for f in tok_files]]
+                       datasets.__version__, file_sha256(Path(D.__file__)),
+                       [(str(f.relative_to(model)), file_sha256(f)) for f in tok_files]]
         for split in ("train", "validation", "test"):
             src = getattr(recipe.data, split)
             if src is None:
@@ -91,7 +85,7 @@ def key(recipe, model_path: str) -> str | None:
             elif src.path is not None:
                 p = recipe.resolve_path(src.path)
                 files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-                parts.append([(str(f.relative_to(p)) if p.is_dir() else f.name, _file_digest(f)) for f in files])
+                parts.append([(str(f.relative_to(p)) if p.is_dir() else f.name, file_sha256(f)) for f in files])
             elif src.revision and re.fullmatch(r"[0-9a-f]{40}", src.revision):  # a commit: a branch or tag moves
                 parts.append([src.hub, src.subset, src.split, src.revision])
             else:

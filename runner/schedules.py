@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
-from jobs.jobdir import TERMINAL
+from jobs.jobdir import TERMINAL, file_sha256
 from runner.store import Store, StoreError, UnknownJob
 
 GRACE_S = 120.0
@@ -109,7 +109,7 @@ def data_fingerprint(recipe, splits: tuple[str, ...] = ("train", "validation", "
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for f in files:
             st = f.stat()
-            digest = hashlib.sha256(f.read_bytes()).hexdigest()
+            digest = file_sha256(f)
             h.update(f"{split} {f} {st.st_size} {st.st_mtime_ns} {digest}\n".encode())
     return h.hexdigest()
 
