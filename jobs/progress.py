@@ -18,8 +18,9 @@ class Follow(threading.Thread):
     is that file's one writer wherever the workers run (two hosts appending to one file on shared storage can
     interleave)."""
 
-    def __init__(self, job_dir: Path, interval: float = 0.5):
+    def __init__(self, job_dir: Path, interval: float = 0.5, console=None):
         super().__init__(daemon=True)
+        self.console = console  # a rich Console; default: one on stderr
         self.job_dir = Path(job_dir)
         self.path = self.job_dir / "metrics.jsonl"
         self.log = self.job_dir / "train.log"
@@ -60,7 +61,7 @@ class Follow(threading.Thread):
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        console = Console(file=sys.stderr)
+        console = self.console or Console(file=sys.stderr)
         if not console.is_terminal:
             return self._plain()
         with Progress(TextColumn("{task.fields[where]}"), BarColumn(),
@@ -78,7 +79,7 @@ class Follow(threading.Thread):
 
     def _show(self, bar, task, rec: dict) -> None:
         if "split" in rec:
-            bar.console.print(evaluation_line(rec))
+            bar.console.print(evaluation_line(rec), markup=False, highlight=False)
             return
         self.last = rec
         bar.update(task, completed=rec["step"], total=rec["total_steps"],

@@ -123,6 +123,11 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     assert [(j["id"], j["state"]) for j in listed["jobs"]] == [(job_id, "SUCCEEDED")]
     status = runner("status", job_id).stdout
     assert "state:     SUCCEEDED" in status and "QUEUED -> STARTING" in status and "next: " in status
+    result = json.loads(runner("status", job_id, "--json").stdout)["result"]  # the job's eval.json, served
+    sel, base = result["selection"], result["baseline"]
+    assert f"kept:      step {sel['step']} of 60: {sel['why']}" in status, status
+    assert f"baseline:  test loss {result['test']['loss']:.4g} beats predicting the majority class of train, " \
+        f"{base['loss']:.4g}" in status, status
     log = runner("logs", job_id).stdout
     assert "1 worker on CPUs" in log and "step 60: validation loss=" in log and "accuracy=" in log
     assert not [x for x in ("torchvision", "Loading weights", "Writing model", "Traceback") if x in log], log

@@ -8,6 +8,7 @@ killed without a word, a cancel); another loses the node a job trains on.
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -149,6 +150,9 @@ def test_queue_survives_server_kill_driver_death_and_cancel(cluster, tmp_path, t
     assert srv.job(c)["reason"].startswith("the loss became "), srv.job(c)["reason"]
     warned = srv.job(c)["warnings"]  # the alarm rank 0 wrote, copied into the store and served
     assert any(w["message"].startswith("the gradient norm ") for w in warned), warned
+    out = subprocess.run([sys.executable, "-m", "runner.cli", "status", c], capture_output=True, text=True,
+                         env={**os.environ, "RUNNER_SERVER": srv.url, "RUNNER_HOME": str(home)}, timeout=60)
+    assert out.returncode == 0 and "warning:   the gradient norm " in out.stdout, out.stdout + out.stderr
     wait_for("no training actor left", lambda: not train_actors(), 30)
     assert srv.call("/cluster")[1]["free_gpus"] == 2
 

@@ -40,3 +40,31 @@ def test_the_driver_relays_rank_0s_warnings_into_the_jobs_events(tmp_path):
     assert [(e["level"], e["kind"], e["step"], e["message"]) for e in events] == [
         ("warning", "grad_norm", 9, "the gradient norm exploded at step 9"),
         ("warning", "baseline", 12, "the model does not beat its baseline")]
+
+
+def test_the_progress_bar_on_a_terminal_shows_the_step_of_the_total_and_every_validation_figure(tmp_path):
+    """On a terminal (a rich Console told it is one) the bar reads 'starting the workers' until the first step,
+    then 'step 3/10', never 'step 0/None'; each evaluation is a line with every figure."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from jobs.progress import Follow
+
+    screen = io.StringIO()
+    follow = Follow(tmp_path, interval=0.05, console=Console(file=screen, force_terminal=True, width=120))
+    follow.start()
+    time.sleep(0.3)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        for step in (1, 2, 3):
+            f.write(json.dumps({"step": step, "loss": 1.0 / step, "samples_per_s": 8.0, "total_steps": 10}) + "\n")
+        f.write(json.dumps({"step": 3, "epoch": 0.3, "split": "validation", "loss": 0.5, "accuracy": 0.9,
+                            "macro_f1": 0.875, "examples": 40, "time": 1.0}) + "\n")
+    time.sleep(0.3)
+    follow.stop()
+    err = screen.getvalue()
+    assert "\x1b[" in err, "rich drew a bar (a terminal's escapes), not plain lines"
+    assert "starting the workers" in err and "step 3/10" in err and "loss 0.3333" in err
+    assert "None" not in err and "step 0/" not in err
+    assert "step 3: validation loss=0.5000 accuracy=0.9000 macro_f1=0.8750" in err
