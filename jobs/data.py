@@ -258,7 +258,7 @@ def check_rows(recipe: Recipe, sp: Split) -> list[Problem]:
     for role, check in checks.items():
         if role not in sp.dataset.column_names:
             continue
-        for i, v in enumerate(sp.dataset[role]):
+        for i, v in enumerate(iter_column(sp.dataset, role)):
             msg = check(v)
             if msg:
                 bad.setdefault(f"{role}: {msg}" if "{" not in msg else msg, []).append(i)
@@ -302,7 +302,7 @@ def label_names(recipe: Recipe, train: Split) -> list[str]:
     """Classification labels in a stable order: as listed in the recipe, else sorted (numerically if whole)."""
     if recipe.data.labels is not None:
         return [str(x) for x in recipe.data.labels]
-    values = set(train.dataset["label"])
+    values = set(train.dataset.unique("label"))  # in Arrow: no Python object per row
     if all(isinstance(v, int) for v in values):
         return [str(v) for v in sorted(values)]
     return sorted(str(v) for v in values)
@@ -311,7 +311,7 @@ def label_names(recipe: Recipe, train: Split) -> list[str]:
 def check_labels(recipe: Recipe, names: list[str], sp: Split, listed: bool) -> list[Problem]:
     known = set(names)
     unknown: dict[str, list[int]] = {}
-    for i, v in enumerate(sp.dataset["label"]):
+    for i, v in enumerate(iter_column(sp.dataset, "label")):
         if str(v) not in known:
             unknown.setdefault(str(v), []).append(i)
     out = []
@@ -375,7 +375,7 @@ def derive_splits(recipe: Recipe, given: dict[str, Split]) -> dict[str, Split]:
                                                f"give them as files or add rows")])
     if len(ds) <= len(need):
         raise too_few
-    u = [split_unit(spec.seed, row) for row in ds]
+    u = [split_unit(spec.seed, row) for row in iter_rows(ds)]
     members: dict[str, list[int]] = {s: [] for s in need}
     rest: list[int] = []
     for i, x in enumerate(u):
@@ -402,6 +402,23 @@ def derive_splits(recipe: Recipe, given: dict[str, Split]) -> dict[str, Split]:
     for s, rows in (*members.items(), ("train", rest)):
         out[s] = Split(s, ds.select(rows), train.origin, lambda i, r=rows, w=train.where: w(r[i]))
     return {s: out[s] for s in SPLITS}
+
+
+BATCH_ROWS = 10_000  # rows a pass over a split reads from Arrow at a time
+
+
+def iter_column(ds, name: str):
+    """A column's values a batch of rows at a time (a million-row column is never one Python list)."""
+    for batch in ds.select_columns([name]).iter(batch_size=BATCH_ROWS):
+        yield from batch[name]
+
+
+def iter_rows(ds):
+    """Rows as dicts, read a batch at a time (reading rows one by one costs datasets a formatting pass each)."""
+    for batch in ds.iter(batch_size=BATCH_ROWS):
+        keys = list(batch)
+        for values in zip(*batch.values()):
+            yield dict(zip(keys, values))
 
 
 def content_key(row: dict) -> str:
@@ -549,20 +566,115 @@ def tokenize_batch(recipe: Recipe, tokenizer, batch: dict[str, list],
                 [float(v) for v in label]
         cols = {"input_ids": [list(x) for x in ids], "attention_mask": [[1] * len(x) for x in ids],
                 "labels": labels, "n_tokens": n}
+    # `length`: tokens fed (after truncation); `units`: what the row's loss is averaged over (1, or a causal LM's
+    # predicted tokens): read as Arrow columns by the loop and the length checks, never rebuilt row by row
+    cols["length"] = [len(x) for x in cols["input_ids"]]
+    cols["units"] = [sum(1 for x in y[1:] if x != -100) for y in cols["labels"]] if recipe.task == "causal_lm" \
+        else [1] * n_rows
     # `content`: the row's input digest (content_key), by which another job knows the rows this one trained on
     cols["content"] = [content_key(row) for row in rows]
     return cols
 
 
-def tokenize_split(recipe: Recipe, tokenizer, sp: Split, label_ids: dict[str, int] | None = None):
-    """The split as model inputs, a batch of rows at a time (`tokenize_batch`). `n_tokens` keeps each example's
-    length before truncation."""
+PARALLEL_ROWS = 20_000  # a split shorter than this is tokenized in one process (a worker costs ~1 s to start)
+
+
+def tokenize_split(recipe: Recipe, tokenizer, sp: Split, label_ids: dict[str, int] | None = None,
+                   processes: int = 1):
+    """The split as model inputs, a batch of rows at a time (`tokenize_batch`), over up to `processes` processes
+    (at least PARALLEL_ROWS rows each). `n_tokens` keeps each example's length before truncation."""
     if recipe.task == "causal_lm" and (recipe.data.layout) != "text" and not tokenizer.is_fast:
         raise ValueError("instruction and chat formats need a fast tokenizer (offsets place the loss)")
-    return sp.dataset.map(lambda b: tokenize_batch(recipe, tokenizer, b, label_ids), batched=True, batch_size=1000,
+    procs = max(1, min(processes, len(sp.dataset) // PARALLEL_ROWS))
+    return sp.dataset.map(_Tokenize(recipe, tokenizer, label_ids), batched=True, batch_size=1000,
                           remove_columns=sp.dataset.column_names, desc=f"tokenizing {sp.name}",
-                          load_from_cache_file=False,
+                          load_from_cache_file=False, num_proc=procs if procs > 1 else None,
                           new_fingerprint=uuid.uuid4().hex)  # not a hash of the tokenizer: 2 s of pickling
+
+
+class _Tokenize:
+    """tokenize_batch as a picklable callable (datasets hands it to its worker processes)."""
+
+    def __init__(self, recipe: Recipe, tokenizer, label_ids: dict[str, int] | None):
+        self.recipe, self.tokenizer, self.label_ids = recipe, tokenizer, label_ids
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return tokenize_batch(self.recipe, self.tokenizer, batch, self.label_ids)
+
+
+def pack(ds, max_len: int, seed: int):
+    """A causal LM's tokenized examples packed whole into rows of at most `max_len` tokens, best fit by decreasing
+    length (ties in a seeded order), in Arrow: no Python object per token.
+
+    Each packed row's `position_ids` restart at 0 at every example, which is how transformers tells the examples
+    apart (attention within an example only: masking_utils.find_packed_sequence_indices); each example's first
+    label is -100 (nothing before it in its example predicts it, as unpacked); `units` and `length` are summed,
+    `content` lists the examples' digests. Returns (packed dataset, rows per pack)."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+
+    table = ds.with_format("arrow")[:]
+    lengths = table.column("length").to_numpy()
+    bins = _best_fit(lengths, max_len, seed)
+    order = np.fromiter((j for b in bins for j in b), dtype=np.int64, count=len(lengths))
+    sizes = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
+    taken = table.take(pa.array(order))
+
+    def flat(name: str) -> np.ndarray:
+        return taken.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+    ids, labels = flat("input_ids"), flat("labels").copy()
+    ex_len = lengths[order]
+    ex_start = np.concatenate([[0], np.cumsum(ex_len)[:-1]])
+    labels[ex_start[ex_len > 0]] = -100
+    positions = np.arange(len(ids)) - np.repeat(ex_start, ex_len)
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each pack's first example
+    tok_off = pa.array(np.concatenate([[0], np.cumsum(np.add.reduceat(ex_len, first))]).astype(np.int32))
+    ex_off = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+    packed = pa.table({
+        "input_ids": pa.ListArray.from_arrays(tok_off, pa.array(ids)),
+        "labels": pa.ListArray.from_arrays(tok_off, pa.array(labels)),
+        "position_ids": pa.ListArray.from_arrays(tok_off, pa.array(positions)),
+        "length": pa.array(np.add.reduceat(ex_len, first)),
+        "units": pa.array(np.add.reduceat(taken.column("units").to_numpy(), first)),
+        "n_tokens": pa.array(np.add.reduceat(ex_len, first)),
+        "content": pa.ListArray.from_arrays(ex_off, taken.column("content").combine_chunks()),
+    })
+    return datasets.Dataset(packed), sizes
+
+
+def _best_fit(lengths, max_len: int, seed: int) -> list[list[int]]:
+    """Rows into bins of at most max_len tokens: longest first, each into the fullest bin it fits (bins kept by
+    their free room; the rooms that some bin has, sorted, found by bisection)."""
+    import bisect
+
+    import numpy as np
+
+    tie = np.random.default_rng(seed).permutation(len(lengths))
+    order = np.lexsort((tie, -np.asarray(lengths)))
+    bins: list[list[int]] = []
+    by_free: dict[int, list[int]] = {}  # free tokens -> bins with that much room
+    rooms: list[int] = []  # the keys of by_free with a bin, sorted
+    for j in order.tolist():
+        k = int(lengths[j])
+        at = bisect.bisect_left(rooms, k)
+        if at == len(rooms):
+            bins.append([j])
+            b, left = len(bins) - 1, max_len - k
+        else:
+            free = rooms[at]
+            b = by_free[free].pop()
+            if not by_free[free]:
+                rooms.pop(at)
+            bins[b].append(j)
+            left = free - k
+        if left > 0:
+            if not by_free.get(left):
+                by_free[left] = []
+                bisect.insort(rooms, left)
+            by_free[left].append(b)
+    return bins
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -55,30 +55,53 @@ def prepare_data(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, 
         except (OSError, ValueError, TypeError) as e:  # being evicted, or not the cache's: tokenize, store anew
             note(job_dir, f"the cached tokenized data at {entry} could not be used ({first_line(e)}): tokenizing")
             cache.discard(entry)
-    splits = D.load_splits(recipe)
+    try:
+        splits = D.load_splits(recipe)
+    except D.DataError as e:
+        raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in e.problems)) from None
     labels = D.label_names(recipe, splits["train"]) if recipe.task == "classification" else None
     ids = {n: i for i, n in enumerate(labels)} if labels else None
     tok = load_tokenizer(recipe, model_path)
     tokenized, notes, problems = {}, [], []
     for name, sp in splits.items():
         try:
-            ds = D.tokenize_split(recipe, tok, sp, ids)
+            ds = D.tokenize_split(recipe, tok, sp, ids, processes=tokenize_processes())
         except ValueError as e:
             raise JobFailed(f"data.format: {e}") from None
-        targets = [sum(1 for x in y[1:] if x != -100) for y in ds["labels"]] if recipe.task == "causal_lm" \
-            else [1] * len(ds)
-        problems += length_problems(recipe, name, ds["n_tokens"], targets, str(len(ds)), notes)
+        cols = ds.with_format("arrow")[:]  # the whole columns as Arrow arrays, not Python lists
+        problems += length_problems(recipe, name, cols.column("n_tokens").to_numpy(),
+                                    cols.column("units").to_numpy(), str(len(ds)), notes)
         tokenized[name] = ds
     if problems:
         raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in problems))
+    rows = {name: len(v) for name, v in tokenized.items()}  # examples (a packed train split has fewer rows)
+    if recipe.train.packing:
+        examples = len(tokenized["train"])
+        tokenized["train"], sizes = D.pack(tokenized["train"], recipe.data.max_seq_len, recipe.train.seed)
+        fed = sum(tokenized["train"].with_format("arrow")[:].column("length").to_pylist())
+        notes.append(f"train: {examples} examples packed into {len(sizes)} sequences of at most "
+                     f"{recipe.data.max_seq_len} tokens ({fed / (len(sizes) * recipe.data.max_seq_len):.0%} full, "
+                     f"{examples / max(len(sizes), 1):.1f} examples each)")
     shutil.rmtree(out, ignore_errors=True)
     datasets.DatasetDict(tokenized).save_to_disk(str(out / "data"))
     tok.save_pretrained(out / "tokenizer")
     (out / "labels.json").write_text(json.dumps(labels))
-    rows = {name: len(v) for name, v in tokenized.items()}
     if k is not None and cache.key(recipe, model_path) == k:  # files rewritten as they were read: not cached
         cache.store(job_dir, k, out, {"rows": rows, "notes": notes})
     return rows, notes
+
+
+def tokenize_processes() -> int:
+    """Processes that tokenize a big split: the CPUs this driver may use, at most RUNNER_TOKENIZE_PROCESSES
+    (default 8; tokenizing is one process per CPU, and more than a few rarely pay for their start)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    raw = os.environ.get("RUNNER_TOKENIZE_PROCESSES", "8")
+    try:
+        most = max(1, int(raw))
+    except ValueError:
+        raise JobFailed(f"RUNNER_TOKENIZE_PROCESSES={raw!r}: expected a whole number of processes, 1 or more") \
+            from None
+    return max(1, min(cpus, most))
 
 
 @dataclass
@@ -105,7 +128,7 @@ def prepare_job(job_dir: Path) -> Prepared:
         recipe = load_recipe(job_dir / "recipe.yaml", allowed=SNAPSHOT)
     except RecipeError as e:
         raise JobFailed(e.render()) from None
-    report = preflight(recipe, lengths=False)
+    report = preflight(recipe, lengths=False, data=False)  # the data: read and checked once, by prepare_data
     if not report.ok:
         raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in report.problems))
     timings["preflight_s"] = time.perf_counter() - t0

@@ -13,6 +13,9 @@ from jobs.schema import Recipe
 
 
 def collate(rows: list[dict], pad_id: int, task: str, device) -> dict:
+    """A batch's tensors, padded on the right. Packed rows (with `position_ids`: jobs.data.pack) get no attention
+    mask, so that transformers separates their examples by where the positions restart; their padding continues
+    as one more example of its own, which no real token attends to and no label counts."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -20,6 +23,12 @@ def collate(rows: list[dict], pad_id: int, task: str, device) -> dict:
         ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
         mask[i, : len(r["input_ids"])] = 1
     out = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if "position_ids" in rows[0]:
+        pos = torch.arange(width).repeat(len(rows), 1)
+        for i, r in enumerate(rows):
+            pos[i, : len(r["position_ids"])] = torch.tensor(r["position_ids"])
+            pos[i, len(r["position_ids"]):] = torch.arange(width - len(r["position_ids"]))
+        out["position_ids"], out["attention_mask"] = pos.to(device), None
     if task == "causal_lm":
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -32,34 +41,71 @@ def collate(rows: list[dict], pad_id: int, task: str, device) -> dict:
     return out
 
 
+MODEL_COLUMNS = ("input_ids", "labels", "position_ids", "units")
+
+
+def fetch(ds, idx: list[int]) -> list[dict]:
+    """The rows `idx` of a tokenized dataset, the columns a batch needs, in one Arrow take (not row by row)."""
+    cols = ds.select_columns([c for c in MODEL_COLUMNS if c in ds.column_names])[list(idx)]
+    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+
+
+def column(ds, name: str):
+    """A whole column of a dataset as a numpy array, read through Arrow (no Python object per row)."""
+    return ds.with_format("arrow")[:].column(name).to_numpy()
+
+
 def units(row: dict, task: str) -> int:
     """What the loss is averaged over: examples, or predicted tokens for a causal LM."""
     if task != "causal_lm":
         return 1
+    if "units" in row:
+        return int(row["units"])
     return sum(1 for x in row["labels"][1:] if x != -100)
 
 
+def forward(model, batch: dict):
+    """The model's logits for a batch of collate's; a packed batch with its position ids and no cache (transformers
+    looks for packed examples only then)."""
+    if batch["attention_mask"] is None:
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
 def per_example_loss(model, batch: dict, task: str) -> torch.Tensor:
-    """Summed loss of each example of the batch (a causal LM: summed over its predicted tokens)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    return losses_from_logits(logits, batch["labels"], task)
+    """Summed loss of each row of the batch (a causal LM: summed over its predicted tokens; a packed row: over
+    all of its examples')."""
+    return losses_from_logits(forward(model, batch).float(), batch["labels"], task)
+
+
+EVAL_BATCH_TIMES = 4  # evaluation batches are this many times train.batch_size (no gradients, no optimizer state)
 
 
 @torch.no_grad()
 def evaluate(model, ds, recipe: Recipe, pad_id: int, acc, batch_size: int, n_labels: int = 0) -> dict:
-    """Metrics of `ds`, each rank scoring a shard, gathered so every rank holds the same numbers."""
+    """Metrics of `ds`, each rank scoring a shard, gathered so every rank holds the same numbers. The rows go
+    longest first (so a batch pads little: the figures are per row, so the order changes none of them), dealt to
+    the ranks in turn, fetched a batch at a time."""
+    import numpy as np
+
     model.eval()
     rank, world = acc.process_index, acc.num_processes
-    mine = list(range(rank, len(ds), world))
-    records = score_records(model, [ds[j] for j in mine], recipe.task, pad_id, acc.device, acc.autocast, batch_size)
-    records = [(mine[i], *rest) for i, *rest in records]
+    lengths = column(ds, "length") if "length" in ds.column_names else \
+        np.fromiter((len(x) for x in ds["input_ids"]), dtype=np.int64, count=len(ds))
+    mine = np.argsort(-lengths, kind="stable")[rank::world].tolist()
+    records = []
+    for i in range(0, len(mine), batch_size):
+        part = mine[i:i + batch_size]
+        scored = score_records(model, fetch(ds, part), recipe.task, pad_id, acc.device, acc.autocast, batch_size)
+        records += [(part[j], *rest) for j, *rest in scored]
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, records)
         records = [r for part in gathered for r in part]
     records.sort()
     model.train()
-    return metrics(records, [ds[j]["labels"] for j, *_ in records], recipe.task, n_labels)
+    labels = column(ds, "labels").tolist() if recipe.task != "causal_lm" else []  # records hold every row, in order
+    return metrics(records, labels, recipe.task, n_labels)
 
 
 @torch.no_grad()
@@ -71,7 +117,7 @@ def score_records(model, rows: list[dict], task: str, pad_id: int, device, autoc
         part = rows[i:i + batch_size]
         batch = collate(part, pad_id, task, device)
         with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = forward(model, batch).float()
         losses = losses_from_logits(logits, batch["labels"], task)
         preds = logits.argmax(-1).tolist() if task == "classification" else \
             logits.squeeze(-1).tolist() if task == "regression" else [None] * len(part)
@@ -108,16 +154,15 @@ def metrics(records: list, labels: list, task: str, n_labels: int = 0) -> dict:
 
 def class_figures(preds: list[int], labels: list[int], n_labels: int) -> dict:
     """Accuracy, and macro-F1 over the classes that occur among labels or predictions (F1 = 2TP / (2TP+FP+FN))."""
-    k = n_labels or (max(list(labels) + list(preds)) + 1)
-    f1s = []
-    for c in range(k):
-        tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
-        fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
-        fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels),
-            "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
+    import numpy as np
+
+    p, y = np.asarray(preds, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    k = n_labels or int(max(p.max(initial=0), y.max(initial=0)) + 1)
+    tp = np.bincount(y[p == y], minlength=k)
+    wrong = np.bincount(p, minlength=k) + np.bincount(y, minlength=k) - 2 * tp  # FP + FN
+    seen = tp + wrong > 0
+    f1 = 2 * tp[seen] / (2 * tp[seen] + wrong[seen])
+    return {"accuracy": float((p == y).sum() / len(y)), "macro_f1": float(f1.mean()) if seen.any() else 0.0}
 
 
 def baseline(task: str, train_labels: list, test_labels: list, n_labels: int) -> dict:

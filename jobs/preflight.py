@@ -39,13 +39,14 @@ class Report:
         return d
 
 
-def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True) -> Report:
+def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True, data: bool = True) -> Report:
     """Check data, columns, labels, lengths, model and resources. Never raises for a user's mistake.
 
     lengths=False leaves out the truncation figures, for a caller that tokenizes every row next anyway (the
     driver: `jobs.driver.prepare_data` judges the lengths of all rows with `length_problems`). memory=False leaves
     out the memory estimate (for a recipe whose tuning, train or resources sections are defaults standing in for
-    ones with problems: an estimate of those would be of another job).
+    ones with problems: an estimate of those would be of another job). data=False leaves out reading the data (the
+    driver: prepare_data reads and checks it once, as it tokenizes, or finds it tokenized already by content).
     """
     from jobs import data as D
 
@@ -62,13 +63,13 @@ def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True) -> Repo
         except CallbackError as e:
             report.problems.append(Problem(e.key, e.why))
     try:
-        splits = D.load_splits(recipe)
+        splits = D.load_splits(recipe) if data else {}
     except D.DataError as e:
         report.problems += e.problems
         return report
     report.rows = {k: len(v.dataset) for k, v in splits.items()}
     label_ids = None
-    if recipe.task == "classification":
+    if recipe.task == "classification" and splits:
         report.labels = D.label_names(recipe, splits["train"])
         label_ids = {n: i for i, n in enumerate(report.labels)}
     if model_path is None:
@@ -142,11 +143,14 @@ def length_problems(recipe: Recipe, split: str, lengths: list[int], targets: lis
 
     lengths: each example's token count before truncation; targets: its predicted tokens after truncation.
     """
+    import numpy as np
+
     max_len = recipe.data.max_seq_len
+    lengths, targets = np.asarray(lengths, dtype=np.int64), np.asarray(targets, dtype=np.int64)
     n_rows = len(lengths)
-    longer = sum(1 for n in lengths if n > max_len)
-    no_target = sum(1 for t in targets if t == 0) if recipe.task == "causal_lm" else 0
-    longest = max(lengths, default=0)
+    longer = int((lengths > max_len).sum())
+    no_target = int((targets == 0).sum()) if recipe.task == "causal_lm" else 0
+    longest = int(lengths.max(initial=0))
     if longer:
         notes.append(f"{split}: {longer} of {scope} examples ({100 * longer / n_rows:.0f}%) are longer than "
                      f"data.max_seq_len {max_len} and will be truncated; the longest has {longest} tokens")

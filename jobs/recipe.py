@@ -453,6 +453,9 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
         out.append(("train.select_metric", f"{r.train.select_metric!r} is not a validation metric of task "
                                            f"'{r.task}'{did_you_mean(r.train.select_metric, known)}; expected one "
                                            f"of {', '.join(known)}"))
+    if r.train.packing and r.task != "causal_lm":
+        out.append(("train.packing", f"packs a causal LM's examples into sequences; task '{r.task}' has one label "
+                                     "per row: set it false (train.group_by_length cuts padding there)"))
     if r.train.eval_every and r.train.checkpoint_every and r.train.checkpoint_every % r.train.eval_every:
         out.append(("train.checkpoint_every", f"{r.train.checkpoint_every} is not a multiple of train.eval_every "
                                               f"({r.train.eval_every}); the best checkpoint is chosen at evaluations"))

@@ -266,6 +266,14 @@ class TrainSpec(_Strict):
         None, description="Validation metric that picks the weights kept (and drives early stopping), its direction "
         "known: default `accuracy` for classification, `mse` for regression, `loss` for causal LM (also `macro_f1`, "
         "`loss`, `mae`, `perplexity`). Ties go to the lower validation loss, then the later step.")
+    group_by_length: bool | None = Field(
+        None, description="Put rows of similar length in the same step (less padding, the same rows once per epoch "
+        "across the workers): each stretch of 64 steps' rows of the shuffled order sorted by length, cut into steps, "
+        "the steps shuffled. Default: on for classification and regression, off for a causal LM.")
+    packing: bool = Field(
+        False, description="Causal LM: pack train examples whole into sequences of `data.max_seq_len` (position ids "
+        "restart at each, so attention never crosses examples; loss masks kept). Validation and test stay one "
+        "example a row.")
     callbacks: list[CallbackSpec] = Field(
         default_factory=list, max_length=16,
         description="Code of your own at fixed points of the loop, on every worker, in this order: each "
@@ -473,6 +481,12 @@ class Recipe(_Strict):
         """(validation metric that picks the best weights, higher is better)."""
         metric = self.train.select_metric or next(iter(SELECT_METRICS[self.task]))
         return metric, SELECT_METRICS[self.task][metric]
+
+    @property
+    def group_by_length(self) -> bool:
+        """Whether training steps group rows of similar length (train.group_by_length, or the task's default)."""
+        g = self.train.group_by_length
+        return self.task != "causal_lm" if g is None else g
 
     @property
     def gate_metric(self) -> tuple[str, bool]:

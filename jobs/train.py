@@ -36,7 +36,8 @@ from jobs.callbacks import build as build_callbacks
 from jobs.checkpoints import (
     State, checkpoint, cpu_copy, resume_state, save_model, selection, track_best, trainable_state,
 )
-from jobs.evaluation import baseline, collate, evaluate, per_example_loss, units, versus_baseline
+from jobs.evaluation import EVAL_BATCH_TIMES, baseline, collate, column, evaluate, fetch, per_example_loss
+from jobs.evaluation import versus_baseline
 from jobs.jobdir import EVAL, FAILURE, METRICS, RECIPE, WARNINGS, append, note
 from jobs.recipe import SNAPSHOT, parse_recipe
 from jobs.schema import Recipe
@@ -51,17 +52,29 @@ class Diverged(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def epoch_plan(n: int, seed: int, epoch: int, world: int, batch: int, accum: int) -> list[list[list[list[int]]]]:
-    """plan[step][rank] = `accum` micro-batches of row indices (possibly empty). Covers all n rows once."""
+GROUP_STEPS = 64  # group_by_length sorts the rows of this many steps at a time
+
+
+def epoch_plan(n: int, seed: int, epoch: int, world: int, batch: int, accum: int,
+               lengths=None) -> list[list[list[list[int]]]]:
+    """plan[step][rank] = `accum` micro-batches of row indices (possibly empty). Covers all n rows once.
+
+    lengths (train.group_by_length): each stretch of GROUP_STEPS steps' rows of the shuffled order is sorted by
+    length, longest first, cut into steps, and the epoch's steps are shuffled: a step holds rows of similar length
+    (little padding) and the rows a step holds do not depend on the worker count (world x batch is the step)."""
+    rng = random.Random(seed * 100_003 + epoch)
     order = list(range(n))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
+    rng.shuffle(order)
     per_step = world * batch * accum
-    plan = []
-    for start in range(0, n, per_step):
-        rows = order[start:start + per_step]
-        ranks = _deal(rows, world)
-        plan.append([_deal(r, accum, contiguous=True) for r in ranks])
-    return plan
+    steps = [order[start:start + per_step] for start in range(0, n, per_step)]
+    if lengths is not None:
+        span = per_step * GROUP_STEPS
+        steps = []
+        for start in range(0, n, span):
+            part = sorted(order[start:start + span], key=lambda j: -int(lengths[j]))  # stable: ties keep the shuffle
+            steps += [part[i:i + per_step] for i in range(0, len(part), per_step)]
+        rng.shuffle(steps)
+    return [[_deal(r, accum, contiguous=True) for r in _deal(rows, world)] for rows in steps]
 
 
 def _deal(rows: list[int], parts: int, contiguous: bool = False) -> list[list[int]]:
@@ -155,7 +168,8 @@ def train_func(config: dict) -> None:
     done = state.step >= run.steps or state.stopped_early
     val = None  # the latest validation metrics, of the weights as they are now
     while not done:
-        by_step = epoch_plan(len(run.train_ds), t.seed, state.epoch, run.world, t.batch_size, t.grad_accum)
+        by_step = epoch_plan(len(run.train_ds), t.seed, state.epoch, run.world, t.batch_size, t.grad_accum,
+                             run.length_of if run.recipe.group_by_length else None)
         epoch = run.loop.epoch = state.epoch
         while state.epoch == epoch and not done:
             rec = _train_step(run, state, by_step)
@@ -245,8 +259,8 @@ class Run:
 
     def evaluate(self, ds) -> dict:
         n_labels = len(self.labels or [])
-        return evaluate(self.model, ds, self.recipe, self.pad_id, self.acc, self.recipe.train.batch_size * 2,
-                        n_labels)
+        return evaluate(self.model, ds, self.recipe, self.pad_id, self.acc,
+                        self.recipe.train.batch_size * EVAL_BATCH_TIMES, n_labels)
 
 
 def _set_up(config: dict) -> Run:
@@ -293,8 +307,8 @@ def _set_up(config: dict) -> Run:
               loop=Loop(job_dir, acc.process_index, world), steps=steps, per_epoch=per_epoch,
               eval_every=t.eval_every or per_epoch, ckpt_every=t.checkpoint_every or t.eval_every or per_epoch,
               lr_at=lr_schedule(recipe, steps),
-              unit_of=[units(r, recipe.task) for r in train_ds] if recipe.task == "causal_lm" else None,
-              length_of=[len(x) for x in train_ds["input_ids"]], use_gpu=use_gpu)
+              unit_of=column(train_ds, "units") if recipe.task == "causal_lm" else None,
+              length_of=column(train_ds, "length"), use_gpu=use_gpu)
     run.wb = _wandb(recipe, job_dir, config, run.rank)
     run.note(f"{describe(sp, world, acc.distributed_type.value)}; mixed precision {sp['mixed_precision']}"
              f"{', gradient checkpointing' if recipe.resources.gradient_checkpointing else ''}; "
@@ -326,7 +340,7 @@ def _train_step(run: Run, state: State, by_step: list) -> dict:
     tick = time.perf_counter()
     micro = by_step[state.step_in_epoch][run.rank]
     step_rows = [j for r in by_step[state.step_in_epoch] for m in r for j in m]
-    step_units = len(step_rows) if run.unit_of is None else max(1, sum(run.unit_of[j] for j in step_rows))
+    step_units = len(step_rows) if run.unit_of is None else max(1, int(run.unit_of[step_rows].sum()))
     # set on the prepared optimizer's own groups, every step: prepare() and every load_state_dict (a resume)
     # put new dicts in place, so a reference kept from before would set nothing
     for g in optimizer.param_groups:
@@ -335,7 +349,7 @@ def _train_step(run: Run, state: State, by_step: list) -> dict:
     local_sum = torch.zeros((), device=acc.device)
     for m, idx in enumerate(micro):
         weight = 1.0 if idx else 0.0  # a rank with no rows left still joins the all-reduce
-        rows = [run.train_ds[j] for j in (idx or [0])]
+        rows = fetch(run.train_ds, idx or [0])
         sync = m == len(micro) - 1
         if sp["strategy"] == "deepspeed":  # DeepSpeed steps at the boundary Accelerate tells it
             acc.gradient_state._set_sync_gradients(sync)
@@ -360,7 +374,7 @@ def _train_step(run: Run, state: State, by_step: list) -> dict:
     elapsed = time.perf_counter() - tick
     rec = {"step": state.step, "epoch": round(state.step / run.per_epoch, 4), "loss": loss_value, "lr": lr,
            "grad_norm": grad_norm, "samples_per_s": len(step_rows) / elapsed,
-           "tokens_per_s": sum(run.length_of[j] for j in step_rows) / elapsed, "total_steps": run.steps,
+           "tokens_per_s": int(run.length_of[step_rows].sum()) / elapsed, "total_steps": run.steps,
            "time": time.time()}
     if skipped:
         rec["skipped"] = True
@@ -413,7 +427,7 @@ def _test_and_save(run: Run, state: State, val: dict | None) -> None:
         chosen = selection(state, name, higher, run.steps)
         run.note(f"kept the weights of step {chosen['step'] or state.step} of {state.step}: {chosen['why']}")
         base = state.baseline if recipe.task == "causal_lm" else \
-            baseline(recipe.task, run.train_ds["labels"], run.test_ds["labels"], len(run.labels or []))
+            baseline(recipe.task, column(run.train_ds, "labels"), column(run.test_ds, "labels"), len(run.labels or []))
         if base is not None:  # None: a causal LM resumed from a checkpoint older than baselines
             beats, verdict = versus_baseline(test, base, *recipe.gate_metric)
             base = {**base, "beaten": beats, "verdict": verdict}

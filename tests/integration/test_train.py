@@ -249,11 +249,13 @@ def test_causal_lm_formats(tmp_path, llama_dir, fmt):
     }[fmt]
     tracking = "tracking:\n  mode: offline\nexport:\n  onnx: true\n" if fmt == "text" else ""
     tuning = "lora" if fmt == "text" else "full"
-    # the chat run recomputes activations in the backward pass (gradient checkpointing): it must learn the same
+    # the chat run recomputes activations in the backward pass (gradient checkpointing) and packs its examples
+    # (train.packing): it must learn the same
     resources = "resources:\n  gradient_checkpointing: true\n" if fmt == "chat" else ""
+    packing = "  packing: true\n" if fmt == "chat" else ""
     d = job(tmp_path, llama_dir, f"data:\n  train: data.jsonl\n  format: {fmt}\n  max_seq_len: 160\n"
-            f"tuning: {tuning}\ntrain:\n  max_steps: 12\n  batch_size: 8\n  lr: 0.01\n  eval_every: 6\n{tracking}"
-            f"{resources}", task="causal_lm", rows=rows)
+            f"tuning: {tuning}\ntrain:\n  max_steps: 12\n  batch_size: 8\n  lr: 0.01\n  eval_every: 6\n{packing}"
+            f"{tracking}{resources}", task="causal_lm", rows=rows)
     result = run_job(d)
     evals = [m for m in metrics(d) if m.get("split") == "validation"]
     assert evals[-1]["loss"] < evals[0]["loss"]
@@ -278,6 +280,14 @@ def test_causal_lm_formats(tmp_path, llama_dir, fmt):
 
     AutoModelForCausalLM.from_pretrained(d / "model")  # merged: plain transformers
     assert ("gradient checkpointing" in (d / "train.log").read_text()) == (fmt == "chat")
+    prepared = datasets.load_from_disk(str(d / "prepared" / "data"))
+    manifest = json.loads((d / "manifest.json").read_text())
+    if fmt == "chat":  # every train example once, packed; each pack within max_seq_len; the test split as it was
+        assert len(prepared["train"]) < manifest["rows"]["train"] / 3
+        assert sum(len(c) for c in prepared["train"]["content"]) == manifest["rows"]["train"]
+        assert max(prepared["train"]["length"]) <= 160 and "position_ids" not in prepared["test"].column_names
+        assert f"train: {manifest['rows']['train']} examples packed into {len(prepared['train'])} sequences" in \
+            (d / "train.log").read_text()
     if fmt == "text":
         assert list((d / "wandb").glob("offline-run-*")), "W&B offline run written"
         # a LoRA job's checkpoint holds the adapter and its optimizer state, not the whole model

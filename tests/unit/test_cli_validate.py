@@ -64,7 +64,8 @@ def test_a_schema_problem_does_not_hide_the_data_problems(tmp_path, minilm):
         f"  {r}:9: train.learnig_rate: unknown key (did you mean 'lr'?); allowed here: " + ", ".join(
             ["epochs", "max_steps", "optimizer", "lr", "schedule", "warmup_ratio", "warmup_steps", "weight_decay",
              "batch_size", "grad_accum", "max_grad_norm", "seed", "eval_every", "checkpoint_every",
-             "keep_checkpoints", "early_stopping", "select_metric", "callbacks"]),
+             "keep_checkpoints", "early_stopping", "select_metric", "group_by_length", "packing",
+             "callbacks"]),
         f"  {r}:11: resources.workers: 0 is out of range; must be >= 1",
         f"  {r}:7: data.test: test.jsonl:2: label 'z' is not among the training labels (x, y)"]
     report = json.loads(runner("validate", r, "--json").stdout)

@@ -263,7 +263,8 @@ def test_instruction_format_loss_only_on_response(tmp_path, tokenizer, shared_da
         assert row["output"] not in prompt
     assert "### Input:" in tokenizer.decode(D.tokenize_example(r, tokenizer, with_input)["input_ids"])
     tok = D.tokenize_split(r, tokenizer, splits["validation"])
-    assert set(tok.column_names) == {"input_ids", "attention_mask", "labels", "n_tokens", "content"}
+    assert set(tok.column_names) == {"input_ids", "attention_mask", "labels", "n_tokens", "length", "units",
+                                    "content"}
 
 
 def test_instruction_truncation_keeps_prompt_masked(tmp_path, tokenizer, shared_data):
@@ -322,6 +323,21 @@ def test_batched_tokenizing_gives_each_row_what_one_row_at_a_time_gives(tmp_path
     for k in ("input_ids", "attention_mask", "labels", "n_tokens"):
         assert got[k] == [w[k] for w in want], k
     assert got["content"] == [D.content_key(row) for row in rows]
+    assert got["length"] == [len(w["input_ids"]) for w in want]
+    assert got["units"] == [sum(1 for x in w["labels"][1:] if x != -100) if task == "causal_lm" else 1 for w in want]
+
+
+def test_tokenizing_in_two_processes_gives_what_one_gives(tmp_path, tokenizer, monkeypatch):
+    """A big split is tokenized over several processes (datasets' num_proc): the same rows in the same order."""
+    import datasets
+
+    monkeypatch.setattr(D, "PARALLEL_ROWS", 50)  # so that 150 rows make two processes' worth
+    rows = [{"text": "the quick brown fox " * (1 + i % 5), "label": ("a", "b")[i % 2]} for i in range(150)]
+    r = recipe(tmp_path, "  train: x.jsonl\n  max_seq_len: 12\n")
+    sp = D.Split("train", datasets.Dataset.from_list(rows), "x")
+    one = D.tokenize_split(r, tokenizer, sp, {"a": 0, "b": 1}, processes=1)
+    two = D.tokenize_split(r, tokenizer, sp, {"a": 0, "b": 1}, processes=2)
+    assert two.to_dict() == one.to_dict()
 
 
 def test_chat_rows_are_checked(tmp_path):

@@ -43,7 +43,8 @@ def test_unknown_key_with_suggestion():
     assert problems(BASE + "train:\n  learnig_rate: 0.1\n") == [
         "r.yaml:8: train.learnig_rate: unknown key (did you mean 'lr'?); allowed here: epochs, max_steps, optimizer, "
         "lr, schedule, warmup_ratio, warmup_steps, weight_decay, batch_size, grad_accum, max_grad_norm, seed, "
-        "eval_every, checkpoint_every, keep_checkpoints, early_stopping, select_metric, callbacks"
+        "eval_every, checkpoint_every, keep_checkpoints, early_stopping, select_metric, group_by_length, packing, "
+        "callbacks"
     ]
 
 
