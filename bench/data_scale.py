@@ -13,7 +13,11 @@ Generated classification rows (short texts of 4-30 words, 58 labels), one JSONL 
   for a second job on the same files (the tokenized cache);
 - `first_step_cold_s` / `first_step_cached_s`: `runner run` from its start to the first training step in
   metrics.jsonl, then stopped (Ctrl-C), twice: the second finds the tokenized data cached; with the driver's and
-  a training worker's peak resident memory (`driver_peak_gib`, `worker_peak_gib`, Linux's VmHWM).
+  a training worker's peak resident memory (`driver_peak_gib`, `worker_peak_gib`, Linux's VmHWM; the driver's
+  tokenizing processes, summed, apart);
+- per phase, the cost of a further row between consecutive sizes (`marginal_us_per_row`: the fixed part, such as
+  starting Ray, left out) and its spread across the sizes (`marginal_spread`, 1.0 is flat); the plain seconds per
+  row are in each size's figures.
 Then evaluation rows/s on 20,000 tokenized rows (jobs.evaluation.evaluate: longest first, batches of 4 x
 train.batch_size, fetched a batch at a time) against the former way (rows in order, 2 x batch, one row at a time),
 the same loss to 0.1% and accuracy to 0.2 points (other padding moves near ties of an untrained head); and, on generated instruction rows (`--instruction`), a small Llama built from a config
@@ -103,6 +107,7 @@ def first_step(recipe_file: Path, home: Path) -> dict:
                             env={**os.environ, "RUNNER_HOME": str(home)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     peaks = {"driver": 0.0, "worker": 0.0}
+    helpers: dict[int, float] = {}  # the driver's tokenizing processes (spawned), each one's peak
     seconds = None
     before = set((home / "artifacts").glob("scale-*"))
     try:
@@ -110,8 +115,11 @@ def first_step(recipe_file: Path, home: Path) -> dict:
             for p in psutil.Process(proc.pid).children(recursive=True) + _train_workers():
                 try:
                     cmd = " ".join(p.cmdline())
-                    kind = "driver" if "jobs.entrypoint" in cmd else "worker" if "RayTrainWorker" in cmd else None
-                    if kind:
+                    kind = "driver" if "jobs.entrypoint" in cmd else "worker" if "RayTrainWorker" in cmd else \
+                        "helper" if "multiprocess" in cmd else None
+                    if kind == "helper":
+                        helpers[p.pid] = max(helpers.get(p.pid, 0.0), rss_mb(p.pid)[1])
+                    elif kind:
                         peaks[kind] = max(peaks[kind], rss_mb(p.pid)[1])
                 except (psutil.Error, OSError, KeyError):
                     pass
@@ -130,7 +138,7 @@ def first_step(recipe_file: Path, home: Path) -> dict:
     if seconds is None:
         raise RuntimeError(f"no training step: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
     return {"s": round(seconds, 1), "driver_gib": round(peaks["driver"] / 1024, 3),
-            "worker_gib": round(peaks["worker"] / 1024, 3)}
+            "worker_gib": round(peaks["worker"] / 1024, 3), "helpers_gib": round(sum(helpers.values()) / 1024, 3)}
 
 
 def _train_workers() -> list:
@@ -289,6 +297,7 @@ def main() -> None:
                 figures[f"first_step_{name}_s"] = got["s"]
                 figures[f"driver_peak_gib_{name}"], figures[f"worker_peak_gib_{name}"] = \
                     got["driver_gib"], got["worker_gib"]
+                figures[f"tokenizer_processes_peak_gib_{name}"] = got["helpers_gib"]  # summed: an upper bound
             runner("cluster", "down", env={"RUNNER_HOME": str(home)})
         for k in [k for k in figures if k.endswith("_s") and not k.endswith("per_s")]:  # microseconds a row
             figures[f"{k}_per_row_us"] = round(figures[k] / n * 1e6, 2)
@@ -304,9 +313,15 @@ def main() -> None:
                        f"first_step_{label}_cached_s": big["first_step_cached_s"],
                        "driver_peak_gib": max(big["driver_peak_gib_cold"], big["driver_peak_gib_cached"]),
                        "worker_peak_gib": max(big["worker_peak_gib_cold"], big["worker_peak_gib_cached"])})
-    phases = [k for k in result["per_size"][min(sizes)] if k.endswith("_per_row_us") and "cached" not in k]
-    result["per_row_spread"] = {k: round(max(f[k] for f in result["per_size"].values()) /
-                                         min(f[k] for f in result["per_size"].values()), 2) for k in phases}
+    # each phase's cost of a further row between consecutive sizes (its fixed part, e.g. starting Ray, left out),
+    # and the spread of those across the sizes (1.0: flat)
+    phases = [k for k in result["per_size"][min(sizes)] if k.endswith("_s") and not k.endswith("per_s")
+              and "cached" not in k]
+    marginal = {k: [round((result["per_size"][b][k] - result["per_size"][a][k]) / (b - a) * 1e6, 2)
+                    for a, b in zip(sizes, sizes[1:])] for k in phases}
+    result["marginal_us_per_row"] = marginal
+    result["marginal_spread"] = {k: round(max(v) / min(v), 2) if v and min(v) > 0 else None
+                                 for k, v in marginal.items()}
     result.update(evaluation(20_000, args.seed))
     pk = packing(args.instruction, args.seed)
     result.update(packing_speedup=pk["packing_speedup"], padding_share_packed=pk["packed"]["padding_share"],

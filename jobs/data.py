@@ -302,7 +302,9 @@ def label_names(recipe: Recipe, train: Split) -> list[str]:
     """Classification labels in a stable order: as listed in the recipe, else sorted (numerically if whole)."""
     if recipe.data.labels is not None:
         return [str(x) for x in recipe.data.labels]
-    values = set(train.dataset.unique("label"))  # in Arrow: no Python object per row
+    import pyarrow.compute as pc
+
+    values = set(pc.unique(train.dataset.with_format("arrow")["label"]).to_pylist())  # in Arrow, no copy
     if all(isinstance(v, int) for v in values):
         return [str(v) for v in sorted(values)]
     return sorted(str(v) for v in values)
@@ -580,16 +582,30 @@ PARALLEL_ROWS = 20_000  # a split shorter than this is tokenized in one process 
 
 
 def tokenize_split(recipe: Recipe, tokenizer, sp: Split, label_ids: dict[str, int] | None = None,
-                   processes: int = 1):
+                   processes: int = 1, scratch: Path | None = None):
     """The split as model inputs, a batch of rows at a time (`tokenize_batch`), over up to `processes` processes
-    (at least PARALLEL_ROWS rows each). `n_tokens` keeps each example's length before truncation."""
+    (at least PARALLEL_ROWS rows each). `n_tokens` keeps each example's length before truncation.
+
+    scratch: a folder for the result's Arrow files (else datasets writes them beside the source's own, which may be
+    the user's save_to_disk folder or the shared datasets cache). The processes are spawned, never forked: the
+    driver tokenizes while another thread starts Ray, and a fork copies whatever lock a thread holds."""
     if recipe.task == "causal_lm" and (recipe.data.layout) != "text" and not tokenizer.is_fast:
         raise ValueError("instruction and chat formats need a fast tokenizer (offsets place the loss)")
     procs = max(1, min(processes, len(sp.dataset) // PARALLEL_ROWS))
-    return sp.dataset.map(_Tokenize(recipe, tokenizer, label_ids), batched=True, batch_size=1000,
-                          remove_columns=sp.dataset.column_names, desc=f"tokenizing {sp.name}",
-                          load_from_cache_file=False, num_proc=procs if procs > 1 else None,
-                          new_fingerprint=uuid.uuid4().hex)  # not a hash of the tokenizer: 2 s of pickling
+    import multiprocess
+
+    where = {"cache_file_name": str(Path(scratch) / f"{sp.name}.arrow")} if scratch is not None else {}
+    method = multiprocess.get_start_method(allow_none=True)
+    if procs > 1:
+        multiprocess.set_start_method("spawn", force=True)  # datasets makes its Pool with the default method
+    try:
+        return sp.dataset.map(_Tokenize(recipe, tokenizer, label_ids), batched=True, batch_size=1000,
+                              remove_columns=sp.dataset.column_names, desc=f"tokenizing {sp.name}",
+                              load_from_cache_file=False, num_proc=procs if procs > 1 else None,
+                              new_fingerprint=uuid.uuid4().hex, **where)  # not a hash of the tokenizer: 2 s
+    finally:
+        if procs > 1:
+            multiprocess.set_start_method(method, force=True)
 
 
 class _Tokenize:
@@ -602,6 +618,9 @@ class _Tokenize:
         return tokenize_batch(self.recipe, self.tokenizer, batch, self.label_ids)
 
 
+PACK_CHUNK_TOKENS = 1 << 28  # packs are built this many tokens at a time (bounded memory, 32-bit list offsets)
+
+
 def pack(ds, max_len: int, seed: int):
     """A causal LM's tokenized examples packed whole into rows of at most `max_len` tokens, best fit by decreasing
     length (ties in a seeded order), in Arrow: no Python object per token.
@@ -609,15 +628,35 @@ def pack(ds, max_len: int, seed: int):
     Each packed row's `position_ids` restart at 0 at every example, which is how transformers tells the examples
     apart (attention within an example only: masking_utils.find_packed_sequence_indices); each example's first
     label is -100 (nothing before it in its example predicts it, as unpacked); `units` and `length` are summed,
-    `content` lists the examples' digests. Returns (packed dataset, rows per pack)."""
+    `examples` counts them and `content` lists their digests. Returns (packed dataset, rows per pack)."""
     import datasets
     import numpy as np
     import pyarrow as pa
 
-    table = ds.with_format("arrow")[:]
+    if len(ds) == 0:
+        raise ValueError("the train split has no examples to pack")
+    table = ds.select_columns(["input_ids", "labels", "length", "units", "content"]).with_format("arrow")[:]
     lengths = table.column("length").to_numpy()
     bins = _best_fit(lengths, max_len, seed)
-    order = np.fromiter((j for b in bins for j in b), dtype=np.int64, count=len(lengths))
+    parts, chunk, tokens = [], [], 0
+    for b in bins:  # whole packs to a chunk, each chunk under PACK_CHUNK_TOKENS tokens
+        chunk.append(b)
+        tokens += int(lengths[b].sum())
+        if tokens >= PACK_CHUNK_TOKENS:
+            parts.append(_pack_table(table, lengths, chunk))
+            chunk, tokens = [], 0
+    if chunk:
+        parts.append(_pack_table(table, lengths, chunk))
+    sizes = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
+    return datasets.Dataset(pa.concat_tables(parts)), sizes
+
+
+def _pack_table(table, lengths, bins: list[list[int]]):
+    """The Arrow table of these packs (pack's columns), from the examples' table."""
+    import numpy as np
+    import pyarrow as pa
+
+    order = np.fromiter((j for b in bins for j in b), dtype=np.int64)
     sizes = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
     taken = table.take(pa.array(order))
 
@@ -630,18 +669,18 @@ def pack(ds, max_len: int, seed: int):
     labels[ex_start[ex_len > 0]] = -100
     positions = np.arange(len(ids)) - np.repeat(ex_start, ex_len)
     first = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each pack's first example
-    tok_off = pa.array(np.concatenate([[0], np.cumsum(np.add.reduceat(ex_len, first))]).astype(np.int32))
+    per_pack = np.add.reduceat(ex_len, first)
+    tok_off = pa.array(np.concatenate([[0], np.cumsum(per_pack)]).astype(np.int32))
     ex_off = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
-    packed = pa.table({
+    return pa.table({
         "input_ids": pa.ListArray.from_arrays(tok_off, pa.array(ids)),
         "labels": pa.ListArray.from_arrays(tok_off, pa.array(labels)),
         "position_ids": pa.ListArray.from_arrays(tok_off, pa.array(positions)),
-        "length": pa.array(np.add.reduceat(ex_len, first)),
+        "length": pa.array(per_pack),
         "units": pa.array(np.add.reduceat(taken.column("units").to_numpy(), first)),
-        "n_tokens": pa.array(np.add.reduceat(ex_len, first)),
+        "examples": pa.array(sizes),
         "content": pa.ListArray.from_arrays(ex_off, taken.column("content").combine_chunks()),
     })
-    return datasets.Dataset(packed), sizes
 
 
 def _best_fit(lengths, max_len: int, seed: int) -> list[list[int]]:

@@ -32,11 +32,20 @@ PACKAGES = ("torch", "transformers", "accelerate", "datasets", "ray", "peft", "o
 
 
 def prepare_data(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, list[str]]:
-    """Tokenize train/validation/test once, for every worker: <job_dir>/prepared/{data,tokenizer,labels.json}.
+    """Tokenize train/validation/test once, for every worker: <job_dir>/prepared/{data,tokenizer,labels.json}, and
+    with train.packing the train examples packed (prepared/packed).
 
-    Judges the lengths of every row (pre-flight looked at the first few thousand) and raises JobFailed where
-    nothing would be learned. Returns the rows per split and the notes on truncation.
+    Reads and checks the data (the driver's only read of it), judges the lengths of every row (pre-flight looked at
+    the first few thousand) and raises JobFailed where nothing would be learned; or links what an earlier job
+    tokenized from the same files (jobs.tokenized_cache). Returns the rows per split and the notes on truncation.
     """
+    rows, notes = _tokenized(recipe, job_dir, model_path)
+    if recipe.train.packing:
+        notes = notes + [_pack(recipe, job_dir / "prepared")]
+    return rows, notes
+
+
+def _tokenized(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, list[str]]:
     import datasets
 
     from jobs import data as D
@@ -63,43 +72,69 @@ def prepare_data(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, 
     ids = {n: i for i, n in enumerate(labels)} if labels else None
     tok = load_tokenizer(recipe, model_path)
     tokenized, notes, problems = {}, [], []
-    for name, sp in splits.items():
-        try:
-            ds = D.tokenize_split(recipe, tok, sp, ids, processes=tokenize_processes())
-        except ValueError as e:
-            raise JobFailed(f"data.format: {e}") from None
-        cols = ds.with_format("arrow")[:]  # the whole columns as Arrow arrays, not Python lists
-        problems += length_problems(recipe, name, cols.column("n_tokens").to_numpy(),
-                                    cols.column("units").to_numpy(), str(len(ds)), notes)
-        tokenized[name] = ds
-    if problems:
-        raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in problems))
-    rows = {name: len(v) for name, v in tokenized.items()}  # examples (a packed train split has fewer rows)
-    if recipe.train.packing:
-        examples = len(tokenized["train"])
-        tokenized["train"], sizes = D.pack(tokenized["train"], recipe.data.max_seq_len, recipe.train.seed)
-        fed = sum(tokenized["train"].with_format("arrow")[:].column("length").to_pylist())
-        notes.append(f"train: {examples} examples packed into {len(sizes)} sequences of at most "
-                     f"{recipe.data.max_seq_len} tokens ({fed / (len(sizes) * recipe.data.max_seq_len):.0%} full, "
-                     f"{examples / max(len(sizes), 1):.1f} examples each)")
-    shutil.rmtree(out, ignore_errors=True)
-    datasets.DatasetDict(tokenized).save_to_disk(str(out / "data"))
+    scratch = job_dir / ".tokenizing"  # the tokenized Arrow files until save_to_disk copies them
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        for name, sp in splits.items():
+            try:
+                ds = D.tokenize_split(recipe, tok, sp, ids, processes=tokenize_processes(), scratch=scratch)
+            except ValueError as e:
+                raise JobFailed(f"data.format: {e}") from None
+            cols = ds.select_columns(["n_tokens", "units"]).with_format("arrow")[:]  # Arrow arrays, not lists
+            problems += length_problems(recipe, name, cols.column("n_tokens").to_numpy(),
+                                        cols.column("units").to_numpy(), str(len(ds)), notes)
+            tokenized[name] = ds
+        if problems:
+            raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in problems))
+        shutil.rmtree(out, ignore_errors=True)
+        datasets.DatasetDict(tokenized).save_to_disk(str(out / "data"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     tok.save_pretrained(out / "tokenizer")
     (out / "labels.json").write_text(json.dumps(labels))
+    rows = {name: len(v) for name, v in tokenized.items()}
     if k is not None and cache.key(recipe, model_path) == k:  # files rewritten as they were read: not cached
         cache.store(job_dir, k, out, {"rows": rows, "notes": notes})
     return rows, notes
 
 
+def _pack(recipe: Recipe, prepared: Path) -> str:
+    """The tokenized train examples packed into prepared/packed (jobs.data.pack, by train.seed, after the cache:
+    the same tokenized data serves every seed); the note that says how full the packs are."""
+    import datasets
+
+    from jobs import data as D
+
+    train = datasets.load_from_disk(str(prepared / "data" / "train"))
+    try:
+        packed, sizes = D.pack(train, recipe.data.max_seq_len, recipe.train.seed)
+    except ValueError as e:
+        raise JobFailed(f"train.packing: {e}") from None
+    shutil.rmtree(prepared / "packed", ignore_errors=True)
+    packed.save_to_disk(str(prepared / "packed"))
+    fed = int(packed.with_format("arrow")["length"].to_numpy().sum())
+    return (f"train: {len(train)} examples packed into {len(sizes)} sequences of at most {recipe.data.max_seq_len} "
+            f"tokens ({fed / (len(sizes) * recipe.data.max_seq_len):.0%} full, "
+            f"{len(train) / len(sizes):.1f} examples each)")
+
+
 def tokenize_processes() -> int:
-    """Processes that tokenize a big split: the CPUs this driver may use, at most RUNNER_TOKENIZE_PROCESSES
-    (default 8; tokenizing is one process per CPU, and more than a few rarely pay for their start)."""
+    """Processes that tokenize a big split: the CPUs this driver may use (its affinity, and a container's CPU quota
+    where cgroup v2 sets one), at most RUNNER_TOKENIZE_PROCESSES (default 8: more than a few rarely pay for their
+    start)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    raw = os.environ.get("RUNNER_TOKENIZE_PROCESSES", "8")
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    raw = os.environ.get("RUNNER_TOKENIZE_PROCESSES", "").strip() or "8"
     try:
         most = max(1, int(raw))
     except ValueError:
-        raise JobFailed(f"RUNNER_TOKENIZE_PROCESSES={raw!r}: expected a whole number of processes, 1 or more") \
+        raise JobFailed(f"RUNNER_TOKENIZE_PROCESSES={raw[:40]!r}: expected a whole number of processes, 1 or more") \
             from None
     return max(1, min(cpus, most))
 

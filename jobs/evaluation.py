@@ -92,11 +92,13 @@ def evaluate(model, ds, recipe: Recipe, pad_id: int, acc, batch_size: int, n_lab
     rank, world = acc.process_index, acc.num_processes
     lengths = column(ds, "length") if "length" in ds.column_names else \
         np.fromiter((len(x) for x in ds["input_ids"]), dtype=np.int64, count=len(ds))
-    mine = np.argsort(-lengths, kind="stable")[rank::world].tolist()
+    mine = np.argsort(-lengths, kind="stable")[rank::world]
+    # a causal LM's logits grow with the vocabulary: its batches hold at most the padded tokens of two training
+    # batches at full length (what evaluation held before batches grew), so shorter rows go in larger batches
+    tokens = 2 * recipe.train.batch_size * recipe.data.max_seq_len if recipe.task == "causal_lm" else None
     records = []
-    for i in range(0, len(mine), batch_size):
-        part = mine[i:i + batch_size]
-        scored = score_records(model, fetch(ds, part), recipe.task, pad_id, acc.device, acc.autocast, batch_size)
+    for part in _batches(mine, lengths, batch_size, tokens):
+        scored = score_records(model, fetch(ds, part), recipe.task, pad_id, acc.device, acc.autocast, len(part))
         records += [(part[j], *rest) for j, *rest in scored]
     if world > 1:
         gathered = [None] * world
@@ -106,6 +108,43 @@ def evaluate(model, ds, recipe: Recipe, pad_id: int, acc, batch_size: int, n_lab
     model.train()
     labels = column(ds, "labels").tolist() if recipe.task != "causal_lm" else []  # records hold every row, in order
     return metrics(records, labels, recipe.task, n_labels)
+
+
+def _batches(order, lengths, rows: int, tokens: int | None) -> list[list[int]]:
+    """`order` (longest first) cut into batches of at most `rows` rows and, where given, `tokens` padded tokens."""
+    out, i = [], 0
+    while i < len(order):
+        width = max(1, int(lengths[order[i]]))
+        n = rows if tokens is None else max(1, min(rows, tokens // width))
+        out.append([int(j) for j in order[i:i + n]])
+        i += n
+    return out
+
+
+@torch.no_grad()
+def packing_problem(model) -> str | None:
+    """Whether the model keeps packed examples apart (train.packing): example b after example a in one row, with
+    position ids restarting at b, must give b the logits it gives alone. None when it does; else what is wrong.
+    A model whose attention ignores position ids (OPT, Bloom, MPT, remote code) lets b see a, and is refused."""
+    vocab = model.get_input_embeddings().num_embeddings
+    a, b = [(7 * k + 3) % vocab for k in range(5)], [(11 * k + 5) % vocab for k in range(4)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=torch.tensor([b], device=device), use_cache=False).logits[0].float()
+        ids = torch.tensor([a + b], device=device)
+        packed = model(input_ids=ids, position_ids=torch.tensor([list(range(5)) + list(range(4))], device=device),
+                       use_cache=False).logits[0, 5:].float()
+        leaked = model(input_ids=ids, use_cache=False).logits[0, 5:].float()  # what seeing a would give
+    finally:
+        model.train(was_training)
+    off, leak = (packed - alone).abs().max().item(), (leaked - alone).abs().max().item()
+    if off <= 0.1 * leak or off <= 1e-4 * max(1.0, alone.abs().max().item()):
+        return None
+    return (f"model type '{getattr(model.config, 'model_type', '?')}' does not keep packed examples apart (its "
+            f"attention ignores the position ids that mark them: an example's logits moved by {off:.3g} when "
+            f"another came before it in the row)")
 
 
 @torch.no_grad()

@@ -74,8 +74,7 @@ def key(recipe, model_path: str) -> str | None:
         # every file of the model folder but its weights: the tokenizer's files whatever their names, config.json
         # (which class AutoTokenizer picks), custom tokenizer code
         tok_files = sorted(f for f in model.rglob("*") if f.is_file() and not f.name.endswith(WEIGHTS))
-        packing = [recipe.train.packing, recipe.train.seed] if recipe.train.packing else False  # packs by seed
-        parts: list = [TOKENIZE_VERSION, recipe.task, recipe.data.model_dump(mode="json"), packing,
+        parts: list = [TOKENIZE_VERSION, recipe.task, recipe.data.model_dump(mode="json"),
                        recipe.model.trust_remote_code, transformers.__version__, tokenizers.__version__,
                        datasets.__version__, file_sha256(Path(D.__file__)),
                        [(str(f.relative_to(model)), file_sha256(f)) for f in tok_files]]

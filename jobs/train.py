@@ -36,11 +36,16 @@ from jobs.callbacks import build as build_callbacks
 from jobs.checkpoints import (
     State, checkpoint, cpu_copy, resume_state, save_model, selection, track_best, trainable_state,
 )
-from jobs.evaluation import EVAL_BATCH_TIMES, baseline, collate, column, evaluate, fetch, per_example_loss
+from jobs.evaluation import EVAL_BATCH_TIMES, baseline, collate, column, evaluate, fetch, packing_problem
+from jobs.evaluation import per_example_loss
 from jobs.evaluation import versus_baseline
 from jobs.jobdir import EVAL, FAILURE, METRICS, RECIPE, WARNINGS, append, note
 from jobs.recipe import SNAPSHOT, parse_recipe
 from jobs.schema import Recipe
+
+
+class Unsupported(RuntimeError):
+    """What the recipe asks cannot be done with this model (the reason is in failure.txt)."""
 
 
 class Diverged(RuntimeError):
@@ -219,9 +224,10 @@ class Run:
     eval_every: int
     ckpt_every: int
     lr_at: object  # step -> learning rate
-    unit_of: list | None  # a causal LM's predicted tokens of each train row (what its loss is averaged over)
-    length_of: list
+    unit_of: object  # a causal LM's predicted tokens of each train row (numpy; what its loss is averaged over)
+    length_of: object  # tokens of each train row (numpy)
     use_gpu: bool
+    examples_of: object = None  # examples in each train row where packed (numpy), else one each
     wb: object = None  # the W&B run, rank 0's
     alarms: object = None  # rank 0's
 
@@ -297,6 +303,13 @@ def _set_up(config: dict) -> Run:
         raise RuntimeError(f"Accelerate sees {world} processes but Ray started "
                            f"{ray.train.get_context().get_world_size()} workers")
     t, train_ds = recipe.train, data["train"]
+    if t.packing:  # the examples packed by the driver (prepared/packed); validation and test stay one a row
+        train_ds = datasets.load_from_disk(str(prepared / "packed"))
+        problem = packing_problem(model)
+        if problem:
+            reason = f"train.packing: {problem}; set train.packing: false for this model"
+            (job_dir / FAILURE).write_text(reason)
+            raise Unsupported(reason)
     steps = total_steps(recipe, len(train_ds), world)
     per_epoch = steps_per_epoch(len(train_ds), world, t.batch_size, t.grad_accum)
     optimizer = make_optimizer(model, recipe)
@@ -308,7 +321,8 @@ def _set_up(config: dict) -> Run:
               eval_every=t.eval_every or per_epoch, ckpt_every=t.checkpoint_every or t.eval_every or per_epoch,
               lr_at=lr_schedule(recipe, steps),
               unit_of=column(train_ds, "units") if recipe.task == "causal_lm" else None,
-              length_of=column(train_ds, "length"), use_gpu=use_gpu)
+              length_of=column(train_ds, "length"), use_gpu=use_gpu,
+              examples_of=column(train_ds, "examples") if "examples" in train_ds.column_names else None)
     run.wb = _wandb(recipe, job_dir, config, run.rank)
     run.note(f"{describe(sp, world, acc.distributed_type.value)}; mixed precision {sp['mixed_precision']}"
              f"{', gradient checkpointing' if recipe.resources.gradient_checkpointing else ''}; "
@@ -372,8 +386,9 @@ def _train_step(run: Run, state: State, by_step: list) -> dict:
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
     loss_value = acc.reduce(local_sum, reduction="sum").item() / step_units
     elapsed = time.perf_counter() - tick
+    examples = len(step_rows) if run.examples_of is None else int(run.examples_of[step_rows].sum())
     rec = {"step": state.step, "epoch": round(state.step / run.per_epoch, 4), "loss": loss_value, "lr": lr,
-           "grad_norm": grad_norm, "samples_per_s": len(step_rows) / elapsed,
+           "grad_norm": grad_norm, "samples_per_s": examples / elapsed,
            "tokens_per_s": int(run.length_of[step_rows].sum()) / elapsed, "total_steps": run.steps,
            "time": time.time()}
     if skipped:

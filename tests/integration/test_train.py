@@ -282,12 +282,15 @@ def test_causal_lm_formats(tmp_path, llama_dir, fmt):
     assert ("gradient checkpointing" in (d / "train.log").read_text()) == (fmt == "chat")
     prepared = datasets.load_from_disk(str(d / "prepared" / "data"))
     manifest = json.loads((d / "manifest.json").read_text())
-    if fmt == "chat":  # every train example once, packed; each pack within max_seq_len; the test split as it was
-        assert len(prepared["train"]) < manifest["rows"]["train"] / 3
-        assert sum(len(c) for c in prepared["train"]["content"]) == manifest["rows"]["train"]
-        assert max(prepared["train"]["length"]) <= 160 and "position_ids" not in prepared["test"].column_names
-        assert f"train: {manifest['rows']['train']} examples packed into {len(prepared['train'])} sequences" in \
+    if fmt == "chat":  # every train example once, packed; each pack within max_seq_len; the splits as they were
+        packed = datasets.load_from_disk(str(d / "prepared" / "packed"))
+        assert len(packed) < manifest["rows"]["train"] / 3 == len(prepared["train"]) / 3
+        assert sorted(c for cs in packed["content"] for c in cs) == sorted(prepared["train"]["content"])
+        assert max(packed["length"]) <= 160 and "position_ids" not in prepared["test"].column_names
+        assert f"train: {manifest['rows']['train']} examples packed into {len(packed)} sequences" in \
             (d / "train.log").read_text()
+        steps = [m for m in metrics(d) if "split" not in m]  # samples/s counts examples, not packs
+        assert all(m["samples_per_s"] > 0 for m in steps)
     if fmt == "text":
         assert list((d / "wandb").glob("offline-run-*")), "W&B offline run written"
         # a LoRA job's checkpoint holds the adapter and its optimizer state, not the whole model

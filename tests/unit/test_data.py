@@ -340,6 +340,28 @@ def test_tokenizing_in_two_processes_gives_what_one_gives(tmp_path, tokenizer, m
     assert two.to_dict() == one.to_dict()
 
 
+def test_tokenizing_writes_into_the_scratch_folder_never_beside_the_users_data(tmp_path, tokenizer):
+    """A save_to_disk folder as the source: datasets would write its cache-*.arrow files into it (the user's
+    folder, growing with every job); with a scratch folder they go there, in one process or two."""
+    import datasets
+
+    data = tmp_path / "data"
+    datasets.Dataset.from_list([{"text": f"row {i} " * (1 + i % 4), "label": "ab"[i % 2]}
+                                for i in range(120)]).save_to_disk(str(data))
+    before = sorted(p.name for p in data.iterdir())
+    r = recipe(tmp_path, "  train: data\n  max_seq_len: 12\n")
+    sp = D.map_columns(r, D.read_source(r, "train", r.data.train))
+    for procs, scratch in ((1, tmp_path / "s1"), (2, tmp_path / "s2")):
+        scratch.mkdir()
+        D.PARALLEL_ROWS, old = 50, D.PARALLEL_ROWS
+        try:
+            out = D.tokenize_split(r, tokenizer, sp, {"a": 0, "b": 1}, processes=procs, scratch=scratch)
+        finally:
+            D.PARALLEL_ROWS = old
+        assert len(out) == 120 and list(scratch.glob("*.arrow")), procs
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
 def test_chat_rows_are_checked(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}]}
             for i in range(20)]

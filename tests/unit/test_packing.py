@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jobs import data as D
-from jobs.evaluation import collate, fetch, forward, per_example_loss
+from jobs.evaluation import _batches, collate, fetch, forward, packing_problem, per_example_loss
 from jobs.recipe import parse_recipe
 from jobs.train import epoch_plan
 
@@ -126,3 +126,30 @@ def test_grouping_by_length_keeps_each_row_once_and_the_steps_independent_of_the
 
     assert padded(grouped[1]) < 0.6 * padded(plain), (padded(grouped[1]), padded(plain))
     assert epoch_plan(1000, 5, 1, 1, 16, 1, lengths) != grouped[1]  # another order each epoch
+
+
+def test_a_model_whose_attention_ignores_position_ids_is_refused_for_packing(tiny_llama_dir):
+    """packing_problem: Llama keeps packed examples apart (SDPA and eager); OPT builds its causal mask without the
+    position ids, so a packed example would see the one before it: refused, with the model type named."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    for impl in ("sdpa", "eager"):
+        assert packing_problem(model(tiny_llama_dir, impl)) is None
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
+    problem = packing_problem(opt)
+    assert problem is not None and problem.startswith("model type 'opt' does not keep packed examples apart")
+    assert opt.training, "the probe leaves the model in the mode it found it in"
+
+
+def test_evaluation_batches_of_a_causal_lm_hold_a_bounded_number_of_tokens():
+    """Longest first: at most `rows` rows a batch, and where a token bound is given, at most that many padded
+    tokens (the first row of a batch is its widest); every row once, in order."""
+    lengths = [300, 290, 120, 100, 60, 50, 40, 30, 20, 10, 10, 5]
+    order = list(range(len(lengths)))
+    batches = _batches(order, lengths, rows=4, tokens=400)
+    assert [j for b in batches for j in b] == order
+    assert all(len(b) * lengths[b[0]] <= 400 or len(b) == 1 for b in batches)
+    assert [len(b) for b in batches] == [1, 1, 3, 4, 3]
+    assert [len(b) for b in _batches(order, lengths, rows=4, tokens=None)] == [4, 4, 4]
