@@ -8,6 +8,7 @@ and raised at once as a DataError.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import uuid
@@ -40,6 +41,18 @@ class Split:
     dataset: Any  # datasets.Dataset with the role columns only
     origin: str
     where: Callable[[int], str] = field(repr=False, default=lambda i: f"row {i + 1}")
+    parent: Any = field(repr=False, default=None)  # a derived split: the dataset its rows were cut from
+    rows: Any = field(repr=False, default=None)  # ... and their positions there (numpy)
+
+
+def arrow_column(sp: Split, name: str):
+    """A split's column as Arrow: a derived split's rows taken from its parent's column in one call (datasets would
+    turn its index mapping into a Python list at each read)."""
+    import pyarrow as pa
+
+    if sp.parent is not None:
+        return sp.parent.with_format("arrow")[name].take(pa.array(sp.rows))
+    return sp.dataset.with_format("arrow")[name]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,7 +81,7 @@ def read_source(recipe: Recipe, split: str, src: Source) -> Split:
     if kind is None:
         raise DataError([Problem(key, f"{src.path}: cannot tell the format from the suffix '{path.suffix}'; "
                                       f"accepted: {', '.join(FILE_KINDS)} or a datasets save_to_disk folder")])
-    lines = _scan(key, path)
+    lines = _scan(key, path, strict=False)
     import datasets
 
     # datasets counts each load of its json/csv/parquet loader with a request to the hub: a local file must not
@@ -78,14 +91,20 @@ def read_source(recipe: Recipe, split: str, src: Source) -> Split:
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps pyarrow errors in several types; the message is what helps
+        _scan(key, path, strict=True)  # a row by row look names the malformed rows, where it finds them
         raise DataError([Problem(key, f"{src.path}: cannot be loaded: {first_line(e)}")]) from None
+    if lines is not None and len(lines) != len(ds):  # e.g. two objects on one line, which the reader takes
+        _scan(key, path, strict=True)
+        raise DataError([Problem(key, f"{src.path}: {len(ds)} rows read from {len(lines)} lines; one row a line")])
     if lines is not None:
         return Split(split, ds, str(path), lambda i, p=path, ls=lines: f"{p.name}:{ls[i]}")
     return Split(split, ds, str(path), lambda i, p=path: f"{p.name} row {i + 1}")
 
 
-def _scan(key: str, path: Path) -> list[int] | None:
-    """Find malformed rows of a local file; return the line number of each row where lines mean something."""
+def _scan(key: str, path: Path, strict: bool = True) -> list[int] | None:
+    """The line number of each row of a local file, where lines mean something. Raises DataError for a file that
+    is empty or not UTF-8, and (strict) for malformed rows, each named by its line: the row by row look that runs
+    when the file's reader failed (a million JSON lines parsed in Python cost more than the reader itself)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -103,7 +122,7 @@ def _scan(key: str, path: Path) -> list[int] | None:
     if not text.strip():
         raise DataError([Problem(key, f"{path.name}: the file is empty")])
     if suffix == ".csv":
-        return _scan_csv(key, path, text)
+        return _scan_csv(key, path, text) if strict else _csv_lines(text)
     if suffix == ".json":
         try:
             rows = json.loads(text)
@@ -121,7 +140,24 @@ def _scan(key: str, path: Path) -> list[int] | None:
             if not rows:
                 raise DataError([Problem(key, f"{path.name}: the list is empty")])
             return None
+    if not strict:
+        lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        # nesting far past what Python's reader takes crashes pyarrow's (a segfault at 100,000 levels): a line with
+        # that many brackets gets the row by row look, which refuses it by name
+        if any(len(line) > DEEP and line.count("[") + line.count("{") > DEEP for line in text.splitlines()):
+            return _scan_jsonl(key, path, text)
+        return lines
     return _scan_jsonl(key, path, text)
+
+
+DEEP = 900  # brackets on one JSON line past which it is parsed in Python first (which refuses ~1,000 levels)
+
+
+def _csv_lines(text: str) -> list[int]:
+    """Each CSV row's line (where it ends: a quoted field may span lines), without checking its fields."""
+    reader = csv.reader(text.splitlines())
+    next(reader, None)
+    return [reader.line_num for row in reader if row]
 
 
 def _scan_jsonl(key: str, path: Path, text: str) -> list[int]:
@@ -304,16 +340,29 @@ def label_names(recipe: Recipe, train: Split) -> list[str]:
         return [str(x) for x in recipe.data.labels]
     import pyarrow.compute as pc
 
-    values = set(pc.unique(train.dataset.with_format("arrow")["label"]).to_pylist())  # in Arrow, no copy
+    values = set(pc.unique(arrow_column(train, "label")).to_pylist())
     if all(isinstance(v, int) for v in values):
         return [str(v) for v in sorted(values)]
     return sorted(str(v) for v in values)
 
 
 def check_labels(recipe: Recipe, names: list[str], sp: Split, listed: bool) -> list[Problem]:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     known = set(names)
     unknown: dict[str, list[int]] = {}
-    for i, v in enumerate(iter_column(sp.dataset, "label")):
+    col = arrow_column(sp, "label")
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_integer(col.type):
+        # in Arrow, as str() would read each value: only the rows whose label is unknown come to Python
+        texts = pc.cast(col, pa.string())
+        odd = np.flatnonzero(~pc.fill_null(pc.is_in(texts, value_set=pa.array(names)), False).to_numpy(
+            zero_copy_only=False))
+        suspects = zip(odd.tolist(), texts.take(pa.array(odd)).to_pylist())
+    else:
+        suspects = enumerate(iter_column(sp.dataset, "label"))
+    for i, v in suspects:
         if str(v) not in known:
             unknown.setdefault(str(v), []).append(i)
     out = []
@@ -402,7 +451,9 @@ def derive_splits(recipe: Recipe, given: dict[str, Split]) -> dict[str, Split]:
     if not rest:
         raise too_few
     for s, rows in (*members.items(), ("train", rest)):
-        out[s] = Split(s, ds.select(rows), train.origin, lambda i, r=rows, w=train.where: w(r[i]))
+        # a fingerprint of our own: datasets would hash the whole list of indices (4 s for a million rows)
+        out[s] = Split(s, ds.select(rows, new_fingerprint=uuid.uuid4().hex), train.origin,
+                       lambda i, r=rows, w=train.where: w(r[i]), parent=ds, rows=rows)
     return {s: out[s] for s in SPLITS}
 
 
@@ -427,23 +478,21 @@ def content_key(row: dict) -> str:
     """A row's inputs as a digest (32 hex digits): every role but `label`, with empty fields left out and values as
     text, so that it does not depend on how the whole file was typed (an int label column that one row turns into
     floats, a column some rows lack). Copies of an input share it whatever their labels."""
-    import hashlib
-
-    def canon(v):
-        if isinstance(v, dict):
-            return {str(k): canon(x) for k, x in sorted(v.items()) if x is not None}
-        if isinstance(v, (list, tuple)):
-            return [canon(x) for x in v]
-        return str(v)
-
-    inputs = {k: canon(v) for k, v in sorted(row.items()) if k != "label" and v is not None and v != ""}
+    inputs = {k: v if type(v) is str else _canon(v) for k, v in sorted(row.items())
+              if k != "label" and v is not None and v != ""}
     return hashlib.sha256(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def _canon(v):
+    if isinstance(v, dict):
+        return {str(k): _canon(x) for k, x in sorted(v.items()) if x is not None}
+    if isinstance(v, (list, tuple)):
+        return [_canon(x) for x in v]
+    return str(v)
 
 
 def split_unit(seed: int, row: dict) -> float:
     """A row's place in [0, 1), from its inputs (content_key) and the seed: where derive_splits puts it."""
-    import hashlib
-
     digest = hashlib.sha256(f"{seed}\0{content_key(row)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 

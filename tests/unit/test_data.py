@@ -117,6 +117,10 @@ def test_malformed_rows_named_by_file_and_line(tmp_path):
         "data.train: t.jsonl:3: not valid JSON: Expecting value (column 24)",
         "data.train: t.jsonl:5: expected a JSON object, got list",
     ]
+    # two objects on one line: Arrow's reader takes them as two rows; the row by row look names the line
+    (tmp_path / "t.jsonl").write_text("\n".join([lines[0], lines[1] + lines[2], lines[0]]))
+    assert errors(D.read_source, r, "train", r.data.train) == [
+        f"data.train: t.jsonl:2: not valid JSON: Extra data (column {len(lines[1]) + 1})"]
     (tmp_path / "t.csv").write_text("text,label\nfine,pos\ntoo,many,fields\n")
     r = recipe(tmp_path, "  train: t.csv\n")
     assert errors(D.read_source, r, "train", r.data.train) == [
