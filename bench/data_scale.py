@@ -14,7 +14,7 @@ Generated classification rows (short texts of 4-30 words, 58 labels), one JSONL 
 - `first_step_cold_s` / `first_step_cached_s`: `runner run` from its start to the first training step in
   metrics.jsonl, then stopped (Ctrl-C), twice: the second finds the tokenized data cached; with the driver's and
   a training worker's peak resident memory (`driver_peak_gib`, `worker_peak_gib`, Linux's VmHWM; the driver's
-  tokenizing processes, summed, apart);
+  tokenizing processes apart: the most they held at once, sampled every 0.2 s);
 - per phase, the cost of a further row between consecutive sizes (`marginal_us_per_row`: the fixed part, such as
   starting Ray, left out) and its spread across the sizes (`marginal_spread`, 1.0 is flat); the plain seconds per
   row are in each size's figures.
@@ -107,22 +107,24 @@ def first_step(recipe_file: Path, home: Path) -> dict:
                             env={**os.environ, "RUNNER_HOME": str(home)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     peaks = {"driver": 0.0, "worker": 0.0}
-    helpers: dict[int, float] = {}  # the driver's tokenizing processes (spawned), each one's peak
+    helpers = 0.0  # the most the driver's tokenizing processes (spawned: workers, their manager) held at once
     seconds = None
     before = set((home / "artifacts").glob("scale-*"))
     try:
         while proc.poll() is None and time.perf_counter() - t < 900:
+            together = 0.0
             for p in psutil.Process(proc.pid).children(recursive=True) + _train_workers():
                 try:
                     cmd = " ".join(p.cmdline())
                     kind = "driver" if "jobs.entrypoint" in cmd else "worker" if "RayTrainWorker" in cmd else \
                         "helper" if "multiprocess" in cmd else None
                     if kind == "helper":
-                        helpers[p.pid] = max(helpers.get(p.pid, 0.0), rss_mb(p.pid)[1])
+                        together += rss_mb(p.pid)[0]
                     elif kind:
                         peaks[kind] = max(peaks[kind], rss_mb(p.pid)[1])
                 except (psutil.Error, OSError, KeyError):
                     pass
+            helpers = max(helpers, together)
             if any((d / "metrics.jsonl").exists() and (d / "metrics.jsonl").stat().st_size
                    for d in set((home / "artifacts").glob("scale-*")) - before):
                 seconds = time.perf_counter() - t
@@ -138,7 +140,7 @@ def first_step(recipe_file: Path, home: Path) -> dict:
     if seconds is None:
         raise RuntimeError(f"no training step: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
     return {"s": round(seconds, 1), "driver_gib": round(peaks["driver"] / 1024, 3),
-            "worker_gib": round(peaks["worker"] / 1024, 3), "helpers_gib": round(sum(helpers.values()) / 1024, 3)}
+            "worker_gib": round(peaks["worker"] / 1024, 3), "helpers_gib": round(helpers / 1024, 3)}
 
 
 def _train_workers() -> list:
@@ -297,7 +299,7 @@ def main() -> None:
                 figures[f"first_step_{name}_s"] = got["s"]
                 figures[f"driver_peak_gib_{name}"], figures[f"worker_peak_gib_{name}"] = \
                     got["driver_gib"], got["worker_gib"]
-                figures[f"tokenizer_processes_peak_gib_{name}"] = got["helpers_gib"]  # summed: an upper bound
+                figures[f"tokenizer_processes_peak_gib_{name}"] = got["helpers_gib"]  # those alive at once
             runner("cluster", "down", env={"RUNNER_HOME": str(home)})
         for k in [k for k in figures if k.endswith("_s") and not k.endswith("per_s")]:  # microseconds a row
             figures[f"{k}_per_row_us"] = round(figures[k] / n * 1e6, 2)

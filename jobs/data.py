@@ -101,10 +101,11 @@ def read_source(recipe: Recipe, split: str, src: Source) -> Split:
     return Split(split, ds, str(path), lambda i, p=path: f"{p.name} row {i + 1}")
 
 
-def _scan(key: str, path: Path, strict: bool = True) -> list[int] | None:
-    """The line number of each row of a local file, where lines mean something. Raises DataError for a file that
-    is empty or not UTF-8, and (strict) for malformed rows, each named by its line: the row by row look that runs
-    when the file's reader failed (a million JSON lines parsed in Python cost more than the reader itself)."""
+def _scan(key: str, path: Path, strict: bool = True):
+    """The line number of each row of a local file, where lines mean something (an array), read a line at a time.
+    Raises DataError for a file that is empty or not UTF-8, and (strict) for malformed rows, each named by its line:
+    the row by row look that runs when the file's reader failed (a million JSON lines parsed in Python cost more
+    than the reader itself)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -114,16 +115,15 @@ def _scan(key: str, path: Path, strict: bool = True) -> list[int] | None:
         except Exception as e:
             raise DataError([Problem(key, f"{path.name}: not a readable Parquet file: {first_line(e)}")]) from None
         return None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError([Problem(key, f"{path.name}:{line}: not UTF-8 text ({e.reason})")]) from None
-    if not text.strip():
-        raise DataError([Problem(key, f"{path.name}: the file is empty")])
     if suffix == ".csv":
-        return _scan_csv(key, path, text) if strict else _csv_lines(text)
-    if suffix == ".json":
+        return _scan_csv(key, path, strict)
+    if suffix == ".json":  # a JSON list is one value: read whole
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError([Problem(key, _not_utf8(path))]) from None
+        if not text.strip():
+            raise DataError([Problem(key, f"{path.name}: the file is empty")])
         try:
             rows = json.loads(text)
         except RecursionError:
@@ -140,30 +140,46 @@ def _scan(key: str, path: Path, strict: bool = True) -> list[int] | None:
             if not rows:
                 raise DataError([Problem(key, f"{path.name}: the list is empty")])
             return None
-    if not strict:
-        lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-        # nesting far past what Python's reader takes crashes pyarrow's (a segfault at 100,000 levels): a line with
-        # that many brackets gets the row by row look, which refuses it by name
-        if any(len(line) > DEEP and line.count("[") + line.count("{") > DEEP for line in text.splitlines()):
-            return _scan_jsonl(key, path, text)
-        return lines
-    return _scan_jsonl(key, path, text)
+    return _scan_jsonl(key, path, strict)
 
 
 DEEP = 900  # brackets on one JSON line past which it is parsed in Python first (which refuses ~1,000 levels)
 
 
-def _csv_lines(text: str) -> list[int]:
-    """Each CSV row's line (where it ends: a quoted field may span lines), without checking its fields."""
-    reader = csv.reader(text.splitlines())
-    next(reader, None)
-    return [reader.line_num for row in reader if row]
+def _lines(key: str, path: Path):
+    """(line number, text) of each line of a file, split at newlines as the readers split it, read a line at a
+    time; a line that is not UTF-8 is a DataError naming it."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError([Problem(key, f"{path.name}:{n}: not UTF-8 text ({e.reason})")]) from None
 
 
-def _scan_jsonl(key: str, path: Path, text: str) -> list[int]:
-    lines, bad = [], []
-    for n, line in enumerate(text.splitlines(), start=1):
+def _not_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8, in words (read a line at a time)."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path.name}:{n}: not UTF-8 text ({e.reason})"
+    return f"{path.name}: not UTF-8 text"
+
+
+def _scan_jsonl(key: str, path: Path, strict: bool):
+    from array import array
+
+    lines, bad, deep = array("q"), [], False
+    for n, line in _lines(key, path):
         if not line.strip():
+            continue
+        if not strict:
+            lines.append(n)
+            # nesting far past what Python's reader takes crashes pyarrow's (a segfault at 100,000 levels): a
+            # line with that many brackets gets the row by row look, which refuses it by name
+            deep = deep or (len(line) > DEEP and line.count("[") + line.count("{") > DEEP)
             continue
         try:
             obj = json.loads(line)
@@ -176,22 +192,34 @@ def _scan_jsonl(key: str, path: Path, text: str) -> list[int]:
         if not isinstance(obj, dict):
             bad.append(Problem(key, f"{path.name}:{n}: expected a JSON object, got {type(obj).__name__}"))
         lines.append(n)
+    if not lines and not bad:
+        raise DataError([Problem(key, f"{path.name}: the file is empty")])
+    if deep:
+        return _scan_jsonl(key, path, strict=True)
     if bad:
         raise DataError(_cap(bad))
     return lines
 
 
-def _scan_csv(key: str, path: Path, text: str) -> list[int]:
-    reader = csv.reader(text.splitlines())
-    header = next(reader)
-    lines, bad = [], []
-    for row in reader:
-        if not row:
-            continue
-        if len(row) != len(header):
-            bad.append(Problem(key, f"{path.name}:{reader.line_num}: {len(row)} fields, the header has "
-                                    f"{len(header)} ({', '.join(header)})"))
-        lines.append(reader.line_num)
+def _scan_csv(key: str, path: Path, strict: bool):
+    from array import array
+
+    lines, bad = array("q"), []
+    try:
+        with path.open(encoding="utf-8", newline="") as f:  # csv's own line handling (a quoted field may span)
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header or not any(c.strip() for c in header):
+                raise DataError([Problem(key, f"{path.name}: the file is empty")])
+            for row in reader:
+                if not row:
+                    continue
+                if strict and len(row) != len(header):
+                    bad.append(Problem(key, f"{path.name}:{reader.line_num}: {len(row)} fields, the header has "
+                                            f"{len(header)} ({', '.join(header)})"))
+                lines.append(reader.line_num)
+    except UnicodeDecodeError:
+        raise DataError([Problem(key, _not_utf8(path))]) from None
     if bad:
         raise DataError(_cap(bad))
     return lines

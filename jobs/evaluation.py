@@ -44,10 +44,17 @@ def collate(rows: list[dict], pad_id: int, task: str, device) -> dict:
 MODEL_COLUMNS = ("input_ids", "labels", "position_ids", "units")
 
 
+def model_view(ds):
+    """The dataset with only the columns a batch needs (made once: a narrowed dataset costs datasets a fingerprint)."""
+    return ds.select_columns([c for c in MODEL_COLUMNS if c in ds.column_names])
+
+
 def fetch(ds, idx: list[int]) -> list[dict]:
-    """The rows `idx` of a tokenized dataset, the columns a batch needs, in one Arrow take (not row by row)."""
-    cols = ds.select_columns([c for c in MODEL_COLUMNS if c in ds.column_names])[list(idx)]
-    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+    """The rows `idx` of a tokenized dataset (best a model_view), the columns a batch needs, in one Arrow take (not
+    row by row)."""
+    cols = ds[list(idx)]
+    keep = [c for c in MODEL_COLUMNS if c in cols]
+    return [dict(zip(keep, vals)) for vals in zip(*(cols[c] for c in keep))]
 
 
 def column(ds, name: str):
@@ -96,9 +103,9 @@ def evaluate(model, ds, recipe: Recipe, pad_id: int, acc, batch_size: int, n_lab
     # a causal LM's logits grow with the vocabulary: its batches hold at most the padded tokens of two training
     # batches at full length (what evaluation held before batches grew), so shorter rows go in larger batches
     tokens = 2 * recipe.train.batch_size * recipe.data.max_seq_len if recipe.task == "causal_lm" else None
-    records = []
+    records, view = [], model_view(ds)
     for part in _batches(mine, lengths, batch_size, tokens):
-        scored = score_records(model, fetch(ds, part), recipe.task, pad_id, acc.device, acc.autocast, len(part))
+        scored = score_records(model, fetch(view, part), recipe.task, pad_id, acc.device, acc.autocast, len(part))
         records += [(part[j], *rest) for j, *rest in scored]
     if world > 1:
         gathered = [None] * world
@@ -209,20 +216,23 @@ def baseline(task: str, train_labels: list, test_labels: list, n_labels: int) ->
     (its loss: the train label frequencies, add-one smoothed, as the prediction), or the mean of train's targets.
     A causal LM's baseline is the base model's own test figures before tuning, measured by the loop."""
     if task == "classification":
-        counts = [0] * max(n_labels, 1 + max(list(train_labels) + list(test_labels)))
-        for y in train_labels:
-            counts[int(y)] += 1
-        majority = max(range(len(counts)), key=lambda c: (counts[c], -c))
-        prior = [(c + 1) / (len(train_labels) + len(counts)) for c in counts]
-        loss = sum(-math.log(prior[int(y)]) for y in test_labels) / len(test_labels)
+        import numpy as np
+
+        train_y, test_y = np.asarray(train_labels, dtype=np.int64), np.asarray(test_labels, dtype=np.int64)
+        counts = np.bincount(train_y, minlength=max(n_labels, 1 + int(max(train_y.max(initial=0),
+                                                                            test_y.max(initial=0)))))
+        majority = int(np.argmax(counts))  # the first of the most frequent: ties to the lower class
+        prior = (counts + 1) / (len(train_y) + len(counts))
+        loss = float(-np.log(prior[test_y]).mean())
         return {"what": "predicting the majority class of train", "majority": majority, "loss": loss,
-                **class_figures([majority] * len(test_labels), [int(y) for y in test_labels], n_labels),
-                "examples": len(test_labels)}
-    mean = sum(float(y) for y in train_labels) / len(train_labels)
-    err = [mean - float(y) for y in test_labels]
-    mse = sum(e * e for e in err) / len(err)
+                **class_figures(np.full(len(test_y), majority), test_y, n_labels), "examples": len(test_y)}
+    import numpy as np
+
+    mean = float(np.asarray(train_labels, dtype=np.float64).mean())
+    err = mean - np.asarray(test_labels, dtype=np.float64)
+    mse = float((err * err).mean())
     return {"what": "predicting the mean of train", "mean": mean, "loss": mse, "mse": mse,
-            "mae": sum(abs(e) for e in err) / len(err), "examples": len(err)}
+            "mae": float(np.abs(err).mean()), "examples": len(err)}
 
 
 def versus_baseline(test: dict, base: dict, metric: str, higher: bool) -> tuple[bool, str]:

@@ -37,7 +37,7 @@ from jobs.checkpoints import (
     State, checkpoint, cpu_copy, resume_state, save_model, selection, track_best, trainable_state,
 )
 from jobs.evaluation import EVAL_BATCH_TIMES, baseline, collate, column, evaluate, fetch, packing_problem
-from jobs.evaluation import per_example_loss
+from jobs.evaluation import model_view, per_example_loss
 from jobs.evaluation import versus_baseline
 from jobs.jobdir import EVAL, FAILURE, METRICS, RECIPE, WARNINGS, append, note
 from jobs.recipe import SNAPSHOT, parse_recipe
@@ -316,7 +316,7 @@ def _set_up(config: dict) -> Run:
     wrapped, optimizer = acc.prepare(model, optimizer)  # not the schedule: see the module's docstring
     run = Run(recipe=recipe, job_dir=job_dir, model_path=config["model_path"], sp=sp, acc=acc, model=wrapped,
               raw=acc.unwrap_model(wrapped), optimizer=optimizer, tokenizer=tokenizer, labels=labels, pad_id=pad_id,
-              train_ds=train_ds, val_ds=data["validation"], test_ds=data["test"], callbacks=callbacks,
+              train_ds=model_view(train_ds), val_ds=data["validation"], test_ds=data["test"], callbacks=callbacks,
               loop=Loop(job_dir, acc.process_index, world), steps=steps, per_epoch=per_epoch,
               eval_every=t.eval_every or per_epoch, ckpt_every=t.checkpoint_every or t.eval_every or per_epoch,
               lr_at=lr_schedule(recipe, steps),
