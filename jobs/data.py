@@ -95,7 +95,8 @@ def read_source(recipe: Recipe, split: str, src: Source) -> Split:
         raise DataError([Problem(key, f"{src.path}: cannot be loaded: {first_line(e)}")]) from None
     if lines is not None and len(lines) != len(ds):  # e.g. two objects on one line, which the reader takes
         _scan(key, path, strict=True)
-        raise DataError([Problem(key, f"{src.path}: {len(ds)} rows read from {len(lines)} lines; one row a line")])
+        raise DataError([Problem(key, f"{src.path}: the reader found {len(ds)} rows where a line by line look "
+                                      f"found {len(lines)}; check the file's line endings and quoting")])
     if lines is not None:
         return Split(split, ds, str(path), lambda i, p=path, ls=lines: f"{p.name}:{ls[i]}")
     return Split(split, ds, str(path), lambda i, p=path: f"{p.name} row {i + 1}")
@@ -117,7 +118,7 @@ def _scan(key: str, path: Path, strict: bool = True):
         return None
     if suffix == ".csv":
         return _scan_csv(key, path, strict)
-    if suffix == ".json":  # a JSON list is one value: read whole
+    if suffix == ".json" and _first_char(path) == "[":  # a JSON list is one value: read whole
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -143,18 +144,24 @@ def _scan(key: str, path: Path, strict: bool = True):
     return _scan_jsonl(key, path, strict)
 
 
+def _first_char(path: Path) -> str:
+    """The first character of a file that is not white space (or a BOM), from its first 64 KB."""
+    with path.open("rb") as f:
+        head = f.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1].decode("latin-1")
+
+
 DEEP = 900  # brackets on one JSON line past which it is parsed in Python first (which refuses ~1,000 levels)
 
 
 def _lines(key: str, path: Path):
-    """(line number, text) of each line of a file, split at newlines as the readers split it, read a line at a
-    time; a line that is not UTF-8 is a DataError naming it."""
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                yield n, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError([Problem(key, f"{path.name}:{n}: not UTF-8 text ({e.reason})")]) from None
+    """(line number, text) of each line of a file, read a line at a time, split where the readers split (\\n, \\r\\n or
+    \\r); a file that is not UTF-8 is a DataError naming the line."""
+    try:
+        with path.open(encoding="utf-8", newline=None) as f:
+            yield from enumerate(f, start=1)
+    except UnicodeDecodeError:
+        raise DataError([Problem(key, _not_utf8(path))]) from None
 
 
 def _not_utf8(path: Path) -> str:
@@ -204,15 +211,16 @@ def _scan_jsonl(key: str, path: Path, strict: bool):
 def _scan_csv(key: str, path: Path, strict: bool):
     from array import array
 
-    lines, bad = array("q"), []
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long document is one field
+    lines, bad, header = array("q"), [], None
     try:
         with path.open(encoding="utf-8", newline="") as f:  # csv's own line handling (a quoted field may span)
             reader = csv.reader(f)
-            header = next(reader, None)
-            if not header or not any(c.strip() for c in header):
-                raise DataError([Problem(key, f"{path.name}: the file is empty")])
             for row in reader:
-                if not row:
+                if len(row) <= 1 and not "".join(row).strip():  # a blank line, which the reader (pandas) skips
+                    continue
+                if header is None:
+                    header = row
                     continue
                 if strict and len(row) != len(header):
                     bad.append(Problem(key, f"{path.name}:{reader.line_num}: {len(row)} fields, the header has "
@@ -220,6 +228,10 @@ def _scan_csv(key: str, path: Path, strict: bool):
                 lines.append(reader.line_num)
     except UnicodeDecodeError:
         raise DataError([Problem(key, _not_utf8(path))]) from None
+    except csv.Error as e:
+        raise DataError([Problem(key, f"{path.name}:{reader.line_num}: not valid CSV: {e}")]) from None
+    if header is None:
+        raise DataError([Problem(key, f"{path.name}: the file is empty")])
     if bad:
         raise DataError(_cap(bad))
     return lines
@@ -695,17 +707,18 @@ class _Tokenize:
         return tokenize_batch(self.recipe, self.tokenizer, batch, self.label_ids)
 
 
-PACK_CHUNK_TOKENS = 1 << 28  # packs are built this many tokens at a time (bounded memory, 32-bit list offsets)
+PACK_CHUNK_TOKENS = 1 << 23  # packs are built this many tokens at a time (bounded memory, 32-bit list offsets)
 
 
-def pack(ds, max_len: int, seed: int):
+def pack(ds, max_len: int, seed: int, scratch: Path | None = None):
     """A causal LM's tokenized examples packed whole into rows of at most `max_len` tokens, best fit by decreasing
     length (ties in a seeded order), in Arrow: no Python object per token.
 
     Each packed row's `position_ids` restart at 0 at every example, which is how transformers tells the examples
     apart (attention within an example only: masking_utils.find_packed_sequence_indices); each example's first
     label is -100 (nothing before it in its example predicts it, as unpacked); `units` and `length` are summed,
-    `examples` counts them and `content` lists their digests. Returns (packed dataset, rows per pack)."""
+    `examples` counts them and `content` lists their digests. The packs are built a chunk at a time, each written
+    to `scratch` (and memory-mapped back) where it is given. Returns (packed dataset, rows per pack)."""
     import datasets
     import numpy as np
     import pyarrow as pa
@@ -716,16 +729,27 @@ def pack(ds, max_len: int, seed: int):
     lengths = table.column("length").to_numpy()
     bins = _best_fit(lengths, max_len, seed)
     parts, chunk, tokens = [], [], 0
+
+    def flush() -> None:
+        part = _pack_table(table, lengths, chunk)
+        if scratch is None:
+            parts.append(datasets.Dataset(part))
+            return
+        path = Path(scratch) / f"packed-{len(parts):05d}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, part.schema) as writer:
+            writer.write_table(part)
+        parts.append(datasets.Dataset.from_file(str(path)))
+
     for b in bins:  # whole packs to a chunk, each chunk under PACK_CHUNK_TOKENS tokens
         chunk.append(b)
         tokens += int(lengths[b].sum())
         if tokens >= PACK_CHUNK_TOKENS:
-            parts.append(_pack_table(table, lengths, chunk))
+            flush()
             chunk, tokens = [], 0
     if chunk:
-        parts.append(_pack_table(table, lengths, chunk))
+        flush()
     sizes = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
-    return datasets.Dataset(pa.concat_tables(parts)), sizes
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), sizes
 
 
 def _pack_table(table, lengths, bins: list[list[int]]):
@@ -752,7 +776,7 @@ def _pack_table(table, lengths, bins: list[list[int]]):
     return pa.table({
         "input_ids": pa.ListArray.from_arrays(tok_off, pa.array(ids)),
         "labels": pa.ListArray.from_arrays(tok_off, pa.array(labels)),
-        "position_ids": pa.ListArray.from_arrays(tok_off, pa.array(positions)),
+        "position_ids": pa.ListArray.from_arrays(tok_off, pa.array(positions.astype(np.int32))),
         "length": pa.array(per_pack),
         "units": pa.array(np.add.reduceat(taken.column("units").to_numpy(), first)),
         "examples": pa.array(sizes),

@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -72,9 +73,9 @@ def _tokenized(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, li
     ids = {n: i for i, n in enumerate(labels)} if labels else None
     tok = load_tokenizer(recipe, model_path)
     tokenized, notes, problems = {}, [], []
-    scratch = job_dir / ".tokenizing"  # the tokenized Arrow files until save_to_disk copies them
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
+    # the tokenized Arrow files until save_to_disk copies them: on local disk (the job folder may be shared
+    # storage, where they would cross the network twice)
+    scratch = Path(tempfile.mkdtemp(prefix=f"runner-tokenize-{job_dir.name[:40]}-"))
     try:
         for name, sp in splits.items():
             try:
@@ -107,12 +108,16 @@ def _pack(recipe: Recipe, prepared: Path) -> str:
     from jobs import data as D
 
     train = datasets.load_from_disk(str(prepared / "data" / "train"))
+    scratch = Path(tempfile.mkdtemp(prefix="runner-pack-"))
     try:
-        packed, sizes = D.pack(train, recipe.data.max_seq_len, recipe.train.seed)
-    except ValueError as e:
-        raise JobFailed(f"train.packing: {e}") from None
-    shutil.rmtree(prepared / "packed", ignore_errors=True)
-    packed.save_to_disk(str(prepared / "packed"))
+        try:
+            packed, sizes = D.pack(train, recipe.data.max_seq_len, recipe.train.seed, scratch=scratch)
+        except ValueError as e:
+            raise JobFailed(f"train.packing: {e}") from None
+        shutil.rmtree(prepared / "packed", ignore_errors=True)
+        packed.save_to_disk(str(prepared / "packed"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     fed = int(packed.with_format("arrow")["length"].to_numpy().sum())
     return (f"train: {len(train)} examples packed into {len(sizes)} sequences of at most {recipe.data.max_seq_len} "
             f"tokens ({fed / (len(sizes) * recipe.data.max_seq_len):.0%} full, "

@@ -462,3 +462,24 @@ def test_a_row_of_megabytes_is_measured_on_its_start_with_the_same_verdict(tmp_p
                for n in rep.notes), rep.notes
     assert any("1 examples with a text longer than 1,024 characters were measured on their first 1,024" in n
                for n in rep.notes), rep.notes
+
+
+def test_files_the_readers_take_are_read_with_each_row_at_its_line(tmp_path):
+    """What datasets' readers accept, the scan accepts too, and names each row by its line: JSON Lines ending lines
+    with a bare CR, a CSV with a blank line (pandas skips it) and one before its header, a CSV field of 200,000
+    characters, and a .json file that holds JSON Lines (read a line at a time, not whole)."""
+    cases = {
+        "cr.jsonl": '{"text": "a", "label": "x"}\r{"text": "b", "label": "y"}\r{"text": "c", "label": "x"}',
+        "blank.csv": "text,label\nhello,x\n   \nworld,y\n",
+        "lead.csv": "\ntext,label\nhi,x\nyo,y\n",
+        "long.csv": 'text,label\n"' + "w " * 100_000 + '",x\nshort,y\n',
+        "lines.json": '{"text": "a", "label": "x"}\n\n{"text": "b", "label": "y"}\n',
+    }
+    want_lines = {"cr.jsonl": [1, 2, 3], "blank.csv": [2, 4], "lead.csv": [3, 4], "long.csv": [2, 3],
+                  "lines.json": [1, 3]}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text, newline="")
+        r = recipe(tmp_path, f"  train: {name}\n")
+        sp = D.read_source(r, "train", r.data.train)
+        assert len(sp.dataset) == len(want_lines[name]), name
+        assert [sp.where(i) for i in range(len(sp.dataset))] == [f"{name}:{n}" for n in want_lines[name]], name

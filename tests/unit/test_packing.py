@@ -153,3 +153,14 @@ def test_evaluation_batches_of_a_causal_lm_hold_a_bounded_number_of_tokens():
     assert all(len(b) * lengths[b[0]] <= 400 or len(b) == 1 for b in batches)
     assert [len(b) for b in batches] == [1, 1, 3, 4, 3]
     assert [len(b) for b in _batches(order, lengths, rows=4, tokens=None)] == [4, 4, 4]
+
+
+def test_packs_built_a_chunk_at_a_time_on_disk_are_the_packs_built_at_once(examples, tmp_path, monkeypatch):
+    """pack writes each chunk of packs to the scratch folder and maps it back: the same rows as in memory."""
+    whole = D.pack(examples, MAX_LEN, seed=1)[0].to_dict()
+    monkeypatch.setattr(D, "PACK_CHUNK_TOKENS", 700)  # several chunks
+    chunked, sizes = D.pack(examples, MAX_LEN, seed=1, scratch=tmp_path)
+    assert len(list(tmp_path.glob("packed-*.arrow"))) > 2
+    assert chunked.to_dict() == whole and sum(sizes) == len(examples)
+    with pytest.raises(ValueError, match="no examples to pack"):
+        D.pack(examples.select([]), MAX_LEN, seed=1)
