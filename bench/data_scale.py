@@ -20,8 +20,8 @@ Generated classification rows (short texts of 4-30 words, 58 labels), one JSONL 
   row are in each size's figures.
 Then evaluation rows/s on 20,000 tokenized rows (jobs.evaluation.evaluate: longest first, batches of 4 x
 train.batch_size, fetched a batch at a time) against the former way (rows in order, 2 x batch, one row at a time),
-the same loss to 0.1% and accuracy to 0.2 points (other padding moves near ties of an untrained head); and, on generated instruction rows (`--instruction`), a small Llama built from a config
-trained for 20 steps of the same tokens with and without train.packing at max_seq_len 512: real tokens/s, the
+the same loss to 0.1% and accuracy to 0.2 points (other padding moves near ties of an untrained head); and, on
+generated instruction rows (`--instruction`), a small Llama built from a config trained for 20 steps of the same tokens with and without train.packing at max_seq_len 512: real tokens/s, the
 padding share, and the held-out loss after training (the same within noise when packing is right).
 Figures are from this machine (2 cores here). Last line: one JSON object.
 """
