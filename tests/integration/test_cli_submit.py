@@ -4,10 +4,10 @@ the same server; then the errors a user meets, one line each.
 
 Registry, end to end, on changing data: the test split is cut from the training file, so every change of the file
 changes the test rows and no two versions share a test split. The submitted job (registered as `topics`, exported
-to ONNX) is version 1, the first champion. A schedule on a better recipe (200 steps) fires by itself when the file
+to ONNX) is version 1, the first champion. A schedule on a better recipe (120 steps) fires by itself when the file
 changes (the server firing a due cron slot is test_schedule_cli's, with a fake clock): the champion and the new model
 are scored on the new test split, and the better one is promoted. Then a schedule on a worse recipe (60 steps, as
-v1) fires on the next change and is refused against the 200-step champion on its own new split. Rollback puts
+v1) fires on the next change and is refused against the 120-step champion on its own new split. Rollback puts
 version 1 back."""
 
 import json
@@ -181,7 +181,7 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
 
     better, worse = tmp_path / "better.yaml", tmp_path / "worse.yaml"
     when_changed = "schedule:\n  on_data_change: true\n  poll_interval: 10\n"
-    better.write_text(recipe(model, "d.jsonl", 200, when_changed))
+    better.write_text(recipe(model, "d.jsonl", 120, when_changed))
     worse.write_text(recipe(model, "d.jsonl", 60, when_changed))
     better_id = fires_once_on_a_change(better, rows[200])
     assert runner("schedule", "remove", "topics").returncode == 0
@@ -212,7 +212,7 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     text = runner("models", "show", "topics").stdout
     assert "v1 [champion]" in text and "rolled back" in text
     d = runner("models", "diff", "topics", "1", str(good_v["version"])).stdout
-    assert "same test data: no (the figures above are of other rows)" in d and "max_steps: 200" in d
+    assert "same test data: no (the figures above are of other rows)" in d and "max_steps: 120" in d
     assert f"both scored on v{good_v['version']}'s test split ({good_v['metrics']['champion']['on_this_test']['rows']} " \
         "rows):" in d, d
 
