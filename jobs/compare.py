@@ -189,12 +189,11 @@ def _row_labels(prepared: Path) -> list | None:
 
 def _digests(data):
     """The input digests (jobs.data.content_key) of a prepared dataset's train and validation rows: what its model
-    trained on, as one Arrow array (a packed train split lists each row's examples)."""
+    trained on, as one Arrow array."""
     import pyarrow as pa
 
     cols = [data[split].with_format("arrow")["content"] for split in ("train", "validation")]
-    cols = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols]
-    return pa.concat_arrays([c.flatten() if pa.types.is_list(c.type) else c for c in cols])
+    return pa.concat_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols])
 
 
 def _unseen(ds, seen, seed: int) -> tuple[list[dict], int]:

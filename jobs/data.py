@@ -45,6 +45,17 @@ class Split:
     rows: Any = field(repr=False, default=None)  # ... and their positions there (numpy)
 
 
+def column(ds, name: str):
+    """A whole column of a dataset as a numpy array, read through Arrow (no Python object per row)."""
+    return ds.with_format("arrow")[name].to_numpy()
+
+
+def predicted_tokens(labels: list[int]) -> int:
+    """A causal LM example's predicted tokens: its labels after the first that are not -100 (what its loss is
+    averaged over; the first token is predicted by nothing)."""
+    return sum(1 for x in labels[1:] if x != -100)
+
+
 def arrow_column(sp: Split, name: str):
     """A split's column as Arrow: a derived split's rows taken from its parent's column in one call (datasets would
     turn its index mapping into a Python list at each read)."""
@@ -660,8 +671,7 @@ def tokenize_batch(recipe: Recipe, tokenizer, batch: dict[str, list],
     # `length`: tokens fed (after truncation); `units`: what the row's loss is averaged over (1, or a causal LM's
     # predicted tokens): read as Arrow columns by the loop and the length checks, never rebuilt row by row
     cols["length"] = [len(x) for x in cols["input_ids"]]
-    cols["units"] = [sum(1 for x in y[1:] if x != -100) for y in cols["labels"]] if recipe.task == "causal_lm" \
-        else [1] * n_rows
+    cols["units"] = [predicted_tokens(y) for y in cols["labels"]] if recipe.task == "causal_lm" else [1] * n_rows
     # `content`: the row's input digest (content_key), by which another job knows the rows this one trained on
     cols["content"] = [content_key(row) for row in rows]
     return cols

@@ -76,15 +76,15 @@ def _tokenized(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, li
     # the tokenized Arrow files until save_to_disk copies them: on local disk (the job folder may be shared
     # storage, where they would cross the network twice)
     scratch = Path(tempfile.mkdtemp(prefix=f"runner-tokenize-{job_dir.name[:40]}-"))
+    processes = tokenize_processes()
     try:
         for name, sp in splits.items():
             try:
-                ds = D.tokenize_split(recipe, tok, sp, ids, processes=tokenize_processes(), scratch=scratch)
+                ds = D.tokenize_split(recipe, tok, sp, ids, processes=processes, scratch=scratch)
             except ValueError as e:
                 raise JobFailed(f"data.format: {e}") from None
-            cols = ds.select_columns(["n_tokens", "units"]).with_format("arrow")[:]  # Arrow arrays, not lists
-            problems += length_problems(recipe, name, cols.column("n_tokens").to_numpy(),
-                                        cols.column("units").to_numpy(), str(len(ds)), notes)
+            problems += length_problems(recipe, name, D.column(ds, "n_tokens"), D.column(ds, "units"),
+                                        str(len(ds)), notes)
             tokenized[name] = ds
         if problems:
             raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in problems))
@@ -118,7 +118,7 @@ def _pack(recipe: Recipe, prepared: Path) -> str:
         packed.save_to_disk(str(prepared / "packed"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    fed = int(packed.with_format("arrow")["length"].to_numpy().sum())
+    fed = int(D.column(packed, "length").sum())
     return (f"train: {len(train)} examples packed into {len(sizes)} sequences of at most {recipe.data.max_seq_len} "
             f"tokens ({fed / (len(sizes) * recipe.data.max_seq_len):.0%} full, "
             f"{len(train) / len(sizes):.1f} examples each)")

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from jobs.data import column, predicted_tokens
 from jobs.jobdir import first_line
 from jobs.schema import Recipe
 
@@ -58,18 +59,13 @@ def fetch(ds, idx: list[int]) -> list[dict]:
     return [dict(zip(keep, vals)) for vals in zip(*(cols[c] for c in keep))]
 
 
-def column(ds, name: str):
-    """A whole column of a dataset as a numpy array, read through Arrow (no Python object per row)."""
-    return ds.with_format("arrow")[:].column(name).to_numpy()
-
-
 def units(row: dict, task: str) -> int:
     """What the loss is averaged over: examples, or predicted tokens for a causal LM."""
     if task != "causal_lm":
         return 1
     if "units" in row:
         return int(row["units"])
-    return sum(1 for x in row["labels"][1:] if x != -100)
+    return predicted_tokens(row["labels"])  # a row tokenized before the units column
 
 
 def forward(model, batch: dict):

@@ -113,7 +113,7 @@ def _memory_check(recipe: Recipe, model_path: str, report: Report) -> None:
 
 def _length_check(recipe: Recipe, tok, sp, label_ids, notes: list[str]) -> list[Problem]:
     """Tokenize the first STATS_ROWS rows of a split and judge their lengths."""
-    from jobs.data import tokenize_example
+    from jobs.data import predicted_tokens, tokenize_example
 
     n_rows = min(len(sp.dataset), STATS_ROWS)
     lengths, targets = [], []
@@ -129,7 +129,7 @@ def _length_check(recipe: Recipe, tok, sp, label_ids, notes: list[str]) -> list[
         except ValueError as e:
             return [Problem("data.format", str(e))]
         lengths.append(ex["n_tokens"])
-        targets.append(sum(1 for x in ex["labels"][1:] if x != -100) if recipe.task == "causal_lm" else 1)
+        targets.append(predicted_tokens(ex["labels"]) if recipe.task == "causal_lm" else 1)
     scope = f"{n_rows}" if n_rows == len(sp.dataset) else f"the first {n_rows}"
     if cut:
         notes.append(f"{sp.name}: {cut} examples with a text longer than {most:,} characters were measured on their "

@@ -36,9 +36,9 @@ from jobs.callbacks import build as build_callbacks
 from jobs.checkpoints import (
     State, checkpoint, cpu_copy, resume_state, save_model, selection, track_best, trainable_state,
 )
-from jobs.evaluation import EVAL_BATCH_TIMES, baseline, collate, column, evaluate, fetch, packing_problem
-from jobs.evaluation import model_view, per_example_loss
-from jobs.evaluation import versus_baseline
+from jobs.data import column
+from jobs.evaluation import (EVAL_BATCH_TIMES, baseline, collate, evaluate, fetch, model_view, packing_problem,
+                             per_example_loss, versus_baseline)
 from jobs.jobdir import EVAL, FAILURE, METRICS, RECIPE, WARNINGS, append, note
 from jobs.recipe import SNAPSHOT, parse_recipe
 from jobs.schema import Recipe
