@@ -12,7 +12,9 @@ Generated classification rows (short texts of 4-30 words, 58 labels), one JSONL 
 - `prepare_cold_s` / `prepare_cached_s`: the driver's whole prepare_data (read, split, tokenize, check, save), then
   for a second job on the same files (the tokenized cache);
 - `first_step_cold_s` / `first_step_cached_s`: `runner run` from its start to the first training step in
-  metrics.jsonl, then stopped (Ctrl-C), twice: the second finds the tokenized data cached; with the driver's and
+  metrics.jsonl, then stopped (Ctrl-C), twice, after `runner validate` on the same RUNNER_HOME (as a user runs
+  them): the first reads the data without checking its rows again (validate proved them), the second finds the
+  tokenized data cached (`first_step_*_data_from` says which the job log reported); with the driver's and
   a training worker's peak resident memory (`driver_peak_gib`, `worker_peak_gib`, Linux's VmHWM; the driver's
   tokenizing processes apart: the most they held at once, sampled every 0.2 s);
 - per phase, the cost of a further row between consecutive sizes (`marginal_us_per_row`: the fixed part, such as
@@ -108,7 +110,7 @@ def first_step(recipe_file: Path, home: Path) -> dict:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     peaks = {"driver": 0.0, "worker": 0.0}
     helpers = 0.0  # the most the driver's tokenizing processes (spawned: workers, their manager) held at once
-    seconds = None
+    seconds, data_from = None, None
     before = set((home / "artifacts").glob("scale-*"))
     try:
         while proc.poll() is None and time.perf_counter() - t < 900:
@@ -125,9 +127,14 @@ def first_step(recipe_file: Path, home: Path) -> dict:
                 except (psutil.Error, OSError, KeyError):
                     pass
             helpers = max(helpers, together)
-            if any((d / "metrics.jsonl").exists() and (d / "metrics.jsonl").stat().st_size
-                   for d in set((home / "artifacts").glob("scale-*")) - before):
+            started = [d for d in set((home / "artifacts").glob("scale-*")) - before
+                       if (d / "metrics.jsonl").exists() and (d / "metrics.jsonl").stat().st_size]
+            if started:
                 seconds = time.perf_counter() - t
+                said = (started[0] / "train.log").read_text()
+                data_from = "tokenized cache" if "tokenized data reused from" in said else \
+                    "read, checks proved by validate" if "data checks reused from runner validate" in said else \
+                    "read and checked"
                 break
             time.sleep(0.2)
     finally:
@@ -140,7 +147,8 @@ def first_step(recipe_file: Path, home: Path) -> dict:
     if seconds is None:
         raise RuntimeError(f"no training step: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
     return {"s": round(seconds, 1), "driver_gib": round(peaks["driver"] / 1024, 3),
-            "worker_gib": round(peaks["worker"] / 1024, 3), "helpers_gib": round(helpers / 1024, 3)}
+            "worker_gib": round(peaks["worker"] / 1024, 3), "helpers_gib": round(helpers / 1024, 3),
+            "data_from": data_from}
 
 
 def _train_workers() -> list:
@@ -289,17 +297,18 @@ def main() -> None:
             prepare_data(recipe, job, model_path)
             figures[f"prepare_{name}_s"] = round(time.perf_counter() - t, 2)
         if not args.skip_runs:
+            home = folder / "home"  # validate, then run, as a user does: the driver finds what validate proved
             t = time.perf_counter()
-            out = runner("validate", str(folder / "recipe.yaml"))
+            out = runner("validate", str(folder / "recipe.yaml"), env={"RUNNER_HOME": str(home)})
             figures["validate_s"] = round(time.perf_counter() - t, 1)
             assert out.returncode == 0, out.stderr[-2000:]
-            home = folder / "home"
             for name in ("cold", "cached"):
                 got = first_step(folder / "recipe.yaml", home)
                 figures[f"first_step_{name}_s"] = got["s"]
                 figures[f"driver_peak_gib_{name}"], figures[f"worker_peak_gib_{name}"] = \
                     got["driver_gib"], got["worker_gib"]
                 figures[f"tokenizer_processes_peak_gib_{name}"] = got["helpers_gib"]  # those alive at once
+                figures[f"first_step_{name}_data_from"] = got["data_from"]
             runner("cluster", "down", env={"RUNNER_HOME": str(home)})
         for k in [k for k in figures if k.endswith("_s") and not k.endswith("per_s")]:  # microseconds a row
             figures[f"{k}_per_row_us"] = round(figures[k] / n * 1e6, 2)

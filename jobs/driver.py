@@ -65,10 +65,7 @@ def _tokenized(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, li
         except (OSError, ValueError, TypeError) as e:  # being evicted, or not the cache's: tokenize, store anew
             note(job_dir, f"the cached tokenized data at {entry} could not be used ({first_line(e)}): tokenizing")
             cache.discard(entry)
-    try:
-        splits = D.load_splits(recipe)
-    except D.DataError as e:
-        raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in e.problems)) from None
+    splits, proven = _read(recipe, job_dir)
     labels = D.label_names(recipe, splits["train"]) if recipe.task == "classification" else None
     ids = {n: i for i, n in enumerate(labels)} if labels else None
     tok = load_tokenizer(recipe, model_path)
@@ -83,6 +80,10 @@ def _tokenized(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, li
                 ds = D.tokenize_split(recipe, tok, sp, ids, processes=processes, scratch=scratch)
             except ValueError as e:
                 raise JobFailed(f"data.format: {e}") from None
+            except Exception:  # rows that were not checked here (validate's proof): a bad one is named as ever
+                if proven:
+                    _checked(recipe)
+                raise
             problems += length_problems(recipe, name, D.column(ds, "n_tokens"), D.column(ds, "units"),
                                         str(len(ds)), notes)
             tokenized[name] = ds
@@ -98,6 +99,40 @@ def _tokenized(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, li
     if k is not None and cache.key(recipe, model_path) == k:  # files rewritten as they were read: not cached
         cache.store(job_dir, k, out, {"rows": rows, "notes": notes})
     return rows, notes
+
+
+def _read(recipe: Recipe, job_dir: Path) -> tuple[dict, bool]:
+    """The splits, read once, and whether their rows went unchecked here. Where `runner validate` proved the files
+    as they are now (jobs.tokenized_cache.proven), its row checks are not run again: the rows read must then be the
+    rows it counted, and the files must not have changed while they were read; otherwise, or where the unchecked
+    read fails, every check runs."""
+    from jobs import data as D
+    from jobs import tokenized_cache as cache
+
+    proof = cache.proven(cache.validated_root(job_dir), recipe)
+    if proof is not None:
+        try:
+            splits = D.load_splits(recipe, proven=True)
+        except Exception:  # noqa: BLE001 - not the data validate saw: the checked read says what is wrong
+            splits = None
+        rows = {name: len(sp.dataset) for name, sp in (splits or {}).items()}
+        if splits is not None and rows == proof["rows"] and cache.data_key(recipe) == proof["key"]:
+            note(job_dir, f"data checks reused from runner validate at "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(proof['at']))} (the same files by "
+                          f"sha256; {', '.join(f'{k} {v}' for k, v in rows.items())} rows)")
+            return splits, True
+        note(job_dir, "the data is not what runner validate saw (changed since, or as it was read): checking it")
+    return _checked(recipe), False
+
+
+def _checked(recipe: Recipe) -> dict:
+    """The splits read with every check; JobFailed naming the key, file and line of what is wrong."""
+    from jobs import data as D
+
+    try:
+        return D.load_splits(recipe)
+    except D.DataError as e:
+        raise JobFailed("; ".join(f"{p.path}: {p.message}" for p in e.problems)) from None
 
 
 def _pack(recipe: Recipe, prepared: Path) -> str:
@@ -199,11 +234,11 @@ def train_job(job_dir: Path, prep: Prepared) -> dict:
         per_worker["GPU"] = res.gpus_per_worker
     # no secret among them: Ray shows runtime envs to whoever reaches its dashboard (jobs.secrets hands them over)
     env_vars = {k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-                                             "WANDB_MODE", "TOKENIZERS_PARALLELISM",
+                                             "WANDB_MODE",
                                              "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
                                              "TRANSFORMERS_VERBOSITY")
                 if k in os.environ}
-    env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env_vars["TOKENIZERS_PARALLELISM"] = "false"  # the driver's is "true" (it tokenizes); workers only read
     env_vars.update(WORKER_PRIORITY)
     # the driver turns Ray's failure signal handler off (a cancel's SIGTERM is no crash); a worker's SIGSEGV is one
     env_vars["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "0"
@@ -420,7 +455,10 @@ def run_with_ray(job_dir: Path) -> int:
     """
     import threading
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the driver tokenizes in one process over its CPUs (the fast tokenizer's threads: jobs.data.tokenize_split):
+    # set once, before any thread starts (an environment changed while Ray's threads read theirs is undefined);
+    # its spawned tokenizing processes and the training workers set "false" for themselves
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     address = os.environ.get("RAY_ADDRESS")
     ray_settings(local=not address)  # before ray is imported (in _drive): it reads some of them then
     job_dir = Path(job_dir).resolve()

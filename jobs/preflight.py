@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from jobs.jobdir import first_line
 from jobs.modelfiles import load_tokenizer, resolve_model
@@ -28,6 +29,7 @@ class Report:
     labels: list[str] | None = None
     model_path: str | None = None
     memory: dict | None = None  # jobs.memory's estimate of each GPU's (or worker's) peak
+    data_key: str | None = None  # the data's key (jobs.tokenized_cache.data_key), the same before and after reading
 
     @property
     def ok(self) -> bool:
@@ -62,11 +64,16 @@ def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True, data: b
             build(recipe.train.callbacks)
         except CallbackError as e:
             report.problems.append(Problem(e.key, e.why))
+    from jobs.tokenized_cache import data_key
+
+    key = data_key(recipe) if data else None
     try:
         splits = D.load_splits(recipe) if data else {}
     except D.DataError as e:
         report.problems += e.problems
         return report
+    if key is not None and data_key(recipe) == key:  # the files checked are the files hashed (none rewritten meanwhile)
+        report.data_key = key
     report.rows = {k: len(v.dataset) for k, v in splits.items()}
     label_ids = None
     if recipe.task == "classification" and splits:
@@ -112,24 +119,29 @@ def _memory_check(recipe: Recipe, model_path: str, report: Report) -> None:
 
 
 def _length_check(recipe: Recipe, tok, sp, label_ids, notes: list[str]) -> list[Problem]:
-    """Tokenize the first STATS_ROWS rows of a split and judge their lengths."""
-    from jobs.data import predicted_tokens, tokenize_example
+    """Tokenize the first STATS_ROWS rows of a split, a batch at a time as the driver does (jobs.data.tokenize_batch),
+    and judge their lengths."""
+    from jobs.data import tokenize_batch
 
     n_rows = min(len(sp.dataset), STATS_ROWS)
     lengths, targets = [], []
     # a text far past what max_seq_len tokens can hold is measured on its start: enough to know it is truncated
     # (and what of it is kept), where tokenizing a 5 MB row whole took seconds
     most, cut = CHARS_PER_TOKEN_BOUND * recipe.data.max_seq_len, 0
-    for row in sp.dataset.select(range(n_rows)):
-        long = {k: v[:most] for k, v in row.items() if isinstance(v, str) and len(v) > most}
-        if long:
-            row, cut = {**row, **long}, cut + 1
+    for batch in sp.dataset.select(range(n_rows)).iter(batch_size=1000):
+        long = set()
+        for values in batch.values():
+            for i, v in enumerate(values):
+                if isinstance(v, str) and len(v) > most:
+                    values[i] = v[:most]
+                    long.add(i)
+        cut += len(long)
         try:
-            ex = tokenize_example(recipe, tok, row, label_ids)
+            cols = tokenize_batch(recipe, tok, batch, label_ids)
         except ValueError as e:
             return [Problem("data.format", str(e))]
-        lengths.append(ex["n_tokens"])
-        targets.append(predicted_tokens(ex["labels"]) if recipe.task == "causal_lm" else 1)
+        lengths += cols["n_tokens"]
+        targets += cols["units"]
     scope = f"{n_rows}" if n_rows == len(sp.dataset) else f"the first {n_rows}"
     if cut:
         notes.append(f"{sp.name}: {cut} examples with a text longer than {most:,} characters were measured on their "
@@ -177,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     as_json, source = a.json, a.recipe
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the length sample's batches over this process's CPUs (no fork)
     import datasets
     import transformers
 
@@ -193,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report = preflight(recipe)
         report.problems = [p._replace(line=p.line or recipe.line_of(p.path)) for p in report.problems]
+        artifacts = os.environ.get("RUNNER_VALIDATE_ARTIFACTS")  # where the jobs' folders go (the CLI says)
+        if artifacts and report.ok and report.data_key:  # for the driver: what it need not check again
+            from jobs.tokenized_cache import VALIDATED, prove
+
+            prove(Path(artifacts) / VALIDATED, report.data_key, report.rows)
     if as_json:
         print(json.dumps(report.to_json()))
     else:

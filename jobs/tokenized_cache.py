@@ -22,11 +22,13 @@ six hours.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -54,11 +56,8 @@ def root_for(job_dir: Path) -> Path:
 def key(recipe, model_path: str) -> str | None:
     """The cache key of the recipe's tokenized data, or None where it cannot be known (the cache off, a model not
     in a local folder, an unpinned hub dataset, a file that cannot be read)."""
-    import datasets
     import tokenizers
     import transformers
-
-    from jobs import data as D
 
     if bound_bytes() == 0:
         return None
@@ -74,10 +73,33 @@ def key(recipe, model_path: str) -> str | None:
         # every file of the model folder but its weights: the tokenizer's files whatever their names, config.json
         # (which class AutoTokenizer picks), custom tokenizer code
         tok_files = sorted(f for f in model.rglob("*") if f.is_file() and not f.name.endswith(WEIGHTS))
-        parts: list = [TOKENIZE_VERSION, recipe.task, recipe.data.model_dump(mode="json"),
-                       recipe.model.trust_remote_code, transformers.__version__, tokenizers.__version__,
-                       datasets.__version__, file_sha256(Path(D.__file__)),
-                       [(str(f.relative_to(model)), file_sha256(f)) for f in tok_files]]
+        tok = [recipe.model.trust_remote_code, transformers.__version__, tokenizers.__version__,
+               [(str(f.relative_to(model)), file_sha256(f)) for f in tok_files]]
+    except OSError:
+        return None
+    data = _data_parts(recipe)
+    if data is None:
+        return None
+    return hashlib.sha256(json.dumps([TOKENIZE_VERSION, tok, data], sort_keys=True, default=str).encode()
+                          ).hexdigest()[:32]
+
+
+def _data_parts(recipe) -> list | None:
+    """What the recipe's rows are: its task and whole data section, the content of every local data file (sha256),
+    a hub dataset's id and commit, the versions of the code that reads them. None where they cannot be known."""
+    import datasets
+
+    from jobs import data as D
+    from jobs import schema
+
+    settings = recipe.data.model_dump(mode="json")
+    for split in ("train", "validation", "test"):  # a path as the file it names (validate's recipe may say
+        src = getattr(recipe.data, split)  # rows.jsonl where the job's snapshot has the absolute path)
+        if src is not None and src.path is not None and isinstance(settings.get(split), dict):
+            settings[split]["path"] = str(recipe.resolve_path(src.path))
+    try:
+        parts: list = [recipe.task, settings, datasets.__version__, file_sha256(Path(D.__file__)),
+                       file_sha256(Path(schema.__file__))]
         for split in ("train", "validation", "test"):
             src = getattr(recipe.data, split)
             if src is None:
@@ -92,7 +114,7 @@ def key(recipe, model_path: str) -> str | None:
                 return None
     except OSError:
         return None
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return parts
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -213,3 +235,93 @@ def evict(root: Path, bound: int, keep: Path | None = None) -> list[str]:
         total -= size
         removed.append(e.name)
     return removed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What `runner validate` proved of the data
+# ----------------------------------------------------------------------------------------------------------------
+#
+# `runner validate` and `runner submit` read the whole data and check every row (jobs.preflight). Where the CLI
+# knows the artifacts folder the driver will use (a local server, or RUNNER_ARTIFACTS on shared storage), it passes
+# it as RUNNER_VALIDATE_ARTIFACTS, and a clean pre-flight leaves a proof in <artifacts>/.validated, named by the
+# data's key (`data_key`: the same parts as the tokenized cache's data, sha256 of every file, the same before and
+# after the read). The driver finds it by the key it computes from the files as they are when it starts (so a file
+# changed since is a miss), reads the data without checking each row again, and checks that it read the rows the
+# proof counted and that the files did not change as it read them.
+
+PROOF_VERSION = 1
+VALIDATED = ".validated"
+PROOFS_KEPT = 1000  # the newest proofs kept; older ones are removed as new ones are written
+
+
+def validated_root(job_dir: Path) -> Path:
+    return Path(job_dir).parent / VALIDATED
+
+
+def data_key(recipe) -> str | None:
+    parts = _data_parts(recipe)
+    if parts is None:
+        return None
+    return hashlib.sha256(json.dumps([PROOF_VERSION, parts], sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def prove(root: Path, key: str, rows: dict[str, int]) -> Path | None:
+    """Record that the data of `key` passed every check, with its rows per split (written aside, renamed into
+    place); the oldest proofs beyond PROOFS_KEPT, and what a crash left half written, go. Never raises: without a
+    proof the driver checks the data itself."""
+    if not PROOF_NAME.fullmatch(f"{key}.json"):
+        return None
+    root = Path(root)
+    aside = root / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        aside.write_text(json.dumps({"key": key, "rows": rows, "at": time.time()}))
+        aside.rename(root / f"{key}.json")
+        now, ours = time.time(), []
+        for f in root.iterdir():  # only the names proofs have: the folder may be one a user named
+            if PROOF_NAME.fullmatch(f.name):
+                ours.append((f.stat().st_mtime, f))
+            elif f.name.startswith(".") and f.name.endswith(".tmp") and now - f.stat().st_mtime > STALE_S:
+                f.unlink(missing_ok=True)
+        for _, old in sorted(ours)[:-PROOFS_KEPT]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        with contextlib.suppress(OSError):
+            aside.unlink(missing_ok=True)
+        return None
+    return root / f"{key}.json"
+
+
+PROOF_NAME = re.compile(r"[0-9a-f]{32}\.json")
+PROOF_BYTES = 64 * 1024
+
+
+def proven(root: Path, recipe) -> dict | None:
+    """The proof that the recipe's data as it is now passed `runner validate` ({"key", "rows", "at"}), or None
+    (no proof, other files, or a file that is not one of ours: never followed through a link, never more than
+    PROOF_BYTES read, a FIFO or device never waited on)."""
+    if not Path(root).is_dir():
+        return None
+    k = data_key(recipe)
+    if k is None:
+        return None
+    try:
+        fd = os.open(Path(root) / f"{k}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = os.read(fd, PROOF_BYTES + 1)
+        if len(raw) > PROOF_BYTES:
+            return None
+        proof = json.loads(raw)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(proof, dict) or proof.get("key") != k or not isinstance(proof.get("at"), (int, float)) \
+            or not isinstance(proof.get("rows"), dict) or not proof["rows"] \
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in proof["rows"].values()):
+        return None
+    return proof

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +23,9 @@ os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("RUNNER_TEST_HF_HOME", tempfile.mkdtemp(prefix="runner-test-hf-"))
 os.environ["HF_HOME"] = os.environ["RUNNER_TEST_HF_HOME"]
 os.environ.pop("HF_HUB_CACHE", None)
+# a runner command run by a test leaves nothing in the user's ~/.runner (runner validate writes its proofs there)
+os.environ["RUNNER_HOME"] = tempfile.mkdtemp(prefix="runner-test-home-")
+atexit.register(shutil.rmtree, os.environ["RUNNER_HOME"], ignore_errors=True)
 sys.path.insert(0, str(ROOT / "tests"))
 
 

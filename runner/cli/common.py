@@ -52,9 +52,19 @@ def problem_lines(recipe: Path, problems: list[dict], tail: str = "") -> list[st
 
 
 def run_preflight(recipe: Path, extra_env: dict | None = None) -> dict:
-    """Run `jobs.preflight` in a child process (it imports datasets and transformers); return its report."""
+    """Run `jobs.preflight` in a child process (it imports datasets and transformers); return its report.
+
+    Where the job folders will be where this machine sees them (a local server, or RUNNER_ARTIFACTS named), a
+    clean pre-flight leaves its proof there for the driver, which then does not check every row again
+    (jobs.tokenized_cache.prove)."""
+    env = {**os.environ, **QUIET_ENV, **(extra_env or {})}
+    env.pop("RUNNER_VALIDATE_ARTIFACTS", None)
+    if os.environ.get("RUNNER_ARTIFACTS") or not os.environ.get("RUNNER_SERVER"):
+        from runner.client import artifacts_root
+
+        env["RUNNER_VALIDATE_ARTIFACTS"] = str(artifacts_root())
     proc = subprocess.run([sys.executable, "-m", "jobs.preflight", "--json", "--", str(recipe)], capture_output=True,
-                          text=True, env={**os.environ, **QUIET_ENV, **(extra_env or {})})
+                          text=True, env=env)
     try:
         report = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):

@@ -10,6 +10,7 @@ from jobs import data as D
 from jobs.modelfiles import resolve_model
 from jobs.preflight import Report, preflight
 from jobs.recipe import parse_recipe
+from tiny import tiny_tokenizer
 
 ROWS = [{"text": f"sentence number {i}", "label": "pos" if i % 3 else "neg"} for i in range(30)]
 
@@ -329,6 +330,43 @@ def test_batched_tokenizing_gives_each_row_what_one_row_at_a_time_gives(tmp_path
     assert got["content"] == [D.content_key(row) for row in rows]
     assert got["length"] == [len(w["input_ids"]) for w in want]
     assert got["units"] == [sum(1 for x in w["labels"][1:] if x != -100) if task == "causal_lm" else 1 for w in want]
+
+
+def test_fast_ids_are_the_tokenizers_own_whatever_it_was_set_to_before(tmp_path, minilm):
+    """encode_ids calls the fast tokenizer's backend directly (no offsets): the ids must be what the tokenizer's own
+    call gives, untruncated although all-MiniLM-L6-v2's tokenizer.json cuts at 128 and a truncating call came just
+    before, special-token text included, pairs included, for WordPiece and byte-level BPE with added tokens; and
+    tokenize_split gives each row what tokenize_example gives."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm)
+    words = "the quick brown fox jumps over a lazy dog [SEP] while seven [CLS] green parrots sing".split()
+    texts = [" ".join(words[: 1 + i % len(words)] * (1 + i % 40)) for i in range(200)]
+    pairs = [" ".join(words[i % 5:]) for i in range(200)]
+    assert max(len(x) for x in tok(texts)["input_ids"]) > 300, "rows past the 128 of the tokenizer.json"
+    for _ in range(2):
+        tok(texts[:3], truncation=True, max_length=8)  # leaves the backend set to truncate
+        assert D.encode_ids(tok, texts) == tok(texts)["input_ids"]
+        assert D.encode_ids(tok, texts, pairs) == tok(texts, pairs)["input_ids"]
+    # a byte-level BPE tokenizer with tokens added (special and not), splitting special-token text or not
+    bpe = tiny_tokenizer()
+    bpe.add_tokens(["quickbrown", "<extra>"])
+    bpe.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    odd = [t.replace("seven", "<tool> seven quickbrown <extra>") + " <|endoftext|> ünïcödé 🦊" for t in texts]
+    for split in (False, True):
+        bpe.split_special_tokens = split
+        assert D.encode_ids(bpe, odd) == bpe(odd)["input_ids"], split
+        assert D.encode_ids(bpe, odd, pairs) == bpe(odd, pairs)["input_ids"], split
+    with pytest.raises(ValueError, match="a text that is not text: 'None'"):  # the driver reports it by key
+        D.encode_ids(tok, texts[:2] + [None])
+    r = recipe(tmp_path, "  train: x.jsonl\n  max_seq_len: 64\n")
+    rows = [{"text": t, "label": "ab"[i % 2]} for i, t in enumerate(texts)]
+    got = D.tokenize_split(r, tok, D.Split("train", datasets.Dataset.from_list(rows), "x"), {"a": 0, "b": 1},
+                           processes=2)
+    want = [D.tokenize_example(r, tok, row, {"a": 0, "b": 1}) for row in rows]
+    for k in ("input_ids", "n_tokens"):
+        assert got[k] == [w[k] for w in want], k
 
 
 def test_tokenizing_writes_into_the_scratch_folder_never_beside_the_users_data(tmp_path, tokenizer):

@@ -4,6 +4,8 @@ the result misses; the cache stays within its bound, the entries used least rece
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import datasets
 import pytest
 
 from jobs import tokenized_cache as cache
-from jobs.driver import prepare_data
+from jobs.driver import JobFailed, prepare_data
 from jobs.recipe import parse_recipe
 from tiny import keyword_rows, tiny_model_dir
 
@@ -123,3 +125,130 @@ def test_eviction_removes_the_least_recently_used_first(tmp_path):
     assert cache.evict(root, bound=2100) == ["mid"]
     assert sorted(p.name for p in root.iterdir()) == [".half.tmp", "new", "old"]
     assert cache.evict(root, bound=0, keep=root / "old") == ["new"]
+
+
+def _validate(recipe_file: Path, artifacts: Path, **env) -> subprocess.CompletedProcess:
+    """`runner validate` as a user runs it, with the job folders in `artifacts`."""
+    return subprocess.run([sys.executable, "-m", "runner.cli", "validate", str(recipe_file)], capture_output=True,
+                          text=True, cwd=recipe_file.parent,
+                          env={**os.environ, "RUNNER_ARTIFACTS": str(artifacts), **env})
+
+
+def _as_the_driver_reads_it(recipe_file: Path, job: Path):
+    """The job's recipe.yaml as the server writes it (paths made absolute), loaded as the driver loads it."""
+    from jobs.recipe import SNAPSHOT, load_recipe
+
+    (job / "recipe.yaml").write_text(load_recipe(recipe_file).snapshot_yaml())
+    return load_recipe(job / "recipe.yaml", allowed=SNAPSHOT)
+
+
+def test_what_validate_proved_is_not_checked_again_and_changed_data_is(world, monkeypatch):
+    from jobs import data as D
+
+    tmp_path, model, data, artifacts = world
+    monkeypatch.setenv("RUNNER_TOKENIZED_CACHE_GB", "0")  # every job reads the data: the proof is what is tested
+    recipe_file = tmp_path / "recipe.yaml"  # the data path relative, as users write it
+    recipe_file.write_text(f"name: c\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: {data.name}\n"
+                           f"  max_seq_len: 32\n")
+    out = _validate(recipe_file, artifacts)
+    assert out.returncode == 0, out.stderr
+    (proof,) = (artifacts / ".validated").glob("*.json")
+    held = json.loads(proof.read_text())
+    assert sum(held["rows"].values()) == 120 and set(held["rows"]) == {"train", "validation", "test"}
+
+    checked = []  # the row checks that ran: a spy on the real functions, which still do their work
+    for name in ("check_rows", "_scan"):
+        real = getattr(D, name)
+        monkeypatch.setattr(D, name, lambda *a, _real=real, _name=name, **k: (checked.append(_name), _real(*a, **k))[1])
+    job = _job(artifacts, "a")
+    recipe = _as_the_driver_reads_it(recipe_file, job)
+    assert held["key"] == cache.data_key(recipe) and proof.name == f"{held['key']}.json"
+    rows, _ = prepare_data(recipe, job, str(model))
+    assert checked == [] and rows == held["rows"], checked
+    assert any(m.startswith("data checks reused from runner validate at ") and "(the same files by sha256; train "
+               in m for m in _said(job)), _said(job)
+
+    # a proof that says other counts than the rows read (written by something else): every check runs
+    proof.write_text(json.dumps({**held, "rows": {**held["rows"], "train": held["rows"]["train"] + 1}}))
+    job = _job(artifacts, "b")
+    assert prepare_data(recipe, job, str(model))[0] == rows and "check_rows" in checked and "_scan" in checked
+    assert "the data is not what runner validate saw (changed since, or as it was read): checking it" in _said(job)
+    checked.clear()
+    garbage_proofs = ("not json", "[]", json.dumps({**held, "key": "0" * 32}), json.dumps({**held, "rows": {}}),
+                      "x" * 100_000)
+    for i, garbage in enumerate(garbage_proofs):
+        proof.write_text(garbage)
+        job = _job(artifacts, f"g{i}")
+        prepare_data(recipe, job, str(model))
+        assert "check_rows" in checked and not any("data checks reused" in m for m in _said(job)), garbage[:40]
+        checked.clear()
+    proof.unlink()
+    os.mkfifo(proof)  # a FIFO where the proof should be: not waited on, not read
+    job = _job(artifacts, "fifo")
+    prepare_data(recipe, job, str(model))
+    assert "check_rows" in checked
+    proof.unlink()
+    proof.symlink_to(tmp_path / "elsewhere.json")  # a link: never followed
+    (tmp_path / "elsewhere.json").write_text(json.dumps(held))
+    assert cache.proven(artifacts / ".validated", recipe) is None
+
+    # the file changed after validate: no proof of it; a malformed line is found and named as ever
+    proof.unlink()
+    proof.write_text(json.dumps(held))
+    with data.open("a") as f:
+        f.write('{"text": "broken\n')
+    job = _job(artifacts, "changed")
+    with pytest.raises(JobFailed, match=r"rows\.jsonl:121"):
+        prepare_data(_as_the_driver_reads_it(recipe_file, job), job, str(model))
+    # validate of the broken file refuses it and proves nothing
+    assert _validate(recipe_file, artifacts).returncode == 2
+    assert list((artifacts / ".validated").glob("*.json")) == [proof]
+
+
+def test_validate_proves_only_the_files_it_checked(world, monkeypatch):
+    """A file rewritten while pre-flight reads it (same rows, other content): the report carries no key, so no
+    proof is written of content nobody checked."""
+    from jobs import data as D
+    from jobs.preflight import preflight
+
+    tmp_path, model, data, artifacts = world
+    recipe = parse_recipe(f"name: c\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: {data}\n",
+                          base_dir=tmp_path, env={})
+    assert preflight(recipe).data_key == cache.data_key(recipe) is not None
+    real = D.load_splits
+
+    def read_then_rewritten(*a, **k):
+        out = real(*a, **k)
+        data.write_text(data.read_text().replace("good", "fine"))
+        return out
+
+    monkeypatch.setattr(D, "load_splits", read_then_rewritten)
+    report = preflight(recipe)
+    assert report.ok and report.data_key is None
+
+
+def test_proofs_are_bounded_and_only_proofs_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "PROOFS_KEPT", 2)
+    root = tmp_path / "proofs"
+    root.mkdir()
+    (root / "mine.json").write_text("{}")  # a user's file, in a folder a user named
+    keys = [f"{i:032x}" for i in range(4)]
+    for i, k in enumerate(keys):
+        assert cache.prove(root, k, {"train": 1}) == root / f"{k}.json"
+        os.utime(root / f"{k}.json", (1000 + i, 1000 + i))
+    assert sorted(p.name for p in root.iterdir()) == sorted(["mine.json", f"{keys[2]}.json", f"{keys[3]}.json"])
+    assert cache.prove(root, "../../etc/passwd", {"train": 1}) is None
+
+
+def test_validate_leaves_no_proof_where_the_driver_would_not_look(world):
+    tmp_path, model, data, artifacts = world
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(f"name: c\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: {data}\n")
+    # a remote server (RUNNER_SERVER) whose artifacts this machine does not name: its drivers read other storage
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "RUNNER_ARTIFACTS"}
+    out = subprocess.run([sys.executable, "-m", "runner.cli", "validate", str(recipe_file)], capture_output=True,
+                         text=True, env={**env, "RUNNER_HOME": str(home), "RUNNER_SERVER": "http://10.9.9.9:1",
+                                         "RUNNER_VALIDATE_ARTIFACTS": str(tmp_path / "elsewhere")})
+    assert out.returncode == 0, out.stderr
+    assert not (home / "artifacts").exists() and not (tmp_path / "elsewhere").exists()
