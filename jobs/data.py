@@ -717,7 +717,8 @@ def _plain_fast(cls) -> bool:
     except ImportError:
         return False
     return issubclass(cls, TokenizersBackend) and cls.__call__ is PreTrainedTokenizerBase.__call__ and \
-        cls._encode_plus is TokenizersBackend._encode_plus
+        cls._encode_plus is TokenizersBackend._encode_plus and \
+        cls.set_truncation_and_padding is TokenizersBackend.set_truncation_and_padding
 
 
 # rows a further process must have to pay for its start (~2 s): below that, one process whose fast tokenizer
@@ -740,8 +741,11 @@ def tokenize_split(recipe: Recipe, tokenizer, sp: Split, label_ids: dict[str, in
 
     where = {"cache_file_name": str(Path(scratch) / f"{sp.name}.arrow")} if scratch is not None else {}
     method = multiprocess.get_start_method(allow_none=True)
+    threads = os.environ.get("TOKENIZERS_PARALLELISM")
     if procs > 1:
         multiprocess.set_start_method("spawn", force=True)  # datasets makes its Pool with the default method
+        # its processes inherit it: one thread each, a process per CPU (datasets would set it, and say so)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         return sp.dataset.map(_Tokenize(recipe, tokenizer, label_ids), batched=True, batch_size=1000,
                               remove_columns=sp.dataset.column_names, desc=f"tokenizing {sp.name}",
@@ -750,6 +754,12 @@ def tokenize_split(recipe: Recipe, tokenizer, sp: Split, label_ids: dict[str, in
     finally:
         if procs > 1:
             multiprocess.set_start_method(method, force=True)
+            # datasets puts back a copy of os.environ, not the process's environment: the driver's own value put
+            # back (an existing variable overwritten in place, which a thread reading the environment survives)
+            if threads is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = threads
 
 
 class _Tokenize:
@@ -757,10 +767,6 @@ class _Tokenize:
 
     def __init__(self, recipe: Recipe, tokenizer, label_ids: dict[str, int] | None):
         self.recipe, self.tokenizer, self.label_ids = recipe, tokenizer, label_ids
-
-    def __setstate__(self, state: dict) -> None:  # in a tokenizing process: one thread each, a process per CPU
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        self.__dict__.update(state)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         return tokenize_batch(self.recipe, self.tokenizer, batch, self.label_ids)

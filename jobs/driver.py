@@ -78,11 +78,11 @@ def _tokenized(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, li
         for name, sp in splits.items():
             try:
                 ds = D.tokenize_split(recipe, tok, sp, ids, processes=processes, scratch=scratch)
-            except ValueError as e:
-                raise JobFailed(f"data.format: {e}") from None
-            except Exception:  # rows that were not checked here (validate's proof): a bad one is named as ever
-                if proven:
+            except Exception as e:
+                if proven:  # rows that were not checked here (validate's proof): a bad one is named by its line
                     _checked(recipe)
+                if isinstance(e, ValueError):
+                    raise JobFailed(f"data.format: {e}") from None
                 raise
             problems += length_problems(recipe, name, D.column(ds, "n_tokens"), D.column(ds, "units"),
                                         str(len(ds)), notes)

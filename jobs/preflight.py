@@ -41,7 +41,8 @@ class Report:
         return d
 
 
-def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True, data: bool = True) -> Report:
+def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True, data: bool = True,
+              key: bool = False) -> Report:
     """Check data, columns, labels, lengths, model and resources. Never raises for a user's mistake.
 
     lengths=False leaves out the truncation figures, for a caller that tokenizes every row next anyway (the
@@ -49,6 +50,8 @@ def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True, data: b
     out the memory estimate (for a recipe whose tuning, train or resources sections are defaults standing in for
     ones with problems: an estimate of those would be of another job). data=False leaves out reading the data (the
     driver: prepare_data reads and checks it once, as it tokenizes, or finds it tokenized already by content).
+    key=True: the data's key in the report, where the files hashed before and after the read are the same (for a
+    proof: jobs.tokenized_cache.prove).
     """
     from jobs import data as D
 
@@ -66,7 +69,7 @@ def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True, data: b
             report.problems.append(Problem(e.key, e.why))
     from jobs.tokenized_cache import data_key
 
-    key = data_key(recipe) if data else None
+    key = data_key(recipe) if data and key else None
     try:
         splits = D.load_splits(recipe) if data else {}
     except D.DataError as e:
@@ -204,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         found = [p._replace(line=p.line or e.partial.line_of(p.path)) for p in report.problems] if e.partial else []
         report.problems = e.problems + [p for p in found if p not in e.problems]
     else:
-        report = preflight(recipe)
-        report.problems = [p._replace(line=p.line or recipe.line_of(p.path)) for p in report.problems]
         artifacts = os.environ.get("RUNNER_VALIDATE_ARTIFACTS")  # where the jobs' folders go (the CLI says)
+        report = preflight(recipe, key=bool(artifacts))
+        report.problems = [p._replace(line=p.line or recipe.line_of(p.path)) for p in report.problems]
         if artifacts and report.ok and report.data_key:  # for the driver: what it need not check again
             from jobs.tokenized_cache import VALIDATED, prove
 

@@ -281,7 +281,7 @@ def prove(root: Path, key: str, rows: dict[str, int]) -> Path | None:
         for f in root.iterdir():  # only the names proofs have: the folder may be one a user named
             if PROOF_NAME.fullmatch(f.name):
                 ours.append((f.stat().st_mtime, f))
-            elif f.name.startswith(".") and f.name.endswith(".tmp") and now - f.stat().st_mtime > STALE_S:
+            elif PROOF_ASIDE.fullmatch(f.name) and now - f.stat().st_mtime > STALE_S:
                 f.unlink(missing_ok=True)
         for _, old in sorted(ours)[:-PROOFS_KEPT]:
             old.unlink(missing_ok=True)
@@ -293,6 +293,7 @@ def prove(root: Path, key: str, rows: dict[str, int]) -> Path | None:
 
 
 PROOF_NAME = re.compile(r"[0-9a-f]{32}\.json")
+PROOF_ASIDE = re.compile(r"\.[0-9a-f]{32}\.[0-9a-f]{8}\.tmp")  # one being written (or left by a crash)
 PROOF_BYTES = 64 * 1024
 
 

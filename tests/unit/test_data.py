@@ -345,6 +345,7 @@ def test_fast_ids_are_the_tokenizers_own_whatever_it_was_set_to_before(tmp_path,
     texts = [" ".join(words[: 1 + i % len(words)] * (1 + i % 40)) for i in range(200)]
     pairs = [" ".join(words[i % 5:]) for i in range(200)]
     assert max(len(x) for x in tok(texts)["input_ids"]) > 300, "rows past the 128 of the tokenizer.json"
+    assert D._plain_fast(type(tok)), "the fast path is the one tested"
     for _ in range(2):
         tok(texts[:3], truncation=True, max_length=8)  # leaves the backend set to truncate
         assert D.encode_ids(tok, texts) == tok(texts)["input_ids"]
@@ -354,6 +355,7 @@ def test_fast_ids_are_the_tokenizers_own_whatever_it_was_set_to_before(tmp_path,
     bpe.add_tokens(["quickbrown", "<extra>"])
     bpe.add_special_tokens({"additional_special_tokens": ["<tool>"]})
     odd = [t.replace("seven", "<tool> seven quickbrown <extra>") + " <|endoftext|> ünïcödé 🦊" for t in texts]
+    assert D._plain_fast(type(bpe))
     for split in (False, True):
         bpe.split_special_tokens = split
         assert D.encode_ids(bpe, odd) == bpe(odd)["input_ids"], split
@@ -362,8 +364,7 @@ def test_fast_ids_are_the_tokenizers_own_whatever_it_was_set_to_before(tmp_path,
         D.encode_ids(tok, texts[:2] + [None])
     r = recipe(tmp_path, "  train: x.jsonl\n  max_seq_len: 64\n")
     rows = [{"text": t, "label": "ab"[i % 2]} for i, t in enumerate(texts)]
-    got = D.tokenize_split(r, tok, D.Split("train", datasets.Dataset.from_list(rows), "x"), {"a": 0, "b": 1},
-                           processes=2)
+    got = D.tokenize_split(r, tok, D.Split("train", datasets.Dataset.from_list(rows), "x"), {"a": 0, "b": 1})
     want = [D.tokenize_example(r, tok, row, {"a": 0, "b": 1}) for row in rows]
     for k in ("input_ids", "n_tokens"):
         assert got[k] == [w[k] for w in want], k

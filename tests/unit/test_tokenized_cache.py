@@ -175,7 +175,7 @@ def test_what_validate_proved_is_not_checked_again_and_changed_data_is(world, mo
     assert "the data is not what runner validate saw (changed since, or as it was read): checking it" in _said(job)
     checked.clear()
     garbage_proofs = ("not json", "[]", json.dumps({**held, "key": "0" * 32}), json.dumps({**held, "rows": {}}),
-                      "x" * 100_000)
+                      json.dumps(held) + " " * 70_000)  # the proof, but past the bytes a proof may have
     for i, garbage in enumerate(garbage_proofs):
         proof.write_text(garbage)
         job = _job(artifacts, f"g{i}")
@@ -205,6 +205,25 @@ def test_what_validate_proved_is_not_checked_again_and_changed_data_is(world, mo
     assert list((artifacts / ".validated").glob("*.json")) == [proof]
 
 
+def test_rows_a_proof_let_through_unchecked_are_named_by_line_when_they_fail(world, monkeypatch):
+    """A proof that does not hold for the rows (planted, or a same-count rewrite): where the unchecked rows fail
+    to tokenize, the checked read runs and names the row."""
+    tmp_path, model, data, artifacts = world
+    monkeypatch.setenv("RUNNER_TOKENIZED_CACHE_GB", "0")
+    lines = data.read_text().splitlines()
+    lines[6] = json.dumps({"text": None, "label": "pos"})  # read as a null text, which tokenizing refuses
+    data.write_text("\n".join(lines) + "\n")
+    recipe = _recipe(tmp_path, data)
+    job = _job(artifacts, "a")
+    from jobs import data as D
+
+    rows = {n: len(sp.dataset) for n, sp in D.load_splits(recipe, proven=True).items()}
+    cache.prove(artifacts / ".validated", cache.data_key(recipe), rows)
+    with pytest.raises(JobFailed, match=r"data\.train: rows\.jsonl:7: text: empty"):
+        prepare_data(recipe, job, str(model))
+    assert any(m.startswith("data checks reused from runner validate") for m in _said(job))
+
+
 def test_validate_proves_only_the_files_it_checked(world, monkeypatch):
     """A file rewritten while pre-flight reads it (same rows, other content): the report carries no key, so no
     proof is written of content nobody checked."""
@@ -214,7 +233,8 @@ def test_validate_proves_only_the_files_it_checked(world, monkeypatch):
     tmp_path, model, data, artifacts = world
     recipe = parse_recipe(f"name: c\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: {data}\n",
                           base_dir=tmp_path, env={})
-    assert preflight(recipe).data_key == cache.data_key(recipe) is not None
+    assert preflight(recipe).data_key is None, "no key asked for: no file hashed"
+    assert preflight(recipe, key=True).data_key == cache.data_key(recipe) is not None
     real = D.load_splits
 
     def read_then_rewritten(*a, **k):
@@ -223,7 +243,7 @@ def test_validate_proves_only_the_files_it_checked(world, monkeypatch):
         return out
 
     monkeypatch.setattr(D, "load_splits", read_then_rewritten)
-    report = preflight(recipe)
+    report = preflight(recipe, key=True)
     assert report.ok and report.data_key is None
 
 
