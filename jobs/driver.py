@@ -457,7 +457,7 @@ def run_with_ray(job_dir: Path) -> int:
 
     # the driver tokenizes in one process over its CPUs (the fast tokenizer's threads: jobs.data.tokenize_split):
     # set once, before any thread starts (an environment changed while Ray's threads read theirs is undefined);
-    # its spawned tokenizing processes and the training workers set "false" for themselves
+    # its tokenizing processes (jobs.data.tokenize_split) and the training workers (runtime_env) get "false"
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     address = os.environ.get("RAY_ADDRESS")
     ray_settings(local=not address)  # before ray is imported (in _drive): it reads some of them then

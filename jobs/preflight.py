@@ -69,14 +69,14 @@ def preflight(recipe: Recipe, lengths: bool = True, memory: bool = True, data: b
             report.problems.append(Problem(e.key, e.why))
     from jobs.tokenized_cache import data_key
 
-    key = data_key(recipe) if data and key else None
+    before = data_key(recipe) if data and key else None
     try:
         splits = D.load_splits(recipe) if data else {}
     except D.DataError as e:
         report.problems += e.problems
         return report
-    if key is not None and data_key(recipe) == key:  # the files checked are the files hashed (none rewritten meanwhile)
-        report.data_key = key
+    if before is not None and data_key(recipe) == before:  # the files checked are the files hashed, none rewritten
+        report.data_key = before
     report.rows = {k: len(v.dataset) for k, v in splits.items()}
     label_ids = None
     if recipe.task == "classification" and splits:
