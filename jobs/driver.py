@@ -55,7 +55,8 @@ def _tokenized(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, li
     from jobs.preflight import length_problems
 
     out = job_dir / "prepared"
-    k = cache.key(recipe, model_path)
+    parts = cache.data_parts(recipe)  # the data files hashed once for the cache's key and validate's proof
+    k = cache.key(recipe, model_path, parts)
     entry = cache.lookup(job_dir, k)
     if entry is not None:
         try:
@@ -65,7 +66,7 @@ def _tokenized(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, li
         except (OSError, ValueError, TypeError) as e:  # being evicted, or not the cache's: tokenize, store anew
             note(job_dir, f"the cached tokenized data at {entry} could not be used ({first_line(e)}): tokenizing")
             cache.discard(entry)
-    splits, proven = _read(recipe, job_dir)
+    splits, proven = _read(recipe, job_dir, parts)
     labels = D.label_names(recipe, splits["train"]) if recipe.task == "classification" else None
     ids = {n: i for i, n in enumerate(labels)} if labels else None
     tok = load_tokenizer(recipe, model_path)
@@ -101,7 +102,7 @@ def _tokenized(recipe: Recipe, job_dir: Path, model_path: str) -> tuple[dict, li
     return rows, notes
 
 
-def _read(recipe: Recipe, job_dir: Path) -> tuple[dict, bool]:
+def _read(recipe: Recipe, job_dir: Path, parts: list | None) -> tuple[dict, bool]:
     """The splits, read once, and whether their rows went unchecked here. Where `runner validate` proved the files
     as they are now (jobs.tokenized_cache.proven), its row checks are not run again: the rows read must then be the
     rows it counted, and the files must not have changed while they were read; otherwise, or where the unchecked
@@ -109,7 +110,7 @@ def _read(recipe: Recipe, job_dir: Path) -> tuple[dict, bool]:
     from jobs import data as D
     from jobs import tokenized_cache as cache
 
-    proof = cache.proven(cache.validated_root(job_dir), recipe)
+    proof = cache.proven(cache.validated_root(job_dir), recipe, parts)
     if proof is not None:
         try:
             splits = D.load_splits(recipe, proven=True)

@@ -53,9 +53,10 @@ def root_for(job_dir: Path) -> Path:
     return Path(job_dir).parent / ".tokenized"
 
 
-def key(recipe, model_path: str) -> str | None:
+def key(recipe, model_path: str, parts: list | None = None) -> str | None:
     """The cache key of the recipe's tokenized data, or None where it cannot be known (the cache off, a model not
-    in a local folder, an unpinned hub dataset, a file that cannot be read)."""
+    in a local folder, an unpinned hub dataset, a file that cannot be read). parts: `data_parts(recipe)`, where the
+    caller has them already (each is a pass over every data file)."""
     import tokenizers
     import transformers
 
@@ -77,14 +78,14 @@ def key(recipe, model_path: str) -> str | None:
                [(str(f.relative_to(model)), file_sha256(f)) for f in tok_files]]
     except OSError:
         return None
-    data = _data_parts(recipe)
+    data = parts if parts is not None else data_parts(recipe)
     if data is None:
         return None
     return hashlib.sha256(json.dumps([TOKENIZE_VERSION, tok, data], sort_keys=True, default=str).encode()
                           ).hexdigest()[:32]
 
 
-def _data_parts(recipe) -> list | None:
+def data_parts(recipe) -> list | None:
     """What the recipe's rows are: its task and whole data section, the content of every local data file (sha256),
     a hub dataset's id and commit, the versions of the code that reads them. None where they cannot be known."""
     import datasets
@@ -258,8 +259,8 @@ def validated_root(job_dir: Path) -> Path:
     return Path(job_dir).parent / VALIDATED
 
 
-def data_key(recipe) -> str | None:
-    parts = _data_parts(recipe)
+def data_key(recipe, parts: list | None = None) -> str | None:
+    parts = parts if parts is not None else data_parts(recipe)
     if parts is None:
         return None
     return hashlib.sha256(json.dumps([PROOF_VERSION, parts], sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -297,13 +298,13 @@ PROOF_ASIDE = re.compile(r"\.[0-9a-f]{32}\.[0-9a-f]{8}\.tmp")  # one being writt
 PROOF_BYTES = 64 * 1024
 
 
-def proven(root: Path, recipe) -> dict | None:
+def proven(root: Path, recipe, parts: list | None = None) -> dict | None:
     """The proof that the recipe's data as it is now passed `runner validate` ({"key", "rows", "at"}), or None
     (no proof, other files, or a file that is not one of ours: never followed through a link, never more than
     PROOF_BYTES read, a FIFO or device never waited on)."""
     if not Path(root).is_dir():
         return None
-    k = data_key(recipe)
+    k = data_key(recipe, parts)
     if k is None:
         return None
     try:
