@@ -59,19 +59,21 @@ KINDS = ("kill_worker", "remove_node", "kill_server", "kill_driver", "torn_line"
 class Server:
     """`python -m runner.server` as a process of its own, so that it can be SIGKILLed."""
 
-    def __init__(self, home: Path, dashboard: str):
+    def __init__(self, home: Path, dashboard: str, args: tuple[str, ...] = (), env: dict | None = None):
+        """args, env: more of the server's options and environment (bench/elastic.py: the GCS, node types)."""
         self.home, self.dashboard, self.proc, self.port = home, dashboard, None, None
+        self.args, self.extra_env = tuple(args), dict(env or {})
 
     def start(self) -> None:
         from runner.local import free_port
 
         self.port = self.port or free_port()
-        env = {**os.environ, "RUNNER_HOME": str(self.home), "RUNNER_SHARED_STORAGE": "1"}
+        env = {**os.environ, "RUNNER_HOME": str(self.home), "RUNNER_SHARED_STORAGE": "1", **self.extra_env}
         env.pop("RUNNER_TOKEN", None)
         log = open(self.home / "server.log", "a")
         self.proc = subprocess.Popen([sys.executable, "-m", "runner.server", "--port", str(self.port), "--ray",
-                                      self.dashboard, "--interval", "0.5"], env=env, cwd=ROOT, stdout=log,
-                                     stderr=subprocess.STDOUT)
+                                      self.dashboard, "--interval", "0.5", *self.args], env=env, cwd=ROOT,
+                                     stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.get("/health") is not None:

@@ -262,6 +262,10 @@ def train_job(job_dir: Path, prep: Prepared) -> dict:
         reason = (job_dir / "failure.txt").read_text() if (job_dir / "failure.txt").exists() else _reason(e)
         raise JobFailed(reason) from None
     timings["train_s"] = time.perf_counter() - t0
+    stopped = _preempted_at(job_dir)
+    if stopped is not None:  # the server preempted it for a job ahead in the queue: it resumes from this step
+        event(job_dir, f"preempted: checkpointed at step {stopped} and stopped; the server queues it again")
+        return {"preempted": stopped}
     if (job_dir / "champion.json").exists():  # a registered model's champion to meet, like for like
         from jobs.compare import compare_task
 
@@ -521,8 +525,22 @@ def _drive(job_dir: Path, address: str | None, preparing, prepared: list, follow
         ray.shutdown()
         return 130
     follow.stop()
+    if "preempted" in result:
+        print(json.dumps({"job_dir": str(job_dir), "preempted_at_step": result["preempted"]}))
+        return 0
     print(json.dumps({"job_dir": str(job_dir), "test": result["test"], "validation": result["validation"]}))
     return 0
+
+
+def _preempted_at(job_dir: Path) -> int | None:
+    """The step rank 0 wrote into preempted.json as the workers stopped for a preemption, or None."""
+    from jobs.jobdir import PREEMPTED, read_at
+
+    try:
+        at = json.loads(read_at(job_dir / PREEMPTED, 0, 4096) or b"null")
+    except ValueError:
+        return None
+    return at["step"] if isinstance(at, dict) and isinstance(at.get("step"), int) else None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ A job is a folder, <RUNNER_HOME>/artifacts/<job id>/, and its state:
     warnings.jsonl   alarms rank 0 raised (loss not finite, ...)            (grows; the driver relays them as events)
     checkpoints/     checkpoint_<n>/ with state.pt and step.json             (the newest `keep` of them)
     model/ eval.json manifest.json onnx/ exports/   what a SUCCEEDED job leaves; failure.txt what a FAILED one does
+    control.json     the server's requests to the workers: checkpoint at the next step (a node is being drained),
+                     and stop there (preempted for a job ahead in the queue)          (the server; workers read it)
+    preempted.json   the step a job stopped at when preempted                 (rank 0; the server requeues the job)
 
 Files that grow are written by `append`: one write of whole lines, O_APPEND, 0600, so that two writers never
 interleave a line; readers take only whole lines (`lines_after`) and take every file as untrusted (`read_at`: no
@@ -38,6 +41,7 @@ EVENTS, METRICS, WARNINGS = "events.jsonl", "metrics.jsonl", "warnings.jsonl"
 FAILURE, EVAL, MANIFEST = "failure.txt", "eval.json", "manifest.json"
 CHECKPOINTS, MODEL, ONNX, EXPORTS = "checkpoints", "model", "onnx", "exports"
 EXPORT_REPORT = "export_report.json"
+CONTROL, PREEMPTED = "control.json", "preempted.json"
 
 
 # --- the states -----------------------------------------------------------------------------------------------
@@ -69,9 +73,9 @@ TRAINING = (S.RUNNING, S.RETRYING, S.EXPORTING)  # the driver's own moves, which
 _ENDINGS = (S.FAILED, S.CANCELLED)
 TRANSITIONS: dict[JobState, tuple[JobState, ...]] = {
     S.QUEUED: (S.STARTING, *_ENDINGS),
-    S.STARTING: (S.RUNNING, *_ENDINGS),
-    S.RUNNING: (S.EXPORTING, S.SUCCEEDED, S.RETRYING, *_ENDINGS),
-    S.RETRYING: (S.RUNNING, *_ENDINGS),
+    S.STARTING: (S.RUNNING, S.QUEUED, *_ENDINGS),  # QUEUED: preempted (it goes back to the queue at its step)
+    S.RUNNING: (S.EXPORTING, S.SUCCEEDED, S.RETRYING, S.QUEUED, *_ENDINGS),
+    S.RETRYING: (S.RUNNING, S.QUEUED, *_ENDINGS),
     S.EXPORTING: (S.SUCCEEDED, *_ENDINGS),
     S.SUCCEEDED: (),
     S.FAILED: (S.QUEUED,),  # a retry: a new attempt of the same job
@@ -294,3 +298,39 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     lines = [ln for ln in lines if ln]
     inner = [m.group(1) + ": " + m.group(2) for ln in lines if (m := re.match(r"<class '[\w.]*?(\w+)'>: (.*)", ln))]
     return (inner[0] if inner else lines[0] if lines else type(e).__name__)[:limit]
+
+
+# --- the server's requests to a job's workers (control.json) ---------------------------------------------------
+
+
+def write_json(path: Path, obj) -> None:
+    """A small JSON file replaced whole (a temporary file, 0600, renamed into place; a link there is replaced, never
+    written through), so that a reader finds the old content or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), PRIVATE)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def write_control(job_dir: Path, request: dict) -> None:
+    write_json(Path(job_dir) / CONTROL, request)
+
+
+def clear_control(job_dir: Path) -> None:
+    (Path(job_dir) / CONTROL).unlink(missing_ok=True)
+
+
+def read_control(job_dir: Path) -> dict:
+    """The request in control.json ({} where there is none or it is not one): {"checkpoint": bool, "stop": bool,
+    "why": text}."""
+    raw = read_at(Path(job_dir) / CONTROL, 0, 4096)
+    try:
+        req = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    if not isinstance(req, dict):
+        return {}
+    return {"checkpoint": req.get("checkpoint") is True, "stop": req.get("stop") is True,
+            "why": str(req.get("why") or "")[:300], "attempt": req.get("attempt")}

@@ -311,6 +311,13 @@ class ResourcesSpec(_Strict):
                               "checkpoint; -1 retries forever.")
     priority: int = Field(0, ge=-100, le=100, description="Place in the runner's queue: a higher priority "
                           "starts first, then the older job; `runner submit --priority` overrides it.")
+    max_minutes: float | None = Field(None, gt=0, le=525_600, description="The most minutes the job may run, "
+                                      "from its start to its end (export included); past it the runner stops the "
+                                      "job as FAILED. A bounded job may start ahead of a bigger one that waits, on "
+                                      "capacity that one cannot use before the bound ends (backfill).")
+    preemptible: bool = Field(False, description="The runner may stop the job at any step to give its resources to "
+                              "a job ahead of it in the queue: it checkpoints at that step, goes back to the queue "
+                              "and resumes there. Such a job may start ahead of a bigger one that waits (backfill).")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -39,7 +39,8 @@ from jobs.checkpoints import (
 from jobs.data import column
 from jobs.evaluation import (EVAL_BATCH_TIMES, baseline, collate, evaluate, fetch, model_view, packing_problem,
                              per_example_loss, versus_baseline)
-from jobs.jobdir import EVAL, FAILURE, METRICS, RECIPE, WARNINGS, append, note
+from jobs.jobdir import (EVAL, FAILURE, METRICS, PREEMPTED, RECIPE, WARNINGS, append, note, read_control,
+                         write_json)
 from jobs.recipe import SNAPSHOT, parse_recipe
 from jobs.schema import Recipe
 
@@ -186,12 +187,19 @@ def train_func(config: dict) -> None:
                 val = _validate(run, state, rec["epoch"])
                 report.update({f"val_{k}": v for k, v in val.items()})
             done = finished or state.stopped_early
-            if state.step % run.ckpt_every == 0 and not done:
+            asked, stop = run.asked[0] and not done, run.asked[1] and not done  # the server's (control.json)
+            if (state.step % run.ckpt_every == 0 or asked or stop) and not done:
                 checkpoint(report, state, run.raw, run.optimizer, run.rank, run.shards)
+                if (asked or stop) and run.rank == 0:
+                    note(run.job_dir, f"checkpoint at step {state.step}, as the server asked: {run.asked[2]}")
             elif done:  # the saved model is the end's record; a checkpoint would only be written and hashed
                 ray.train.report(report)
             run.loop.step = state.step
             run.callbacks.on_step(run.loop)
+            if stop:  # preempted: every rank saw it in the same all-reduce; the driver ends without testing
+                if run.rank == 0:
+                    write_json(run.job_dir / PREEMPTED, {"step": state.step})
+                return
 
     run.callbacks.on_end(run.loop, run.raw)
     _test_and_save(run, state, val)
@@ -230,6 +238,7 @@ class Run:
     examples_of: object = None  # examples in each train row where packed (numpy), else one each
     wb: object = None  # the W&B run, rank 0's
     alarms: object = None  # rank 0's
+    asked: tuple = (False, False, "")  # the server's requests at the last step: (checkpoint, stop, why)
 
     @property
     def rank(self) -> int:
@@ -384,7 +393,12 @@ def _train_step(run: Run, state: State, by_step: list) -> dict:
     state.step_in_epoch += 1
     if state.step_in_epoch == len(by_step):  # the position a checkpoint records is where to go on
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
-    loss_value = acc.reduce(local_sum, reduction="sum").item() / step_units
+    # the server's requests ride on the loss's all-reduce, so that every rank acts on them at the same step
+    ask = read_control(run.job_dir)
+    sums = acc.reduce(torch.stack([local_sum, torch.tensor(float(ask["checkpoint"]), device=acc.device),
+                                   torch.tensor(float(ask["stop"]), device=acc.device)]), reduction="sum").tolist()
+    loss_value = sums[0] / step_units
+    run.asked = (sums[1] > 0, sums[2] > 0, ask["why"] or "a request of the server")
     elapsed = time.perf_counter() - tick
     examples = len(step_rows) if run.examples_of is None else int(run.examples_of[step_rows].sum())
     rec = {"step": state.step, "epoch": round(state.step / run.per_epoch, 4), "loss": loss_value, "lr": lr,

@@ -15,8 +15,11 @@
 A job whose Ray submission has gone (the cluster was restarted), or whose cluster cannot be reached for
 LOST_AFTER seconds, is marked FAILED with that reason: never left RUNNING.
 
-What is free is the cluster's total (Ray's node list) less what the runner's own running jobs hold: the runner
-is taken to be the cluster's only user, as it is with the embedded defaults.
+What is free is what Ray's GCS says each node has available (other users' actors and tasks count), where the
+backend reads the GCS (runner.elastic); else the cluster's total (Ray's node list) less what the runner's own
+running jobs hold, the runner taken to be the cluster's only user. With the GCS, a pass also sets the autoscaler's
+resource request for the jobs that wait for a node, asks the workers of a job on a node being drained to checkpoint
+at every step, and stops (at a checkpoint, then queues again) the preemptible jobs in the way of the queue's head.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.jobdir import ACTIVE, TERMINAL, TRAINING, JobState, can_move, first_line, read_at, whole_lines
+from dataclasses import dataclass
+
+from jobs.jobdir import (ACTIVE, PREEMPTED, TERMINAL, TRAINING, JobState, can_move, clear_control, first_line,
+                         read_at, whole_lines, write_control)
 from runner.jobfiles import export_note, read_text
-from runner.queue import Need, Node, decide, place, refusal
+from runner.queue import Need, Node, Queued, Running, decide, place, refusal
 from runner.store import InvalidTransition, Job, Store, StoreError
 
 LOST_AFTER = 30.0
@@ -42,8 +48,39 @@ WORKER_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PA
 # shown by Ray's API and dashboard.
 
 
+FIRST_FIT = "fits the free capacity, first in the queue"  # runner.queue's rule for a job that starts in its turn
+PREEMPT_LEAD_S = 60.0  # preemptible jobs in the head's way are stopped this long before it could start
+
+
 def need_of(job: Job) -> Need:
     return Need(job.workers, job.cpus, job.gpus)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What a job's recipe says about its time and its place in the queue."""
+
+    max_minutes: float | None = None
+    preemptible: bool = False
+    max_steps: int | None = None
+
+
+def terms_of(snapshot: str) -> Terms:
+    """Terms from a recipe snapshot (the server wrote it from a checked recipe; anything odd reads as no term)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(snapshot[:1_000_000]) if isinstance(snapshot, str) else None
+    except yaml.YAMLError:
+        return Terms()
+    if not isinstance(doc, dict):
+        return Terms()
+    res = doc.get("resources") if isinstance(doc.get("resources"), dict) else {}
+    train = doc.get("train") if isinstance(doc.get("train"), dict) else {}
+    minutes, steps = res.get("max_minutes"), train.get("max_steps")
+    ok = isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and 0 < minutes < 1e7
+    return Terms(float(minutes) if ok else None, res.get("preemptible") is True,
+                 steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None)
 
 
 class RayUnreachable(Exception):
@@ -90,7 +127,11 @@ def apply_node_summary(nodes: dict[str, dict], summary: list[dict]) -> None:
 class RayJobs:
     """The Ray Jobs API and Ray's node list, at a dashboard address, with Ray's token when auth is on."""
 
-    def __init__(self, address: str, token: str | None = None, nodes_max_age: float = 3.0):
+    def __init__(self, address: str, token: str | None = None, nodes_max_age: float = 3.0, gcs: str | None = None,
+                 cluster_config: str | None = None):
+        """gcs: the GCS's address (host:port): with it, what is free comes from Ray's own view, node types from the
+        autoscaler, and the runner asks the autoscaler for nodes (runner.elastic). cluster_config: the cluster's
+        config file, where the autoscaler does not report its node types to the GCS."""
         # imported here, in the one thread that makes the backend: imported first by two threads at once (the
         # dispatch loop and a request, just after a start) Ray's modules fail half-initialized (seen in chaos runs)
         import ray.job_submission  # noqa: F401
@@ -102,6 +143,16 @@ class RayJobs:
         self.nodes_max_age = nodes_max_age  # the node list changes rarely; asking for it each pass slows dispatch
         self._nodes: tuple[float, list[Node]] | None = None
         self._details: tuple[float, dict] | None = None
+        if gcs:
+            from runner.elastic import Gcs
+
+            self.gcs = Gcs(gcs, cluster_config)
+        else:
+            self.gcs = None
+
+    def view(self):
+        """runner.elastic.ClusterView: the nodes, what each has free, node types, draining nodes, the request."""
+        return self.gcs.view()
 
     @property
     def client(self):
@@ -212,15 +263,33 @@ class Dispatcher:
         self.unreachable_since: float | None = None
         self.waiting: dict[str, tuple[int, str]] = {}  # queued job id -> (position, why it waits), as of the last pass
         self.failing: dict[str, str] = {}  # job id -> why its follow-up failed, said once until it changes
+        self.backfill = os.environ.get("RUNNER_BACKFILL", "1") != "0"  # 0: strict first in, first out
+        self.lead_s = PREEMPT_LEAD_S
+        self.decision = None  # the last pass's runner.queue.Decision (the cluster page shows its requests)
+        self.requested_for: dict[str, list[str]] = {}  # queued job id -> node types asked for it, as of the last pass
+        self.preempting: dict[str, str] = {}  # job id -> why it is being preempted
+        self.draining_for: dict[str, list[str]] = {}  # job id -> draining nodes it was asked to checkpoint for
+        self.overtime: dict[str, str] = {}  # job id -> why it was stopped for running past resources.max_minutes
+        self._terms: dict[str, Terms] = {}
+        self._bounds: dict[str, tuple[float, tuple]] = {}
+        self._asked: dict[str, list[str]] = {}
 
     @staticmethod
     def submission(job: Job) -> str:
         return f"{job.id}-{job.attempt}"
 
     def refusal(self, need: Need) -> str | None:
-        return refusal(need, self.backend.nodes())
+        view = self.view()
+        return refusal(need, view.nodes if view else self.backend.nodes(), view.types if view else ())
+
+    def view(self):
+        """The cluster as Ray's GCS says it is (free capacity by node, node types, draining nodes, the resource
+        request), or None where the backend reads only Ray's node list (then the runner is taken to be the
+        cluster's only user)."""
+        return self.backend.view() if getattr(self.backend, "gcs", None) is not None else None
 
     def free(self, nodes: list[Node]) -> list[Node]:
+        """What the runner's own jobs leave of `nodes`' totals (where Ray's own view of what is free is not read)."""
         left = nodes
         for job in self.active():
             after = place(need_of(job), left)
@@ -235,14 +304,45 @@ class Dispatcher:
         try:
             for job in self.active():
                 self._follow_one(job)
-            nodes = self.backend.nodes()
+            view = self.view()
+            nodes = view.nodes if view else self.backend.nodes()
         except RayUnreachable as e:
             self._lost(str(e))
             return []
+        except Exception as e:  # noqa: BLE001 - the GCS did not answer: as for Ray's Jobs API
+            self._lost(f"the Ray cluster's GCS at {self.backend.gcs.address} does not answer ({first_line(e)})")
+            return []
         self.unreachable_since = None
+        active = self.active()
+        held = self._held(active, nodes, view)
+        if view:
+            free = view.free
+            for job in self.unplaced:  # started by the runner, not yet holding anything Ray shows
+                after = place(need_of(job), free)
+                free = after if after is not None else free
+            own = {}
+            for h in held.values():
+                for node, (c, g) in h.items():
+                    oc, og = own.get(node, (0.0, 0.0))
+                    own[node] = (oc + c, og + g)
+            others = [Node(t.id, max(0.0, t.cpus - f.cpus - own.get(t.id, (0, 0))[0]),
+                           max(0.0, t.gpus - f.gpus - own.get(t.id, (0, 0))[1])) for t, f in zip(nodes, free)]
+            self._drained(active, held, view.draining)
+        else:
+            free, others = self.free(nodes), []
+        self._overtime(active)
         queue = self.store.queue()
-        decision = decide([(j.id, need_of(j)) for j in queue], self.free(nodes))
+        now = self.store.clock()
+        running = [Running(j.id, held.get(j.id, {}), self._ends_in(j, now), self.terms(j).preemptible,
+                           self._key(j)) for j in sorted(active, key=lambda j: -(j.started_at or 0))]
+        decision = decide([self._queued(j) for j in queue], free, types=view.types if view else (), others=others,
+                          running=running, backfill=self.backfill, lead_s=self.lead_s)
         self.waiting = decision.waiting
+        self.decision = decision
+        for job_id, why in decision.preempt.items():
+            self._preempt(job_id, why)
+        if view is not None:
+            self._request(decision, queue, nodes, free, view)
         started = []
         for job_id in decision.start:
             job = self.store.get(job_id)
@@ -250,9 +350,165 @@ class Dispatcher:
                 job = self.store.set_state(job_id, JobState.STARTING, expect=JobState.QUEUED, offsets=self._sizes(job))
             except InvalidTransition:  # another dispatcher took it, or it was cancelled meanwhile
                 continue
+            if decision.rules[job_id] != FIRST_FIT:
+                self.store.note(job_id, f"started: {decision.rules[job_id]}")
             if self._submit(job):
                 started.append(job_id)
         return started
+
+    # --- the queue's view of a job ----------------------------------------------------------------------------------
+
+    def terms(self, job: Job) -> Terms:
+        """What the job's recipe says about its time and its place (read once per job: the snapshot never changes)."""
+        t = self._terms.get(job.id)
+        if t is None:
+            t = self._terms[job.id] = terms_of(job.recipe)
+        return t
+
+    def _key(self, job: Job) -> tuple:
+        return (-job.priority, job.created_at, job.id)
+
+    def bound(self, job: Job) -> tuple[float | None, str]:
+        """The most seconds the job runs once started, and where that comes from: resources.max_minutes, else earlier
+        runs of the same recipe (its name) with train.max_steps: the longest wall time of the last ones, scaled to
+        this job's steps, plus a quarter."""
+        t = self.terms(job)
+        if t.max_minutes is not None:
+            return t.max_minutes * 60, f"resources.max_minutes {t.max_minutes:g}"
+        if t.max_steps is None:
+            return None, ""
+        cached = self._bounds.get(job.id)
+        if cached is not None and self.clock() - cached[0] < 60:
+            return cached[1]
+        worst = None
+        for prior in self.store.list(state=JobState.SUCCEEDED, name=job.name, limit=5):
+            steps = (json.loads(prior.progress) if prior.progress else {}).get("total_steps")
+            if prior.id == job.id or not prior.started_at or not prior.ended_at or not isinstance(steps, int) \
+                    or steps <= 0:
+                continue
+            wall = (prior.ended_at - prior.started_at) * max(1.0, t.max_steps / steps)
+            worst = wall if worst is None else max(worst, wall)
+        out = (None, "") if worst is None else (1.25 * worst, f"earlier runs of {job.name} scaled to "
+                                                             f"{t.max_steps} steps, plus a quarter")
+        self._bounds[job.id] = (self.clock(), out)
+        return out
+
+    def _queued(self, job: Job) -> Queued:
+        bound, source = self.bound(job)
+        return Queued(job.id, need_of(job), bound, source, self.terms(job).preemptible, self._key(job))
+
+    def _ends_in(self, job: Job, now: float) -> float | None:
+        bound, _ = self.bound(job)
+        return None if bound is None or not job.started_at else max(0.0, job.started_at + bound - now)
+
+    def _held(self, active: list[Job], nodes: list[Node], view) -> dict[str, dict[str, tuple[float, float]]]:
+        """What each running job holds on each node: its placement groups where Ray says (with the GCS view), else
+        its need placed on the totals as the queue would. self.unplaced: the active jobs with no placement group
+        yet (submitted, their driver starting), whose need Ray's view of what is free does not show."""
+        out: dict[str, dict[str, tuple[float, float]]] = {}
+        self.unplaced = []
+        by_submission = {}
+        if view is not None:
+            try:
+                for n in self.backend.details()["nodes"]:
+                    for h in n["held"]:
+                        per = by_submission.setdefault(h["submission"], {})
+                        c, g = per.get(n["id"], (0.0, 0.0))
+                        per[n["id"]] = (c + h["cpus"], g + h["gpus"])
+            except Exception:  # noqa: BLE001 - the placement groups are a refinement of the plan below
+                by_submission = {}
+        left = nodes
+        for job in active:
+            if self.submission(job) in by_submission:
+                out[job.id] = by_submission[self.submission(job)]
+                continue
+            self.unplaced.append(job)
+            after = place(need_of(job), left)
+            if after is not None:
+                out[job.id] = {a.id: (a.cpus - b.cpus, a.gpus - b.gpus) for a, b in zip(left, after)
+                               if a.cpus != b.cpus or a.gpus != b.gpus}
+                left = after
+        return out
+
+    # --- elastic: the autoscaler's request, preemption, drained nodes, time limits ---------------------------------
+
+    def _request(self, decision, queue: list[Job], nodes: list[Node], free: list[Node], view) -> None:
+        """The cluster's resource request: the bundles in use now plus those of each job waiting for a node to be
+        added; withdrawn (an empty request) when no job waits for one. Set only when it changes."""
+        bundles: list[dict] = []
+        if decision.requests:
+            for t, f in zip(nodes, free):
+                used = {"CPU": round(t.cpus - f.cpus, 4), "GPU": round(t.gpus - f.gpus, 4)}
+                if any(v > 0 for v in used.values()):
+                    bundles.append({k: v for k, v in used.items() if v > 0})
+            for job in queue:
+                if job.id in decision.requests:
+                    need = need_of(job)
+                    bundles += [{k: v for k, v in (("CPU", need.cpus), ("GPU", need.gpus)) if v}] * need.workers
+        self.requested_for = dict(decision.requests)
+        last = self.backend.gcs.requested
+        if bundles == last or (not bundles and last is None and not view.request):
+            return
+        self.backend.gcs.request(bundles)
+        for job_id, kinds in decision.requests.items():
+            if self._asked.get(job_id) != kinds:
+                self._asked[job_id] = kinds
+                self.store.note(job_id, f"asked the autoscaler for {', '.join(kinds)} (the cluster's resource request: "
+                                        f"{len(bundles)} bundles, the ones in use included)")
+
+    @staticmethod
+    def control(job: Job, checkpoint: bool, stop: bool, why: str) -> None:
+        """Ask the job's workers, through its folder, to checkpoint at the next step (and, with stop, to end there:
+        the driver then ends without testing or exporting, and the job is queued again at its step)."""
+        write_control(Path(job.job_dir), {"checkpoint": checkpoint, "stop": stop, "why": why, "attempt": job.attempt})
+
+    def _preempt(self, job_id: str, why: str) -> None:
+        if job_id in self.preempting:
+            return
+        job = self.store.get(job_id)
+        self.preempting[job_id] = why
+        if job.state == JobState.STARTING:  # nothing trained yet: stopped, and queued again below when Ray says so
+            self.store.note(job_id, f"{why}: stopping it before it trains")
+            try:
+                self.backend.stop(self.submission(job))
+            except UnknownSubmission:
+                pass
+            return
+        self.control(job, checkpoint=True, stop=True, why=why)
+        self.store.note(job_id, f"{why}: it checkpoints at its current step, stops and goes back to the queue")
+
+    def _drained(self, active: list[Job], held: dict, draining: set[str]) -> None:
+        """A job with workers on a node Ray is draining (a preemption, a spot reclaim) checkpoints at every step
+        until the node is gone: when it goes, Ray Train resumes the job from the step it reached."""
+        for job in active:
+            nodes = sorted(set(held.get(job.id, {})) & draining)
+            asked = self.draining_for.get(job.id)
+            if nodes and not asked and job.id not in self.preempting:
+                self.draining_for[job.id] = nodes
+                self.control(job, checkpoint=True, stop=False, why=f"node {nodes[0][:12]} is being drained")
+                self.store.note(job.id, f"node {nodes[0][:12]} is being drained (preempted): the job checkpoints at "
+                                        "each step until it goes, then resumes elsewhere from that step",
+                                level="warning")
+            elif not nodes and asked:
+                del self.draining_for[job.id]
+                clear_control(Path(job.job_dir))
+
+    def _overtime(self, active: list[Job]) -> None:
+        """A job past its resources.max_minutes is stopped (its end is recorded FAILED, with that reason): its bound
+        is what let jobs start beside the queue's head."""
+        now = self.store.clock()
+        for job in active:
+            t = self.terms(job)
+            if t.max_minutes is None or not job.started_at or job.id in self.overtime:
+                continue
+            if now - job.started_at > t.max_minutes * 60:
+                self.overtime[job.id] = (f"ran past resources.max_minutes ({t.max_minutes:g}): stopped after "
+                                         f"{(now - job.started_at) / 60:.1f} minutes")
+                self.store.note(job.id, self.overtime[job.id], level="warning")
+                try:
+                    self.backend.stop(self.submission(job))
+                except UnknownSubmission:
+                    pass
 
     @staticmethod
     def _sizes(job: Job) -> tuple[int, int]:
@@ -347,8 +603,14 @@ class Dispatcher:
             self.store.note(job.id, f"the job's last lines could not be read: {type(e).__name__}: {first_line(e)}",
                             level="warning")
             job = self.store.get(job.id)
-        if status == "SUCCEEDED":
+        if status == "SUCCEEDED" and read_at(Path(job.job_dir) / PREEMPTED, 0, 4096):
+            self._requeue(job)
+        elif status == "SUCCEEDED":
             self._end(job, JobState.SUCCEEDED, export_note(job.job_dir))
+        elif status == "STOPPED" and job.id in self.overtime:
+            self._end(job, JobState.FAILED, self.overtime.pop(job.id))
+        elif status == "STOPPED" and job.id in self.preempting:
+            self._requeue(job)
         elif status == "STOPPED":
             self._end(job, JobState.CANCELLED, "stopped")
         elif status == "FAILED":
@@ -358,6 +620,22 @@ class Dispatcher:
             else:
                 reason = f"the job's driver ended without a reason: {first_line(Exception(message)) or 'no message'}"
             self._end(job, JobState.FAILED, reason)
+
+    def _requeue(self, job: Job) -> None:
+        """A preempted job back in the queue, its next attempt resuming from the checkpoint it stopped at."""
+        folder = Path(job.job_dir)
+        try:
+            at = json.loads(read_at(folder / PREEMPTED, 0, 4096) or b"{}")
+        except ValueError:
+            at = {}
+        step = at.get("step") if isinstance(at, dict) and isinstance(at.get("step"), int) else None
+        why = self.preempting.pop(job.id, None) or "preempted"
+        clear_control(folder)
+        (folder / PREEMPTED).unlink(missing_ok=True)
+        self.draining_for.pop(job.id, None)
+        where = f" at step {step}" if step is not None else " before it trained"
+        self.store.set_state(job.id, JobState.QUEUED, expect=job.state, resume=step is not None,
+                             message=f"{why}; stopped{where} and queued again: it resumes from there")
 
     def _end(self, job: Job, state: str, reason: str | None = None) -> None:
         try:  # jobs.secrets.FILE: the driver removes it as it ends; one killed (SIGKILL, a lost node) cannot

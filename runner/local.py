@@ -191,9 +191,10 @@ def start_ray(home: Path, num_cpus: int | None = None, num_gpus: int | None = No
     return {"pid": proc.pid, "address": f"127.0.0.1:{port}", "dashboard": url}
 
 
-def start_server(home: Path, ray_dashboard: str) -> dict:
+def start_server(home: Path, ray_dashboard: str, ray_gcs: str | None = None) -> dict:
     port = free_port(int(os.environ.get("RUNNER_PORT", "8642")))
     cmd = [sys.executable, "-m", "runner.server", "--host", "127.0.0.1", "--port", str(port), "--ray", ray_dashboard]
+    cmd += ["--ray-gcs", ray_gcs] if ray_gcs else []
     log = home / "server.log"
     proc = _spawn(cmd, log, {**_ray_env(home), "RUNNER_TOKEN": server_token(home)})
     url = f"http://127.0.0.1:{port}"
@@ -216,7 +217,7 @@ def ensure_local(home: Path, say=lambda m: None) -> str:
             _write_state(home, state)
         if not (alive(server.get("pid")) and healthy(server.get("url", ""))):
             say("starting the local runner server (runner server stop stops it)")
-            server = start_server(home, ray["dashboard"])
+            server = start_server(home, ray["dashboard"], ray.get("address"))
             _write_state(home, {**state, "server": server})
         return server["url"]
 

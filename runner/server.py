@@ -83,13 +83,14 @@ def _errors(app: FastAPI) -> None:
 
 
 def serve(home: Path, host: str = "127.0.0.1", port: int = 8642, token: str | None = None,
-          ray_dashboard: str | None = None, interval: float = 0.25) -> None:
+          ray_dashboard: str | None = None, interval: float = 0.25, ray_gcs: str | None = None) -> None:
     check_bind(host, token)
     import uvicorn
 
     from runner.dispatch import RayJobs
 
-    backend = RayJobs(ray_dashboard, os.environ.get("RAY_AUTH_TOKEN")) if ray_dashboard else None
+    backend = RayJobs(ray_dashboard, os.environ.get("RAY_AUTH_TOKEN"), gcs=ray_gcs,
+                      cluster_config=os.environ.get("RUNNER_CLUSTER_CONFIG") or None) if ray_dashboard else None
     uvicorn.run(create_app(home, token, backend=backend, interval=interval, host=host), host=host, port=port,
                 log_level="warning")
 
@@ -105,13 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray", default=os.environ.get("RAY_DASHBOARD_ADDRESS"),
                     help="The Ray dashboard's address (http://HEAD:8265); without it jobs stay QUEUED.")
     ap.add_argument("--interval", type=float, default=0.25, help="Seconds between dispatch passes.")
+    ap.add_argument("--ray-gcs", default=os.environ.get("RAY_GCS_ADDRESS"),
+                    help="The Ray GCS's address (HEAD:6379): free capacity as Ray sees it (other users count), the "
+                         "autoscaler's node types and resource requests, drained nodes.")
     a = ap.parse_args(argv)
     home = runner_home()
     try:
         from runner.cleanup import keep_from_env
 
         keep_from_env()  # a bad RUNNER_KEEP_CHECKPOINTS is refused before anything starts
-        serve(home, a.host, a.port, os.environ.get("RUNNER_TOKEN") or None, a.ray, a.interval)
+        serve(home, a.host, a.port, os.environ.get("RUNNER_TOKEN") or None, a.ray, a.interval, a.ray_gcs)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2

@@ -248,12 +248,15 @@ async def logs(request: Request, job_id: str, offset: int = Query(0, ge=0, le=MA
 
 @router.get("/cluster")
 def cluster(svc: Service = SVC) -> dict:
-    """Each node with its CPUs, GPUs and memory, what is free, and which of the runner's jobs holds what."""
+    """Each node with its CPUs, GPUs and memory, what is free, which of the runner's jobs holds what; where the
+    server reads Ray's GCS, also each node's type and whether it is drained, the node types the autoscaler can start
+    (how many could still start), the cluster's resource request and which queued job each node asked for serves."""
     dispatcher, backend = svc.dispatcher, svc.backend
     if dispatcher is None:
         raise HTTPException(503, "no Ray cluster is attached to this server (start it with --ray URL)")
-    nodes = backend.nodes()
-    free = {n.id: f for n, f in zip(nodes, dispatcher.free(nodes))}
+    view = dispatcher.view()
+    nodes = view.nodes if view else backend.nodes()
+    free = {n.id: f for n, f in zip(nodes, view.free if view else dispatcher.free(nodes))}
     detail = {n["id"]: n for n in backend.details()["nodes"]} if hasattr(backend, "details") else {}
     jobs = {dispatcher.submission(j): j.id for j in dispatcher.active()}
     out = []
@@ -264,10 +267,19 @@ def cluster(svc: Service = SVC) -> dict:
         out.append({"id": n.id, "host": d.get("host"), "ip": d.get("ip"), "head": d.get("head", False),
                     "cpus": n.cpus, "gpus": n.gpus, "free_cpus": free[n.id].cpus, "free_gpus": free[n.id].gpus,
                     "memory_bytes": n.memory, "mem_total": d.get("mem_total"), "mem_used": d.get("mem_used"),
-                    "gpu_name": d.get("gpu_name"), "gpu_memory_bytes": d.get("gpu_memory_bytes"), "held": held})
+                    "gpu_name": d.get("gpu_name"), "gpu_memory_bytes": d.get("gpu_memory_bytes"), "held": held,
+                    "type": n.type, "draining": bool(view and n.id in view.draining),
+                    "idle_s": round(view.idle_s.get(n.id, 0.0), 1) if view else None})
     return {"nodes": out, "ray_url": svc.ray_url,
             "cpus": sum(n.cpus for n in nodes), "gpus": sum(n.gpus for n in nodes),
-            "free_cpus": sum(f.cpus for f in free.values()), "free_gpus": sum(f.gpus for f in free.values())}
+            "free_cpus": sum(f.cpus for f in free.values()), "free_gpus": sum(f.gpus for f in free.values()),
+            "autoscaler": bool(view and view.types),
+            "node_types": [{"name": t.name, "cpus": t.cpus, "gpus": t.gpus, "max": t.max_count, "now": t.count,
+                            "could_start": t.could_start if t.max_count >= 0 else None}
+                           for t in (view.types if view else [])],
+            "pending_launches": dict(view.pending) if view else {},
+            "resource_request": view.request if view else [],
+            "requests": [{"job": job_id, "node_types": kinds} for job_id, kinds in dispatcher.requested_for.items()]}
 
 
 @router.get("/metrics")

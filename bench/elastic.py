@@ -1,0 +1,185 @@
+"""Elastic: the runner's queue on an autoscaling Ray cluster, jobs of mixed sizes submitted in bursts.
+
+    python bench/elastic.py [--bursts 3] [--per-burst 3] [--gap 20] [--seed 0]
+
+A real Ray head with the autoscaler (v2) and Ray's fake node provider, which starts worker nodes as local raylets
+on demand: node type `gpu2` (1 CPU, 2 fake GPUs), at most 2 nodes, idle nodes removed after IDLE_S seconds. The
+head holds no GPU, so every job needs a node the autoscaler adds. The real runner server as a process, with the GCS
+(`--ray-gcs`) and the cluster config (RUNNER_CLUSTER_CONFIG). Jobs: a tiny BERT, 1 or 2 workers of 1 or 2 GPUs,
+steps slowed so that they run for a while.
+
+Figures (the last line, one JSON object):
+  scale_up_start_s       median seconds from submit to RUNNING for jobs that had to wait for a node to be added
+  waste_ratio            node-seconds of worker nodes alive over the GPU-node-seconds the jobs ran (1.0: none
+                         wasted; idle nodes up past their jobs, launches, the idle timeout count as waste)
+  lost                   jobs with no terminal state at the end, or not SUCCEEDED
+  requests_left          bundles left in the cluster's resource request once the queue is empty (autoscaler state)
+  nodes_left             worker nodes still up IDLE_S + 60 s after the queue emptied
+  utilisation_fifo, utilisation_backfill
+                         GPU utilisation (GPU-seconds used over GPU-seconds there were, first start to last end)
+                         of the same job mix on runner.timeline's simulated clock (the dispatcher's own
+                         runner.queue.decide), without and with backfill: the real cluster grows to fit either
+                         way, so a fixed cluster of two 2-GPU nodes is where backfill shows
+
+tests/elastic/ uses `AutoscalingCluster` and `server()` from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ["RAY_AUTH_MODE"] = "disabled"  # a simulated cluster of this process's own
+
+import chaos  # noqa: E402
+
+NODE_TYPE = "gpu2"
+FAKE_HEAD_ID = "f" * 51 + "00000"  # the fake provider's head node id (ray.autoscaler._private.fake_multi_node)
+IDLE_S = 6  # idle_timeout_minutes 0.1
+
+
+def config(gcs_port: int, max_nodes: int = 2) -> dict:
+    """A cluster launcher config for Ray's fake multi-node provider: the head (2 CPUs, no GPU) and NODE_TYPE."""
+    return {
+        "cluster_name": "runner-elastic", "max_workers": max_nodes, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": IDLE_S / 60,
+        "provider": {"type": "external",  # the provider's own type wants an example file its wheel lacks
+                     "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                     "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "gcs_address": f"127.0.0.1:{gcs_port}", "launch_multiple": True, "head_node_id": FAKE_HEAD_ID},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 2, "GPU": 0}, "node_config": {}, "max_workers": 0},
+            NODE_TYPE: {"resources": {"CPU": 1, "GPU": 2, "object_store_memory": 100 * 2**20}, "node_config": {},
+                        "min_workers": 0, "max_workers": max_nodes}},
+        "head_node_type": "ray.head.default", "auth": {}, "docker": {},
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+class AutoscalingCluster:
+    """A Ray head with the autoscaler v2 and the fake provider, started and stopped by this class alone: unlike
+    ray.cluster_utils.AutoscalingCluster (whose start and shutdown run `ray stop --force`, stopping every Ray on the
+    machine), it stops only the processes of its own GCS."""
+
+    def __init__(self, work: Path, max_nodes: int = 2):
+        from runner.local import free_port
+
+        self.work = Path(work)
+        self.port, self.dash = free_port(), free_port()
+        self.config_path = self.work / "cluster.yaml"
+        self.config_path.write_text(json.dumps(config(self.port, max_nodes)))  # JSON is YAML
+        self.gcs = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dash}"
+
+    def start(self) -> None:
+        env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+               "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID,
+               "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID, "RAY_USAGE_STATS_ENABLED": "0"}
+        from runner.local import free_port
+
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={self.port}",
+                        f"--autoscaling-config={self.config_path}", "--num-cpus=2", "--num-gpus=0",
+                        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
+                        f"--dashboard-agent-listen-port={free_port()}", "--include-dashboard=true",
+                        "--object-store-memory=200000000", "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True, timeout=120)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                import httpx
+
+                if httpx.get(f"{self.dashboard}/api/version", timeout=2).status_code == 200:
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("the autoscaling Ray head's dashboard did not answer in 60 s")
+
+    def client(self):
+        from ray._raylet import GcsClient
+
+        return GcsClient(address=self.gcs)
+
+    def state(self):
+        from ray.core.generated.autoscaler_pb2 import GetClusterResourceStateReply
+
+        reply = GetClusterResourceStateReply()
+        reply.ParseFromString(self.client().get_cluster_resource_state())
+        return reply.cluster_resource_state
+
+    def workers(self) -> list[str]:
+        """The ids of the worker nodes alive (RUNNING, IDLE or DRAINING)."""
+        return [n.node_id.hex() for n in self.state().node_states
+                if n.ray_node_type_name == NODE_TYPE and n.status in (1, 3, 4)]
+
+    def request_left(self) -> int:
+        """Bundles in the cluster's resource request now (both where autoscaler v2 and v1 read it)."""
+        v2 = sum(r.count for c in self.state().cluster_resource_constraints for r in c.resource_requests)
+        v1 = json.loads(self.client().internal_kv_get(b"autoscaler_resource_request", None) or b"[]")
+        return int(v2) + len(v1)
+
+    def drain(self, node_id: str, deadline_s: float = 60) -> None:
+        """Drain a node as a spot reclaim does (reason: preemption, with a deadline)."""
+        from ray.core.generated import autoscaler_pb2
+
+        ok, why = self.client().drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value(
+            "DRAIN_NODE_REASON_PREEMPTION"), "bench: a spot reclaim", int((time.time() + deadline_s) * 1000))
+        if not ok:
+            raise RuntimeError(f"the drain was refused: {why}")
+
+    def kill_node(self, node_id: str) -> int:
+        """SIGKILL every process of a fake worker node (its raylet and workers carry the node's id in their
+        environment), as a reclaimed VM goes. Returns how many."""
+        return _kill(lambda p: p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id)
+
+    def stop(self) -> None:
+        """Every process of this cluster: those whose command line names its GCS port."""
+        port = str(self.port)
+        _kill(lambda p: any(a.endswith(f":{port}") or a.endswith(f"={port}") for a in p.cmdline()))
+        _kill(lambda p: p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING", "").startswith("f" * 51))
+
+
+def _kill(match) -> int:
+    import psutil
+
+    me, n = os.getpid(), 0
+    for p in psutil.process_iter():
+        try:
+            if p.pid != me and p.uids().real == os.getuid() and match(p):
+                p.send_signal(signal.SIGKILL)
+                n += 1
+        except (psutil.Error, OSError):
+            continue
+    return n
+
+
+def server(home: Path, c: AutoscalingCluster) -> chaos.Server:
+    """The runner server as a process, reading the cluster through its GCS, the node types from its config."""
+    home.mkdir(parents=True, exist_ok=True)
+    return chaos.Server(home, c.dashboard, args=("--ray-gcs", c.gcs),
+                        env={"RUNNER_CLUSTER_CONFIG": str(c.config_path)})
+
+
+def recipe(model: Path, data: Path, name: str, steps: int = 6, workers: int = 1, gpus: int = 2, extra: str = "",
+           resources: str = "", delay: float = 0.0) -> str:
+    from tiny import faults
+
+    return (f"name: {name}\nmodel:\n  name: {model}\ntask: classification\ndata:\n  train: {data}\n"
+            f"  max_seq_len: 16\ntrain:\n  max_steps: {steps}\n  batch_size: 8\n{extra}"
+            + (faults(step_delay=delay) if delay else "")
+            + f"resources:\n  workers: {workers}\n  cpus_per_worker: 1\n  gpus_per_worker: {gpus}\n{resources}"
+            "export:\n  onnx: false\n")

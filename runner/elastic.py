@@ -1,0 +1,223 @@
+"""The cluster as Ray's autoscaler sees it, read from Ray's GCS: each node's resources in total and free now (so
+that other users' actors and tasks count), its node type and whether it is being drained, the node types the
+autoscaler can start with their max counts, the launches pending, and the resource request the runner made.
+
+Node types come from the cluster config the autoscaler reports into the GCS where it does (autoscaler v2 on KubeRay),
+else from the cluster's own config file, named by RUNNER_CLUSTER_CONFIG: the cluster launcher's YAML (on the head,
+~/ray_bootstrap_config.yaml) or a KubeRay RayCluster manifest. Without either, the cluster is the nodes it has.
+
+The runner asks for nodes with one cluster-wide resource request (what `ray.autoscaler.sdk.request_resources` sets:
+each call replaces the last), written both where autoscaler v2 reads it (the GCS's cluster resource constraint) and
+where v1 does (the GCS key-value store). Ray fits a request against the nodes' totals, not what is free, so the
+request holds the bundles in use now plus those of the jobs waiting for a node; it is emptied when no job waits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.jobdir import first_line
+from runner.queue import Node, NodeType
+
+V1_REQUEST_KEY = b"autoscaler_resource_request"  # ray_constants.AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+STATUS = {0: "UNSPECIFIED", 1: "RUNNING", 2: "DEAD", 3: "IDLE", 4: "DRAINING"}
+MAX_CONFIG = 1 << 20  # a cluster config file bigger than this is not one
+
+
+class ConfigError(ValueError):
+    """The cluster config file cannot give node types; the message names the file, the key and what is accepted."""
+
+
+@dataclass
+class ClusterView:
+    nodes: list[Node]  # alive nodes, their totals
+    free: list[Node]  # the same nodes, what Ray says is available on each now
+    types: list[NodeType] = field(default_factory=list)  # worker node types, counts = alive + pending launches
+    draining: set[str] = field(default_factory=set)  # node ids being drained (a preemption, a scale-down)
+    pending: dict[str, int] = field(default_factory=dict)  # node type -> nodes being launched
+    request: list[dict] = field(default_factory=list)  # the cluster's resource request now: [{resources, count}]
+    idle_s: dict[str, float] = field(default_factory=dict)  # node id -> seconds idle
+
+
+def _number(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ConfigError(f"{what}: {v!r:.60} is not a number")
+    text = str(v).strip()
+    try:
+        x = float(text[:-1]) / 1000 if text.endswith("m") else float(text)  # Kubernetes' "500m" CPUs
+    except ValueError:
+        raise ConfigError(f"{what}: {text[:60]!r} is not a number") from None
+    if not 0 <= x < 1e9:
+        raise ConfigError(f"{what}: {text[:60]!r} is out of range")
+    return x
+
+
+def node_types(doc, source: str = "the cluster config") -> list[NodeType]:
+    """The worker node types of a cluster launcher YAML (available_node_types, less the head's) or a KubeRay
+    RayCluster (spec.workerGroupSpecs), with their resources and max counts."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: a YAML mapping is expected, not {type(doc).__name__}")
+    out: list[NodeType] = []
+    if doc.get("kind") == "RayCluster":
+        groups = (doc.get("spec") or {}).get("workerGroupSpecs") or []
+        if not isinstance(groups, list):
+            raise ConfigError(f"{source}: spec.workerGroupSpecs must be a list")
+        for i, g in enumerate(groups):
+            where = f"{source}: spec.workerGroupSpecs[{i}]"
+            if not isinstance(g, dict) or not isinstance(g.get("groupName"), str):
+                raise ConfigError(f"{where}: a group with a groupName is expected")
+            params = g.get("rayStartParams") or {}
+            limits = {}
+            for c in (((g.get("template") or {}).get("spec") or {}).get("containers") or [])[:1]:
+                limits = ((c or {}).get("resources") or {}).get("limits") or {}
+            cpus = params.get("num-cpus", limits.get("cpu", 0))
+            gpus = params.get("num-gpus", limits.get("nvidia.com/gpu", 0))
+            out.append(NodeType(g["groupName"][:100], _number(cpus, f"{where} CPUs"), _number(gpus, f"{where} GPUs"),
+                                int(_number(g.get("maxReplicas", 0), f"{where}.maxReplicas"))))
+        return out
+    kinds = doc.get("available_node_types")
+    if not isinstance(kinds, dict):
+        raise ConfigError(f"{source}: neither a RayCluster (kind: RayCluster) nor a cluster launcher YAML "
+                          "(available_node_types)")
+    head = doc.get("head_node_type")
+    for name, spec in kinds.items():
+        where = f"{source}: available_node_types.{str(name)[:60]}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: a mapping is expected")
+        if name == head:
+            continue
+        res = spec.get("resources") or {}
+        if not isinstance(res, dict):
+            raise ConfigError(f"{where}.resources: a mapping is expected")
+        top = spec.get("max_workers", doc.get("max_workers", 0))
+        out.append(NodeType(str(name)[:100], _number(res.get("CPU", 0), f"{where}.resources.CPU"),
+                            _number(res.get("GPU", 0), f"{where}.resources.GPU"),
+                            int(_number(top, f"{where}.max_workers"))))
+    return out
+
+
+def read_config(path: str | os.PathLike) -> list[NodeType]:
+    import yaml
+
+    p = Path(path).expanduser()
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_CONFIG + 1)
+    except OSError as e:
+        raise ConfigError(f"RUNNER_CLUSTER_CONFIG={str(path)[:200]}: cannot be read ({e.strerror})") from None
+    if len(data) > MAX_CONFIG:
+        raise ConfigError(f"RUNNER_CLUSTER_CONFIG={str(path)[:200]}: larger than {MAX_CONFIG} bytes")
+    try:
+        doc = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"RUNNER_CLUSTER_CONFIG={str(path)[:200]}: not YAML ({first_line(e)})") from None
+    return node_types(doc, f"RUNNER_CLUSTER_CONFIG={str(path)[:200]}")
+
+
+class Gcs:
+    """Ray's GCS at `address` (host:port), through Ray's own client; RAY_AUTH_TOKEN from the environment where Ray's
+    token auth is on."""
+
+    def __init__(self, address: str, config: str | None = None, max_age: float = 0.5):
+        self.address = address
+        self.config = config
+        self.max_age = max_age
+        self._client = None
+        self._view: tuple[float, ClusterView] | None = None
+        self._lock = threading.Lock()
+        self._config_types: tuple[float, list[NodeType]] | None = None
+        self.requested: list[dict] | None = None  # what this server last asked for
+
+    @property
+    def client(self):
+        if self._client is None:
+            from ray._raylet import GcsClient
+
+            self._client = GcsClient(address=self.address)
+        return self._client
+
+    def _types(self) -> list[NodeType]:
+        """The node types with their max counts: the GCS's cluster config where the autoscaler reported one, else
+        the config file (read again when it changes)."""
+        import ray._raylet as raylet
+        from ray.core.generated import autoscaler_pb2
+
+        raw = self.client.internal_kv_get(raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(),
+                                          raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+        if raw:
+            cfg = autoscaler_pb2.ClusterConfig.FromString(raw)
+            return [NodeType(g.name, float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)),
+                             int(g.max_count)) for g in cfg.node_group_configs if g.max_count != 0]
+        if not self.config:
+            return []
+        mtime = os.stat(self.config).st_mtime if os.path.exists(self.config) else 0.0
+        if self._config_types is None or self._config_types[0] != mtime:
+            self._config_types = (mtime, read_config(self.config))
+        return self._config_types[1]
+
+    def view(self) -> ClusterView:
+        with self._lock:
+            if self._view and time.monotonic() - self._view[0] < self.max_age:
+                return self._view[1]
+            view = self._read()
+            self._view = (time.monotonic(), view)
+            return view
+
+    def _read(self) -> ClusterView:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+        from ray.core.generated.autoscaler_pb2 import GetClusterResourceStateReply
+
+        reply = GetClusterResourceStateReply()
+        reply.ParseFromString(self.client.get_cluster_resource_state())
+        state = reply.cluster_resource_state
+        view = ClusterView([], [])
+        for n in state.node_states:
+            status = STATUS.get(n.status, "UNSPECIFIED")
+            if status == "DEAD":
+                continue
+            node_id = n.node_id.hex()
+            total, free = dict(n.total_resources), dict(n.available_resources)
+            kind = n.ray_node_type_name or None
+            view.nodes.append(Node(node_id, float(total.get("CPU", 0)), float(total.get("GPU", 0)),
+                                   float(total.get("memory", 0)), type=kind))
+            view.free.append(Node(node_id, float(free.get("CPU", 0)), float(free.get("GPU", 0)), type=kind))
+            view.idle_s[node_id] = n.idle_duration_ms / 1000
+            if status == "DRAINING":
+                view.draining.add(node_id)
+        for c in state.cluster_resource_constraints:
+            for r in c.resource_requests:
+                view.request.append({"resources": dict(r.request.resources_bundle), "count": int(r.count)})
+        try:  # the launches pending, by type (autoscaler v2's report; v1's cannot be read here)
+            status = get_cluster_status(self.address)
+            for p in list(status.pending_launches) + list(status.pending_nodes):
+                name = getattr(p, "ray_node_type_name", None)
+                if name:
+                    view.pending[name] = view.pending.get(name, 0) + int(getattr(p, "count", 1) or 1)
+        except Exception:  # noqa: BLE001 - the pending launches are a refinement; the nodes above still stand
+            pass
+        alive = {}
+        for n in view.nodes:
+            if n.type:
+                alive[n.type] = alive.get(n.type, 0) + 1
+        view.types = [NodeType(t.name, t.cpus, t.gpus, t.max_count, alive.get(t.name, 0) + view.pending.get(t.name, 0))
+                      for t in self._types()]
+        return view
+
+    def request(self, bundles: list[dict[str, float]]) -> None:
+        """Set the cluster's resource request to `bundles` (an empty list withdraws it), for autoscaler v2 and v1."""
+        shapes: dict[tuple, int] = {}
+        for b in bundles:
+            key = tuple(sorted((k, float(v)) for k, v in b.items() if v))
+            if key:
+                shapes[key] = shapes.get(key, 0) + 1
+        self.client.request_cluster_resource_constraint([dict(k) for k in shapes], [{} for _ in shapes],
+                                                        list(shapes.values()))
+        self.client.internal_kv_put(V1_REQUEST_KEY, json.dumps([dict(k) for k, n in shapes.items()
+                                                                for _ in range(n)]).encode(), True, None)
+        self.requested = bundles
+        self._view = None
