@@ -13,7 +13,8 @@ Figures (the last line, one JSON object):
   waste_ratio            node-seconds of worker nodes alive over the GPU-node-seconds the jobs ran (1.0: none
                          wasted; idle nodes up past their jobs, launches, the idle timeout count as waste)
   lost                   jobs with no terminal state at the end, or not SUCCEEDED
-  requests_left          bundles left in the cluster's resource request once the queue is empty (autoscaler state)
+  requests_left          bundles left in the cluster's resource request once the queue is empty (autoscaler
+                         state, v2's and v1's)
   nodes_left             worker nodes still up IDLE_S + 60 s after the queue emptied
   utilisation_fifo, utilisation_backfill
                          GPU utilisation (GPU-seconds used over GPU-seconds there were, first start to last end)
@@ -126,11 +127,11 @@ class AutoscalingCluster:
         return [n.node_id.hex() for n in self.state().node_states
                 if n.ray_node_type_name == NODE_TYPE and n.status in (1, 3, 4)]
 
-    def request_left(self) -> int:
-        """Bundles in the cluster's resource request now (both where autoscaler v2 and v1 read it)."""
+    def request_left(self) -> tuple[int, int]:
+        """Bundles in the cluster's resource request now: where autoscaler v2 reads it, and where v1 does."""
         v2 = sum(r.count for c in self.state().cluster_resource_constraints for r in c.resource_requests)
         v1 = json.loads(self.client().internal_kv_get(b"autoscaler_resource_request", None) or b"[]")
-        return int(v2) + len(v1)
+        return int(v2), len(v1)
 
     def drain(self, node_id: str, deadline_s: float = 60) -> None:
         """Drain a node as a spot reclaim does (reason: preemption, with a deadline)."""
@@ -146,6 +147,13 @@ class AutoscalingCluster:
         environment), as a reclaimed VM goes. Returns how many."""
         return _kill(lambda p: p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id)
 
+    def autoscaler(self, run: bool) -> int:
+        """Pause (SIGSTOP) or resume the autoscaler's monitor process: a slow cloud, for a test to look at what waits
+        for a node. Returns how many processes it signalled."""
+        port = str(self.port)
+        return _kill(lambda p: any("autoscaler" in a and a.endswith("/monitor.py") for a in p.cmdline())
+                     and any(a.endswith(f":{port}") for a in p.cmdline()), signal.SIGCONT if run else signal.SIGSTOP)
+
     def stop(self) -> None:
         """Every process of this cluster: those whose command line names its GCS port."""
         port = str(self.port)
@@ -153,14 +161,14 @@ class AutoscalingCluster:
         _kill(lambda p: p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING", "").startswith("f" * 51))
 
 
-def _kill(match) -> int:
+def _kill(match, sig=signal.SIGKILL) -> int:
     import psutil
 
     me, n = os.getpid(), 0
     for p in psutil.process_iter():
         try:
             if p.pid != me and p.uids().real == os.getuid() and match(p):
-                p.send_signal(signal.SIGKILL)
+                p.send_signal(sig)
                 n += 1
         except (psutil.Error, OSError):
             continue

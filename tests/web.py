@@ -24,3 +24,8 @@ def served(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+CHROMIUM = __import__("os").environ.get("RUNNER_CHROMIUM", "/usr/bin/chromium")  # Debian's; .ci/run installs it
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage"]

@@ -66,13 +66,33 @@ def _cluster_lines(client: Client) -> None:
     for n in c["nodes"]:
         kind = f"  ({n['gpu_name'] or 'GPU'}, {n['gpu_memory_bytes'] / 2**30:.1f} GiB each)" \
             if n.get("gpu_memory_bytes") else ""
+        kind += f"  type {n['type']}" if n.get("type") else ""
+        kind += "  DRAINING" if n.get("draining") else ""
         typer.echo(f"  {n['id'][:12]}  CPUs {n['free_cpus']:g}/{n['cpus']:g}  GPUs {n['free_gpus']:g}/{n['gpus']:g}"
                    f"{kind}")
+    if not c.get("node_types"):
+        return
+    asked: dict[str, list[str]] = {}
+    for r in c.get("requests") or []:
+        for t in r["node_types"]:
+            asked.setdefault(t, []).append(r["job"])
+    typer.echo("node types the autoscaler can add:")
+    for t in c["node_types"]:
+        top = "no limit" if t["max"] < 0 else f"max {t['max']}"
+        could = "no limit" if t["could_start"] is None else str(t["could_start"])
+        starting = (c.get("pending_launches") or {}).get(t["name"])
+        typer.echo(f"  {t['name']}  {t['cpus']:g} CPUs, {t['gpus']:g} GPUs each  {t['now']} now ({top})"
+                   f"{f', {starting} starting' if starting else ''}, {could} could still start"
+                   + (f"; asked for by {', '.join(asked[t['name']])}" if asked.get(t["name"]) else ""))
+    bundles = sum(r["count"] for r in c.get("resource_request") or [])
+    typer.echo(f"resource request: {bundles} bundle{'s' if bundles != 1 else ''} (those in use included)" if bundles
+               else "resource request: none (idle nodes go after the autoscaler's idle timeout)")
 
 
 @cluster_app.command("status")
 def cluster_status(as_json: bool = typer.Option(False, "--json", help="The server's answer as JSON.")) -> None:
-    """The nodes of the Ray cluster, with CPUs and GPUs in total and free."""
+    """The nodes of the Ray cluster, with CPUs and GPUs in total and free; with an autoscaler, its node types, how
+    many nodes of each could still start, the resource request and the queued jobs it serves."""
     client = server()
     if as_json:
         typer.echo(json.dumps(api(client.get, "/cluster"), indent=2))

@@ -509,6 +509,7 @@ function clusterPage() {
       card("GPUs in use", `${num(used(c.gpus, c.free_gpus))} of ${num(c.gpus)}`, c.gpus ? used(c.gpus, c.free_gpus) / c.gpus : 0));
     const rows = c.nodes.map((n) => h("tr", { dataset: { node: n.id } },
       h("td", {}, h("b", { text: n.host || n.ip || "node" }), n.head ? h("span", { class: "muted small", text: " head" }) : "",
+        n.type ? h("span", { class: "muted small", text: " " + n.type }) : "", n.draining ? h("span", { class: "warn small", text: " draining" }) : "",
         h("span", { class: "sub mono", text: (n.ip ? n.ip + " · " : "") + n.id.slice(0, 12) })),
       h("td", {}, h("span", { text: `${num(used(n.cpus, n.free_cpus))} / ${num(n.cpus)} used` }), bar(n.cpus ? used(n.cpus, n.free_cpus) / n.cpus : 0)),
       h("td", {}, h("span", { text: n.gpus ? `${num(used(n.gpus, n.free_gpus))} / ${num(n.gpus)} used` : "none" }), n.gpus ? bar(used(n.gpus, n.free_gpus) / n.gpus) : "",
@@ -519,7 +520,24 @@ function clusterPage() {
         x.job ? h("a", { href: "/ui/jobs/" + encodeURIComponent(x.job), text: x.job }) : h("span", { class: "muted", text: x.submission || "a Ray job outside the runner" }),
         h("span", { class: "muted small", text: ` ${num(x.cpus)} CPU${x.gpus ? ", " + num(x.gpus) + " GPU" : ""}` }))) : h("span", { class: "muted", text: "free" }))));
     const thead = h("thead", {}, h("tr", {}, ["Node", "CPUs", "GPUs", "Memory", "Held by"].map((t) => h("th", { text: t }))));
-    body.replaceChildren(h("table", { id: "nodes" }, thead, h("tbody", {}, rows)));
+    const parts = [h("table", { id: "nodes" }, thead, h("tbody", {}, rows))];
+    if (c.node_types && c.node_types.length) {
+      // what the autoscaler can add, and the nodes the runner asked for on behalf of queued jobs
+      const asked = {};
+      for (const r of c.requests || []) for (const t of r.node_types) (asked[t] = asked[t] || []).push(r.job);
+      const typeRows = c.node_types.map((t) => h("tr", { dataset: { type: t.name } },
+        h("td", {}, h("b", { text: t.name })),
+        h("td", { text: `${num(t.cpus)} CPUs${t.gpus ? ", " + num(t.gpus) + " GPUs" : ""}` }),
+        h("td", { class: "count", text: `${t.now} of ${t.max < 0 ? "no limit" : t.max}` + ((c.pending_launches || {})[t.name] ? ` (${c.pending_launches[t.name]} starting)` : "") }),
+        h("td", { class: "could", text: t.could_start === null ? "no limit" : String(t.could_start) }),
+        h("td", { class: "asked" }, (asked[t.name] || []).length ? asked[t.name].map((j) => h("div", {},
+          h("a", { href: "/ui/jobs/" + encodeURIComponent(j), text: j }))) : h("span", { class: "muted", text: "none" }))));
+      const th = h("thead", {}, h("tr", {}, ["Node type", "Each", "Nodes now", "Could still start", "Asked for by"].map((t) => h("th", { text: t }))));
+      const bundles = (c.resource_request || []).reduce((n, r) => n + r.count, 0);
+      parts.push(h("h2", { text: "Node types the autoscaler can add" }), h("table", { id: "types" }, th, h("tbody", {}, typeRows)),
+        h("p", { class: "muted small", id: "request", text: bundles ? `The cluster's resource request: ${bundles} bundle${bundles === 1 ? "" : "s"} (those in use included).` : "No resource request: idle nodes go after the autoscaler's idle timeout." }));
+    }
+    body.replaceChildren(...parts);
   }
   every(3000, load);
 }

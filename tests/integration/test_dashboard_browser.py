@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("playwright", reason="the playwright package is not installed (pip install -e '.[dev]')")
-CHROMIUM = os.environ.get("RUNNER_CHROMIUM", "/usr/bin/chromium")
+from web import CHROMIUM, CHROMIUM_ARGS as ARGS  # noqa: E402
+
 if not Path(CHROMIUM).exists():
     pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's (apt-get install chromium; .ci/run does) or set "
                 "RUNNER_CHROMIUM", allow_module_level=True)
@@ -29,8 +30,6 @@ from web import served  # noqa: E402
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = Path(os.environ.get("RUNNER_SCREENSHOTS") or ROOT / "build" / "screenshots")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--disable-dev-shm-usage"]
 
 
 @pytest.fixture(scope="module")

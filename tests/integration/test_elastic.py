@@ -5,6 +5,7 @@ job costs it at most the step in flight; a preemptible job gives way to one ahea
 After each test no resource request is left behind (read from Ray's autoscaler state)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ def no_request_left(request):
     if "world" in request.fixturenames:
         c = request.getfixturevalue("cluster")
         # the server withdraws its request within a pass of the queue emptying
-        wait_for("no resource request left", lambda: c.request_left() == 0, 10)
+        wait_for("no resource request left", lambda: c.request_left() == (0, 0), 10)
 
 
 def submit(srv, body: str, priority: int = 0) -> str:
@@ -75,30 +76,59 @@ def test_jobs_wait_for_nodes_the_runner_asks_for_and_the_nodes_go_when_the_queue
     assert code == 422, err
     assert err["detail"] == ("refused: the job needs 1 worker x (1 CPU + 4 GPUs), which this cluster can never hold "
                              "(1 node: 1 x (2 CPUs); node types it can add: gpu2 (1 CPUs, 2 GPUs; max 2, 0 now))")
+    assert c.autoscaler(run=False) == 1  # a slow cloud: what waits for a node can be looked at
+    try:
+        a = submit(srv, elastic.recipe(model, data, "a", delay=0.3))
+        b = submit(srv, elastic.recipe(model, data, "b", delay=0.3))
+        first = wait_for("a's reason", lambda: (srv.job(a).get("waiting_for") or "").startswith("waiting for the")
+                         and srv.job(a), 10)
+        assert first["waiting_for"] == "waiting for the cluster to add a node of type gpu2", first
+        assert srv.job(b)["waiting_for"] == f"waiting for the cluster to add a node of type gpu2 (behind {a})"
+        cl = srv.call("/cluster")[1]
+        assert cl["node_types"] == [{"name": "gpu2", "cpus": 1.0, "gpus": 2.0, "max": 2, "now": 0, "could_start": 2}]
+        assert cl["requests"] == [{"job": a, "node_types": ["gpu2"]}, {"job": b, "node_types": ["gpu2"]}]
+        assert c.request_left() == (2, 2), "the runner asked for a node for each (2 bundles of 2 GPUs), v2 and v1"
+        out = subprocess.run([sys.executable, "-m", "runner.cli", "cluster", "status"], capture_output=True,
+                             text=True, env={**os.environ, "RUNNER_SERVER": srv.url}, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert (f"  gpu2  1 CPUs, 2 GPUs each  0 now (max 2), 2 could still start; asked for by {a}, {b}"
+                in out.stdout.splitlines()), out.stdout
+        assert "resource request: 2 bundles (those in use included)" in out.stdout, out.stdout
+        dashboard_shows_node_types(srv.url, [a, b])
+    finally:
+        c.autoscaler(run=True)
     t0 = time.monotonic()
-    a = submit(srv, elastic.recipe(model, data, "a", delay=0.3))
-    b = submit(srv, elastic.recipe(model, data, "b", delay=0.3))
-    first = wait_for("a's reason", lambda: srv.job(a).get("waiting_for", "").startswith("waiting for the cluster")
-                     and srv.job(a), 10)
-    assert first["waiting_for"] == "waiting for the cluster to add a node of type gpu2", first
-    assert srv.job(b)["waiting_for"] in ("waiting for the cluster to add a node of type gpu2 (behind " + a + ")",
-                                         "waiting for the cluster to add a node of type gpu2")
-    cl = srv.call("/cluster")[1]
-    assert cl["node_types"] == [{"name": "gpu2", "cpus": 1.0, "gpus": 2.0, "max": 2,
-                                 "now": cl["node_types"][0]["now"], "could_start": 2 - cl["node_types"][0]["now"]}]
-    assert {r["job"] for r in cl["requests"]} <= {a, b} and a in {r["job"] for r in cl["requests"]}, cl["requests"]
-    assert c.request_left() > 0, "the runner asked the autoscaler"
     wait_for("a running on an added node", lambda: srv.job(a)["state"] == "RUNNING", 120)
     started_after = time.monotonic() - t0
     wait_for("both on their own node", lambda: srv.job(b)["state"] == "RUNNING" and len(c.workers()) == 2, 120)
     for j in (a, b):
         wait_for(f"{j} SUCCEEDED", lambda j=j: srv.job(j)["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"), 240)
         assert srv.job(j)["state"] == "SUCCEEDED", srv.job(j)
-    assert c.request_left() == 0 or wait_for("request withdrawn", lambda: c.request_left() == 0, 10)
+    wait_for("request withdrawn", lambda: c.request_left() == (0, 0), 10)
     t_empty = time.monotonic()
     wait_for("the idle nodes removed", lambda: c.workers() == [], elastic.IDLE_S + 60)
     print(f"first job RUNNING {started_after:.1f} s after submit; nodes gone {time.monotonic() - t_empty:.1f} s "
           "after the queue emptied")
+
+
+def dashboard_shows_node_types(url: str, jobs: list[str]) -> None:
+    """The cluster page in a real browser: the node type, how many could still start, and the jobs that asked."""
+    from playwright.sync_api import sync_playwright
+    from web import CHROMIUM, CHROMIUM_ARGS as ARGS
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/ui/cluster")
+            row = page.locator('#types tr[data-type="gpu2"]')
+            row.wait_for(timeout=15_000)
+            assert row.locator("td.could").inner_text() == "2"
+            assert row.locator("td.count").inner_text() == "0 of 2"
+            assert [a.inner_text() for a in row.locator("td.asked a").all()] == jobs
+            assert "resource request: 2 bundles" in page.locator("#request").inner_text()
+        finally:
+            browser.close()
 
 
 OTHER_USER = """
