@@ -456,6 +456,14 @@ class Dispatcher:
                 self.store.note(job_id, f"asked the autoscaler for {', '.join(kinds)} (the cluster's resource request: "
                                         f"{len(bundles)} bundles, the ones in use included)")
 
+    def _overrun(self, job: Job) -> str | None:
+        """Why the job is past its resources.max_minutes, or None."""
+        t, now = self.terms(job), self.store.clock()
+        if t.max_minutes is None or not job.started_at or now - job.started_at <= t.max_minutes * 60:
+            return None
+        return (f"ran past resources.max_minutes ({t.max_minutes:g}): stopped after "
+                f"{(now - job.started_at) / 60:.1f} minutes")
+
     @staticmethod
     def control(job: Job, checkpoint: bool, stop: bool, why: str) -> None:
         """Ask the job's workers, through its folder, to checkpoint at the next step (and, with stop, to end there:
@@ -496,15 +504,11 @@ class Dispatcher:
     def _overtime(self, active: list[Job]) -> None:
         """A job past its resources.max_minutes is stopped (its end is recorded FAILED, with that reason): its bound
         is what let jobs start beside the queue's head."""
-        now = self.store.clock()
         for job in active:
-            t = self.terms(job)
-            if t.max_minutes is None or not job.started_at or job.id in self.overtime:
-                continue
-            if now - job.started_at > t.max_minutes * 60:
-                self.overtime[job.id] = (f"ran past resources.max_minutes ({t.max_minutes:g}): stopped after "
-                                         f"{(now - job.started_at) / 60:.1f} minutes")
-                self.store.note(job.id, self.overtime[job.id], level="warning")
+            why = self._overrun(job)
+            if why and job.id not in self.overtime:
+                self.overtime[job.id] = why
+                self.store.note(job.id, why, level="warning")
                 try:
                     self.backend.stop(self.submission(job))
                 except UnknownSubmission:
@@ -607,8 +611,8 @@ class Dispatcher:
             self._requeue(job)
         elif status == "SUCCEEDED":
             self._end(job, JobState.SUCCEEDED, export_note(job.job_dir))
-        elif status == "STOPPED" and job.id in self.overtime:
-            self._end(job, JobState.FAILED, self.overtime.pop(job.id))
+        elif status == "STOPPED" and (job.id in self.overtime or self._overrun(job)):  # a restarted server too
+            self._end(job, JobState.FAILED, self.overtime.pop(job.id, None) or self._overrun(job))
         elif status == "STOPPED" and job.id in self.preempting:
             self._requeue(job)
         elif status == "STOPPED":

@@ -193,3 +193,35 @@ def test_manifests_fit_together():
     assert f"http://{ray['metadata']['name']}-head-svc:8265" in server["command"]
     job = by_kind[("RayJob", None)]
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == ray["metadata"]["name"]
+
+
+def test_the_clusters_autoscale_from_zero_and_the_server_reads_what_it_needs_to_ask_for_nodes():
+    """Both ways to a cluster: GPU workers from 0 to a max, an idle timeout, and the runner server started with the
+    GCS's address and the cluster config it reads node types from (runner.elastic), pointing at the right places."""
+    ray_cluster = docs(CLUSTER / "kuberay" / "raycluster.yaml")[0]
+    spec = ray_cluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] == 0 < group["maxReplicas"] and group["idleTimeoutSeconds"] > 0, group
+    server = next(d for d in docs(CLUSTER / "kuberay" / "runner-server.yaml") if d["kind"] == "Deployment")
+    pod = server["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    gcs = c["command"][c["command"].index("--ray-gcs") + 1]
+    head = f"{ray_cluster['metadata']['name']}-head-svc"  # KubeRay's name for the head's Service
+    assert gcs == f"{head}:6379" and c["command"][c["command"].index("--ray") + 1] == f"http://{head}:8265"
+    config = next(e["value"] for e in c["env"] if e["name"] == "RUNNER_CLUSTER_CONFIG")
+    mount = next(m for m in c["volumeMounts"] if config.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    readme = (CLUSTER / "README.md").read_text()
+    key = config.rsplit("/", 1)[1]
+    assert (f"kubectl create configmap {volume['configMap']['name']} --from-file={key}=cluster/kuberay/"
+            "raycluster.yaml") in readme
+
+    launcher = docs(CLUSTER / "ray-cluster.yaml")[0]
+    workers = [t for n, t in launcher["available_node_types"].items() if n != launcher["head_node_type"]]
+    assert workers and all(t["min_workers"] == 0 < t["max_workers"] for t in workers)
+    assert launcher["idle_timeout_minutes"] > 0
+    start = " ".join(launcher["head_start_ray_commands"])
+    assert "--port=6379" in start and "--autoscaling-config=~/ray_bootstrap_config.yaml" in start
+    assert "--ray-gcs 127.0.0.1:6379" in start and "RUNNER_CLUSTER_CONFIG=~/ray_bootstrap_config.yaml" in start
