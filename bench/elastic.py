@@ -10,6 +10,8 @@ steps slowed so that they run for a while.
 
 Figures (the last line, one JSON object):
   scale_up_start_s       median seconds from submit to RUNNING for jobs that had to wait for a node to be added
+                         (RUNNING: the driver has read the data and the workers train; with the queue's wait)
+  first_node_up_s        seconds from the first submit to the first worker node alive (the autoscaler's part)
   waste_ratio            node-seconds of worker nodes alive over the GPU-node-seconds the jobs ran (1.0: none
                          wasted; idle nodes up past their jobs, launches, the idle timeout count as waste)
   lost                   jobs with no terminal state at the end, or not SUCCEEDED
@@ -191,3 +193,112 @@ def recipe(model: Path, data: Path, name: str, steps: int = 6, workers: int = 1,
             + (faults(step_delay=delay) if delay else "")
             + f"resources:\n  workers: {workers}\n  cpus_per_worker: 1\n  gpus_per_worker: {gpus}\n{resources}"
             "export:\n  onnx: false\n")
+
+
+MIX = (  # (name, workers, GPUs each, max_minutes, preemptible): as big as the cluster, a bounded one, a preemptible one
+    ("big", 2, 2, 3.0, False),
+    ("small", 1, 1, 2.0, False),
+    ("spot", 1, 2, None, True),
+)
+
+
+def run(work: Path, bursts: int, per_burst: int, gap: float, seed: int, steps: int = 12, delay: float = 0.2,
+        say=print) -> dict:
+    from runner.queue import Need, Node
+    from runner.timeline import SimJob, simulate
+    from tiny import keyword_rows, tiny_model_dir, tiny_tokenizer
+
+    rng = random.Random(seed)
+    c = AutoscalingCluster(work)
+    c.start()
+    srv = server(work / "home", c)
+    try:
+        srv.start()
+        model = tiny_model_dir(work / "bert", "bert", tiny_tokenizer(), weights=True)
+        data = work / "d.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(80)))
+        submitted: dict[str, tuple[float, tuple]] = {}
+        node_seconds, t0, first_node = 0.0, time.monotonic(), None
+        last = t0
+        for burst in range(bursts):
+            for i in range(per_burst):
+                kind = MIX[(burst + i + rng.randint(0, 2)) % len(MIX)]
+                lines = (f"  max_minutes: {kind[3]}\n" if kind[3] else "") + \
+                    ("  preemptible: true\n" if kind[4] else "")
+                code, job = srv.call("/jobs", {"recipe": recipe(model, data, kind[0], steps=steps, workers=kind[1],
+                                                                gpus=kind[2], resources=lines, delay=delay)})
+                assert code == 201, job
+                submitted[job["id"]] = (time.monotonic(), kind)
+            say(f"burst {burst + 1}: {per_burst} jobs submitted; worker nodes up: {len(c.workers())}")
+            end = time.monotonic() + (gap if burst < bursts - 1 else 0)
+            while time.monotonic() < end:
+                up = len(c.workers())
+                node_seconds += up * (time.monotonic() - last)
+                last = time.monotonic()
+                if up and first_node is None:
+                    first_node = last - t0
+                time.sleep(1)
+        ended = ("SUCCEEDED", "FAILED", "CANCELLED")
+        while any(srv.job(j)["state"] not in ended for j in submitted) and time.monotonic() - t0 < 1800:
+            node_seconds += len(c.workers()) * (time.monotonic() - last)
+            last = time.monotonic()
+            time.sleep(1)
+        emptied = time.monotonic()
+        requests_left = sum(c.request_left()) if _wait(lambda: c.request_left() == (0, 0), 15) else \
+            sum(c.request_left())
+        while c.workers() and time.monotonic() - emptied < IDLE_S + 60:
+            node_seconds += len(c.workers()) * (time.monotonic() - last)
+            last = time.monotonic()
+            time.sleep(1)
+        nodes_left = len(c.workers())
+        waits, runs, jobs_node_s, sim = [], {}, 0.0, []
+        for job_id, (at, kind) in submitted.items():
+            job = srv.job(job_id)
+            events = srv.call(f"/jobs/{job_id}/events")[1]["events"]
+            started = [e["at"] for e in events if e["state_to"] == "RUNNING"]
+            asked = any((e["message"] or "").startswith("asked the autoscaler") for e in events)
+            if job["state"] == "SUCCEEDED" and started:
+                ran = job["ended_at"] - started[0]
+                runs[job_id] = ran
+                jobs_node_s += ran * kind[1] * kind[2] / 2  # a gpu2 node holds 2 GPUs
+                if asked:
+                    waits.append(started[0] - job["created_at"])
+                sim.append(SimJob(job_id, Need(kind[1], 1, kind[2]), at - t0, max(1.0, ran),
+                                  bound_s=kind[3] and max(kind[3] * 60, ran), preemptible=kind[4]))
+        lost = sum(1 for j in submitted if srv.job(j)["state"] != "SUCCEEDED")
+        fixed = [Node("n1", 1, 2), Node("n2", 1, 2)]
+        fifo, back = simulate(sim, fixed, backfill=False), simulate(sim, fixed, backfill=True)
+    finally:
+        srv.kill()
+        c.stop()
+    return {"jobs": len(submitted), "scale_up_start_s": round(statistics.median(waits), 1) if waits else None,
+            "scale_up_waits": len(waits), "first_node_up_s": first_node and round(first_node, 1),
+            "waste_ratio": round(node_seconds / jobs_node_s, 2) if jobs_node_s else None,
+            "node_seconds": round(node_seconds), "job_node_seconds": round(jobs_node_s), "lost": lost,
+            "requests_left": requests_left, "nodes_left": nodes_left,
+            "utilisation_fifo": round(fifo.utilisation(4), 3), "utilisation_backfill": round(back.utilisation(4), 3)}
+
+
+def _wait(check, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bursts", type=int, default=3)
+    ap.add_argument("--per-burst", type=int, default=3)
+    ap.add_argument("--gap", type=float, default=20.0, help="Seconds between bursts.")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="elastic-") as d:
+        out = run(Path(d), a.bursts, a.per_burst, a.gap, a.seed)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jobs import secrets
 from jobs.jobdir import JobState, checkpoints_newest_first, event, file_sha256, first_line, note, open_private
-from jobs.jobdir import shared_storage_problem
+from jobs.jobdir import PREEMPTED, read_at, shared_storage_problem
 from jobs.recipe import RecipeError, SNAPSHOT, load_recipe
 from jobs.schema import Recipe
 
@@ -246,7 +246,8 @@ def train_job(job_dir: Path, prep: Prepared) -> dict:
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"job_dir": str(job_dir), "model_path": prep.model_path,
-                           "resume_from": checkpoints_newest_first(job_dir)},
+                           "resume_from": checkpoints_newest_first(job_dir),
+                           "attempt": os.environ.get("RUNNER_ATTEMPT")},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu and _has_cuda() else "gloo"),
         run_config=RunConfig(name="checkpoints", storage_path=str(job_dir),
@@ -255,6 +256,7 @@ def train_job(job_dir: Path, prep: Prepared) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
                              worker_runtime_env={"env_vars": env_vars}),
     )
+    (job_dir / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's, never this one's
     t0 = time.perf_counter()
     try:
         trainer.fit()
@@ -534,8 +536,6 @@ def _drive(job_dir: Path, address: str | None, preparing, prepared: list, follow
 
 def _preempted_at(job_dir: Path) -> int | None:
     """The step rank 0 wrote into preempted.json as the workers stopped for a preemption, or None."""
-    from jobs.jobdir import PREEMPTED, read_at
-
     try:
         at = json.loads(read_at(job_dir / PREEMPTED, 0, 4096) or b"null")
     except ValueError:

@@ -159,6 +159,7 @@ def train_func(config: dict) -> None:
     import ray.train
 
     run = _set_up(config)
+    run.attempt = config.get("attempt")
     state = _resume(run, config.get("resume_from", []))
     run.callbacks.on_start(run.loop)
     t = run.recipe.train
@@ -239,6 +240,7 @@ class Run:
     wb: object = None  # the W&B run, rank 0's
     alarms: object = None  # rank 0's
     asked: tuple = (False, False, "")  # the server's requests at the last step: (checkpoint, stop, why)
+    attempt: str | None = None  # the runner server's attempt number (RUNNER_ATTEMPT); None under `runner run`
 
     @property
     def rank(self) -> int:
@@ -393,8 +395,11 @@ def _train_step(run: Run, state: State, by_step: list) -> dict:
     state.step_in_epoch += 1
     if state.step_in_epoch == len(by_step):  # the position a checkpoint records is where to go on
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
-    # the server's requests ride on the loss's all-reduce, so that every rank acts on them at the same step
+    # the server's requests ride on the loss's all-reduce, so that every rank acts on them at the same step; one
+    # made for another attempt of the job (left by a server that died) is not this one's
     ask = read_control(run.job_dir)
+    if run.attempt is not None and str(ask.get("attempt")) != str(run.attempt):
+        ask = {"checkpoint": False, "stop": False, "why": ""}
     sums = acc.reduce(torch.stack([local_sum, torch.tensor(float(ask["checkpoint"]), device=acc.device),
                                    torch.tensor(float(ask["stop"]), device=acc.device)]), reduction="sum").tolist()
     loss_value = sums[0] / step_units

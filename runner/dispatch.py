@@ -520,6 +520,9 @@ class Dispatcher:
         return tuple((d / n).stat().st_size if (d / n).exists() else 0 for n in ("metrics.jsonl", "events.jsonl"))
 
     def _submit(self, job: Job) -> bool:
+        # an attempt starts with no request of the server's and no preemption of an earlier attempt's
+        clear_control(Path(job.job_dir))
+        (Path(job.job_dir) / PREEMPTED).unlink(missing_ok=True)
         if self.on_start is not None:
             try:
                 self.on_start(job)

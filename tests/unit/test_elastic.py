@@ -252,3 +252,20 @@ def test_a_cluster_config_too_big_or_absent_is_refused(tmp_path):
         read_config(big)
     with pytest.raises(ConfigError, match="cannot be read"):
         read_config(tmp_path / "nowhere.yaml")
+
+
+def test_an_attempt_starts_with_no_request_or_preemption_left_by_an_earlier_one(world):
+    """A server that died mid-preemption leaves control.json (stop) and preempted.json behind; a `runner retry`
+    must not stop at its first step nor be requeued as preempted when it succeeds."""
+    store, ray, clock, add, d = world
+    ray.types = []
+    ray.nodes_now.append(Node("n1", 1, 2))
+    ray.free_now.append(Node("n1", 1, 2))
+    job_dir = add("a")
+    (job_dir / CONTROL).write_text(json.dumps({"checkpoint": True, "stop": True, "why": "old", "attempt": 1}))
+    (job_dir / PREEMPTED).write_text(json.dumps({"step": 3}))
+    assert d.tick() == ["a"]
+    assert not (job_dir / CONTROL).exists() and not (job_dir / PREEMPTED).exists()
+    ray.jobs["a-1"] = "SUCCEEDED"
+    d.tick()
+    assert store.get("a").state == "SUCCEEDED"
