@@ -35,8 +35,9 @@ from pathlib import Path
 
 from dataclasses import dataclass
 
-from jobs.jobdir import (ACTIVE, PREEMPTED, TERMINAL, TRAINING, JobState, can_move, clear_control, first_line,
-                         read_at, whole_lines, write_control)
+from jobs.jobdir import (ACTIVE, CONTROL, PREEMPTED, TERMINAL, TRAINING, JobState, can_move,
+                         checkpoints_newest_first, clear_control, first_line, read_at, read_control, whole_lines,
+                         write_control)
 from runner.jobfiles import export_note, read_text
 from runner.queue import Need, Node, Queued, Running, decide, place, refusal
 from runner.store import InvalidTransition, Job, Store, StoreError
@@ -50,6 +51,7 @@ WORKER_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PA
 
 FIRST_FIT = "fits the free capacity, first in the queue"  # runner.queue's rule for a job that starts in its turn
 PREEMPT_LEAD_S = 60.0  # preemptible jobs in the head's way are stopped this long before it could start
+PREEMPT_GRACE_S = 300.0  # a preempted job not stopped at a checkpoint by then is stopped through Ray
 
 
 def need_of(job: Job) -> Need:
@@ -267,9 +269,12 @@ class Dispatcher:
         self.lead_s = PREEMPT_LEAD_S
         self.decision = None  # the last pass's runner.queue.Decision (the cluster page shows its requests)
         self.requested_for: dict[str, list[str]] = {}  # queued job id -> node types asked for it, as of the last pass
-        self.preempting: dict[str, str] = {}  # job id -> why it is being preempted
-        self.draining_for: dict[str, list[str]] = {}  # job id -> draining nodes it was asked to checkpoint for
-        self.overtime: dict[str, str] = {}  # job id -> why it was stopped for running past resources.max_minutes
+        # what the server asked of a job's current attempt, by job id: (attempt, ...) so that an entry left by an
+        # earlier attempt is never taken for the current one's
+        self.preempting: dict[str, tuple] = {}  # (attempt, why, since): being preempted
+        self.draining_for: dict[str, tuple] = {}  # (attempt, nodes): asked to checkpoint while nodes drain
+        self.overtime: dict[str, tuple] = {}  # (attempt, why): stopped for running past resources.max_minutes
+        self.trouble: dict[str, str] = {}  # what of a pass failed, and why, said once
         self._terms: dict[str, Terms] = {}
         self._bounds: dict[str, tuple[float, tuple]] = {}
         self._asked: dict[str, list[str]] = {}
@@ -284,9 +289,9 @@ class Dispatcher:
 
     def view(self):
         """The cluster as Ray's GCS says it is (free capacity by node, node types, draining nodes, the resource
-        request), or None where the backend reads only Ray's node list (then the runner is taken to be the
-        cluster's only user)."""
-        return self.backend.view() if getattr(self.backend, "gcs", None) is not None else None
+        request), or None where the backend reads only Ray's node list or the GCS gives no view (then the runner is
+        taken to be the cluster's only user)."""
+        return self._view()
 
     def free(self, nodes: list[Node]) -> list[Node]:
         """What the runner's own jobs leave of `nodes`' totals (where Ray's own view of what is free is not read)."""
@@ -304,45 +309,46 @@ class Dispatcher:
         try:
             for job in self.active():
                 self._follow_one(job)
-            view = self.view()
+            view = self._view()
             nodes = view.nodes if view else self.backend.nodes()
         except RayUnreachable as e:
             self._lost(str(e))
             return []
-        except Exception as e:  # noqa: BLE001 - the GCS did not answer: as for Ray's Jobs API
-            self._lost(f"the Ray cluster's GCS at {self.backend.gcs.address} does not answer ({first_line(e)})")
-            return []
         self.unreachable_since = None
         active = self.active()
-        held = self._held(active, nodes, view)
         if view:
-            free = view.free
-            for job in self.unplaced:  # started by the runner, not yet holding anything Ray shows
-                after = place(need_of(job), free)
-                free = after if after is not None else free
-            own = {}
+            held = self._held_by_ray(active)
+            if held is None:  # who holds what is not known this pass: start nothing rather than guess
+                return []
+            own: dict[str, tuple[float, float]] = {}
             for h in held.values():
                 for node, (c, g) in h.items():
-                    oc, og = own.get(node, (0.0, 0.0))
-                    own[node] = (oc + c, og + g)
+                    own[node] = (own.get(node, (0.0, 0.0))[0] + c, own.get(node, (0.0, 0.0))[1] + g)
             others = [Node(t.id, max(0.0, t.cpus - f.cpus - own.get(t.id, (0, 0))[0]),
-                           max(0.0, t.gpus - f.gpus - own.get(t.id, (0, 0))[1])) for t, f in zip(nodes, free)]
-            self._drained(active, held, view.draining)
+                           max(0.0, t.gpus - f.gpus - own.get(t.id, (0, 0))[1])) for t, f in zip(nodes, view.free)]
+            free = view.free
+            for job in active:  # submitted, no placement group yet: what it will take is not in Ray's figure
+                if job.id not in held and job.state != JobState.EXPORTING:
+                    after = place(need_of(job), free)
+                    if after is not None:
+                        held[job.id] = _taken(free, after)
+                        free = after
+            self._guard("the drained nodes' jobs", self._drained, active, held, view.draining)
         else:
-            free, others = self.free(nodes), []
-        self._overtime(active)
+            held, free, others = self._held_by_plan(active, nodes), self.free(nodes), []
+        self._guard("the jobs past their bounds", self._overtime, active)
         queue = self.store.queue()
         now = self.store.clock()
-        running = [Running(j.id, held.get(j.id, {}), self._ends_in(j, now), self.terms(j).preemptible,
-                           self._key(j)) for j in sorted(active, key=lambda j: -(j.started_at or 0))]
+        running = [Running(j.id, held.get(j.id, {}), self._ends_in(j, now), self._yields(j, now), self._key(j))
+                   for j in sorted(active, key=lambda j: -(j.started_at or 0))]
         decision = decide([self._queued(j) for j in queue], free, types=view.types if view else (), others=others,
                           running=running, backfill=self.backfill, lead_s=self.lead_s)
         self.waiting = decision.waiting
         self.decision = decision
         for job_id, why in decision.preempt.items():
-            self._preempt(job_id, why)
+            self._guard(f"the preemption of {job_id}", self._preempt, job_id, why)
         if view is not None:
-            self._request(decision, queue, nodes, free, view)
+            self._guard("the autoscaler's resource request", self._request, decision, queue, nodes, view)
         started = []
         for job_id in decision.start:
             job = self.store.get(job_id)
@@ -355,6 +361,35 @@ class Dispatcher:
             if self._submit(job):
                 started.append(job_id)
         return started
+
+    def _guard(self, what: str, fn, *args) -> None:
+        """fn(*args), where its failure is said once in the server's log (until it changes) and stops nothing else
+        of the pass: an elastic refinement never keeps jobs that fit from starting."""
+        try:
+            fn(*args)
+            self.trouble.pop(what, None)
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {first_line(e)}"
+            if self.trouble.get(what) != why:
+                self.trouble[what] = why
+                print(f"runner: {what} failed this pass ({why}); tried again each pass", file=sys.stderr, flush=True)
+
+    def _view(self):
+        """The GCS's view, or None (the runner then plans as the cluster's only user, from Ray's node list) where
+        the backend has no GCS or the GCS does not answer as it should: said once, never a reason to fail jobs."""
+        if getattr(self.backend, "gcs", None) is None:
+            return None
+        try:
+            view = self.backend.view()
+        except Exception as e:  # noqa: BLE001 - the GCS, its answer, or the cluster config file
+            why = f"{type(e).__name__}: {first_line(e)}"
+            if self.trouble.get("gcs") != why:
+                self.trouble["gcs"] = why
+                print(f"runner: the Ray GCS at {self.backend.gcs.address} gave no view of the cluster ({why}); "
+                      "planning from Ray's node list until it does", file=sys.stderr, flush=True)
+            return None
+        self.trouble.pop("gcs", None)
+        return view
 
     # --- the queue's view of a job ----------------------------------------------------------------------------------
 
@@ -401,43 +436,59 @@ class Dispatcher:
         bound, _ = self.bound(job)
         return None if bound is None or not job.started_at else max(0.0, job.started_at + bound - now)
 
-    def _held(self, active: list[Job], nodes: list[Node], view) -> dict[str, dict[str, tuple[float, float]]]:
-        """What each running job holds on each node: its placement groups where Ray says (with the GCS view), else
-        its need placed on the totals as the queue would. self.unplaced: the active jobs with no placement group
-        yet (submitted, their driver starting), whose need Ray's view of what is free does not show."""
-        out: dict[str, dict[str, tuple[float, float]]] = {}
-        self.unplaced = []
-        by_submission = {}
-        if view is not None:
-            try:
-                for n in self.backend.details()["nodes"]:
-                    for h in n["held"]:
-                        per = by_submission.setdefault(h["submission"], {})
-                        c, g = per.get(n["id"], (0.0, 0.0))
-                        per[n["id"]] = (c + h["cpus"], g + h["gpus"])
-            except Exception:  # noqa: BLE001 - the placement groups are a refinement of the plan below
-                by_submission = {}
-        left = nodes
+    def _held_by_ray(self, active: list[Job]) -> dict[str, dict[str, tuple[float, float]]] | None:
+        """What each active job holds on each node, by its placement groups as Ray lists them; None where Ray's
+        list cannot be read."""
+        try:
+            by_submission: dict[str, dict[str, tuple[float, float]]] = {}
+            for n in self.backend.details()["nodes"]:
+                for h in n["held"]:
+                    per = by_submission.setdefault(h["submission"], {})
+                    c, g = per.get(n["id"], (0.0, 0.0))
+                    per[n["id"]] = (c + float(h["cpus"]), g + float(h["gpus"]))
+        except Exception:  # noqa: BLE001 - Ray's answer, whatever its trouble
+            return None
+        return {j.id: by_submission[self.submission(j)] for j in active if self.submission(j) in by_submission}
+
+    def _held_by_plan(self, active: list[Job], nodes: list[Node]) -> dict[str, dict[str, tuple[float, float]]]:
+        """Each active job's need placed on the nodes' totals, as the queue would (no GCS: the runner is taken to
+        be the cluster's only user)."""
+        out, left = {}, nodes
         for job in active:
-            if self.submission(job) in by_submission:
-                out[job.id] = by_submission[self.submission(job)]
-                continue
-            self.unplaced.append(job)
             after = place(need_of(job), left)
             if after is not None:
-                out[job.id] = {a.id: (a.cpus - b.cpus, a.gpus - b.gpus) for a, b in zip(left, after)
-                               if a.cpus != b.cpus or a.gpus != b.gpus}
-                left = after
+                out[job.id], left = _taken(left, after), after
         return out
+
+    def _yields(self, job: Job, now: float) -> bool:
+        """Whether the job may be preempted for a job ahead of it: it says so (resources.preemptible), or it ran
+        past a bound measured on earlier runs (which the runner cannot enforce as it does max_minutes: such a job
+        gives way at a checkpoint instead). Not while it exports (its training is over) or is already stopping."""
+        if job.state == JobState.EXPORTING or self._mine(self.preempting, job):
+            return False
+        if self.terms(job).preemptible:
+            return True
+        bound, source = self.bound(job)
+        return bool(source.startswith("earlier runs") and job.started_at and now - job.started_at > bound)
+
+    @staticmethod
+    def _mine(entries: dict, job: Job):
+        """The entry kept for this attempt of the job, or None (one of an earlier attempt is dropped)."""
+        entry = entries.get(job.id)
+        if entry is not None and entry[0] != job.attempt:
+            del entries[job.id]
+            return None
+        return entry
 
     # --- elastic: the autoscaler's request, preemption, drained nodes, time limits ---------------------------------
 
-    def _request(self, decision, queue: list[Job], nodes: list[Node], free: list[Node], view) -> None:
+    def _request(self, decision, queue: list[Job], nodes: list[Node], view) -> None:
         """The cluster's resource request: the bundles in use now plus those of each job waiting for a node to be
-        added; withdrawn (an empty request) when no job waits for one. Set only when it changes."""
+        added; withdrawn when no job waits for one; what others asked for kept beside it (runner.elastic.Gcs.ensure).
+        Written again when someone else's write took it out."""
         bundles: list[dict] = []
         if decision.requests:
-            for t, f in zip(nodes, free):
+            for t, f in zip(nodes, view.free):
                 used = {"CPU": round(t.cpus - f.cpus, 4), "GPU": round(t.gpus - f.gpus, 4)}
                 if any(v > 0 for v in used.values()):
                     bundles.append({k: v for k, v in used.items() if v > 0})
@@ -446,15 +497,85 @@ class Dispatcher:
                     need = need_of(job)
                     bundles += [{k: v for k, v in (("CPU", need.cpus), ("GPU", need.gpus)) if v}] * need.workers
         self.requested_for = dict(decision.requests)
-        last = self.backend.gcs.requested
-        if bundles == last or (not bundles and last is None and not view.request):
+        if not self.backend.gcs.ensure(bundles, view.request):
             return
-        self.backend.gcs.request(bundles)
         for job_id, kinds in decision.requests.items():
             if self._asked.get(job_id) != kinds:
                 self._asked[job_id] = kinds
                 self.store.note(job_id, f"asked the autoscaler for {', '.join(kinds)} (the cluster's resource request: "
                                         f"{len(bundles)} bundles, the ones in use included)")
+
+    def release(self) -> None:
+        """Withdraw the runner's resource request (the server stops: nothing of it keeps nodes up)."""
+        gcs = getattr(self.backend, "gcs", None)
+        if gcs is not None and gcs.requested:
+            gcs.ensure([], self.backend.view().request)
+
+    @staticmethod
+    def control(job: Job, checkpoint: bool, stop: bool, why: str) -> None:
+        """Ask the job's workers, through its folder, to checkpoint at the next step (and, with stop, to end there:
+        the driver then ends without testing or exporting, and the job is queued again at its step)."""
+        write_control(Path(job.job_dir), {"checkpoint": checkpoint, "stop": stop, "why": why, "attempt": job.attempt})
+
+    def _preempt(self, job_id: str, why: str) -> None:
+        job = self.store.get(job_id)
+        if self._mine(self.preempting, job) or job.state not in ACTIVE:
+            return
+        self.preempting[job_id] = (job.attempt, why, self.clock())
+        if job.state == JobState.STARTING:  # nothing trained yet: stopped, and queued again when Ray says so
+            self.store.note(job_id, f"{why}: stopping it before it trains")
+            self._stop(job)
+            return
+        try:
+            self.control(job, checkpoint=True, stop=True, why=why)
+        except OSError as e:  # the job's folder refuses it (a folder planted at control.json): stopped through Ray
+            self.store.note(job_id, f"{why}: its workers cannot be asked to checkpoint ({first_line(e)}); stopping "
+                                    "it, to resume from its last checkpoint", level="warning")
+            self._stop(job)
+            return
+        self.store.note(job_id, f"{why}: it checkpoints at its current step, stops and goes back to the queue")
+
+    def _stop(self, job: Job) -> None:
+        try:
+            self.backend.stop(self.submission(job))
+        except UnknownSubmission:
+            pass
+
+    def _drained(self, active: list[Job], held: dict, draining: set[str]) -> None:
+        """A job with workers on a node Ray is draining (a preemption, a spot reclaim) checkpoints at every step
+        until the node is gone: when it goes, Ray Train resumes the job from the step it reached. A preemption the
+        job did not act on within PREEMPT_GRACE_S is carried out through Ray (it resumes from its last checkpoint)."""
+        now = self.clock()
+        for job in active:
+            stopping = self._mine(self.preempting, job)
+            if stopping and len(stopping) == 3 and now - stopping[2] > PREEMPT_GRACE_S:
+                self.preempting[job.id] = stopping[:2]  # stopped once
+                self.store.note(job.id, f"it did not stop at a checkpoint within {PREEMPT_GRACE_S:.0f} s of being "
+                                        "preempted: stopped through Ray; it resumes from its last checkpoint",
+                                level="warning")
+                self._stop(job)
+            nodes = sorted(set(held.get(job.id, {})) & draining)
+            asked = self._mine(self.draining_for, job)
+            if nodes and not asked and not stopping:
+                self.draining_for[job.id] = (job.attempt, nodes)
+                self.control(job, checkpoint=True, stop=False, why=f"node {nodes[0][:12]} is being drained")
+                self.store.note(job.id, f"node {nodes[0][:12]} is being drained (preempted): the job checkpoints at "
+                                        "each step until it goes, then resumes elsewhere from that step",
+                                level="warning")
+            elif not nodes and asked:
+                del self.draining_for[job.id]
+                if not stopping:  # a stop request of a preemption stands
+                    clear_control(Path(job.job_dir))
+
+    def _overtime(self, active: list[Job]) -> None:
+        """A job past its resources.max_minutes is stopped (its end is recorded FAILED, with that reason): its bound
+        is what let jobs start beside the queue's head."""
+        for job in active:
+            why = self._overrun(job)
+            if why and not self._mine(self.overtime, job):
+                self.overtime[job.id] = (job.attempt, why)
+                self.store.note(job.id, why, level="warning")
+                self._stop(job)
 
     def _overrun(self, job: Job) -> str | None:
         """Why the job is past its resources.max_minutes, or None."""
@@ -465,64 +586,12 @@ class Dispatcher:
                 f"{(now - job.started_at) / 60:.1f} minutes")
 
     @staticmethod
-    def control(job: Job, checkpoint: bool, stop: bool, why: str) -> None:
-        """Ask the job's workers, through its folder, to checkpoint at the next step (and, with stop, to end there:
-        the driver then ends without testing or exporting, and the job is queued again at its step)."""
-        write_control(Path(job.job_dir), {"checkpoint": checkpoint, "stop": stop, "why": why, "attempt": job.attempt})
-
-    def _preempt(self, job_id: str, why: str) -> None:
-        if job_id in self.preempting:
-            return
-        job = self.store.get(job_id)
-        self.preempting[job_id] = why
-        if job.state == JobState.STARTING:  # nothing trained yet: stopped, and queued again below when Ray says so
-            self.store.note(job_id, f"{why}: stopping it before it trains")
-            try:
-                self.backend.stop(self.submission(job))
-            except UnknownSubmission:
-                pass
-            return
-        self.control(job, checkpoint=True, stop=True, why=why)
-        self.store.note(job_id, f"{why}: it checkpoints at its current step, stops and goes back to the queue")
-
-    def _drained(self, active: list[Job], held: dict, draining: set[str]) -> None:
-        """A job with workers on a node Ray is draining (a preemption, a spot reclaim) checkpoints at every step
-        until the node is gone: when it goes, Ray Train resumes the job from the step it reached."""
-        for job in active:
-            nodes = sorted(set(held.get(job.id, {})) & draining)
-            asked = self.draining_for.get(job.id)
-            if nodes and not asked and job.id not in self.preempting:
-                self.draining_for[job.id] = nodes
-                self.control(job, checkpoint=True, stop=False, why=f"node {nodes[0][:12]} is being drained")
-                self.store.note(job.id, f"node {nodes[0][:12]} is being drained (preempted): the job checkpoints at "
-                                        "each step until it goes, then resumes elsewhere from that step",
-                                level="warning")
-            elif not nodes and asked:
-                del self.draining_for[job.id]
-                clear_control(Path(job.job_dir))
-
-    def _overtime(self, active: list[Job]) -> None:
-        """A job past its resources.max_minutes is stopped (its end is recorded FAILED, with that reason): its bound
-        is what let jobs start beside the queue's head."""
-        for job in active:
-            why = self._overrun(job)
-            if why and job.id not in self.overtime:
-                self.overtime[job.id] = why
-                self.store.note(job.id, why, level="warning")
-                try:
-                    self.backend.stop(self.submission(job))
-                except UnknownSubmission:
-                    pass
-
-    @staticmethod
     def _sizes(job: Job) -> tuple[int, int]:
         d = Path(job.job_dir)
         return tuple((d / n).stat().st_size if (d / n).exists() else 0 for n in ("metrics.jsonl", "events.jsonl"))
 
     def _submit(self, job: Job) -> bool:
-        # an attempt starts with no request of the server's and no preemption of an earlier attempt's
-        clear_control(Path(job.job_dir))
-        (Path(job.job_dir) / PREEMPTED).unlink(missing_ok=True)
+        self._forget(job)  # an attempt starts with no request of the server's and no preemption of an earlier one
         if self.on_start is not None:
             try:
                 self.on_start(job)
@@ -610,13 +679,16 @@ class Dispatcher:
             self.store.note(job.id, f"the job's last lines could not be read: {type(e).__name__}: {first_line(e)}",
                             level="warning")
             job = self.store.get(job.id)
-        if status == "SUCCEEDED" and read_at(Path(job.job_dir) / PREEMPTED, 0, 4096):
+        preempted = self._preempted(job)
+        if status == "SUCCEEDED" and preempted:
             self._requeue(job)
+        elif status == "SUCCEEDED" and read_at(Path(job.job_dir) / PREEMPTED, 0, 4096):
+            self._end(job, JobState.FAILED, "the job ended as preempted, but the server did not preempt it")
         elif status == "SUCCEEDED":
             self._end(job, JobState.SUCCEEDED, export_note(job.job_dir))
-        elif status == "STOPPED" and (job.id in self.overtime or self._overrun(job)):  # a restarted server too
-            self._end(job, JobState.FAILED, self.overtime.pop(job.id, None) or self._overrun(job))
-        elif status == "STOPPED" and job.id in self.preempting:
+        elif status == "STOPPED" and (self._mine(self.overtime, job) or self._overrun(job)):  # a restarted server too
+            self._end(job, JobState.FAILED, (self._mine(self.overtime, job) or (0, self._overrun(job)))[1])
+        elif status == "STOPPED" and preempted:
             self._requeue(job)
         elif status == "STOPPED":
             self._end(job, JobState.CANCELLED, "stopped")
@@ -628,23 +700,45 @@ class Dispatcher:
                 reason = f"the job's driver ended without a reason: {first_line(Exception(message)) or 'no message'}"
             self._end(job, JobState.FAILED, reason)
 
+    def _preempted(self, job: Job) -> str | None:
+        """Why this attempt of the job is being preempted, or None: the server's record, or (a server restarted
+        meanwhile) the stop request it left in the job's folder for this attempt."""
+        entry = self._mine(self.preempting, job)
+        if entry:
+            return entry[1]
+        asked = read_control(Path(job.job_dir))
+        return (asked["why"] or "preempted") if asked["stop"] and asked["attempt"] == job.attempt else None
+
     def _requeue(self, job: Job) -> None:
-        """A preempted job back in the queue, its next attempt resuming from the checkpoint it stopped at."""
+        """A preempted job back in the queue, its next attempt resuming from the checkpoint it stopped at (or its
+        last one, where it was stopped through Ray)."""
         folder = Path(job.job_dir)
         try:
             at = json.loads(read_at(folder / PREEMPTED, 0, 4096) or b"{}")
         except ValueError:
             at = {}
         step = at.get("step") if isinstance(at, dict) and isinstance(at.get("step"), int) else None
-        why = self.preempting.pop(job.id, None) or "preempted"
-        clear_control(folder)
-        (folder / PREEMPTED).unlink(missing_ok=True)
-        self.draining_for.pop(job.id, None)
-        where = f" at step {step}" if step is not None else " before it trained"
-        self.store.set_state(job.id, JobState.QUEUED, expect=job.state, resume=step is not None,
-                             message=f"{why}; stopped{where} and queued again: it resumes from there")
+        why = self._preempted(job) or "preempted"
+        self._forget(job)
+        where = f"at step {step}" if step is not None else "at its last checkpoint" if \
+            checkpoints_newest_first(folder) else "before it trained"
+        self.store.set_state(job.id, JobState.QUEUED, expect=job.state,
+                             resume=step is not None or bool(checkpoints_newest_first(folder)),
+                             message=f"{why}; stopped {where} and queued again: it resumes from there")
+
+    def _forget(self, job: Job) -> None:
+        """The server's requests to this job's workers, and what it kept of them, gone (the attempt ended)."""
+        for entries in (self.preempting, self.draining_for, self.overtime):
+            entries.pop(job.id, None)
+        folder = Path(job.job_dir)
+        for name in (CONTROL, PREEMPTED):
+            try:
+                (folder / name).unlink(missing_ok=True)
+            except OSError:  # a folder planted there by the job's own code: the workers read nothing from it
+                pass
 
     def _end(self, job: Job, state: str, reason: str | None = None) -> None:
+        self._forget(job)
         try:  # jobs.secrets.FILE: the driver removes it as it ends; one killed (SIGKILL, a lost node) cannot
             (Path(job.job_dir) / ".secrets.json").unlink(missing_ok=True)
         except OSError:
@@ -710,6 +804,12 @@ class Dispatcher:
             return self.store.set_state(job.id, JobState.CANCELLED, reason="cancelled by the user",
                                         expect=JobState.QUEUED)
         if job.state in ACTIVE:
+            for entries in (self.preempting, self.overtime):  # the user's word wins: recorded CANCELLED
+                entries.pop(job.id, None)
+            try:
+                clear_control(Path(job.job_dir))
+            except OSError:
+                pass
             try:
                 self.backend.stop(self.submission(job))
             except UnknownSubmission:  # claimed, not yet submitted: nothing runs
@@ -787,3 +887,9 @@ def _read_lines(path: Path, offset: int, check) -> tuple[list[dict], int, list[t
             before, at = before + part.count(b"\n"), at + len(part)
         bad = [(before + i + 1, why) for i, why in bad]
     return records, end, bad
+
+
+def _taken(before: list[Node], after: list[Node]) -> dict[str, tuple[float, float]]:
+    """What a placement took of each node: (CPUs, GPUs) by node id, the nodes it did not touch left out."""
+    return {a.id: (a.cpus - b.cpus, a.gpus - b.gpus) for a, b in zip(before, after)
+            if a.cpus != b.cpus or a.gpus != b.gpus}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,24 @@ def _number(v, what: str) -> float:
     return x
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _name(v, what: str) -> str:
+    if not isinstance(v, str) or not NAME.fullmatch(v):
+        raise ConfigError(f"{what}: {str(v)[:60]!r} is not a node type's name (letters, digits, '.', '_', '-', at "
+                          "most 100)")
+    return v
+
+
+def _map(v, what: str) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{what}: a mapping is expected, not {type(v).__name__}")
+    return v
+
+
 def node_types(doc, source: str = "the cluster config") -> list[NodeType]:
     """The worker node types of a cluster launcher YAML (available_node_types, less the head's) or a KubeRay
     RayCluster (spec.workerGroupSpecs), with their resources and max counts."""
@@ -64,20 +83,24 @@ def node_types(doc, source: str = "the cluster config") -> list[NodeType]:
         raise ConfigError(f"{source}: a YAML mapping is expected, not {type(doc).__name__}")
     out: list[NodeType] = []
     if doc.get("kind") == "RayCluster":
-        groups = (doc.get("spec") or {}).get("workerGroupSpecs") or []
+        groups = _map(doc.get("spec"), f"{source}: spec").get("workerGroupSpecs") or []
         if not isinstance(groups, list):
             raise ConfigError(f"{source}: spec.workerGroupSpecs must be a list")
         for i, g in enumerate(groups):
             where = f"{source}: spec.workerGroupSpecs[{i}]"
-            if not isinstance(g, dict) or not isinstance(g.get("groupName"), str):
+            if not isinstance(g, dict) or "groupName" not in g:
                 raise ConfigError(f"{where}: a group with a groupName is expected")
-            params = g.get("rayStartParams") or {}
-            limits = {}
-            for c in (((g.get("template") or {}).get("spec") or {}).get("containers") or [])[:1]:
-                limits = ((c or {}).get("resources") or {}).get("limits") or {}
+            params = _map(g.get("rayStartParams"), f"{where}.rayStartParams")
+            pod = _map(_map(g.get("template"), f"{where}.template").get("spec"), f"{where}.template.spec")
+            containers = pod.get("containers") or []
+            if not isinstance(containers, list):
+                raise ConfigError(f"{where}.template.spec.containers must be a list")
+            first = _map(containers[0] if containers else {}, f"{where}.template.spec.containers[0]")
+            limits = _map(_map(first.get("resources"), f"{where} resources").get("limits"), f"{where} limits")
             cpus = params.get("num-cpus", limits.get("cpu", 0))
             gpus = params.get("num-gpus", limits.get("nvidia.com/gpu", 0))
-            out.append(NodeType(g["groupName"][:100], _number(cpus, f"{where} CPUs"), _number(gpus, f"{where} GPUs"),
+            out.append(NodeType(_name(g["groupName"], f"{where}.groupName"), _number(cpus, f"{where} CPUs"),
+                                _number(gpus, f"{where} GPUs"),
                                 int(_number(g.get("maxReplicas", 0), f"{where}.maxReplicas"))))
         return out
     kinds = doc.get("available_node_types")
@@ -95,7 +118,7 @@ def node_types(doc, source: str = "the cluster config") -> list[NodeType]:
         if not isinstance(res, dict):
             raise ConfigError(f"{where}.resources: a mapping is expected")
         top = spec.get("max_workers", doc.get("max_workers", 0))
-        out.append(NodeType(str(name)[:100], _number(res.get("CPU", 0), f"{where}.resources.CPU"),
+        out.append(NodeType(_name(name, where), _number(res.get("CPU", 0), f"{where}.resources.CPU"),
                             _number(res.get("GPU", 0), f"{where}.resources.GPU"),
                             int(_number(top, f"{where}.max_workers"))))
     return out
@@ -131,7 +154,10 @@ class Gcs:
         self._view: tuple[float, ClusterView] | None = None
         self._lock = threading.Lock()
         self._config_types: tuple[float, list[NodeType]] | None = None
-        self.requested: list[dict] | None = None  # what this server last asked for
+        self.requested: list[dict] | None = None  # the runner's own bundles, as last asked for
+        self.written: list[dict] | None = None  # the whole request as the runner last wrote it
+        self.others: list[dict] = []  # what others asked for, kept beside the runner's
+        self.config_error: str | None = None  # why the config file, rewritten, could not be read again
 
     @property
     def client(self):
@@ -155,9 +181,16 @@ class Gcs:
                              int(g.max_count)) for g in cfg.node_group_configs if g.max_count != 0]
         if not self.config:
             return []
-        mtime = os.stat(self.config).st_mtime if os.path.exists(self.config) else 0.0
+        path = Path(self.config).expanduser()
+        mtime = path.stat().st_mtime if path.exists() else 0.0
         if self._config_types is None or self._config_types[0] != mtime:
-            self._config_types = (mtime, read_config(self.config))
+            try:
+                self._config_types = (mtime, read_config(path))
+            except ConfigError:
+                if self._config_types is None:
+                    raise
+                self._config_types = (mtime, self._config_types[1])  # rewritten badly: the last good types stand
+                raise
         return self._config_types[1]
 
     def view(self) -> ClusterView:
@@ -204,12 +237,41 @@ class Gcs:
         for n in view.nodes:
             if n.type:
                 alive[n.type] = alive.get(n.type, 0) + 1
-        view.types = [NodeType(t.name, t.cpus, t.gpus, t.max_count, alive.get(t.name, 0) + view.pending.get(t.name, 0))
-                      for t in self._types()]
+        try:
+            types = self._types()
+        except ConfigError as e:  # said by the dispatcher once; the last good types, if any, stand
+            if self._config_types is None:
+                raise
+            self.config_error = str(e)
+            types = self._config_types[1]
+        else:
+            self.config_error = None
+        view.types = [NodeType(t.name, t.cpus, t.gpus, t.max_count,
+                               alive.get(t.name, 0) + view.pending.get(t.name, 0), view.pending.get(t.name, 0))
+                      for t in types]
         return view
 
-    def request(self, bundles: list[dict[str, float]]) -> None:
-        """Set the cluster's resource request to `bundles` (an empty list withdraws it), for autoscaler v2 and v1."""
+    def ensure(self, ours: list[dict[str, float]], current: list[dict]) -> bool:
+        """Make the cluster's resource request hold `ours` (the runner's bundles; [] to withdraw them) beside what
+        others asked for. `current`: the request as the GCS has it ([{resources, count}]). Ray keeps one request
+        per cluster, and Ray Train's and Ray Data's autoscaling coordinator rewrites it too: what is there and is
+        not the runner's last write is someone else's, kept. Returns whether it wrote."""
+        now = _bundles(current)
+        others = self.others if self.written is not None and _same(now, self.written) else now
+        if not ours and not self.requested:
+            self.others = others
+            return False
+        full = others + list(ours)
+        if _same(now, full) and ours == (self.requested or []):
+            return False
+        self._write(full, list(ours))
+        self.others, self.written, self.requested = others, full, list(ours)
+        return True
+
+    def _write(self, bundles: list[dict[str, float]], ours: list[dict[str, float]]) -> None:
+        """The request: for autoscaler v2 the GCS's cluster resource constraint (`bundles`: the runner's and the
+        others' it saw there), for v1 the key-value store (`ours` alone: what others keep there cannot be read
+        apart from it, and a copy of theirs would outlive their own withdrawal)."""
         shapes: dict[tuple, int] = {}
         for b in bundles:
             key = tuple(sorted((k, float(v)) for k, v in b.items() if v))
@@ -217,7 +279,17 @@ class Gcs:
                 shapes[key] = shapes.get(key, 0) + 1
         self.client.request_cluster_resource_constraint([dict(k) for k in shapes], [{} for _ in shapes],
                                                         list(shapes.values()))
-        self.client.internal_kv_put(V1_REQUEST_KEY, json.dumps([dict(k) for k, n in shapes.items()
-                                                                for _ in range(n)]).encode(), True, None)
-        self.requested = bundles
+        self.client.internal_kv_put(V1_REQUEST_KEY, json.dumps([{k: float(v) for k, v in b.items() if v}
+                                                                for b in ours]).encode(), True, None)
         self._view = None
+
+
+def _bundles(request: list[dict]) -> list[dict[str, float]]:
+    """[{resources, count}] as one bundle a count."""
+    return [dict(r["resources"]) for r in request for _ in range(int(r["count"]))]
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    """The same bundles, in any order."""
+    key = lambda x: sorted((k, round(float(v), 6)) for k, v in x.items() if v)  # noqa: E731
+    return sorted(map(key, a)) == sorted(map(key, b))

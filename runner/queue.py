@@ -6,8 +6,10 @@ head; the jobs behind it never delay it:
 
 - a job behind the head starts only on capacity the head cannot use before it could start (backfill, as Slurm's
   and Kueue's): because it is bounded to end before then (`resources.max_minutes`, or a bound measured on earlier
-  runs of the recipe), because it fits beside what the head will take when it starts, or because it is preemptible
-  (`resources.preemptible`: stopped at a checkpoint and queued again the moment the head fits without it);
+  runs of the recipe), because it fits beside what the head will take when it starts (one worker, on whichever
+  node Ray puts it), or because it is preemptible (`resources.preemptible`: stopped at a checkpoint and queued
+  again the moment the head fits without it). The promise is as good as the bounds: a job that ends early can
+  leave the head waiting for what its plan said, not for what became free sooner;
 - where the cluster can add nodes (an autoscaler with node types and their max counts), a job that fits a node type
   that can still start waits "for the cluster to add a node of type X" and the runner asks Ray for it; a job that no
   node type could ever hold is refused at submit, with the node types.
@@ -55,7 +57,8 @@ class NodeType:
     cpus: float
     gpus: float
     max_count: int
-    count: int = 0
+    count: int = 0  # alive or being launched
+    pending: int = 0  # of count, being launched: capacity on its way
 
     @property
     def could_start(self) -> int:
@@ -133,7 +136,7 @@ def grow(need: Need, nodes: list[Node], types: list[NodeType]) -> list[str] | No
     a worker that fits nowhere yet), [] when it fits already, or None when the types that can still start cannot
     make it fit."""
     pool, added = _copy(nodes), []
-    room = {t.name: t.could_start for t in types}
+    room = {t.name: t.could_start + t.pending for t in types}  # a node being launched is one to use, not to add
     for _ in range(need.workers):
         fits = [n for n in pool if n.cpus + 1e-9 >= need.cpus and n.gpus + 1e-9 >= need.gpus]
         if not fits:
@@ -229,23 +232,20 @@ class _Head:
     view: list[Node]
 
     def safe_beside(self, need: Need, left: list[Node]) -> list[Node] | None:
-        """`view` after a job of `need` that runs past the head's start took its place, if the head still fits
-        wherever Ray puts that job's first worker (each node that holds one; the rest first fit), else None."""
-        out = None
-        for first in [n for n in left if n.cpus + 1e-9 >= need.cpus and n.gpus + 1e-9 >= need.gpus]:
-            there = _copy(left)
-            spot = next(n for n in there if n.id == first.id)
-            spot.cpus -= need.cpus
-            spot.gpus -= need.gpus
-            after = place(Need(need.workers - 1, need.cpus, need.gpus), there) if need.workers > 1 else there
-            if after is None:
-                continue
-            taken = {a.id: (a.cpus - b.cpus, a.gpus - b.gpus) for a, b in zip(left, after)}
-            view = _sum(self.view, {k: (-c, -g) for k, (c, g) in taken.items()})
+        """`view` after a one-worker job of `need` that runs past the head's start took its place, if the head
+        still fits on whichever node Ray puts it (each node that holds it is tried), else None. The view returned
+        takes the job's need out of every such node, since which one Ray picks is not known. A job of several
+        workers is never let in this way: where Ray puts the others is not known either."""
+        if need.workers != 1:
+            return None
+        spots = [n for n in left if n.cpus + 1e-9 >= need.cpus and n.gpus + 1e-9 >= need.gpus]
+        for spot in spots:
+            view = _sum(self.view, {spot.id: (-need.cpus, -need.gpus)})
             if any(n.cpus < -1e-9 or n.gpus < -1e-9 for n in view) or _reserve(self.need, view, self.later) is None:
                 return None
-            out = out or view
-        return out
+        if not spots:
+            return None
+        return _sum(self.view, {n.id: (-need.cpus, -need.gpus) for n in spots})
 
 
 def decide(queue: list, free: list[Node], *, types: list[NodeType] = (), others: list[Node] = (),
@@ -296,7 +296,7 @@ def decide(queue: list, free: list[Node], *, types: list[NodeType] = (), others:
             d.rules[q.id] = rule
             left = after
             continue
-        added = grow(q.need, left, room) if room else None
+        added = grow(q.need, left, room) if room and backfill else None
         if added:
             d.requests[q.id] = added
             room = _count(room, added)
@@ -316,7 +316,13 @@ def decide(queue: list, free: list[Node], *, types: list[NodeType] = (), others:
 
 
 def _count(types: list[NodeType], added: list[str]) -> list[NodeType]:
-    return [replace(t, count=t.count + added.count(t.name)) for t in types]
+    """The types after nodes planned for a waiting job: each takes a node being launched first, else a new one."""
+    out = []
+    for t in types:
+        n = added.count(t.name)
+        on_way = min(n, t.pending)
+        out.append(replace(t, count=t.count + n - on_way, pending=t.pending - on_way))
+    return out
 
 
 def _nodes_words(added: list[str]) -> str:
@@ -414,6 +420,15 @@ def _preempt_for(q: Queued, pool: list[Node], running: list[Running], d: Decisio
         chosen.append(r)
     if not chosen or place(q.need, pool) is None:
         return None
+    for r in list(chosen):  # those it fits without (on nodes it does not need) are left to run
+        rest = [x for x in chosen if x is not r]
+        base = pool
+        for x in chosen:
+            base = _sum(base, {k: (-c, -g) for k, (c, g) in x.held.items()})
+        for x in rest:
+            base = _sum(base, x.held)
+        if place(q.need, base) is not None:
+            chosen = rest
     for r in chosen:
         d.preempt[r.id] = f"preempted for {q.id}, which can start on its resources"
     return chosen

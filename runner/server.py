@@ -89,6 +89,10 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 8642, token: str | No
 
     from runner.dispatch import RayJobs
 
+    if ray_gcs and os.environ.get("RUNNER_CLUSTER_CONFIG"):  # a config that cannot give node types: said now
+        from runner.elastic import read_config
+
+        read_config(os.environ["RUNNER_CLUSTER_CONFIG"])
     backend = RayJobs(ray_dashboard, os.environ.get("RAY_AUTH_TOKEN"), gcs=ray_gcs,
                       cluster_config=os.environ.get("RUNNER_CLUSTER_CONFIG") or None) if ray_dashboard else None
     uvicorn.run(create_app(home, token, backend=backend, interval=interval, host=host), host=host, port=port,

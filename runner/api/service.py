@@ -62,6 +62,11 @@ class Service:
             self._stop.set()
             self.wake.set()
             thread.join(timeout=10)
+            if self.dispatcher is not None:  # nothing of the runner's keeps nodes up once it stops
+                try:
+                    self.dispatcher.release()
+                except Exception:  # noqa: BLE001 - the GCS is gone too: nothing to withdraw from
+                    pass
 
         return run
 

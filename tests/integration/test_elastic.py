@@ -24,14 +24,14 @@ from tiny import keyword_rows, tiny_model_dir  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def wait_for(what, check, timeout: float, every: float = 0.5):
+def wait_for(what, check, timeout: float, every: float = 0.5, show=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = check()
         if got:
             return got
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f": {show()}" if show else ""))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,11 @@ def no_request_left(request):
     if "world" in request.fixturenames:
         c = request.getfixturevalue("cluster")
         # the server withdraws its request within a pass of the queue emptying
-        wait_for("no resource request left", lambda: c.request_left() == (0, 0), 10)
+        # the runner withdraws its own within a pass; Ray Train's autoscaling coordinator (which asks for a
+        # restarted job's workers) withdraws its own on its next tick (20 s)
+        wait_for("no resource request left", lambda: c.request_left() == (0, 0), 45,
+                 show=lambda: (c.request_left(), list(c.state().cluster_resource_constraints),
+                               c.client().internal_kv_get(b"autoscaler_resource_request", None)))
 
 
 def submit(srv, body: str, priority: int = 0) -> str:
@@ -204,7 +208,8 @@ def test_other_users_work_counts_and_a_preemptible_job_gives_way_to_one_ahead(wo
                                           resources="  preemptible: true\n"))
         spot_dir = Path(srv.job(spot)["job_dir"])
         got = wait_for("the reason", lambda: "held by others" in (srv.job(spot).get("waiting_for") or "") and
-                       srv.job(spot), 15)
+                       srv.job(spot), 15, show=lambda: (srv.job(spot)["state"], srv.job(spot).get("waiting_for"),
+                                                srv.call("/cluster")[1]["requests"]))
         # 4 GPUs in all, 3 held by the other user's actors (which ask for no CPU): 1 free
         assert got["waiting_for"] == ("needs 2 GPUs, 1 free; the cluster's free GPUs are held by others (3 GPUs, "
                                       "0 CPUs held by other Ray users)"), got

@@ -236,3 +236,35 @@ def test_with_jobs_that_end_early_a_head_still_starts_by_what_its_plan_promised(
                 assert start <= promised + 5, (job_id, start, promised)  # the clock moves in ticks of 5 s
                 promised_kept += 1
     assert promised_kept > 5
+
+
+def test_a_node_being_launched_is_used_not_asked_for_again_and_the_request_stands():
+    # the type's one node is being launched for the job: it still waits for it (the request is kept, not dropped
+    # for want of room), and a second job finds no room left
+    launching = NodeType("gpu2", cpus=4, gpus=2, max_count=1, count=1, pending=1)
+    d = decide([("one", Need(1, 1, 2)), ("two", Need(1, 1, 2))], [Node("head", cpus=2)], types=[launching])
+    assert d.requests == {"one": ["gpu2"]}
+    assert d.waiting["one"][1] == "waiting for the cluster to add a node of type gpu2"
+    assert d.waiting["two"][1] == "waiting behind one"
+
+
+def test_only_the_preemptible_jobs_in_the_heads_way_are_preempted():
+    free = [Node("a", cpus=8, gpus=0), Node("b", cpus=8, gpus=0)]
+    running = [Running("on-a", {"a": (1.0, 2.0)}, preemptible=True, key=(0, 5)),  # newest first
+               Running("on-b", {"b": (1.0, 2.0)}, preemptible=True, key=(0, 4))]
+    # the head needs 2 GPUs on one node: either node would do, so only one job is stopped, not both
+    d = decide([Queued("head", Need(1, 1, 2), key=(0, 1))], free, running=running)
+    assert len(d.preempt) == 1
+    # a preemptible job is never stopped for a job behind it in the queue
+    d = decide([Queued("late", Need(1, 1, 2), key=(0, 9))], free, running=running)
+    assert d.preempt == {}
+
+
+def test_a_job_of_several_workers_never_backfills_by_fitting_beside():
+    """Where Ray puts its second worker is not known: it could take what the head needs."""
+    free = [Node("a", cpus=8, gpus=2), Node("b", cpus=8, gpus=2), Node("c", cpus=8, gpus=0)]
+    running = [Running("r", {"c": (1.0, 2.0)})]  # unbounded: the head's start is not known
+    queue = [Queued("head", Need(3, 1, 2)), Queued("pair", Need(2, 1, 1)), Queued("one", Need(1, 1, 0))]
+    d = decide(queue, free, running=running)
+    assert "pair" not in d.start and "could delay head" in d.waiting["pair"][1]
+    assert d.start == ["one"], "a CPU-only worker fits beside the head wherever it lands"

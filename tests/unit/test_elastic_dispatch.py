@@ -18,16 +18,34 @@ from runner.store import Store
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class FakeGcs:
-    address = "gcs:6379"
+class FakeClient:
+    """Ray's GcsClient at the edge: what the runner writes to the request, as the GCS would hold it."""
 
     def __init__(self):
-        self.requested = None
-        self.calls: list[list[dict]] = []
+        self.constraint: list[dict] = []  # [{resources, count}]
+        self.kv: dict = {}
 
-    def request(self, bundles):
-        self.calls.append(bundles)
-        self.requested = bundles
+    def request_cluster_resource_constraint(self, bundles, selectors, counts, timeout_s=None):
+        self.constraint = [{"resources": b, "count": n} for b, n in zip(bundles, counts)]
+
+    def internal_kv_put(self, key, value, overwrite, namespace):
+        self.kv[key] = value
+
+
+def fake_gcs():
+    from runner.elastic import Gcs
+
+    g = Gcs("gcs:6379")
+    g._client = FakeClient()
+    g.calls = []
+    write = g._write
+
+    def recorded(bundles, ours):
+        g.calls.append(list(bundles))
+        write(bundles, ours)
+
+    g._write = recorded
+    return g
 
 
 class FakeElasticRay:
@@ -35,7 +53,7 @@ class FakeElasticRay:
 
     def __init__(self):
         self.jobs: dict[str, str] = {}
-        self.gcs = FakeGcs()
+        self.gcs = fake_gcs()
         self.nodes_now = [Node("head", 2, 0)]
         self.free_now = [Node("head", 2, 0)]
         self.types = [NodeType("gpu2", 1, 2, 2)]
@@ -44,7 +62,8 @@ class FakeElasticRay:
         self.stopped: list[str] = []
 
     def view(self):
-        return ClusterView(self.nodes_now, self.free_now, self.types, set(self.draining))
+        return ClusterView(self.nodes_now, self.free_now, self.types, set(self.draining),
+                           request=list(self.gcs.client.constraint))
 
     def nodes(self):
         return self.nodes_now
@@ -269,3 +288,141 @@ def test_an_attempt_starts_with_no_request_or_preemption_left_by_an_earlier_one(
     ray.jobs["a-1"] = "SUCCEEDED"
     d.tick()
     assert store.get("a").state == "SUCCEEDED"
+
+
+def preempting(world):
+    """spot (preemptible) trains on the one node; urgent, of a higher priority, arrives: spot is asked to stop."""
+    store, ray, clock, add, d = world
+    ray.types = []
+    ray.nodes_now.append(Node("n1", 1, 2))
+    ray.free_now.append(Node("n1", 1, 2))
+    spot_dir = add("spot", extra="  preemptible: true\n")
+    assert d.tick() == ["spot"]
+    ray.free_now[1] = Node("n1", 0, 0)
+    ray.held["spot-1"] = {"n1": (1.0, 2.0)}
+    add("urgent", priority=5)
+    d.tick()
+    assert read_control(spot_dir)["stop"] is True
+    return spot_dir
+
+
+def test_a_cancel_while_a_job_is_being_preempted_is_a_cancel(world):
+    store, ray, clock, add, d = world
+    spot_dir = preempting(world)
+    d.cancel(store.get("spot"))
+    assert not (spot_dir / CONTROL).exists()
+    d.tick()
+    assert store.get("spot").state == "CANCELLED", "the user's cancel, not a requeue"
+
+
+def test_a_drain_that_ends_leaves_a_preemptions_stop_request_in_place(world):
+    store, ray, clock, add, d = world
+    spot_dir = preempting(world)
+    ray.draining.add("n1")
+    d.tick()
+    ray.draining.clear()
+    d.tick()
+    assert read_control(spot_dir)["stop"] is True
+
+
+def test_a_preempted_job_that_does_not_stop_is_stopped_through_ray_and_resumes_from_its_last_checkpoint(world):
+    from runner.dispatch import PREEMPT_GRACE_S
+
+    store, ray, clock, add, d = world
+    spot_dir = preempting(world)
+    (spot_dir / "checkpoints" / "checkpoint_000001").mkdir(parents=True)
+    (spot_dir / "checkpoints" / "checkpoint_000001" / "step.json").write_text('{"step": 4}')
+    (spot_dir / "checkpoints" / "checkpoint_000001" / "state.pt").write_bytes(b"weights")
+    clock.t += PREEMPT_GRACE_S - 5
+    d.tick()
+    assert ray.stopped == []
+    clock.t += 10
+    d.tick()
+    assert ray.stopped == ["spot-1"]
+    d.tick()
+    spot = store.get("spot")
+    assert spot.state == "QUEUED" and spot.resume == 1, spot
+    assert "stopped at its last checkpoint and queued again" in store.events("spot")[-1]["message"]
+
+
+def test_a_job_that_says_it_was_preempted_when_it_was_not_fails(world):
+    store, ray, clock, add, d = world
+    ray.types = []
+    ray.nodes_now.append(Node("n1", 1, 2))
+    ray.free_now.append(Node("n1", 1, 2))
+    job_dir = add("a")
+    d.tick()
+    (job_dir / PREEMPTED).write_text(json.dumps({"step": 2}))  # its own code wrote it, to go back in the queue
+    ray.jobs["a-1"] = "SUCCEEDED"
+    d.tick()
+    job = store.get("a")
+    assert job.state == "FAILED" and "the server did not preempt it" in job.reason
+
+
+def test_a_folder_planted_where_the_server_writes_or_removes_never_stops_the_pass(world):
+    store, ray, clock, add, d = world
+    ray.types = []
+    ray.nodes_now.append(Node("n1", 1, 2))
+    ray.free_now.append(Node("n1", 1, 2))
+    a = add("a")
+    (a / CONTROL).mkdir()
+    (a / PREEMPTED).mkdir()
+    assert d.tick() == ["a"], "submitted all the same"
+
+
+class BrokenGcs(FakeElasticRay):
+    def view(self):
+        raise RuntimeError("GCS answered garbage")
+
+
+def test_a_gcs_that_does_not_answer_costs_the_elastic_view_never_the_jobs(tmp_path):
+    from runner.dispatch import LOST_AFTER
+
+    clock = Clock()
+    store = Store(tmp_path / "runner.db", clock=clock)
+    ray = BrokenGcs()
+    ray.nodes_now = [Node("head", 2, 0), Node("n1", 1, 2)]
+    (tmp_path / "a").mkdir()
+    store.add_job("a", "a", RECIPE.format(name="a", extra=""), str(tmp_path / "a"), 1, 1, 2)
+    d = Dispatcher(store, ray, env={}, clock=clock)
+    assert d.tick() == ["a"], "planned from Ray's node list, as the cluster's only user"
+    clock.t += LOST_AFTER * 3
+    d.tick()
+    assert store.get("a").state == "RUNNING"
+    assert "gcs" in d.trouble
+
+
+def test_a_server_refuses_to_start_on_a_cluster_config_it_cannot_read(tmp_path, monkeypatch):
+    from runner.server import main
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("available_node_types:\n  'w;rm -rf': {resources: {GPU: 1}}\n")
+    monkeypatch.setenv("RUNNER_CLUSTER_CONFIG", str(bad))
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
+    assert main(["--port", "1", "--ray", "http://127.0.0.1:9", "--ray-gcs", "127.0.0.1:9"]) == 2
+
+
+def test_the_runners_request_sits_beside_what_others_asked_for_and_is_written_again_when_taken_out(world):
+    """Ray keeps one resource request a cluster; Ray Train's autoscaling coordinator writes it too. The runner adds
+    its bundles to what is there, withdraws only its own, and writes them again if another write took them out."""
+    store, ray, clock, add, d = world
+    theirs = {"resources": {"CPU": 4.0}, "count": 1}
+    ray.gcs.client.constraint = [theirs]  # another requester's, before the runner's first pass
+    add("a")
+    d.tick()
+    assert sorted(map(str, ray.gcs.client.constraint)) == sorted(map(str, [
+        theirs, {"resources": {"CPU": 1.0, "GPU": 2.0}, "count": 1}]))
+    ray.gcs.client.constraint = []  # the coordinator's tick wrote its own (now empty) request over it
+    d.tick()
+    assert ray.gcs.client.constraint == [{"resources": {"CPU": 1.0, "GPU": 2.0}, "count": 1}], "written again"
+    ray.gcs.client.constraint = [theirs]  # the coordinator again, with a request of its own
+    d.tick()
+    assert sorted(map(str, ray.gcs.client.constraint)) == sorted(map(str, [
+        theirs, {"resources": {"CPU": 1.0, "GPU": 2.0}, "count": 1}])), "theirs kept, the runner's added again"
+    store.set_state("a", "CANCELLED", expect="QUEUED")
+    d.tick()
+    assert ray.gcs.client.constraint == [theirs], "the runner's bundles withdrawn, theirs left"
+    assert ray.gcs.client.kv[b"autoscaler_resource_request"] == b"[]", "v1's copy: the runner's alone"
+    writes = len(ray.gcs.calls)
+    d.tick()
+    assert len(ray.gcs.calls) == writes, "nothing of the runner's to ask for: nothing written"
