@@ -18,6 +18,8 @@ Figures (the last line, one JSON object):
   requests_left          bundles left in the cluster's resource request once the queue is empty (autoscaler
                          state, v2's and v1's)
   nodes_left             worker nodes still up IDLE_S + 60 s after the queue emptied
+  steps_lost_per_preemption   then one job's node drained (a spot reclaim) and removed 1.5 s later: the steps it
+                         redid after resuming elsewhere (its workers checkpoint each step while the node drains)
   utilisation_fifo, utilisation_backfill
                          GPU utilisation (GPU-seconds used over GPU-seconds there were, first start to last end)
                          of the same job mix on runner.timeline's simulated clock (the dispatcher's own
@@ -266,6 +268,7 @@ def run(work: Path, bursts: int, per_burst: int, gap: float, seed: int, steps: i
                 sim.append(SimJob(job_id, Need(kind[1], 1, kind[2]), at - t0, max(1.0, ran),
                                   bound_s=kind[3] and max(kind[3] * 60, ran), preemptible=kind[4]))
         lost = sum(1 for j in submitted if srv.job(j)["state"] != "SUCCEEDED")
+        redone = preemption(c, srv, model, data, say)
         fixed = [Node("n1", 1, 2), Node("n2", 1, 2)]
         fifo, back = simulate(sim, fixed, backfill=False), simulate(sim, fixed, backfill=True)
     finally:
@@ -275,8 +278,33 @@ def run(work: Path, bursts: int, per_burst: int, gap: float, seed: int, steps: i
             "scale_up_waits": len(waits), "first_node_up_s": first_node and round(first_node, 1),
             "waste_ratio": round(node_seconds / jobs_node_s, 2) if jobs_node_s else None,
             "node_seconds": round(node_seconds), "job_node_seconds": round(jobs_node_s), "lost": lost,
-            "requests_left": requests_left, "nodes_left": nodes_left,
+            "requests_left": requests_left, "nodes_left": nodes_left, "steps_lost_per_preemption": redone,
             "utilisation_fifo": round(fifo.utilisation(4), 3), "utilisation_backfill": round(back.utilisation(4), 3)}
+
+
+def preemption(c: AutoscalingCluster, srv, model: Path, data: Path, say=print) -> int | None:
+    """A job's node drained as a spot reclaim does, then gone 1.5 s later: the steps its metrics.jsonl holds twice
+    (redone after it resumed elsewhere). None where the job did not succeed."""
+    code, job = srv.call("/jobs", {"recipe": recipe(model, data, "reclaimed", steps=24, delay=0.4,
+                                                    resources="  max_failures: 2\n")})
+    assert code == 201, job
+    folder = Path(job["job_dir"])
+
+    def steps():
+        text = (folder / "metrics.jsonl").read_text() if (folder / "metrics.jsonl").exists() else ""
+        return [r["step"] for r in map(json.loads, text.splitlines()) if r.get("split", "train") == "train"]
+
+    _wait(lambda: len(steps()) >= 4, 240)
+    node = next(n["id"] for n in srv.call("/cluster")[1]["nodes"] if any(h["job"] == job["id"] for h in n["held"]))
+    c.drain(node)
+    time.sleep(1.5)
+    c.kill_node(node)
+    say(f"drained and removed the node of {job['id']} at step {max(steps())}")
+    _wait(lambda: srv.job(job["id"])["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"), 300)
+    if srv.job(job["id"])["state"] != "SUCCEEDED":
+        return None
+    written = steps()
+    return len(written) - len(set(written))
 
 
 def _wait(check, timeout: float) -> bool:

@@ -405,8 +405,8 @@ class Dispatcher:
 
     def bound(self, job: Job) -> tuple[float | None, str]:
         """The most seconds the job runs once started, and where that comes from: resources.max_minutes, else earlier
-        runs of the same recipe (its name) with train.max_steps: the longest wall time of the last ones, scaled to
-        this job's steps, plus a quarter."""
+        runs of the same recipe (its name; run in one attempt, on the same workers and GPUs) with train.max_steps:
+        the longest wall time of the last ones, scaled to this job's steps, plus a quarter."""
         t = self.terms(job)
         if t.max_minutes is not None:
             return t.max_minutes * 60, f"resources.max_minutes {t.max_minutes:g}"
@@ -419,8 +419,8 @@ class Dispatcher:
         for prior in self.store.list(state=JobState.SUCCEEDED, name=job.name, limit=5):
             steps = (json.loads(prior.progress) if prior.progress else {}).get("total_steps")
             if prior.id == job.id or not prior.started_at or not prior.ended_at or not isinstance(steps, int) \
-                    or steps <= 0:
-                continue
+                    or steps <= 0 or prior.attempt != 1 or (prior.workers, prior.gpus) != (job.workers, job.gpus):
+                continue  # a run resumed (its last attempt's time is not the run's) or on other resources
             wall = (prior.ended_at - prior.started_at) * max(1.0, t.max_steps / steps)
             worst = wall if worst is None else max(worst, wall)
         out = (None, "") if worst is None else (1.25 * worst, f"earlier runs of {job.name} scaled to "
@@ -524,6 +524,10 @@ class Dispatcher:
         self.preempting[job_id] = (job.attempt, why, self.clock())
         if job.state == JobState.STARTING:  # nothing trained yet: stopped, and queued again when Ray says so
             self.store.note(job_id, f"{why}: stopping it before it trains")
+            try:  # the request stays in its folder: a server restarted before Ray says STOPPED still requeues it
+                self.control(job, checkpoint=True, stop=True, why=why)
+            except OSError:
+                pass
             self._stop(job)
             return
         try:

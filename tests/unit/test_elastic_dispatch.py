@@ -426,3 +426,26 @@ def test_the_runners_request_sits_beside_what_others_asked_for_and_is_written_ag
     writes = len(ray.gcs.calls)
     d.tick()
     assert len(ray.gcs.calls) == writes, "nothing of the runner's to ask for: nothing written"
+
+
+def test_a_job_preempted_before_it_trains_is_requeued_by_a_server_restarted_meanwhile(world):
+    store, ray, clock, add, d = world
+    ray.types = []
+    ray.nodes_now.append(Node("n1", 1, 2))
+    ray.free_now.append(Node("n1", 1, 2))
+    add("spot", extra="  preemptible: true\n")
+    assert d.tick() == ["spot"]
+    store.db.execute("UPDATE jobs SET state = 'STARTING'")  # its driver has not said it runs yet
+    ray.jobs["spot-1"] = "PENDING"
+    ray.free_now[1] = Node("n1", 0, 0)
+    ray.held["spot-1"] = {"n1": (1.0, 2.0)}
+    add("urgent", priority=5)
+    d.tick()
+    assert ray.stopped == ["spot-1"]
+    again = Dispatcher(store, ray, env={}, clock=clock)  # restarted before Ray said STOPPED: nothing in memory
+    del ray.held["spot-1"]
+    ray.free_now[1] = Node("n1", 1, 2)
+    again.tick()
+    spot = store.get("spot")
+    assert spot.state == "QUEUED" and "stopped before it trained and queued again" in store.events("spot")[-1][
+        "message"]
