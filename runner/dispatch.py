@@ -52,6 +52,8 @@ WORKER_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PA
 FIRST_FIT = "fits the free capacity, first in the queue"  # runner.queue's rule for a job that starts in its turn
 PREEMPT_LEAD_S = 60.0  # preemptible jobs in the head's way are stopped this long before it could start
 PREEMPT_GRACE_S = 300.0  # a preempted job not stopped at a checkpoint by then is stopped through Ray
+GCS_GRACE_S = 60.0  # a GCS with no answer for this long: plan from Ray's node list (the runner as the only user)
+VIEW_MAX_AGE_S = 10.0  # the API shows a pass's view of the GCS for this long
 
 
 def need_of(job: Job) -> Need:
@@ -275,6 +277,8 @@ class Dispatcher:
         self.draining_for: dict[str, tuple] = {}  # (attempt, nodes): asked to checkpoint while nodes drain
         self.overtime: dict[str, tuple] = {}  # (attempt, why): stopped for running past resources.max_minutes
         self.trouble: dict[str, str] = {}  # what of a pass failed, and why, said once
+        self._last_view: tuple[float, object] | None = None  # (when, the GCS's view) as of the last pass
+        self._gcs_failing_since: float | None = None
         self._terms: dict[str, Terms] = {}
         self._bounds: dict[str, tuple[float, tuple]] = {}
         self._asked: dict[str, list[str]] = {}
@@ -284,14 +288,16 @@ class Dispatcher:
         return f"{job.id}-{job.attempt}"
 
     def refusal(self, need: Need) -> str | None:
-        view = self.view()
+        view = self.view() or self._view()  # read now where no pass has yet: the node types decide a refusal
         return refusal(need, view.nodes if view else self.backend.nodes(), view.types if view else ())
 
     def view(self):
-        """The cluster as Ray's GCS says it is (free capacity by node, node types, draining nodes, the resource
-        request), or None where the backend reads only Ray's node list or the GCS gives no view (then the runner is
-        taken to be the cluster's only user)."""
-        return self._view()
+        """The cluster as Ray's GCS said it was at the last pass (free capacity by node, node types, draining nodes,
+        the resource request), or None where the backend reads only Ray's node list or the GCS gave no view lately:
+        what the API shows and refuses by, read without waiting on the GCS in a request."""
+        if self._last_view is None or self.clock() - self._last_view[0] > VIEW_MAX_AGE_S:
+            return None
+        return self._last_view[1]
 
     def free(self, nodes: list[Node]) -> list[Node]:
         """What the runner's own jobs leave of `nodes`' totals (where Ray's own view of what is free is not read)."""
@@ -310,6 +316,8 @@ class Dispatcher:
             for job in self.active():
                 self._follow_one(job)
             view = self._view()
+            if view is None and self._gcs_failing():  # for a while: what is free is not known, nothing starts
+                return []
             nodes = view.nodes if view else self.backend.nodes()
         except RayUnreachable as e:
             self._lost(str(e))
@@ -386,10 +394,20 @@ class Dispatcher:
             if self.trouble.get("gcs") != why:
                 self.trouble["gcs"] = why
                 print(f"runner: the Ray GCS at {self.backend.gcs.address} gave no view of the cluster ({why}); "
-                      "planning from Ray's node list until it does", file=sys.stderr, flush=True)
+                      f"nothing starts for {GCS_GRACE_S:.0f} s, then the runner plans from Ray's node list as the "
+                      "cluster's only user until it answers", file=sys.stderr, flush=True)
+            if self._gcs_failing_since is None:
+                self._gcs_failing_since = self.clock()
             return None
         self.trouble.pop("gcs", None)
+        self._gcs_failing_since = None
+        self._last_view = (self.clock(), view)
         return view
+
+    def _gcs_failing(self) -> bool:
+        """The GCS gave no view at this pass, and has not for less than GCS_GRACE_S: a blip, waited out."""
+        since = self._gcs_failing_since
+        return since is not None and self.clock() - since < GCS_GRACE_S
 
     # --- the queue's view of a job ----------------------------------------------------------------------------------
 
@@ -499,6 +517,7 @@ class Dispatcher:
         self.requested_for = dict(decision.requests)
         if not self.backend.gcs.ensure(bundles, view.request):
             return
+        view.request = [{"resources": b, "count": 1} for b in self.backend.gcs.written]  # as the API shows it
         for job_id, kinds in decision.requests.items():
             if self._asked.get(job_id) != kinds:
                 self._asked[job_id] = kinds
@@ -509,7 +528,7 @@ class Dispatcher:
         """Withdraw the runner's resource request (the server stops: nothing of it keeps nodes up)."""
         gcs = getattr(self.backend, "gcs", None)
         if gcs is not None and gcs.requested:
-            gcs.ensure([], self.backend.view().request)
+            gcs.ensure([], self.backend.view().request)  # the server stops: worth a read of the GCS
 
     @staticmethod
     def control(job: Job, checkpoint: bool, stop: bool, why: str) -> None:

@@ -28,6 +28,7 @@ from runner.queue import Node, NodeType
 V1_REQUEST_KEY = b"autoscaler_resource_request"  # ray_constants.AUTOSCALER_RESOURCE_REQUEST_CHANNEL
 STATUS = {0: "UNSPECIFIED", 1: "RUNNING", 2: "DEAD", 3: "IDLE", 4: "DRAINING"}
 MAX_CONFIG = 1 << 20  # a cluster config file bigger than this is not one
+RPC_TIMEOUT_S = 3  # a GCS call's limit: a pass of the dispatcher waits no longer on it
 
 
 class ConfigError(ValueError):
@@ -174,7 +175,7 @@ class Gcs:
         from ray.core.generated import autoscaler_pb2
 
         raw = self.client.internal_kv_get(raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(),
-                                          raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+                                          raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode(), timeout=RPC_TIMEOUT_S)
         if raw:
             cfg = autoscaler_pb2.ClusterConfig.FromString(raw)
             return [NodeType(g.name, float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)),
@@ -206,7 +207,7 @@ class Gcs:
         from ray.core.generated.autoscaler_pb2 import GetClusterResourceStateReply
 
         reply = GetClusterResourceStateReply()
-        reply.ParseFromString(self.client.get_cluster_resource_state())
+        reply.ParseFromString(self.client.get_cluster_resource_state(timeout_s=RPC_TIMEOUT_S))
         state = reply.cluster_resource_state
         view = ClusterView([], [])
         for n in state.node_states:
@@ -226,7 +227,7 @@ class Gcs:
             for r in c.resource_requests:
                 view.request.append({"resources": dict(r.request.resources_bundle), "count": int(r.count)})
         try:  # the launches pending, by type (autoscaler v2's report; v1's cannot be read here)
-            status = get_cluster_status(self.address)
+            status = get_cluster_status(self.address, timeout=RPC_TIMEOUT_S)
             for p in list(status.pending_launches) + list(status.pending_nodes):
                 name = getattr(p, "ray_node_type_name", None)
                 if name:
@@ -278,9 +279,10 @@ class Gcs:
             if key:
                 shapes[key] = shapes.get(key, 0) + 1
         self.client.request_cluster_resource_constraint([dict(k) for k in shapes], [{} for _ in shapes],
-                                                        list(shapes.values()))
+                                                        list(shapes.values()), timeout_s=RPC_TIMEOUT_S)
         self.client.internal_kv_put(V1_REQUEST_KEY, json.dumps([{k: float(v) for k, v in b.items() if v}
-                                                                for b in ours]).encode(), True, None)
+                                                                for b in ours]).encode(), True, None,
+                                    timeout=RPC_TIMEOUT_S)
         self._view = None
 
 

@@ -79,7 +79,8 @@ def test_every_problem_at_once_in_file_order():
         "r.yaml:10: train.lr: -1 is out of range; must be > 0",
         "r.yaml:12: resources.workers: 0 is out of range; must be >= 1",
         "r.yaml:13: resources.gpus: unknown key (did you mean 'gpus_per_worker'?); allowed here: workers, "
-        "gpus_per_worker, cpus_per_worker, mixed_precision, strategy, zero_stage, gradient_checkpointing, gpu_memory_gib, max_failures, priority",
+        "gpus_per_worker, cpus_per_worker, mixed_precision, strategy, zero_stage, gradient_checkpointing, gpu_memory_gib, "
+        "max_failures, priority, max_minutes, preemptible",
     ]
 
 
