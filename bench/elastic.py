@@ -26,7 +26,7 @@ Figures (the last line, one JSON object):
                          runner.queue.decide), without and with backfill: the real cluster grows to fit either
                          way, so a fixed cluster of two 2-GPU nodes is where backfill shows
 
-tests/elastic/ uses `AutoscalingCluster` and `server()` from here.
+tests/integration/test_elastic.py uses `AutoscalingCluster`, `server()` and `recipe()` from here.
 """
 
 from __future__ import annotations
@@ -220,8 +220,17 @@ def run(work: Path, bursts: int, per_burst: int, gap: float, seed: int, steps: i
         data = work / "d.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(80)))
         submitted: dict[str, tuple[float, tuple]] = {}
-        node_seconds, t0, first_node = 0.0, time.monotonic(), None
-        last = t0
+        t0 = time.monotonic()
+        clock = {"node_s": 0.0, "last": t0, "first_node": None}
+
+        def count_nodes() -> int:  # worker node-seconds since the last count
+            up, now = len(c.workers()), time.monotonic()
+            clock["node_s"] += up * (now - clock["last"])
+            clock["last"] = now
+            if up and clock["first_node"] is None:
+                clock["first_node"] = now - t0
+            return up
+
         for burst in range(bursts):
             for i in range(per_burst):
                 kind = MIX[(burst + i + rng.randint(0, 2)) % len(MIX)]
@@ -234,25 +243,19 @@ def run(work: Path, bursts: int, per_burst: int, gap: float, seed: int, steps: i
             say(f"burst {burst + 1}: {per_burst} jobs submitted; worker nodes up: {len(c.workers())}")
             end = time.monotonic() + (gap if burst < bursts - 1 else 0)
             while time.monotonic() < end:
-                up = len(c.workers())
-                node_seconds += up * (time.monotonic() - last)
-                last = time.monotonic()
-                if up and first_node is None:
-                    first_node = last - t0
+                count_nodes()
                 time.sleep(1)
         ended = ("SUCCEEDED", "FAILED", "CANCELLED")
         while any(srv.job(j)["state"] not in ended for j in submitted) and time.monotonic() - t0 < 1800:
-            node_seconds += len(c.workers()) * (time.monotonic() - last)
-            last = time.monotonic()
+            count_nodes()
             time.sleep(1)
         emptied = time.monotonic()
-        requests_left = sum(c.request_left()) if _wait(lambda: c.request_left() == (0, 0), 15) else \
-            sum(c.request_left())
-        while c.workers() and time.monotonic() - emptied < IDLE_S + 60:
-            node_seconds += len(c.workers()) * (time.monotonic() - last)
-            last = time.monotonic()
+        _wait(lambda: c.request_left() == (0, 0), 45)  # Ray Train's coordinator withdraws its own on a 20 s tick
+        requests_left = sum(c.request_left())
+        while count_nodes() and time.monotonic() - emptied < IDLE_S + 60:
             time.sleep(1)
         nodes_left = len(c.workers())
+        node_seconds, first_node = clock["node_s"], clock["first_node"]
         waits, runs, jobs_node_s, sim = [], {}, 0.0, []
         for job_id, (at, kind) in submitted.items():
             job = srv.job(job_id)

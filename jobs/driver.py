@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jobs import secrets
 from jobs.jobdir import JobState, checkpoints_newest_first, event, file_sha256, first_line, note, open_private
-from jobs.jobdir import PREEMPTED, read_at, shared_storage_problem
+from jobs.jobdir import PREEMPTED, read_preempted, shared_storage_problem
 from jobs.recipe import RecipeError, SNAPSHOT, load_recipe
 from jobs.schema import Recipe
 
@@ -189,7 +189,8 @@ class Prepared:
 
 
 def run_job(job_dir: Path) -> dict:
-    """Run one job to the end on the Ray already connected. Returns the eval results; raises JobFailed."""
+    """Run one job to the end on the Ray already connected. Returns the eval results ({"preempted": step} where the
+    server preempted it); raises JobFailed."""
     job_dir = Path(job_dir).resolve()
     return train_job(job_dir, prepare_job(job_dir))
 
@@ -218,7 +219,8 @@ def prepare_job(job_dir: Path) -> Prepared:
 
 
 def train_job(job_dir: Path, prep: Prepared) -> dict:
-    """Run the Ray Train workers, then write the manifest. Returns the eval results; raises JobFailed."""
+    """Run the Ray Train workers, then write the manifest. Returns the eval results ({"preempted": step} where the
+    server preempted it: nothing tested or exported); raises JobFailed."""
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -264,7 +266,7 @@ def train_job(job_dir: Path, prep: Prepared) -> dict:
         reason = (job_dir / "failure.txt").read_text() if (job_dir / "failure.txt").exists() else _reason(e)
         raise JobFailed(reason) from None
     timings["train_s"] = time.perf_counter() - t0
-    stopped = _preempted_at(job_dir)
+    stopped = read_preempted(job_dir)
     if stopped is not None:  # the server preempted it for a job ahead in the queue: it resumes from this step
         event(job_dir, f"preempted: checkpointed at step {stopped} and stopped; the server queues it again")
         return {"preempted": stopped}
@@ -532,15 +534,6 @@ def _drive(job_dir: Path, address: str | None, preparing, prepared: list, follow
         return 0
     print(json.dumps({"job_dir": str(job_dir), "test": result["test"], "validation": result["validation"]}))
     return 0
-
-
-def _preempted_at(job_dir: Path) -> int | None:
-    """The step rank 0 wrote into preempted.json as the workers stopped for a preemption, or None."""
-    try:
-        at = json.loads(read_at(job_dir / PREEMPTED, 0, 4096) or b"null")
-    except ValueError:
-        return None
-    return at["step"] if isinstance(at, dict) and isinstance(at.get("step"), int) else None
 
 
 if __name__ == "__main__":

@@ -323,8 +323,8 @@ def clear_control(job_dir: Path) -> None:
 
 
 def read_control(job_dir: Path) -> dict:
-    """The request in control.json ({} where there is none or it is not one): {"checkpoint": bool, "stop": bool,
-    "why": text}."""
+    """The request in control.json (all false where there is none or it is not one): {"checkpoint": bool, "stop":
+    bool, "why": text, "attempt": the attempt it is for}."""
     raw = read_at(Path(job_dir) / CONTROL, 0, 4096)
     try:
         req = json.loads(raw) if raw else {}
@@ -334,3 +334,13 @@ def read_control(job_dir: Path) -> dict:
         return {}
     return {"checkpoint": req.get("checkpoint") is True, "stop": req.get("stop") is True,
             "why": str(req.get("why") or "")[:300], "attempt": req.get("attempt")}
+
+
+def read_preempted(job_dir: Path) -> int | None:
+    """The step rank 0 wrote into preempted.json as the workers stopped for a preemption, or None."""
+    try:
+        at = json.loads(read_at(Path(job_dir) / PREEMPTED, 0, 4096) or b"null")
+    except ValueError:
+        return None
+    step = at.get("step") if isinstance(at, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None

@@ -189,7 +189,7 @@ def train_func(config: dict) -> None:
                 report.update({f"val_{k}": v for k, v in val.items()})
             done = finished or state.stopped_early
             asked, stop = run.asked[0] and not done, run.asked[1] and not done  # the server's (control.json)
-            if (state.step % run.ckpt_every == 0 or asked or stop) and not done:
+            if not done and (state.step % run.ckpt_every == 0 or asked or stop):
                 checkpoint(report, state, run.raw, run.optimizer, run.rank, run.shards)
                 if (asked or stop) and run.rank == 0:
                     note(run.job_dir, f"checkpoint at step {state.step}, as the server asked: {run.asked[2]}")

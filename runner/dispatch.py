@@ -36,10 +36,10 @@ from pathlib import Path
 from dataclasses import dataclass
 
 from jobs.jobdir import (ACTIVE, CONTROL, PREEMPTED, TERMINAL, TRAINING, JobState, can_move,
-                         checkpoints_newest_first, clear_control, first_line, read_at, read_control, whole_lines,
-                         write_control)
+                         checkpoints_newest_first, clear_control, first_line, read_at, read_control, read_preempted,
+                         whole_lines, write_control)
 from runner.jobfiles import export_note, read_text
-from runner.queue import Need, Node, Queued, Running, decide, place, refusal
+from runner.queue import FIRST_FIT, Need, Node, Queued, Running, decide, place, refusal, taken
 from runner.store import InvalidTransition, Job, Store, StoreError
 
 LOST_AFTER = 30.0
@@ -49,7 +49,6 @@ WORKER_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PA
 # shown by Ray's API and dashboard.
 
 
-FIRST_FIT = "fits the free capacity, first in the queue"  # runner.queue's rule for a job that starts in its turn
 PREEMPT_LEAD_S = 60.0  # preemptible jobs in the head's way are stopped this long before it could start
 PREEMPT_GRACE_S = 300.0  # a preempted job not stopped at a checkpoint by then is stopped through Ray
 GCS_GRACE_S = 60.0  # a GCS with no answer for this long: plan from Ray's node list (the runner as the only user)
@@ -82,7 +81,7 @@ def terms_of(snapshot: str) -> Terms:
     res = doc.get("resources") if isinstance(doc.get("resources"), dict) else {}
     train = doc.get("train") if isinstance(doc.get("train"), dict) else {}
     minutes, steps = res.get("max_minutes"), train.get("max_steps")
-    ok = isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and 0 < minutes < 1e7
+    ok = isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and 0 < minutes <= 525_600  # as schema
     return Terms(float(minutes) if ok else None, res.get("preemptible") is True,
                  steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None)
 
@@ -269,11 +268,10 @@ class Dispatcher:
         self.failing: dict[str, str] = {}  # job id -> why its follow-up failed, said once until it changes
         self.backfill = os.environ.get("RUNNER_BACKFILL", "1") != "0"  # 0: strict first in, first out
         self.lead_s = PREEMPT_LEAD_S
-        self.decision = None  # the last pass's runner.queue.Decision (the cluster page shows its requests)
         self.requested_for: dict[str, list[str]] = {}  # queued job id -> node types asked for it, as of the last pass
         # what the server asked of a job's current attempt, by job id: (attempt, ...) so that an entry left by an
         # earlier attempt is never taken for the current one's
-        self.preempting: dict[str, tuple] = {}  # (attempt, why, since): being preempted
+        self.preempting: dict[str, tuple] = {}  # (attempt, why, since, stopped through Ray): being preempted
         self.draining_for: dict[str, tuple] = {}  # (attempt, nodes): asked to checkpoint while nodes drain
         self.overtime: dict[str, tuple] = {}  # (attempt, why): stopped for running past resources.max_minutes
         self.trouble: dict[str, str] = {}  # what of a pass failed, and why, said once
@@ -288,7 +286,7 @@ class Dispatcher:
         return f"{job.id}-{job.attempt}"
 
     def refusal(self, need: Need) -> str | None:
-        view = self.view() or self._view()  # read now where no pass has yet: the node types decide a refusal
+        view = self.view() or self._peek()  # read now where no pass has yet: the node types decide a refusal
         return refusal(need, view.nodes if view else self.backend.nodes(), view.types if view else ())
 
     def view(self):
@@ -301,11 +299,7 @@ class Dispatcher:
 
     def free(self, nodes: list[Node]) -> list[Node]:
         """What the runner's own jobs leave of `nodes`' totals (where Ray's own view of what is free is not read)."""
-        left = nodes
-        for job in self.active():
-            after = place(need_of(job), left)
-            left = after if after is not None else left
-        return left
+        return self._held_by_plan(self.active(), nodes)[1]
 
     def active(self) -> list[Job]:
         return [j for state in ACTIVE for j in self.store.list(state=state, limit=100_000)]
@@ -339,20 +333,22 @@ class Dispatcher:
                 if job.id not in held and job.state != JobState.EXPORTING:
                     after = place(need_of(job), free)
                     if after is not None:
-                        held[job.id] = _taken(free, after)
+                        held[job.id] = taken(free, after)
                         free = after
             self._guard("the drained nodes' jobs", self._drained, active, held, view.draining)
         else:
-            held, free, others = self._held_by_plan(active, nodes), self.free(nodes), []
+            (held, free), others = self._held_by_plan(active, nodes), []
         self._guard("the jobs past their bounds", self._overtime, active)
+        self._guard("the preemptions not acted on", self._preempt_deadline, active)
         queue = self.store.queue()
         now = self.store.clock()
-        running = [Running(j.id, held.get(j.id, {}), self._ends_in(j, now), self._yields(j, now), self._key(j))
+        # a job being preempted is ending: its resources come back now, and it is not preempted twice
+        running = [Running(j.id, held.get(j.id, {}), 0.0 if self._mine(self.preempting, j) else
+                           self._ends_in(j, now), self._yields(j, now), self._key(j))
                    for j in sorted(active, key=lambda j: -(j.started_at or 0))]
         decision = decide([self._queued(j) for j in queue], free, types=view.types if view else (), others=others,
                           running=running, backfill=self.backfill, lead_s=self.lead_s)
         self.waiting = decision.waiting
-        self.decision = decision
         for job_id, why in decision.preempt.items():
             self._guard(f"the preemption of {job_id}", self._preempt, job_id, why)
         if view is not None:
@@ -401,8 +397,21 @@ class Dispatcher:
             return None
         self.trouble.pop("gcs", None)
         self._gcs_failing_since = None
+        bad = getattr(self.backend.gcs, "config_error", None)
+        if bad and self.trouble.get("config") != bad:
+            print(f"runner: {bad}; the node types read from it last stand", file=sys.stderr, flush=True)
+        self.trouble["config"] = bad
         self._last_view = (self.clock(), view)
         return view
+
+    def _peek(self):
+        """The GCS's view read for a request (the dispatch loop's own record of it untouched), or None."""
+        if getattr(self.backend, "gcs", None) is None:
+            return None
+        try:
+            return self.backend.view()
+        except Exception:  # noqa: BLE001 - as for the loop: no view
+            return None
 
     def _gcs_failing(self) -> bool:
         """The GCS gave no view at this pass, and has not for less than GCS_GRACE_S: a blip, waited out."""
@@ -468,15 +477,15 @@ class Dispatcher:
             return None
         return {j.id: by_submission[self.submission(j)] for j in active if self.submission(j) in by_submission}
 
-    def _held_by_plan(self, active: list[Job], nodes: list[Node]) -> dict[str, dict[str, tuple[float, float]]]:
-        """Each active job's need placed on the nodes' totals, as the queue would (no GCS: the runner is taken to
-        be the cluster's only user)."""
+    def _held_by_plan(self, active: list[Job], nodes: list[Node]) -> tuple[dict, list[Node]]:
+        """Each active job's need placed on the nodes' totals, as the queue would, and what that leaves free (no
+        GCS: the runner is taken to be the cluster's only user)."""
         out, left = {}, nodes
         for job in active:
             after = place(need_of(job), left)
             if after is not None:
-                out[job.id], left = _taken(left, after), after
-        return out
+                out[job.id], left = taken(left, after), after
+        return out, left
 
     def _yields(self, job: Job, now: float) -> bool:
         """Whether the job may be preempted for a job ahead of it: it says so (resources.preemptible), or it ran
@@ -540,7 +549,7 @@ class Dispatcher:
         job = self.store.get(job_id)
         if self._mine(self.preempting, job) or job.state not in ACTIVE:
             return
-        self.preempting[job_id] = (job.attempt, why, self.clock())
+        self.preempting[job_id] = (job.attempt, why, self.clock(), False)
         if job.state == JobState.STARTING:  # nothing trained yet: stopped, and queued again when Ray says so
             self.store.note(job_id, f"{why}: stopping it before it trains")
             try:  # the request stays in its folder: a server restarted before Ray says STOPPED still requeues it
@@ -566,17 +575,9 @@ class Dispatcher:
 
     def _drained(self, active: list[Job], held: dict, draining: set[str]) -> None:
         """A job with workers on a node Ray is draining (a preemption, a spot reclaim) checkpoints at every step
-        until the node is gone: when it goes, Ray Train resumes the job from the step it reached. A preemption the
-        job did not act on within PREEMPT_GRACE_S is carried out through Ray (it resumes from its last checkpoint)."""
-        now = self.clock()
+        until the node is gone: when it goes, Ray Train resumes the job from the step it reached."""
         for job in active:
             stopping = self._mine(self.preempting, job)
-            if stopping and len(stopping) == 3 and now - stopping[2] > PREEMPT_GRACE_S:
-                self.preempting[job.id] = stopping[:2]  # stopped once
-                self.store.note(job.id, f"it did not stop at a checkpoint within {PREEMPT_GRACE_S:.0f} s of being "
-                                        "preempted: stopped through Ray; it resumes from its last checkpoint",
-                                level="warning")
-                self._stop(job)
             nodes = sorted(set(held.get(job.id, {})) & draining)
             asked = self._mine(self.draining_for, job)
             if nodes and not asked and not stopping:
@@ -589,6 +590,19 @@ class Dispatcher:
                 del self.draining_for[job.id]
                 if not stopping:  # a stop request of a preemption stands
                     clear_control(Path(job.job_dir))
+
+    def _preempt_deadline(self, active: list[Job]) -> None:
+        """A preemption the job did not act on within PREEMPT_GRACE_S (still preparing its data, its workers not
+        reading control.json) is carried out through Ray: it resumes from its last checkpoint."""
+        now = self.clock()
+        for job in active:
+            stopping = self._mine(self.preempting, job)
+            if stopping and not stopping[3] and now - stopping[2] > PREEMPT_GRACE_S:
+                self.preempting[job.id] = (*stopping[:3], True)
+                self.store.note(job.id, f"it did not stop at a checkpoint within {PREEMPT_GRACE_S:.0f} s of being "
+                                        "preempted: stopped through Ray; it resumes from its last checkpoint",
+                                level="warning")
+                self._stop(job)
 
     def _overtime(self, active: list[Job]) -> None:
         """A job past its resources.max_minutes is stopped (its end is recorded FAILED, with that reason): its bound
@@ -702,17 +716,20 @@ class Dispatcher:
             self.store.note(job.id, f"the job's last lines could not be read: {type(e).__name__}: {first_line(e)}",
                             level="warning")
             job = self.store.get(job.id)
+        if status not in ("SUCCEEDED", "STOPPED", "FAILED"):
+            return
         preempted = self._preempted(job)
+        overrun = (self._mine(self.overtime, job) or (None, self._overrun(job)))[1]  # a restarted server's too
         if status == "SUCCEEDED" and preempted:
-            self._requeue(job)
-        elif status == "SUCCEEDED" and read_at(Path(job.job_dir) / PREEMPTED, 0, 4096):
+            self._requeue(job, preempted)
+        elif status == "SUCCEEDED" and read_preempted(Path(job.job_dir)) is not None:
             self._end(job, JobState.FAILED, "the job ended as preempted, but the server did not preempt it")
         elif status == "SUCCEEDED":
             self._end(job, JobState.SUCCEEDED, export_note(job.job_dir))
-        elif status == "STOPPED" and (self._mine(self.overtime, job) or self._overrun(job)):  # a restarted server too
-            self._end(job, JobState.FAILED, (self._mine(self.overtime, job) or (0, self._overrun(job)))[1])
+        elif status == "STOPPED" and overrun:
+            self._end(job, JobState.FAILED, overrun)
         elif status == "STOPPED" and preempted:
-            self._requeue(job)
+            self._requeue(job, preempted)
         elif status == "STOPPED":
             self._end(job, JobState.CANCELLED, "stopped")
         elif status == "FAILED":
@@ -732,26 +749,19 @@ class Dispatcher:
         asked = read_control(Path(job.job_dir))
         return (asked["why"] or "preempted") if asked["stop"] and asked["attempt"] == job.attempt else None
 
-    def _requeue(self, job: Job) -> None:
+    def _requeue(self, job: Job, why: str) -> None:
         """A preempted job back in the queue, its next attempt resuming from the checkpoint it stopped at (or its
         last one, where it was stopped through Ray)."""
         folder = Path(job.job_dir)
-        try:
-            at = json.loads(read_at(folder / PREEMPTED, 0, 4096) or b"{}")
-        except ValueError:
-            at = {}
-        step = at.get("step") if isinstance(at, dict) and isinstance(at.get("step"), int) else None
-        why = self._preempted(job) or "preempted"
+        step, saved = read_preempted(folder), bool(checkpoints_newest_first(folder))
         self._forget(job)
-        where = f"at step {step}" if step is not None else "at its last checkpoint" if \
-            checkpoints_newest_first(folder) else "before it trained"
-        self.store.set_state(job.id, JobState.QUEUED, expect=job.state,
-                             resume=step is not None or bool(checkpoints_newest_first(folder)),
+        where = f"at step {step}" if step is not None else "at its last checkpoint" if saved else "before it trained"
+        self.store.set_state(job.id, JobState.QUEUED, expect=job.state, resume=step is not None or saved,
                              message=f"{why}; stopped {where} and queued again: it resumes from there")
 
     def _forget(self, job: Job) -> None:
         """The server's requests to this job's workers, and what it kept of them, gone (the attempt ended)."""
-        for entries in (self.preempting, self.draining_for, self.overtime):
+        for entries in (self.preempting, self.draining_for, self.overtime, self._terms, self._bounds, self._asked):
             entries.pop(job.id, None)
         folder = Path(job.job_dir)
         for name in (CONTROL, PREEMPTED):
@@ -911,8 +921,3 @@ def _read_lines(path: Path, offset: int, check) -> tuple[list[dict], int, list[t
         bad = [(before + i + 1, why) for i, why in bad]
     return records, end, bad
 
-
-def _taken(before: list[Node], after: list[Node]) -> dict[str, tuple[float, float]]:
-    """What a placement took of each node: (CPUs, GPUs) by node id, the nodes it did not touch left out."""
-    return {a.id: (a.cpus - b.cpus, a.gpus - b.gpus) for a, b in zip(before, after)
-            if a.cpus != b.cpus or a.gpus != b.gpus}

@@ -186,12 +186,12 @@ class Gcs:
         mtime = path.stat().st_mtime if path.exists() else 0.0
         if self._config_types is None or self._config_types[0] != mtime:
             try:
-                self._config_types = (mtime, read_config(path))
-            except ConfigError:
+                self._config_types, self.config_error = (mtime, read_config(path)), None
+            except ConfigError as e:
                 if self._config_types is None:
                     raise
-                self._config_types = (mtime, self._config_types[1])  # rewritten badly: the last good types stand
-                raise
+                # rewritten badly: the last good types stand, and the dispatcher says why once
+                self._config_types, self.config_error = (mtime, self._config_types[1]), str(e)
         return self._config_types[1]
 
     def view(self) -> ClusterView:
@@ -203,11 +203,10 @@ class Gcs:
             return view
 
     def _read(self) -> ClusterView:
-        from ray.autoscaler.v2.sdk import get_cluster_status
-        from ray.core.generated.autoscaler_pb2 import GetClusterResourceStateReply
+        from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
-        reply = GetClusterResourceStateReply()
-        reply.ParseFromString(self.client.get_cluster_resource_state(timeout_s=RPC_TIMEOUT_S))
+        reply = GetClusterStatusReply()  # the cluster's resource state and the autoscaler's, in one call
+        reply.ParseFromString(self.client.get_cluster_status(timeout_s=RPC_TIMEOUT_S))
         state = reply.cluster_resource_state
         view = ClusterView([], [])
         for n in state.node_states:
@@ -226,27 +225,19 @@ class Gcs:
         for c in state.cluster_resource_constraints:
             for r in c.resource_requests:
                 view.request.append({"resources": dict(r.request.resources_bundle), "count": int(r.count)})
-        try:  # the launches pending, by type (autoscaler v2's report; v1's cannot be read here)
-            status = get_cluster_status(self.address, timeout=RPC_TIMEOUT_S)
-            for p in list(status.pending_launches) + list(status.pending_nodes):
-                name = getattr(p, "ray_node_type_name", None)
-                if name:
-                    view.pending[name] = view.pending.get(name, 0) + int(getattr(p, "count", 1) or 1)
-        except Exception:  # noqa: BLE001 - the pending launches are a refinement; the nodes above still stand
-            pass
+        # the launches pending, by type (autoscaler v2's report; v1 makes none)
+        auto = reply.autoscaling_state
+        for r in auto.pending_instance_requests:
+            if r.ray_node_type_name:
+                view.pending[r.ray_node_type_name] = view.pending.get(r.ray_node_type_name, 0) + int(r.count)
+        for i in auto.pending_instances:
+            if i.ray_node_type_name:
+                view.pending[i.ray_node_type_name] = view.pending.get(i.ray_node_type_name, 0) + 1
         alive = {}
         for n in view.nodes:
             if n.type:
                 alive[n.type] = alive.get(n.type, 0) + 1
-        try:
-            types = self._types()
-        except ConfigError as e:  # said by the dispatcher once; the last good types, if any, stand
-            if self._config_types is None:
-                raise
-            self.config_error = str(e)
-            types = self._config_types[1]
-        else:
-            self.config_error = None
+        types = self._types()
         view.types = [NodeType(t.name, t.cpus, t.gpus, t.max_count,
                                alive.get(t.name, 0) + view.pending.get(t.name, 0), view.pending.get(t.name, 0))
                       for t in types]

@@ -86,7 +86,7 @@ class Queued:
 @dataclass(frozen=True)
 class Running:
     """A running job of the runner's: what it holds on each node (node id -> (CPUs, GPUs)), the seconds until it
-    is bound to end (None: no bound), and whether it may be preempted (a preemptible job that was backfilled)."""
+    is bound to end (None: no bound), and whether it may be preempted for a job ahead of it in the queue."""
 
     id: str
     held: dict[str, tuple[float, float]]
@@ -107,6 +107,16 @@ class Decision:
     preempt: dict[str, str] = field(default_factory=dict)  # running job id -> why it is preempted now
     head: str | None = None  # the first job that does not fit
     head_in: float | None = None  # seconds until it could start, by the bounds of running jobs (None: not known)
+
+
+FIRST_FIT = "fits the free capacity, first in the queue"  # the rule of a job that starts in its turn
+
+
+def taken(before: list[Node], after: list[Node]) -> dict[str, tuple[float, float]]:
+    """What a placement took of each node (`place`'s input and output): (CPUs, GPUs) by node id, the nodes it did
+    not touch left out."""
+    return {a.id: (a.cpus - b.cpus, a.gpus - b.gpus) for a, b in zip(before, after)
+            if a.cpus != b.cpus or a.gpus != b.gpus}
 
 
 def _n(x: float) -> str:
@@ -239,12 +249,10 @@ class _Head:
         if need.workers != 1:
             return None
         spots = [n for n in left if n.cpus + 1e-9 >= need.cpus and n.gpus + 1e-9 >= need.gpus]
-        for spot in spots:
+        for spot in spots:  # the caller knows there is one: the job fits now
             view = _sum(self.view, {spot.id: (-need.cpus, -need.gpus)})
             if any(n.cpus < -1e-9 or n.gpus < -1e-9 for n in view) or _reserve(self.need, view, self.later) is None:
                 return None
-        if not spots:
-            return None
         return _sum(self.view, {n.id: (-need.cpus, -need.gpus) for n in spots})
 
 
@@ -252,7 +260,8 @@ def decide(queue: list, free: list[Node], *, types: list[NodeType] = (), others:
            running: list[Running] = (), backfill: bool = True, lead_s: float = 0.0) -> Decision:
     """queue: Queued jobs (or (job id, Need) pairs) in dispatch order (priority, then age). free: what each node has
     free now, as Ray says (other users' work taken out). types: the node types the autoscaler can start. others:
-    what other Ray users hold on each node (for the reasons). running: the runner's own running jobs.
+    what other Ray users hold on each node (for the reasons, and for a head that needs it to end). running: the
+    runner's own running jobs.
     backfill=False: strict first in, first out (the jobs behind the head wait). lead_s: how long before the head
     could start the preemptible jobs in its way are stopped (the time a checkpoint takes), so that it starts on
     time."""
@@ -268,10 +277,9 @@ def decide(queue: list, free: list[Node], *, types: list[NodeType] = (), others:
             after = place(q.need, left)
             if after is not None:
                 d.start.append(q.id)
-                d.rules[q.id] = "fits the free capacity, first in the queue"
+                d.rules[q.id] = FIRST_FIT
                 # started in this pass: it holds what it took, until its bound
-                running.append(Running(q.id, {a.id: (a.cpus - b.cpus, a.gpus - b.gpus) for a, b in zip(left, after)
-                                              if a.cpus != b.cpus or a.gpus != b.gpus}, q.bound_s, key=q.key))
+                running.append(Running(q.id, taken(left, after), q.bound_s, key=q.key))
                 left = after
                 continue
             head, why = _plan_head(q, left, room, others, running, d, lead_s)
@@ -411,23 +419,18 @@ def _plan_head(q: Queued, left: list[Node], types: list[NodeType], others: list[
 
 def _preempt_for(q: Queued, pool: list[Node], running: list[Running], d: Decision) -> list[Running] | None:
     """The preemptible jobs (newest first, as the caller orders them) to stop so that q fits on pool plus what they
-    hold, marked in d.preempt; None (nothing marked) if it does not fit even without all of them."""
+    hold, marked in d.preempt; None (nothing marked) if it does not fit even without all of them. Of those taken,
+    each that q fits without (given the others kept) is left to run."""
     chosen = []
     for r in (r for r in running if r.yields_to(q)):
-        if place(q.need, pool) is not None:
+        if place(q.need, _sum(pool, _held(chosen))) is not None:
             break
-        pool = _sum(pool, r.held)
         chosen.append(r)
-    if not chosen or place(q.need, pool) is None:
+    if not chosen or place(q.need, _sum(pool, _held(chosen))) is None:
         return None
-    for r in list(chosen):  # those it fits without (on nodes it does not need) are left to run
+    for r in list(chosen):
         rest = [x for x in chosen if x is not r]
-        base = pool
-        for x in chosen:
-            base = _sum(base, {k: (-c, -g) for k, (c, g) in x.held.items()})
-        for x in rest:
-            base = _sum(base, x.held)
-        if place(q.need, base) is not None:
+        if place(q.need, _sum(pool, _held(rest))) is not None:
             chosen = rest
     for r in chosen:
         d.preempt[r.id] = f"preempted for {q.id}, which can start on its resources"

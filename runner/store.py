@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.jobdir import STATES, TERMINAL, TRANSITIONS, JobState, can_move
+from jobs.jobdir import ACTIVE, STATES, TERMINAL, TRANSITIONS, JobState, can_move
 
 
 def _backfill_model_mode(db: sqlite3.Connection) -> None:
@@ -398,9 +398,11 @@ class Store:
             if new == JobState.STARTING:
                 self.db.execute("INSERT INTO attempts (job_id, attempt, started_at, metrics_offset, events_offset, "
                                 "resume) VALUES (?, ?, ?, ?, ?, ?)", (job_id, job.attempt, now, *offsets, job.resume))
-            if new in TERMINAL and job.attempt:
+            if (new in TERMINAL or (new == JobState.QUEUED and cur in ACTIVE)) and job.attempt:
+                # an attempt ends with the job, or when it is preempted back into the queue
+                outcome = "PREEMPTED" if new == JobState.QUEUED else new
                 self.db.execute("UPDATE attempts SET ended_at = ?, outcome = ?, reason = ? WHERE job_id = ? AND "
-                                "attempt = ?", (now, new, reason, job_id, job.attempt))
+                                "attempt = ?", (now, outcome, reason or message, job_id, job.attempt))
             self._event(job_id, cur, new, message or reason or new.lower(), now)
         return job
 

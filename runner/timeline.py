@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from runner.queue import Need, Node, Queued, Running, decide, place
+from runner.queue import Need, Node, Queued, Running, decide, place, taken
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Timeline:
     promised: dict[str, float | None] = field(default_factory=dict)  # id -> when it could start, as it became head
 
     def utilisation(self, gpus: float) -> float:
-        """GPU-seconds used over GPU-seconds there were, from the first arrival to the last end."""
+        """GPU-seconds used over GPU-seconds there were, from the first start to the last end."""
         span = max(self.ends.values()) - min(min(s) for s in self.starts.values()) if self.ends else 0.0
         return self.gpu_seconds / (gpus * span) if span > 0 and gpus else 0.0
 
@@ -88,7 +88,7 @@ class Sim:
         for job_id in d.start:
             job = next(j for j in self.queue if j.id == job_id)
             after = place(job.need, left)
-            held = {a.id: (a.cpus - b.cpus, a.gpus - b.gpus) for a, b in zip(left, after)}
+            held = taken(left, after)
             left = after
             self.queue.remove(job)
             self.running[job_id] = _Run(job, held, self.now, job.work)

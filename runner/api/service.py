@@ -5,7 +5,6 @@ after a submit, cancel or retry (`wake`)."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 from fastapi import Depends, HTTPException, Request
 
 from jobs.jobdir import STATES, TERMINAL, JobState
-from jobs.jobdir import shared_storage_problem
+from jobs.jobdir import shared_storage_problem, write_json
 from jobs.recipe import RecipeError, parse_recipe
 from jobs.schema import NAME_RE, NAME_RULE, callback_refusal
 from runner.client import artifacts_root
@@ -96,12 +95,7 @@ class Service:
         if spec is None:
             path.unlink(missing_ok=True)
             return
-        tmp = path.with_name("champion.json.tmp")
-        tmp.unlink(missing_ok=True)  # a link planted there is removed, not written through
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(spec, indent=2))
-        tmp.replace(path)
+        write_json(path, spec)  # a link planted there is replaced, not written through
 
     # --- jobs -----------------------------------------------------------------------------------------------------
 

@@ -268,3 +268,14 @@ def test_a_job_of_several_workers_never_backfills_by_fitting_beside():
     d = decide(queue, free, running=running)
     assert "pair" not in d.start and "could delay head" in d.waiting["pair"][1]
     assert d.start == ["one"], "a CPU-only worker fits beside the head wherever it lands"
+
+
+def test_a_preemption_frees_what_the_head_needs_not_a_part_of_it():
+    """r1 holds 3 CPUs on a, r2 3 on b, r3 1 on each (all preemptible); the head needs 4 CPUs on one node. Stopping
+    r3 alone frees 1 a node: not enough. Worked by hand: r3 and one of r1, r2 must stop."""
+    free = [Node("a", cpus=0), Node("b", cpus=0)]
+    running = [Running("r3", {"a": (1.0, 0.0), "b": (1.0, 0.0)}, preemptible=True),
+               Running("r2", {"b": (3.0, 0.0)}, preemptible=True),
+               Running("r1", {"a": (3.0, 0.0)}, preemptible=True)]
+    d = decide([Queued("head", Need(1, 4, 0))], free, running=running)
+    assert set(d.preempt) in ({"r3", "r2"}, {"r3", "r1"}), d.preempt
