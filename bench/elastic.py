@@ -89,6 +89,7 @@ class AutoscalingCluster:
         self.config_path.write_text(json.dumps(config(self.port, max_nodes)))  # JSON is YAML
         self.gcs = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dash}"
+        self.session: str | None = None
 
     def start(self) -> None:
         env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
@@ -102,6 +103,8 @@ class AutoscalingCluster:
                         f"--dashboard-agent-listen-port={free_port()}", "--include-dashboard=true",
                         "--object-store-memory=200000000", "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, timeout=120)
+        # the session folder `ray start` just made: every node of this cluster logs there (see stop)
+        self.session = os.path.realpath(Path(tempfile.gettempdir()) / "ray" / "session_latest")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -149,7 +152,7 @@ class AutoscalingCluster:
     def kill_node(self, node_id: str) -> int:
         """SIGKILL every process of a fake worker node (its raylet and workers carry the node's id in their
         environment), as a reclaimed VM goes. Returns how many."""
-        return _kill(lambda p: p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id)
+        return _kill(lambda p: f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}\0".encode() in _environ(p.pid))
 
     def autoscaler(self, run: bool) -> int:
         """Pause (SIGSTOP) or resume the autoscaler's monitor process: a slow cloud, for a test to look at what waits
@@ -159,10 +162,23 @@ class AutoscalingCluster:
                      and any(a.endswith(f":{port}") for a in p.cmdline()), signal.SIGCONT if run else signal.SIGSTOP)
 
     def stop(self) -> None:
-        """Every process of this cluster: those whose command line names its GCS port."""
+        """Every process of this cluster: those whose command line names its GCS port, those of its fake nodes (by
+        the node ids in their environment), and its job drivers (RAY_ADDRESS names the GCS), which would otherwise
+        wait for a GCS that is gone."""
         port = str(self.port)
-        _kill(lambda p: any(a.endswith(f":{port}") or a.endswith(f"={port}") for a in p.cmdline()))
-        _kill(lambda p: p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING", "").startswith("f" * 51))
+        _kill(lambda p: any(a.endswith(f":{port}") or a.endswith(f"={port}") for a in p.cmdline())
+              or f"RAY_ADDRESS=127.0.0.1:{port}".encode() in _environ(p.pid))
+        # the nodes' agents, whose titles hide their command lines: by the logs they hold open in the session
+        if self.session:
+            _kill(lambda p: any(f.path.startswith(self.session + "/") for f in p.open_files()))
+
+
+def _environ(pid: int) -> bytes:
+    """A process's environment as /proc has it (psutil's reading is cut short where a process retitled itself)."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
 
 
 def _kill(match, sig=signal.SIGKILL) -> int:
