@@ -318,8 +318,11 @@ class Dispatcher:
             return []
         self.unreachable_since = None
         active = self.active()
+        queue = self.store.queue()
         if view:
-            held = self._held_by_ray(active)
+            # who holds what (Ray's placement groups: a slower read) matters only with something to place or a node
+            # being drained; a pass with neither still withdraws the request and checks the bounds
+            held = self._held_by_ray(active) if queue or view.draining else {}
             if held is None:  # who holds what is not known this pass: start nothing rather than guess
                 return []
             own: dict[str, tuple[float, float]] = {}
@@ -340,7 +343,6 @@ class Dispatcher:
             (held, free), others = self._held_by_plan(active, nodes), []
         self._guard("the jobs past their bounds", self._overtime, active)
         self._guard("the preemptions not acted on", self._preempt_deadline, active)
-        queue = self.store.queue()
         now = self.store.clock()
         # a job being preempted is ending: its resources come back now, and it is not preempted twice
         running = [Running(j.id, held.get(j.id, {}), 0.0 if self._mine(self.preempting, j) else

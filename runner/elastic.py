@@ -147,7 +147,7 @@ class Gcs:
     """Ray's GCS at `address` (host:port), through Ray's own client; RAY_AUTH_TOKEN from the environment where Ray's
     token auth is on."""
 
-    def __init__(self, address: str, config: str | None = None, max_age: float = 0.5):
+    def __init__(self, address: str, config: str | None = None, max_age: float = 1.0):
         self.address = address
         self.config = config
         self.max_age = max_age
