@@ -29,3 +29,15 @@ def served(app):
 CHROMIUM = __import__("os").environ.get("RUNNER_CHROMIUM", "/usr/bin/chromium")  # Debian's; .ci/run installs it
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def wait_for(what: str, check, timeout: float, every: float = 0.5, show=None):
+    """check()'s first truthy answer within timeout seconds, else an AssertionError naming what was awaited (and
+    show()'s account of how things stood)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f": {show()}" if show else ""))

@@ -27,6 +27,7 @@ while BENCH in sys.path:  # off again: spawned processes inherit sys.path, and b
 
 from runner.local import alive as pid_alive  # noqa: E402
 from tiny import faults, keyword_rows, tiny_model_dir  # noqa: E402
+from web import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,16 +42,6 @@ def cluster():
     yield c, nodes, dashboard
     ray.shutdown()
     c.shutdown()
-
-
-def wait_for(what, check, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 HOLD = faults(pause_after_step=2, hold_file="hold")  # each job waits at step 2 while <job>/hold is there

@@ -20,18 +20,9 @@ import elastic  # noqa: E402
 sys.path.remove(str(ROOT / "bench"))
 
 from tiny import keyword_rows, tiny_model_dir  # noqa: E402
+from web import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(what, check, timeout: float, every: float = 0.5, show=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f": {show()}" if show else ""))
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,13 @@ class Clock:
         return self.t
 
 
+def fixed_node(ray) -> None:
+    """A fixed cluster (no autoscaler): the head and one node of 1 CPU and 2 GPUs, all free."""
+    ray.types = []
+    ray.nodes_now.append(Node("n1", 1, 2))
+    ray.free_now.append(Node("n1", 1, 2))
+
+
 RECIPE = "name: {name}\nresources:\n  workers: 1\n  gpus_per_worker: 2\n{extra}train:\n  max_steps: 100\n"
 
 
@@ -166,9 +173,7 @@ def test_a_job_on_a_drained_node_is_asked_to_checkpoint_each_step_until_the_node
 
 def test_a_preempted_job_goes_back_to_the_queue_at_its_step_behind_the_job_it_gave_way_to(world):
     store, ray, clock, add, d = world
-    ray.types = []  # a fixed cluster: one node of 2 GPUs
-    ray.nodes_now.append(Node("n1", 1, 2))
-    ray.free_now.append(Node("n1", 1, 2))
+    fixed_node(ray)
     spot_dir = add("spot", extra="  preemptible: true\n")
     assert d.tick() == ["spot"]
     ray.free_now[1] = Node("n1", 0, 0)
@@ -191,9 +196,7 @@ def test_a_preempted_job_goes_back_to_the_queue_at_its_step_behind_the_job_it_ga
 
 def test_a_job_past_its_max_minutes_is_stopped_and_failed_with_that_reason(world):
     store, ray, clock, add, d = world
-    ray.types = []
-    ray.nodes_now.append(Node("n1", 1, 2))
-    ray.free_now.append(Node("n1", 1, 2))
+    fixed_node(ray)
     add("a", extra="  max_minutes: 2\n")
     assert d.tick() == ["a"]
     clock.t += 119
@@ -277,9 +280,7 @@ def test_an_attempt_starts_with_no_request_or_preemption_left_by_an_earlier_one(
     """A server that died mid-preemption leaves control.json (stop) and preempted.json behind; a `runner retry`
     must not stop at its first step nor be requeued as preempted when it succeeds."""
     store, ray, clock, add, d = world
-    ray.types = []
-    ray.nodes_now.append(Node("n1", 1, 2))
-    ray.free_now.append(Node("n1", 1, 2))
+    fixed_node(ray)
     job_dir = add("a")
     (job_dir / CONTROL).write_text(json.dumps({"checkpoint": True, "stop": True, "why": "old", "attempt": 1}))
     (job_dir / PREEMPTED).write_text(json.dumps({"step": 3}))
@@ -293,9 +294,7 @@ def test_an_attempt_starts_with_no_request_or_preemption_left_by_an_earlier_one(
 def preempting(world):
     """spot (preemptible) trains on the one node; urgent, of a higher priority, arrives: spot is asked to stop."""
     store, ray, clock, add, d = world
-    ray.types = []
-    ray.nodes_now.append(Node("n1", 1, 2))
-    ray.free_now.append(Node("n1", 1, 2))
+    fixed_node(ray)
     spot_dir = add("spot", extra="  preemptible: true\n")
     assert d.tick() == ["spot"]
     ray.free_now[1] = Node("n1", 0, 0)
@@ -347,9 +346,7 @@ def test_a_preempted_job_that_does_not_stop_is_stopped_through_ray_and_resumes_f
 
 def test_a_job_that_says_it_was_preempted_when_it_was_not_fails(world):
     store, ray, clock, add, d = world
-    ray.types = []
-    ray.nodes_now.append(Node("n1", 1, 2))
-    ray.free_now.append(Node("n1", 1, 2))
+    fixed_node(ray)
     job_dir = add("a")
     d.tick()
     (job_dir / PREEMPTED).write_text(json.dumps({"step": 2}))  # its own code wrote it, to go back in the queue
@@ -361,9 +358,7 @@ def test_a_job_that_says_it_was_preempted_when_it_was_not_fails(world):
 
 def test_a_folder_planted_where_the_server_writes_or_removes_never_stops_the_pass(world):
     store, ray, clock, add, d = world
-    ray.types = []
-    ray.nodes_now.append(Node("n1", 1, 2))
-    ray.free_now.append(Node("n1", 1, 2))
+    fixed_node(ray)
     a = add("a")
     (a / CONTROL).mkdir()
     (a / PREEMPTED).mkdir()
@@ -432,9 +427,7 @@ def test_the_runners_request_sits_beside_what_others_asked_for_and_is_written_ag
 
 def test_a_job_preempted_before_it_trains_is_requeued_by_a_server_restarted_meanwhile(world):
     store, ray, clock, add, d = world
-    ray.types = []
-    ray.nodes_now.append(Node("n1", 1, 2))
-    ray.free_now.append(Node("n1", 1, 2))
+    fixed_node(ray)
     add("spot", extra="  preemptible: true\n")
     assert d.tick() == ["spot"]
     store.db.execute("UPDATE jobs SET state = 'STARTING'")  # its driver has not said it runs yet
