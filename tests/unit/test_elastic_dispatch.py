@@ -171,7 +171,8 @@ def test_a_job_on_a_drained_node_is_asked_to_checkpoint_each_step_until_the_node
     assert not (job_dir / CONTROL).exists()
 
 
-def test_a_preempted_job_goes_back_to_the_queue_at_its_step_behind_the_job_it_gave_way_to(world):
+def preempting(world):
+    """spot (preemptible) trains on the one node; urgent, of a higher priority, arrives: spot is asked to stop."""
     store, ray, clock, add, d = world
     fixed_node(ray)
     spot_dir = add("spot", extra="  preemptible: true\n")
@@ -180,8 +181,14 @@ def test_a_preempted_job_goes_back_to_the_queue_at_its_step_behind_the_job_it_ga
     ray.held["spot-1"] = {"n1": (1.0, 2.0)}
     add("urgent", priority=5)
     d.tick()
-    assert read_control(spot_dir)["stop"] is True and d.waiting["urgent"][1] == (
-        "waiting for preemptible job spot to checkpoint and stop")
+    assert read_control(spot_dir)["stop"] is True
+    return spot_dir
+
+
+def test_a_preempted_job_goes_back_to_the_queue_at_its_step_behind_the_job_it_gave_way_to(world):
+    store, ray, clock, add, d = world
+    spot_dir = preempting(world)
+    assert d.waiting["urgent"][1] == "waiting for preemptible job spot to checkpoint and stop"
     (spot_dir / PREEMPTED).write_text(json.dumps({"step": 7}))  # rank 0, at the checkpoint of step 7
     ray.jobs["spot-1"] = "SUCCEEDED"  # its driver ended without testing or exporting
     del ray.held["spot-1"]
@@ -289,20 +296,6 @@ def test_an_attempt_starts_with_no_request_or_preemption_left_by_an_earlier_one(
     ray.jobs["a-1"] = "SUCCEEDED"
     d.tick()
     assert store.get("a").state == "SUCCEEDED"
-
-
-def preempting(world):
-    """spot (preemptible) trains on the one node; urgent, of a higher priority, arrives: spot is asked to stop."""
-    store, ray, clock, add, d = world
-    fixed_node(ray)
-    spot_dir = add("spot", extra="  preemptible: true\n")
-    assert d.tick() == ["spot"]
-    ray.free_now[1] = Node("n1", 0, 0)
-    ray.held["spot-1"] = {"n1": (1.0, 2.0)}
-    add("urgent", priority=5)
-    d.tick()
-    assert read_control(spot_dir)["stop"] is True
-    return spot_dir
 
 
 def test_a_cancel_while_a_job_is_being_preempted_is_a_cancel(world):
