@@ -96,14 +96,14 @@ def compare_task(job_dir: str, threads: int) -> dict | None:
     """compare_with_champion inside a Ray task (the driver runs it with one worker's CPUs and GPUs)."""
     import torch
 
-    from jobs.jobdir import note
+    from jobs.jobdir import model_recipe, note
     from jobs.recipe import SNAPSHOT, load_recipe
 
     from jobs import secrets
 
     secrets.take(Path(job_dir))  # a gated model's token: never through Ray's runtime_env (jobs.secrets)
     torch.set_num_threads(max(1, threads))
-    return compare_with_champion(Path(job_dir), load_recipe(Path(job_dir) / "recipe.yaml", allowed=SNAPSHOT),
+    return compare_with_champion(Path(job_dir), load_recipe(model_recipe(Path(job_dir)), allowed=SNAPSHOT),
                                  log=lambda m: note(Path(job_dir), m))
 
 

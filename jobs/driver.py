@@ -218,24 +218,9 @@ def prepare_job(job_dir: Path) -> Prepared:
     return Prepared(recipe, report.model_path, rows, timings)
 
 
-def train_job(job_dir: Path, prep: Prepared) -> dict:
-    """Run the Ray Train workers, then write the manifest. Returns the eval results ({"preempted": step} where the
-    server preempted it: nothing tested or exported); raises JobFailed."""
-    import ray
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from jobs.train import train_func
-
-    recipe, timings = prep.recipe, prep.timings
-
-    res = recipe.resources
-    use_gpu = res.gpus_per_worker > 0
-    per_worker = {"CPU": res.cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker
-    # no secret among them: Ray shows runtime envs to whoever reaches its dashboard (jobs.secrets hands them over)
+def worker_env() -> dict:
+    """The environment of the training workers: no secret among it (Ray shows runtime envs to whoever reaches its
+    dashboard; jobs.secrets hands the secrets over)."""
     env_vars = {k: os.environ[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                                              "WANDB_MODE",
                                              "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
@@ -245,31 +230,84 @@ def train_job(job_dir: Path, prep: Prepared) -> dict:
     env_vars.update(WORKER_PRIORITY)
     # the driver turns Ray's failure signal handler off (a cancel's SIGTERM is no crash); a worker's SIGSEGV is one
     env_vars["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "0"
-    trainer = TorchTrainer(
+    return env_vars
+
+
+def make_trainer(job_dir: Path, recipe: Recipe, model_path: str, *, prepared: Path | None = None,
+                 recipe_file: Path | None = None, resume_from: list[str] | None = None, phase: str = "job",
+                 callbacks: tuple = ()):
+    """The TorchTrainer of a job (phase "job"), of a sweep's trial ("trial": no test, a checkpoint at every
+    evaluation and at the end) or of the chosen trial's test ("test": no training). prepared: the tokenized data
+    (default <job_dir>/prepared); recipe_file: the recipe the workers read (default <job_dir>/recipe.yaml)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.train import train_func
+
+    res = recipe.resources
+    use_gpu = res.gpus_per_worker > 0
+    per_worker = {"CPU": res.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    config = {"job_dir": str(job_dir), "model_path": model_path,
+              "resume_from": checkpoints_newest_first(job_dir) if resume_from is None else resume_from,
+              "attempt": os.environ.get("RUNNER_ATTEMPT") if phase == "job" else None, "phase": phase}
+    if prepared is not None:
+        config["prepared"] = str(prepared)
+    if recipe_file is not None:
+        config["recipe"] = str(recipe_file)
+    return TorchTrainer(
         train_func,
-        train_loop_config={"job_dir": str(job_dir), "model_path": prep.model_path,
-                           "resume_from": checkpoints_newest_first(job_dir),
-                           "attempt": os.environ.get("RUNNER_ATTEMPT")},
+        train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu and _has_cuda() else "gloo"),
         run_config=RunConfig(name="checkpoints", storage_path=str(job_dir),
                              failure_config=FailureConfig(max_failures=res.max_failures),
-                             callbacks=[_lifecycle_callback(job_dir, res.max_failures)],
+                             callbacks=[_lifecycle_callback(job_dir, res.max_failures), *callbacks],
                              checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
-                             worker_runtime_env={"env_vars": env_vars}),
+                             worker_runtime_env={"env_vars": worker_env()}),
     )
-    (job_dir / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's, never this one's
-    t0 = time.perf_counter()
+
+
+def fit(trainer, job_dir: Path) -> None:
+    """trainer.fit(); JobFailed with the reason a person can act on."""
+    import ray.train
+
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
         reason = (job_dir / "failure.txt").read_text() if (job_dir / "failure.txt").exists() else _reason(e)
         raise JobFailed(reason) from None
+
+
+def train_job(job_dir: Path, prep: Prepared) -> dict:
+    """Run the Ray Train workers, then write the manifest. Returns the eval results ({"preempted": step} where the
+    server preempted it: nothing tested or exported); raises JobFailed."""
+    if prep.recipe.sweep is not None:
+        from jobs.sweep import sweep_job
+
+        return sweep_job(job_dir, prep)
+    recipe, timings = prep.recipe, prep.timings
+    trainer = make_trainer(job_dir, recipe, prep.model_path)
+    (job_dir / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's, never this one's
+    t0 = time.perf_counter()
+    fit(trainer, job_dir)
     timings["train_s"] = time.perf_counter() - t0
     stopped = read_preempted(job_dir)
     if stopped is not None:  # the server preempted it for a job ahead in the queue: it resumes from this step
         event(job_dir, f"preempted: checkpointed at step {stopped} and stopped; the server queues it again")
         return {"preempted": stopped}
+    return finish_job(job_dir, recipe, prep)
+
+
+def finish_job(job_dir: Path, recipe: Recipe, prep: Prepared) -> dict:
+    """After the test (eval.json): the comparison with a registered model's champion, the export and its checks,
+    manifest.json. Returns the eval results; raises JobFailed."""
+    import ray
+
+    timings, res = prep.timings, recipe.resources
+    use_gpu = res.gpus_per_worker > 0
+    env_vars = worker_env()
     if (job_dir / "champion.json").exists():  # a registered model's champion to meet, like for like
         from jobs.compare import compare_task
 
@@ -420,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 RESULTS = ("checkpoints", "best", "eval.json", "model", "adapter", "onnx", "onnx.failed", "manifest.json",
-           "failure.txt", "train.log")
+           "failure.txt", "train.log", "trials", "tune", "sweep.json", "recipe.chosen.yaml")
 
 
 def set_aside(job_dir: Path) -> Path | None:

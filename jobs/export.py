@@ -40,7 +40,7 @@ from jobs.export_checks import (
     Runner, batch_arrays, eos_ids, latencies_ms, ort_generate, outcomes, parity, past_names, prompts, quality_check,
     score, session, summarise, table,
 )
-from jobs.jobdir import first_line
+from jobs.jobdir import first_line, model_recipe
 from jobs.onnx_fusion import fuse, fuse_file, fused_ops, op_counts
 from jobs.quantize import prepare, quantize, remove, sensitivity
 from jobs.recipe import SNAPSHOT, load_recipe
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     job_dir = a.job_dir.resolve()
-    recipe = load_recipe(job_dir / "recipe.yaml", allowed=SNAPSHOT)
+    recipe = load_recipe(model_recipe(job_dir), allowed=SNAPSHOT)
     flags = {k: None if v is None else v == "true" for k, v in (("optimize", a.optimize),
                                                                  ("require_quantized", a.require_quantized))}
     changes = {k: v for k, v in {"onnx": True, "quantize": a.quantize, "opset": a.opset,

@@ -15,6 +15,14 @@ A job is a folder, <RUNNER_HOME>/artifacts/<job id>/, and its state:
                      and stop there (preempted for a job ahead in the queue)          (the server; workers read it)
     preempted.json   the step a job stopped at when preempted                 (rank 0; the server requeues the job)
 
+A sweep (a recipe with `sweep`) is a job folder too, whose trials are job folders inside it:
+
+    trials/t<NNN>/       each trial: recipe.yaml with its values, metrics, checkpoints, events, best/, and
+                         trial.json: its index, values, state (RUNNING, SUCCEEDED, STOPPED, FAILED) and reason
+                                                                              (the sweep's driver; the server follows)
+    sweep.json           every trial's values, state and best validation figure, and the one chosen (the driver)
+    recipe.chosen.yaml   the chosen trial's recipe: what model/, eval.json and onnx/ of the sweep were trained by
+
 Files that grow are written by `append`: one write of whole lines, O_APPEND, 0600, so that two writers never
 interleave a line; readers take only whole lines (`lines_after`) and take every file as untrusted (`read_at`: no
 link followed, nothing but a plain file, bounded).
@@ -42,6 +50,13 @@ FAILURE, EVAL, MANIFEST = "failure.txt", "eval.json", "manifest.json"
 CHECKPOINTS, MODEL, ONNX, EXPORTS = "checkpoints", "model", "onnx", "exports"
 EXPORT_REPORT = "export_report.json"
 CONTROL, PREEMPTED = "control.json", "preempted.json"
+TRIALS, TRIAL, SWEEP, CHOSEN = "trials", "trial.json", "sweep.json", "recipe.chosen.yaml"
+
+
+def model_recipe(job_dir: Path) -> Path:
+    """The recipe the folder's model was trained by: a sweep's chosen trial's, any other job's own."""
+    chosen = Path(job_dir) / CHOSEN
+    return chosen if chosen.is_file() else Path(job_dir) / RECIPE
 
 
 # --- the states -----------------------------------------------------------------------------------------------
@@ -58,6 +73,7 @@ class JobState(str, Enum):
     SUCCEEDED = "SUCCEEDED"  # ended with its model, eval.json and a passing export (final)
     FAILED = "FAILED"  # ended with a reason (failure.txt, the store's reason); `runner retry` queues it again
     CANCELLED = "CANCELLED"  # stopped by a person; `runner retry` queues it again
+    STOPPED = "STOPPED"  # a sweep's trial stopped early by the sweep's scheduler (ASHA): it trailed the others
 
     def __str__(self) -> str:  # the same on every Python: the name, as stored and printed
         return self.value
@@ -67,19 +83,20 @@ class JobState(str, Enum):
 
 
 S = JobState
-TERMINAL = (S.SUCCEEDED, S.FAILED, S.CANCELLED)
+TERMINAL = (S.SUCCEEDED, S.FAILED, S.CANCELLED, S.STOPPED)
 ACTIVE = (S.STARTING, S.RUNNING, S.RETRYING, S.EXPORTING)  # handed to Ray, not yet ended: the dispatcher follows it
 TRAINING = (S.RUNNING, S.RETRYING, S.EXPORTING)  # the driver's own moves, which it writes into events.jsonl
 _ENDINGS = (S.FAILED, S.CANCELLED)
 TRANSITIONS: dict[JobState, tuple[JobState, ...]] = {
     S.QUEUED: (S.STARTING, *_ENDINGS),
     S.STARTING: (S.RUNNING, S.QUEUED, *_ENDINGS),  # QUEUED: preempted (it goes back to the queue at its step)
-    S.RUNNING: (S.EXPORTING, S.SUCCEEDED, S.RETRYING, S.QUEUED, *_ENDINGS),
-    S.RETRYING: (S.RUNNING, S.QUEUED, *_ENDINGS),
+    S.RUNNING: (S.EXPORTING, S.SUCCEEDED, S.RETRYING, S.QUEUED, S.STOPPED, *_ENDINGS),
+    S.RETRYING: (S.RUNNING, S.QUEUED, S.STOPPED, *_ENDINGS),
     S.EXPORTING: (S.SUCCEEDED, *_ENDINGS),
     S.SUCCEEDED: (),
     S.FAILED: (S.QUEUED,),  # a retry: a new attempt of the same job
     S.CANCELLED: (S.QUEUED,),
+    S.STOPPED: (),
 }
 STATES = tuple(JobState)
 
@@ -329,9 +346,9 @@ def read_control(job_dir: Path) -> dict:
     try:
         req = json.loads(raw) if raw else {}
     except ValueError:
-        return {}
+        req = {}
     if not isinstance(req, dict):
-        return {}
+        req = {}
     return {"checkpoint": req.get("checkpoint") is True, "stop": req.get("stop") is True,
             "why": str(req.get("why") or "")[:300], "attempt": req.get("attempt")}
 

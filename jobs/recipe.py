@@ -19,7 +19,7 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from jobs.schema import SELECT_METRICS, TUNING_MODES, Recipe, key_line, roles_for
+from jobs.schema import GRID_MAX, SELECT_METRICS, SWEEP_SECTIONS, TUNING_MODES, Recipe, key_line, roles_for
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: YAML -> interpolation -> schema -> cross-field checks, every problem at once
@@ -188,7 +188,7 @@ def parse_recipe(text: str, source: str = "recipe", base_dir: Path | None = None
     if problems:
         raise RecipeError(source, sorted(problems, key=lambda p: p.line or 0))
     recipe = placed(recipe)
-    problems = [Problem(path, msg, key_line(lines, tuple(path.split(".")))) for path, msg in check_recipe(recipe)]
+    problems = [Problem(path, msg, key_line(lines, key_path(path))) for path, msg in check_recipe(recipe)]
     if problems:
         raise RecipeError(source, problems, recipe if not any(_section(p) in DATA_SECTIONS for p in problems)
                           else None)
@@ -459,6 +459,81 @@ def check_recipe(r: Recipe) -> list[tuple[str, str]]:
     if r.train.eval_every and r.train.checkpoint_every and r.train.checkpoint_every % r.train.eval_every:
         out.append(("train.checkpoint_every", f"{r.train.checkpoint_every} is not a multiple of train.eval_every "
                                               f"({r.train.eval_every}); the best checkpoint is chosen at evaluations"))
+    if r.sweep is not None:
+        out += check_sweep(r)
+    return out
+
+
+def key_path(dotted: str) -> tuple:
+    """A dotted key path as the lines index keys it: a swept parameter's name is one key, dots and all."""
+    head = "sweep.parameters."
+    if dotted.startswith(head):
+        return ("sweep", "parameters", dotted[len(head):])
+    return tuple(dotted.split("."))
+
+
+def check_sweep(r: Recipe) -> list[tuple[str, str]]:
+    """A sweep's parameters against the schema (each path, and each value a trial may get), its metric, its size."""
+    sw, out = r.sweep, []
+    base = r.model_dump(mode="python")
+    base.pop("sweep", None)
+    for path, spec in sw.parameters.items():
+        key = f"sweep.parameters.{path}"
+        parts = path.split(".")
+        if parts[0] not in SWEEP_SECTIONS or len(parts) < 2:
+            out.append((key, f"a sweep searches {' and '.join(f'{s}.*' for s in SWEEP_SECTIONS)} (e.g. train.lr, "
+                             f"tuning.r); {path!r} is not there: a trial's data, model and resources are the "
+                             "sweep's"))
+            continue
+        if path in ("tuning.mode", "train.callbacks"):
+            out.append((key, f"{path} cannot be swept: trials of one sweep share the tuning mode and callbacks"))
+            continue
+        section = base[parts[0]]
+        if parts[-1] not in section or len(parts) != 2:
+            known = sorted(k for k in section if k != "mode")
+            where = f"tuning (mode {r.tuning.mode})" if parts[0] == "tuning" else parts[0]
+            out.append((key, f"unknown key{did_you_mean(parts[-1], known)}; {where} has: {', '.join(known)}"))
+            continue
+        if spec.kind == "choice":
+            tries = list(spec.values)
+        else:  # the ends and a point between them: a whole-number key refuses the point of a real range
+            lo, hi = spec.values
+            tries = [lo, hi] if spec.kind == "randint" else [lo, hi, lo + (hi - lo) * 0.37]
+        for v in tries:
+            trial = {**base, parts[0]: {**base[parts[0]], parts[1]: v}}
+            try:
+                Recipe.model_validate(trial)
+            except ValidationError as e:
+                err = next((x for x in e.errors() if tuple(str(p) for p in x["loc"][:2]) == tuple(parts)),
+                           e.errors()[0])
+                if spec.kind in ("uniform", "loguniform") and err["type"].startswith("int"):
+                    why = (f"{path} takes whole numbers; {spec.kind} draws fractions: use randint [low, high] or "
+                           "choice")
+                else:
+                    why = f"{v!r} is refused by {path}: {err['msg']}"
+                out.append((key, why))
+                break
+    known = SELECT_METRICS[r.task]
+    if sw.metric is not None and sw.metric not in known:
+        out.append(("sweep.metric", f"{sw.metric!r} is not a validation metric of task '{r.task}'"
+                                    f"{did_you_mean(sw.metric, known)}; expected one of {', '.join(known)}"))
+    if sw.search == "grid":
+        ranges = [p for p, s in sw.parameters.items() if s.kind != "choice"]
+        if ranges:
+            out.append(("sweep.search", f"grid takes every combination of `choice` lists; {', '.join(ranges)} "
+                                        "is a range: give it as choice, or use search random or tpe"))
+        elif sw.grid_size > GRID_MAX:
+            out.append(("sweep.parameters", f"the grid has {sw.grid_size:,} combinations; at most {GRID_MAX}: "
+                                            "fewer values, or search random with trials"))
+        if sw.trials is not None and not ranges and sw.trials != sw.grid_size:
+            out.append(("sweep.trials", f"{sw.trials}: search grid runs each of its {sw.grid_size} combinations "
+                                        f"once; leave trials out, or set it to {sw.grid_size}"))
+    if r.resources.preemptible:
+        out.append(("resources.preemptible", "a sweep cannot be preempted (its trials stop and resume as one): "
+                                             "set it false"))
+    if r.schedule is not None:
+        out.append(("schedule", "a scheduled retrain of a sweep is not supported: schedule the recipe without "
+                                "`sweep`, with the values a sweep chose"))
     return out
 
 

@@ -420,6 +420,88 @@ class ScheduleSpec(_Strict):
         return self
 
 
+Scalar = Union[bool, int, float, str]  # bool first: YAML's true stays a bool, not 1
+GRID_MAX = 256  # a grid of more combinations than this is refused (say a random search of so many trials instead)
+SWEEP_SECTIONS = ("train", "tuning")  # what a sweep may search: a trial's data and model are the sweep's
+EXPONENT = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+class ParameterSpec(_Strict):
+    """How a swept parameter's values are drawn; exactly one key."""
+
+    choice: list[Scalar] | None = Field(None, min_length=1, max_length=64, description="These values (a grid's "
+                                        "points with `search: grid`).")
+    uniform: list[float] | None = Field(None, min_length=2, max_length=2, description="`[low, high]`: any number "
+                                        "between, evenly.")
+    loguniform: list[float] | None = Field(None, min_length=2, max_length=2, description="`[low, high]`, both "
+                                           "above 0: evenly on a log scale (learning rates).")
+    randint: list[int] | None = Field(None, min_length=2, max_length=2, description="`[low, high]`: a whole "
+                                      "number from low to high, both included.")
+
+    @field_validator("choice", mode="after")
+    @classmethod
+    def _exponents(cls, v):
+        """`1e-5` is text to YAML 1.1 (PyYAML), a number to YAML 1.2 and to whoever wrote it: a number here."""
+        return None if v is None else [float(x) if isinstance(x, str) and EXPONENT.fullmatch(x) else x for x in v]
+
+    @model_validator(mode="after")
+    def _one(self) -> "ParameterSpec":
+        given = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice, uniform, loguniform, randint (got "
+                             f"{', '.join(given) or 'none'})")
+        lo_hi = self.uniform or self.loguniform or self.randint
+        if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+            raise ValueError(f"{given[0]} [{lo_hi[0]:g}, {lo_hi[1]:g}]: the low end must be below the high end")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform [{self.loguniform[0]:g}, {self.loguniform[1]:g}]: both ends above 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
+
+    @property
+    def values(self) -> list:
+        return getattr(self, self.kind)
+
+
+class SweepSpec(_Strict):
+    """Search this recipe's own hyperparameters: each trial is the recipe with the parameters filled in."""
+
+    parameters: dict[str, ParameterSpec] = Field(min_length=1, max_length=16, description="Dotted paths into the "
+                                                 "recipe's `train` and `tuning` (`train.lr`, `tuning.r`) and how "
+                                                 "their values are drawn.")
+    trials: int | None = Field(None, ge=1, le=1000, description="Configurations to try; default 10 (random, "
+                               "tpe), every combination once (grid).")
+    search: Literal["grid", "random", "tpe"] = Field("random", description="`grid`: every combination of the "
+                                                     "`choice` lists; `random`; `tpe`: Optuna's Tree-structured "
+                                                     "Parzen Estimator, each trial drawn where earlier ones scored "
+                                                     "well.")
+    seed: int | None = Field(None, description="Seed of the draws (random, tpe); default `train.seed`. The same "
+                             "seed draws the same configurations.")
+    metric: str | None = Field(None, description="Validation metric that chooses the trial (and each trial's best "
+                               "weights); default the task's select metric. Its direction is the task's.")
+    max_concurrent: int = Field(1, ge=1, le=64, description="Trials at once; each holds the recipe's `resources`.")
+    early_stop: Literal["none", "asha"] = Field("none", description="`asha`: stop trials whose validation metric "
+                                                "trails the others' at an evaluation (Asynchronous Successive "
+                                                "Halving); `none`: every trial runs to its end.")
+
+    @property
+    def grid_size(self) -> int:
+        n = 1
+        for p in self.parameters.values():
+            n *= len(p.values) if p.kind == "choice" else 0
+        return n
+
+    @property
+    def count(self) -> int:
+        """How many trials the sweep runs."""
+        if self.search == "grid":
+            return self.grid_size
+        return self.trials or 10
+
+
 # The validation metric that picks the best weights, per task, and whether higher is better; the first is the default.
 SELECT_METRICS = {
     "classification": {"accuracy": True, "macro_f1": True, "loss": False},
@@ -472,6 +554,9 @@ class Recipe(_Strict):
                                     "server becomes a version of it, promoted to `champion` when it beats the current "
                                     "one (see `promotion`).")
     promotion: PromotionSpec = Field(default_factory=PromotionSpec)
+    sweep: SweepSpec | None = Field(None, description="Search hyperparameters: one sweep job whose trials are "
+                                    "this recipe with other values; the best on validation is tested, exported "
+                                    "and registered.")
 
     @model_validator(mode="after")
     def _gate_metric(self) -> "Recipe":
@@ -488,6 +573,12 @@ class Recipe(_Strict):
         """(validation metric that picks the best weights, higher is better)."""
         metric = self.train.select_metric or next(iter(SELECT_METRICS[self.task]))
         return metric, SELECT_METRICS[self.task][metric]
+
+    @property
+    def sweep_metric(self) -> tuple[str, bool]:
+        """(validation metric that chooses a sweep's trial, higher is better)."""
+        metric = (self.sweep and self.sweep.metric) or self.select_metric[0]
+        return metric, SELECT_METRICS[self.task].get(metric, False)
 
     @property
     def group_by_length(self) -> bool:

@@ -160,10 +160,11 @@ def train_func(config: dict) -> None:
 
     run = _set_up(config)
     run.attempt = config.get("attempt")
+    phase = config.get("phase", "job")  # "trial": a sweep's (no test); "test": the chosen trial's test, no training
     state = _resume(run, config.get("resume_from", []))
     run.callbacks.on_start(run.loop)
     t = run.recipe.train
-    if run.recipe.task == "causal_lm" and state.step == 0 and state.baseline is None:
+    if run.recipe.task == "causal_lm" and state.step == 0 and state.baseline is None and phase == "job":
         # the base model before any update (LoRA's B starts at zero): what tuning must beat on the test rows
         state.baseline = {"what": "the base model before tuning", **run.evaluate(run.test_ds)}
     if run.rank == 0:
@@ -172,7 +173,7 @@ def train_func(config: dict) -> None:
         run.alarms = Alarms(run.steps, run.per_epoch, warmup_steps(run.recipe, run.steps), t.lr, raised=state.alarms)
 
     run.model.train()
-    done = state.step >= run.steps or state.stopped_early
+    done = state.step >= run.steps or state.stopped_early or phase == "test"
     val = None  # the latest validation metrics, of the weights as they are now
     while not done:
         by_step = epoch_plan(len(run.train_ds), t.seed, state.epoch, run.world, t.batch_size, t.grad_accum,
@@ -188,8 +189,12 @@ def train_func(config: dict) -> None:
                 val = _validate(run, state, rec["epoch"])
                 report.update({f"val_{k}": v for k, v in val.items()})
             done = finished or state.stopped_early
+            if done and phase == "trial":
+                report["final"] = 1  # a trial's last evaluation (Tune reads "done" as its own): nothing left to stop
             asked, stop = run.asked[0] and not done, run.asked[1] and not done  # the server's (control.json)
-            if not done and (state.step % run.ckpt_every == 0 or asked or stop):
+            # a trial checkpoints at every evaluation (each is a report the sweep's scheduler judges) and at its
+            # end, where the chosen one's test resumes
+            if (not done and (state.step % run.ckpt_every == 0 or asked or stop)) or (done and phase == "trial"):
                 checkpoint(report, state, run.raw, run.optimizer, run.rank, run.shards)
                 if (asked or stop) and run.rank == 0:
                     note(run.job_dir, f"checkpoint at step {state.step}, as the server asked: {run.asked[2]}")
@@ -203,6 +208,8 @@ def train_func(config: dict) -> None:
                 return
 
     run.callbacks.on_end(run.loop, run.raw)
+    if phase == "trial":  # the test split is scored once, on the chosen trial, after the search (jobs.sweep)
+        return
     _test_and_save(run, state, val)
     ray.train.report({"step": state.step, "done": 1})
 
@@ -293,8 +300,9 @@ def _set_up(config: dict) -> Run:
 
     job_dir = Path(config["job_dir"])
     secrets.take(job_dir)  # the tokens the driver handed over (never through Ray's runtime_env)
-    prepared = job_dir / "prepared"
-    recipe = parse_recipe((job_dir / RECIPE).read_text(), source=RECIPE, env=os.environ, allowed=SNAPSHOT)
+    prepared = Path(config.get("prepared") or job_dir / "prepared")  # a sweep's trials share the sweep's
+    recipe = parse_recipe(Path(config.get("recipe") or job_dir / RECIPE).read_text(), source=RECIPE, env=os.environ,
+                          allowed=SNAPSHOT)
     use_gpu = recipe.needs_gpu and torch.cuda.is_available()
     torch.set_num_threads(max(1, int(recipe.resources.cpus_per_worker)))
     set_seed(recipe.train.seed)

@@ -43,13 +43,19 @@ def remove_job(store: Store, job_id: str, root: Path) -> dict:
     store.get(job_id)
     with store.transaction():
         job = store.get(job_id)
+        if job.kind == "trial":
+            raise StoreError(f"{job_id} is a trial of sweep {job.parent}: it goes with its sweep (runner rm "
+                             f"{job.parent})")
         if job.state not in TERMINAL:
             raise StoreError(f"job {job_id} is {job.state}: cancel it first (runner cancel {job_id})")
         version = registered_as(store, job_id)
         if version:
             raise StoreError(f"job {job_id} is {version} in the model registry: its files stay while the version does")
+        trials = [t.id for t in store.trials(job_id)]
         for table in ("events", "metrics", "attempts"):
-            store.db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+            for one in (job_id, *trials):
+                store.db.execute(f"DELETE FROM {table} WHERE job_id = ?", (one,))
+        store.db.execute("DELETE FROM jobs WHERE parent = ?", (job_id,))
         # a schedule's fire keeps its record; with no job id, a restarted server does not queue the job again
         store.db.execute("UPDATE fires SET job_id = NULL, reason = reason || '; its job ' || ? || ' was removed' "
                          "WHERE job_id = ?", (job_id, job_id))

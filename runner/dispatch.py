@@ -35,14 +35,16 @@ from pathlib import Path
 
 from dataclasses import dataclass
 
-from jobs.jobdir import (ACTIVE, CONTROL, PREEMPTED, TERMINAL, TRAINING, JobState, can_move,
+from jobs.jobdir import (ACTIVE, CONTROL, PREEMPTED, TERMINAL, TRAINING, TRIAL, TRIALS, JobState, can_move,
                          checkpoints_newest_first, clear_control, first_line, read_at, read_control, read_preempted,
                          whole_lines, write_control)
-from runner.jobfiles import export_note, read_text
+from runner.jobfiles import export_note, read_json, read_text
 from runner.queue import FIRST_FIT, Need, Node, Queued, Running, decide, place, refusal, taken
 from runner.store import InvalidTransition, Job, Store, StoreError
 
 LOST_AFTER = 30.0
+TRIAL_NAME = re.compile(r"t[0-9]{3,4}")  # a sweep's trial folder (jobs.sweep.trial_dir)
+MAX_TRIALS = 1000  # as jobs.schema's sweep.trials
 WORKER_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_MODE",
               "RUNNER_VERBOSE", "RUNNER_SHARED_STORAGE", "RUNNER_CALLBACKS")
 # Ray's own token is not among them: the drivers inherit it from the Ray head they run on, and env_vars of a job are
@@ -718,6 +720,8 @@ class Dispatcher:
             self.store.note(job.id, f"the job's last lines could not be read: {type(e).__name__}: {first_line(e)}",
                             level="warning")
             job = self.store.get(job.id)
+        if job.kind == "sweep":
+            self._follow_trials(job)
         if status not in ("SUCCEEDED", "STOPPED", "FAILED"):
             return
         preempted = self._preempted(job)
@@ -772,7 +776,69 @@ class Dispatcher:
             except OSError:  # a folder planted there by the job's own code: the workers read nothing from it
                 pass
 
+    def _follow_trials(self, sweep: Job, ended: str | None = None) -> None:
+        """A sweep's trials into the store: a row for each trial folder its driver made, their lines, their
+        endings (trial.json), a trial a retried sweep started again. ended: the sweep's ending; a trial that has
+        not ended by it is CANCELLED with a cancelled sweep, FAILED with any other."""
+        root = Path(sweep.job_dir) / TRIALS
+        names = []
+        if root.is_dir() and not root.is_symlink():
+            with os.scandir(root) as entries:
+                for e in entries:
+                    if TRIAL_NAME.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
+                        names.append(e.name)
+                    if len(names) >= MAX_TRIALS:
+                        break
+        known = {t.id: t for t in self.store.trials(sweep.id)}
+        for name in sorted(names):
+            folder = str(root / name)
+            doc = read_json(folder, TRIAL) or {}
+            tid = f"{sweep.id}-{name}"
+            trial = known.get(tid)
+            if trial is None:
+                if doc.get("state") is None:  # its driver is still writing it
+                    continue
+                values = doc.get("values") if isinstance(doc.get("values"), dict) else {}
+                values = {str(k)[:200]: v[:200] if isinstance(v, str) else v for k, v in list(values.items())[:32]
+                          if isinstance(v, (int, float, str, bool)) and (not isinstance(v, float) or math.isfinite(v))}
+                trial = self.store.add_trial(tid, sweep, read_text(folder, "recipe.yaml") or "", folder, values,
+                                             f"trial {name[1:].lstrip('0') or '0'} of sweep {sweep.id} started")
+            try:
+                self._trial_state(trial, doc)
+            except StoreError as e:  # one trial's trouble leaves the others going; said once in its events
+                self.store.note(trial.id, f"the server could not follow the trial this pass: {first_line(e)}",
+                                level="warning")
+        if ended is None:
+            return
+        for trial in self.store.trials(sweep.id):
+            if trial.state not in TERMINAL:
+                state = JobState.CANCELLED if ended == JobState.CANCELLED else JobState.FAILED
+                self.store.set_state(trial.id, state, expect=trial.state,
+                                     reason=f"the sweep ended ({ended}) before the trial did")
+
+    def _trial_state(self, trial: Job, doc: dict) -> None:
+        state, started = doc.get("state"), doc.get("started")
+        again = (trial.state in (JobState.FAILED, JobState.CANCELLED) and state == JobState.RUNNING
+                 and _number(started) and started is not None and started > (trial.ended_at or 0))
+        if again:  # a retried sweep runs the trial again (it resumes from its checkpoints)
+            self.store.set_state(trial.id, JobState.QUEUED, expect=trial.state, resume=True,
+                                 message="the sweep's retry runs the trial again")
+            trial = self.store.set_state(trial.id, JobState.STARTING, expect=JobState.QUEUED,
+                                         offsets=self._sizes(trial))
+            trial = self.store.set_state(trial.id, JobState.RUNNING, expect=JobState.STARTING)
+        trial = self._copy(trial, self.store.attempt(trial.id))
+        if trial.state in TERMINAL or state not in (JobState.SUCCEEDED, JobState.STOPPED, JobState.FAILED):
+            return
+        reason = str(doc.get("reason") or "")[:2000] or {JobState.SUCCEEDED: "trained to its end",
+                                                        JobState.STOPPED: "stopped early",
+                                                        JobState.FAILED: "the trial failed"}[state]
+        if state == JobState.SUCCEEDED and trial.state != JobState.RUNNING:
+            trial = self.store.set_state(trial.id, JobState.RUNNING, expect=trial.state)
+        self.store.set_state(trial.id, state, expect=trial.state, reason=reason)
+
     def _end(self, job: Job, state: str, reason: str | None = None) -> None:
+        if job.kind == "sweep":
+            self._guard("the sweep's trials", self._follow_trials, job, state)
         self._forget(job)
         try:  # jobs.secrets.FILE: the driver removes it as it ends; one killed (SIGKILL, a lost node) cannot
             (Path(job.job_dir) / ".secrets.json").unlink(missing_ok=True)

@@ -189,6 +189,14 @@ MIGRATIONS: list = [
     """
     ALTER TABLE events ADD COLUMN level TEXT
     """,
+    # 7: sweeps: a trial is a job whose parent is its sweep (kind 'trial', its values as JSON in params); a sweep is
+    #    kind 'sweep'; other jobs have neither. Lists show the jobs without a parent; a sweep's trials go with it.
+    """
+    ALTER TABLE jobs ADD COLUMN parent TEXT;
+    ALTER TABLE jobs ADD COLUMN kind TEXT;
+    ALTER TABLE jobs ADD COLUMN params TEXT;
+    CREATE INDEX jobs_parent ON jobs (parent, id)
+    """,
 ]
 LEVELS = ("warning",)
 
@@ -226,10 +234,15 @@ class Job:
     model: str | None = None
     mode: str | None = None
     progress: str | None = None  # JSON: the latest training figures (see Store.add_metrics)
+    parent: str | None = None  # a trial's sweep
+    kind: str | None = None  # 'sweep', 'trial', or None: a job
+    params: str | None = None  # JSON: a trial's values
 
     def to_json(self) -> dict:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "recipe"}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("recipe", "params")}
         out["progress"] = json.loads(self.progress) if self.progress else None
+        if self.kind == "trial":
+            out["values"] = json.loads(self.params) if self.params else {}
         return out
 
 
@@ -299,19 +312,46 @@ class Store:
     # --- jobs -----------------------------------------------------------------------------------------------------
 
     def add_job(self, job_id: str, name: str, recipe_snapshot: str, job_dir: str, workers: int, cpus: float,
-                gpus: float, priority: int = 0) -> Job:
+                gpus: float, priority: int = 0, kind: str | None = None) -> Job:
         now = self.clock()
         model, mode = recipe_summary(recipe_snapshot)
         with self.transaction():
             try:
                 self.db.execute(
                     "INSERT INTO jobs (id, name, state, priority, recipe, job_dir, workers, cpus, gpus, created_at, "
-                    "updated_at, model, mode) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, name, priority, recipe_snapshot, job_dir, workers, cpus, gpus, now, now, model, mode))
+                    "updated_at, model, mode, kind) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, name, priority, recipe_snapshot, job_dir, workers, cpus, gpus, now, now, model, mode,
+                     kind))
             except sqlite3.IntegrityError:
                 raise StoreError(f"job id '{job_id}' is taken") from None
             self._event(job_id, None, JobState.QUEUED, "submitted", now)
         return self.get(job_id)
+
+    def add_trial(self, trial_id: str, sweep: Job, recipe_snapshot: str, job_dir: str, values: dict,
+                  message: str) -> Job:
+        """A sweep's trial, RUNNING in its first attempt (the sweep's driver started it); never queued: the sweep
+        holds its resources. Returns the existing one where it is there already (a restarted server)."""
+        now = self.clock()
+        model, mode = recipe_summary(recipe_snapshot)
+        with self.transaction():
+            try:
+                self.db.execute(
+                    "INSERT INTO jobs (id, name, state, priority, recipe, job_dir, workers, cpus, gpus, created_at, "
+                    "updated_at, started_at, attempt, model, mode, parent, kind, params) VALUES (?, ?, 'RUNNING', 0, "
+                    "?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, 'trial', ?)",
+                    (trial_id, sweep.name, recipe_snapshot, job_dir, max(1, sweep.workers), sweep.cpus, sweep.gpus,
+                     now, now, now, model, mode, sweep.id, json.dumps(values)))
+            except sqlite3.IntegrityError:
+                return self.get(trial_id)
+            self.db.execute("INSERT INTO attempts (job_id, attempt, started_at, metrics_offset, events_offset, resume) "
+                            "VALUES (?, 1, ?, 0, 0, 0)", (trial_id, now))
+            self._event(trial_id, None, JobState.RUNNING, message, now)
+        return self.get(trial_id)
+
+    def trials(self, sweep_id: str) -> list[Job]:
+        """A sweep's trials, in their order."""
+        return [Job(**dict(r)) for r in self.db.execute("SELECT * FROM jobs WHERE parent = ? ORDER BY id",
+                                                        (sweep_id,))]
 
     def get(self, job_id: str) -> Job:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -332,14 +372,14 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         """Jobs by state, every state present (0 where none)."""
-        have = dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        have = dict(self.db.execute("SELECT state, COUNT(*) FROM jobs WHERE parent IS NULL GROUP BY state").fetchall())
         return {s: have.get(s, 0) for s in STATES}
 
     @staticmethod
     def _where(state: str | None, name: str | None, text: str | None) -> tuple[str, list]:
         if state is not None and state not in STATES:
             raise StoreError(f"state '{state}' is not one of {', '.join(STATES)}")
-        where, args = [], []
+        where, args = ["parent IS NULL"], []  # a sweep's trials are listed with it (Store.trials)
         if state:
             where.append("state = ?")
             args.append(state)
@@ -355,7 +395,7 @@ class Store:
     def queue(self) -> list[Job]:
         """QUEUED jobs in dispatch order: priority, then age."""
         return [Job(**dict(r)) for r in self.db.execute(
-            "SELECT * FROM jobs WHERE state = 'QUEUED' ORDER BY priority DESC, created_at, id")]
+            "SELECT * FROM jobs WHERE state = 'QUEUED' AND parent IS NULL ORDER BY priority DESC, created_at, id")]
 
     def set_state(self, job_id: str, new: str, reason: str | None = None, *, expect: str | None = None,
                   message: str | None = None, resume: bool | None = None, offsets: tuple[int, int] = (0, 0)) -> Job:

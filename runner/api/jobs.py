@@ -186,10 +186,15 @@ def cancel(job_id: str, svc: Service = SVC) -> dict:
 def retry(job_id: str, req: RetryRequest | None = None, svc: Service = SVC) -> dict:
     store = svc.store
     job = store.get(job_id)
+    if job.kind == "trial":
+        raise HTTPException(409, f"{job_id} is a trial of sweep {job.parent}: retry the sweep (runner retry "
+                                 f"{job.parent} runs only the trials that did not finish)")
     if job.state not in (JobState.FAILED, JobState.CANCELLED):
         raise HTTPException(409, f"job {job_id} is {job.state}; only a FAILED or CANCELLED job can be retried")
-    resume = bool(req and req.from_checkpoint)
+    resume = bool(req and req.from_checkpoint) or job.kind == "sweep"
     how = "from its last checkpoint" if resume else "from the start"
+    if job.kind == "sweep":  # a sweep's retry is its search going on: ended trials stand, the others resume
+        how = "of the trials that did not finish, each from its last checkpoint"
     out = store.set_state(job_id, JobState.QUEUED, message=f"retry {how} (attempt {job.attempt + 1})",
                           expect=job.state, resume=resume)
     svc.wake.set()

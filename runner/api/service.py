@@ -5,6 +5,8 @@ after a submit, cancel or retry (`wake`)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 import threading
@@ -14,11 +16,12 @@ from pathlib import Path
 
 from fastapi import Depends, HTTPException, Request
 
-from jobs.jobdir import STATES, TERMINAL, JobState
+from jobs.jobdir import STATES, SWEEP, TERMINAL, JobState
 from jobs.jobdir import shared_storage_problem, write_json
 from jobs.recipe import RecipeError, parse_recipe
-from jobs.schema import NAME_RE, NAME_RULE, callback_refusal
+from jobs.schema import NAME_RE, NAME_RULE, SELECT_METRICS, callback_refusal
 from runner.client import artifacts_root
+from runner.jobfiles import read_json
 from runner.store import Store, eta_seconds
 
 
@@ -26,7 +29,47 @@ def need_of_recipe(recipe):
     from runner.queue import Need
 
     r = recipe.resources
-    return Need(r.workers, r.cpus_per_worker, r.gpus_per_worker)
+    return Need(sweep_workers(recipe), r.cpus_per_worker, r.gpus_per_worker)
+
+
+def sweep_metric(snapshot: str) -> tuple[str, bool]:
+    """(the metric that chooses a sweep's trial, higher is better), from its recipe snapshot (checked when
+    submitted; anything odd reads as the task's default)."""
+    doc = _yaml(snapshot)
+    task = doc.get("task") if doc.get("task") in SELECT_METRICS else "classification"
+    sweep = doc.get("sweep") if isinstance(doc.get("sweep"), dict) else {}
+    train = doc.get("train") if isinstance(doc.get("train"), dict) else {}
+    for metric in (sweep.get("metric"), train.get("select_metric"), next(iter(SELECT_METRICS[task]))):
+        if isinstance(metric, str) and metric in SELECT_METRICS[task]:
+            return metric, SELECT_METRICS[task][metric]
+    raise AssertionError("unreachable: the task's default is a metric")
+
+
+def sweep_count(snapshot: str) -> int | None:
+    """How many trials a sweep runs, from its snapshot; None where it does not say."""
+    from jobs.schema import SweepSpec
+
+    doc = _yaml(snapshot)
+    try:
+        return SweepSpec.model_validate(doc.get("sweep")).count
+    except ValueError:
+        return None
+
+
+def _yaml(snapshot: str) -> dict:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(snapshot[:1_000_000]) if isinstance(snapshot, str) else None
+    except yaml.YAMLError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def sweep_workers(recipe) -> int:
+    """The workers a job holds at once: a sweep's are max_concurrent trials' (each the recipe's resources)."""
+    r = recipe.resources
+    return r.workers * (recipe.sweep.max_concurrent if recipe.sweep is not None else 1)
 
 
 class Service:
@@ -112,7 +155,31 @@ class Service:
             out["queue_position"] = order.index(job.id) + 1 if job.id in order else None
             out["waiting_for"] = waits[1] if waits else ("no Ray cluster attached" if self.dispatcher is None
                                                          else "the next dispatch pass")
+        if job.kind == "sweep":
+            out["sweep"] = self.sweep_of(job)
         return out
+
+    def sweep_of(self, job) -> dict:
+        """A sweep's trials as its table shows them (values, state, best validation figure, steps, time), the
+        metric that chooses, and the trial chosen (sweep.json, once the search is over)."""
+        metric, higher = sweep_metric(job.recipe)
+        chosen = read_json(job.job_dir, SWEEP)
+        index = chosen.get("chosen") if chosen else None
+        chosen_id = f"{job.id}-t{index:03d}" if isinstance(index, int) and not isinstance(index, bool) else None
+        now, trials = self.clock(), []
+        for t in self.store.trials(job.id):
+            cols = self.store.metrics_columns(t.id, "validation", (metric,))
+            pairs = [(v, s) for v, s in zip(cols[metric], cols["step"]) if isinstance(v, (int, float))
+                     and not isinstance(v, bool) and math.isfinite(v)]
+            best = (max if higher else min)(pairs, key=lambda p: p[0]) if pairs else None
+            progress = json.loads(t.progress) if t.progress else {}
+            trials.append({"id": t.id, "state": t.state, "reason": t.reason, "values": json.loads(t.params or "{}"),
+                           "best": best and best[0], "best_step": best and best[1],
+                           "steps": progress.get("step"), "total_steps": progress.get("total_steps"),
+                           "duration_s": round((t.ended_at or now) - t.started_at, 1) if t.started_at else None,
+                           "chosen": t.id == chosen_id})
+        return {"metric": metric, "higher_is_better": higher, "chosen": chosen_id, "trials": trials,
+                "trial_count": sweep_count(job.recipe)}
 
     def listing(self, state: str | None, name: str | None, q: str | None, limit: int, offset: int) -> dict:
         if state is not None and state.upper() not in STATES:
@@ -166,14 +233,18 @@ class Service:
         snapshot = recipe.snapshot_yaml()
         (job_dir / "recipe.yaml").write_text(snapshot, encoding="utf-8")
         priority = priority if priority is not None else recipe.resources.priority
-        job = self.store.add_job(job_id, name, snapshot, str(job_dir), res.workers, res.cpus_per_worker,
-                                 res.gpus_per_worker, priority=priority)
+        job = self.store.add_job(job_id, name, snapshot, str(job_dir), sweep_workers(recipe), res.cpus_per_worker,
+                                 res.gpus_per_worker, priority=priority,
+                                 kind="sweep" if recipe.sweep is not None else None)
         self.wake.set()
         return job
 
     def stop_job(self, job_id: str, reason: str = "cancelled by the user"):
         """Cancel a job: a queued one at once, a running one through Ray; 409 when it has ended."""
         job = self.store.get(job_id)
+        if job.kind == "trial":
+            raise HTTPException(409, f"{job_id} is a trial of sweep {job.parent}: its trials end with the sweep "
+                                     f"(runner cancel {job.parent})")
         if job.state in TERMINAL:
             raise HTTPException(409, f"job {job_id} has already ended ({job.state})")
         if self.dispatcher is not None and job.state != JobState.QUEUED:

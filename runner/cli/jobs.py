@@ -150,13 +150,47 @@ def list_jobs(
         typer.echo("no jobs" + (" match" if state or name else " yet"))
         say_next("runner submit recipe.yaml")
         return
-    width = max(len(j["id"]) for j in jobs)
-    typer.echo(f"{'ID':<{width}}  {'STATE':<10} {'PRI':>4}  {'UPDATED':<10} NOTE")
+    rows = []  # a sweep's trials under it, indented
     for j in jobs:
+        rows.append((j["id"], j))
+        rows += [(f"  {t['id']}", t) for t in (j.get("sweep") or {}).get("trials", [])]
+    width = max(len(r[0]) for r in rows)
+    typer.echo(f"{'ID':<{width}}  {'STATE':<10} {'PRI':>4}  {'UPDATED':<10} NOTE")
+    for shown, j in rows:
+        if "priority" not in j:  # a trial: its values and best validation figure
+            best = f", best {j['best']:.4g}" if isinstance(j.get("best"), (int, float)) else ""
+            note = ", ".join(f"{k}={v}" for k, v in j["values"].items()) + best + ("  (chosen)" if j["chosen"] else "")
+            typer.echo(f"{shown:<{width}}  {j['state']:<10} {'':>4}  {'':<10} {note}")
+            continue
         queued = j["state"] == JobState.QUEUED
         note = f"#{j['queue_position']}: {j['waiting_for']}" if queued else (j.get("reason") or "")
-        typer.echo(f"{j['id']:<{width}}  {j['state']:<10} {j['priority']:>4}  {ago(j['updated_at']):<10} {note}")
+        if j.get("sweep") and not queued:
+            sw = j["sweep"]
+            note = (f"sweep: {len(sw['trials'])}/{sw['trial_count'] or '?'} trials"
+                    + (f", chose {sw['chosen']}" if sw.get("chosen") else "") + (f"; {note}" if note else ""))
+        typer.echo(f"{shown:<{width}}  {j['state']:<10} {j['priority']:>4}  {ago(j['updated_at']):<10} {note}")
     say_next("runner status ID", "runner logs -f ID")
+
+
+def sweep_table(sw: dict) -> list[str]:
+    """A sweep's trials as `runner status` prints them: values, state, best validation figure, steps, time."""
+    names = sorted({k for t in sw["trials"] for k in t["values"]})
+    head = ["TRIAL", *names, "STATE", f"BEST {sw['metric'].upper()}", "STEPS", "TIME"]
+    rows = []
+    for t in sw["trials"]:
+        best = f"{t['best']:.4g} @{t['best_step']}" if isinstance(t.get("best"), (int, float)) else "-"
+        steps = f"{t['steps']}/{t['total_steps']}" if t.get("steps") is not None else "-"
+        took = f"{t['duration_s']:.0f} s" if t.get("duration_s") is not None else "-"
+        rows.append([t["id"].rsplit("-", 1)[-1] + (" *" if t["chosen"] else ""),
+                     *(f"{v:.4g}" if isinstance(v := t["values"].get(n, "-"), float) else str(v) for n in names),
+                     t["state"], best, steps, took])
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    better = "higher" if sw["higher_is_better"] else "lower"
+    lines.append(f"chosen on validation {sw['metric']} ({better} is better): "
+                 + (f"{sw['chosen']} (*); the test split is scored once, on it" if sw.get("chosen") else
+                    "not yet (the search is not over)"))
+    return lines
 
 
 def status(
@@ -184,6 +218,12 @@ def status(
         typer.echo(f"progress:  step {m['step']}/{m.get('total_steps', '?')}, loss {m['loss']:.4f}")
     for line in result_lines(job.get("result"), [w["message"] for w in job.get("warnings", [])]):
         typer.echo(line)
+    if job.get("sweep"):
+        typer.echo(f"trials:    {len(job['sweep']['trials'])} of {job['sweep']['trial_count'] or '?'}")
+        for line in sweep_table(job["sweep"]):
+            typer.echo(f"  {line}")
+    if job.get("kind") == "trial":
+        typer.echo(f"sweep:     {job['parent']}, values " + ", ".join(f"{k}={v}" for k, v in job["values"].items()))
     typer.echo(f"folder:    {job['job_dir']}")
     typer.echo("events:")
     for e in events[-8:]:

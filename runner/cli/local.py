@@ -21,6 +21,15 @@ from runner.cli.common import EXIT_FAILED, EXIT_INVALID, QUIET_ENV, fail, proble
 from runner.client import artifacts_root
 
 
+def sweep_plan(r) -> dict:
+    """What `runner validate` says of a sweep: its trials and the most it holds at once."""
+    res, sw = r.resources, r.sweep
+    workers = res.workers * sw.max_concurrent
+    return {"trials": sw.count, "search": sw.search, "metric": r.sweep_metric[0], "max_concurrent": sw.max_concurrent,
+            "workers": workers, "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
+            "cpus": workers * res.cpus_per_worker, "gpus": workers * res.gpus_per_worker}
+
+
 def validate(
     recipe: Path = typer.Argument(..., help="The recipe file.", show_default=False),
     show_defaults: bool = typer.Option(False, "--show-defaults", help="Print the recipe with every default filled in."),
@@ -49,6 +58,8 @@ def validate(
     report = {"ok": True, "problems": [], "notes": []}
     if not schema_only:
         report = run_preflight(recipe)
+    if r.sweep is not None:
+        report["sweep"] = sweep_plan(r)
     if as_json:
         typer.echo(json.dumps(report))
         raise typer.Exit(0 if report["ok"] else EXIT_INVALID)
@@ -61,6 +72,13 @@ def validate(
     typer.echo(f"{recipe}: {what}")
     if report.get("labels"):
         typer.echo(f"labels: {', '.join(report['labels'])}")
+    if r.sweep is not None:
+        plan = report["sweep"]
+        typer.echo(f"sweep: {plan['trials']} trials ({plan['search']}), {plan['max_concurrent']} at once, chosen on "
+                   f"validation {plan['metric']}; holds at most {plan['workers']} workers x "
+                   f"({plan['cpus_per_worker']:g} CPUs" + (f", {plan['gpus_per_worker']:g} GPUs)" if
+                                                          plan["gpus_per_worker"] else ")")
+                   + f" = {plan['cpus']:g} CPUs" + (f", {plan['gpus']:g} GPUs" if plan["gpus"] else "") + " at once")
     typer.echo(f"next: runner submit {recipe}   |   runner run {recipe}   (in the foreground, without a server)")
 
 

@@ -7,7 +7,7 @@ const CSRF = document.querySelector('meta[name="csrf"]').content;
 const PAGE = document.body.dataset.page;
 const MAIN = document.getElementById("main");
 const ACTIVE = ["STARTING", "RUNNING", "RETRYING", "EXPORTING"];
-const ENDED = ["SUCCEEDED", "FAILED", "CANCELLED"];
+const ENDED = ["SUCCEEDED", "FAILED", "CANCELLED", "STOPPED"];
 const STATES = ["QUEUED", ...ACTIVE, ...ENDED];
 
 // ---- helpers --------------------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ function chart(series, opts = {}) {
       svg.append(s("circle", { class: cls, cx: X(x.step[0]), cy: Y(x.value[0]), r: 3 }));
     } else {
       const pts = x.step.map((st, j) => X(st).toFixed(1) + "," + Y(x.value[j]).toFixed(1)).join(" ");
-      svg.append(s("polyline", { class: cls, points: pts, "vector-effect": "non-scaling-stroke" }));
+      svg.append(s("polyline", { class: cls + (x.strong ? " strong" : ""), points: pts, "vector-effect": "non-scaling-stroke" }));
     }
   });
   const legend = h("div", { class: "legend" }, series.map((x, i) => h("span", {},
@@ -252,7 +252,9 @@ function jobsPage() {
       : (j.state === "FAILED" && j.reason ? h("span", { class: "error small", text: j.reason }) : "");
     return h("tr", { dataset: { id: j.id, state: j.state } },
       h("td", {}, stateBadge(j.state)),
-      h("td", {}, h("a", { href: "/ui/jobs/" + encodeURIComponent(j.id), text: j.name }), h("span", { class: "sub mono", text: j.id })),
+      h("td", {}, h("a", { href: "/ui/jobs/" + encodeURIComponent(j.id), text: j.name }), h("span", { class: "sub mono", text: j.id }),
+        j.sweep ? h("span", { class: "sub sweep-note", text: `sweep: ${j.sweep.trials.length} of ${j.sweep.trial_count ?? "?"} trials` +
+                                                        (j.sweep.chosen ? `, chose ${j.sweep.chosen.split("-").at(-1)}` : "") }) : ""),
       h("td", { class: "small", text: j.model || "" }),
       h("td", { text: j.mode || "" }),
       h("td", { class: "nowrap", text: gpus(j) }),
@@ -300,13 +302,14 @@ function jobPage() {
   const speedBox = h("div", { class: "panel", id: "throughput" }, h("h2", { text: "Throughput" }));
   const lrBox = h("div", { class: "panel", id: "lr" }, h("h2", { text: "Learning rate" }));
   const results = h("div", { class: "panel", id: "results" });
+  const sweepBox = h("div", { class: "panel section", id: "sweep" });
   const exportBox = h("div", { class: "panel", id: "export" });
   const ckpts = h("div", { class: "panel", id: "checkpoints" });
   const files = h("div", { class: "panel", id: "artifacts" });
   const events = h("ol", { class: "events" });
   const log = h("pre", { class: "log", id: "log" });
   const recipe = h("pre", { class: "recipe", id: "recipe" });
-  MAIN.append(title, reason, cards,
+  MAIN.append(title, reason, cards, sweepBox,
     h("div", { class: "cols" }, lossBox, evalBox, speedBox, lrBox),
     h("div", { class: "cols section" }, results, exportBox),
     h("div", { class: "cols section" }, ckpts, files),
@@ -377,9 +380,39 @@ function jobPage() {
     lrBox.replaceChildren(h("h2", { text: "Learning rate" }), chart([line("lr", t.lr)], { title: "learning rate" }));
   }
 
-  function table(head, rows) {
+  function table(head, rows, classes = []) {
     return h("table", {}, h("thead", {}, h("tr", {}, head.map((x) => h("th", { text: x })))),
-      h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c) => c instanceof Node ? h("td", {}, c) : h("td", { text: c }))))));
+      h("tbody", {}, rows.map((r, i) => h("tr", { class: classes[i] || "" }, r.map((c) => c instanceof Node ? h("td", {}, c) : h("td", { text: c }))))));
+  }
+
+  // a sweep: its trials (values, state, best validation figure, steps, time) and every trial's validation curve
+  async function drawSweep() {
+    const sw = job.sweep;
+    if (!sw) { sweepBox.hidden = true; return; }
+    const names = [...new Set(sw.trials.flatMap((t) => Object.keys(t.values)))].sort();
+    const value = (v) => typeof v === "number" && !Number.isInteger(v) ? num(v, 4) : String(v ?? "—");
+    const rows = sw.trials.map((t) => [
+      h("a", { href: "/ui/jobs/" + encodeURIComponent(t.id), text: t.id.split("-").at(-1) }),
+      ...names.map((n) => value(t.values[n])), stateBadge(t.state),
+      typeof t.best === "number" ? `${num(t.best, 4)} (step ${num(t.best_step)})` : "—",
+      t.steps !== null && t.steps !== undefined ? `${num(t.steps)}/${t.total_steps ? num(t.total_steps) : "?"}` : "—",
+      duration(t.duration_s) || "—", t.chosen ? h("b", { class: "ok", text: "★ chosen" }) : ""]);
+    const curves = await Promise.all(sw.trials.slice(0, 24).map(async (t) => {
+      const v = (await api("/jobs/" + encodeURIComponent(t.id) + "/series")).validation || {};
+      const x = v[sw.metric];
+      return { label: t.id.split("-").at(-1) + (t.chosen ? " (chosen)" : ""), step: x ? x.step : [],
+               value: x ? x.value : [], points: x ? x.points : 0, strong: t.chosen };
+    }));
+    const better = sw.higher_is_better ? "higher" : "lower";
+    sweepBox.hidden = false;
+    sweepBox.replaceChildren(h("h2", { text: `Sweep: ${sw.trials.length} of ${sw.trial_count ?? "?"} trials` }),
+      h("div", { id: "trials" }, table(["trial", ...names, "state", `best validation ${sw.metric}`, "steps", "time", ""], rows,
+                                       sw.trials.map((t) => t.chosen ? "chosen" : ""))),
+      h("p", { class: "small", id: "chosen", text: sw.chosen
+        ? `Chosen on validation ${sw.metric} (${better} is better): ${sw.chosen}. The test split is scored once, on it.`
+        : `Chosen on validation ${sw.metric} (${better} is better) when the search is over.` }),
+      h("h3", { text: `Validation ${sw.metric}, every trial` }),
+      h("div", { id: "trial-curves" }, chart(curves, { title: "trials", empty: "no validation yet" })));
   }
 
   async function drawExtras() {
@@ -479,10 +512,12 @@ function jobPage() {
     await drawEvents();
     if (p.step !== lastStep || job.state !== was) { lastStep = p.step; await drawCharts(); }
     if (job.state !== was || Date.now() - extrasAt > 10000) { extrasAt = Date.now(); await drawExtras(); }
+    if (job.sweep) await drawSweep();
     return !ENDED.includes(job.state);  // false: the job has ended and nothing more will change
   }
 
   drawHeader();
+  drawSweep();
   api(base + "/recipe").then((r) => { recipe.textContent = r.recipe; });
   follow();
   every(2000, poll);

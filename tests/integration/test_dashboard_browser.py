@@ -353,3 +353,54 @@ def test_schedules_and_models_pages(browser, tmp_path):
         page.wait_for_function(f"() => ({champion})() === '1'")
         assert "rolled back from v2 to v1" in page.inner_text('[data-model="topics"]')
         shoot(page, "models")
+
+
+def test_a_sweeps_page_shows_its_trials_their_curves_and_the_chosen_one(browser, tmp_path):
+    """A sweep's page over a store of its own (its trials as the dispatcher records them; tests/unit/test_sweep.py
+    and tests/integration/test_sweep.py make them from real folders and real runs): the trials table with values,
+    state, best validation figure and steps, every trial's validation curve on one chart, the chosen one marked."""
+    from runner.server import create_app
+
+    home = tmp_path / "home"
+    app = create_app(home)
+    store = app.state.service.store
+    job_dir = home / "artifacts" / "sw-1"
+    job_dir.mkdir(parents=True)
+    snapshot = ("name: sw\ntask: classification\nmodel: {name: m}\ndata: {train: t.jsonl}\nsweep:\n  parameters:\n"
+                "    train.lr: {choice: [0.003, 1.0e-07, 0.001]}\n  search: grid\n  metric: accuracy\n")
+    sweep = store.add_job("sw-1", "sw", snapshot, str(job_dir), 2, 1, 0, kind="sweep")
+    curves = {0: [0.6, 0.7, 0.8, 0.9], 1: [0.3], 2: [0.5, 0.55, 0.6, 0.65]}
+    for i, lr in enumerate((0.003, 1e-07, 0.001)):
+        tid = f"sw-1-t{i:03d}"
+        store.add_trial(tid, sweep, "name: sw\n", str(job_dir / "trials" / f"t{i:03d}"), {"train.lr": lr}, "started")
+        store.add_metrics(tid, [{"step": 6 * (k + 1), "split": "validation", "accuracy": a, "loss": 1 - a}
+                                for k, a in enumerate(curves[i])] +
+                          [{"step": 6 * len(curves[i]), "loss": 0.5, "total_steps": 24}])
+        store.set_state(tid, "STOPPED" if i == 1 else "SUCCEEDED", reason="stopped early by ASHA" if i == 1 else None)
+    (job_dir / "sweep.json").write_text(json.dumps({"chosen": 0, "metric": "accuracy"}))
+    with served(app) as url:
+        page = browser.new_page(viewport={"width": 1366, "height": 900})
+        page.goto(f"{url}/ui/jobs/sw-1")
+        page.wait_for_selector("#trials tbody tr")
+        rows = page.locator("#trials tbody tr")
+        assert rows.count() == 3
+        text = [rows.nth(i).inner_text() for i in range(3)]
+        assert "0.9 (step 24)" in text[0] and "★ chosen" in text[0] and "SUCCEEDED" in text[0]
+        assert "STOPPED" in text[1] and "1.00e-7" in text[1] and "6/24" in text[1] and "chosen" not in text[1]
+        assert page.locator("#trials tbody tr.chosen").count() == 1
+        assert "sw-1-t000" in page.locator("#chosen").inner_text()
+        page.wait_for_selector("#trial-curves svg polyline")
+        svg = page.locator("#trial-curves svg.chart")
+        assert svg.get_attribute("data-points") == str(sum(len(c) for c in curves.values()))
+        assert page.locator("#trial-curves polyline").count() == 2  # trial 1's single point is a circle
+        assert page.locator("#trial-curves polyline.strong").count() == 1
+        assert "t000 (chosen)" in page.locator("#trial-curves .legend").inner_text()
+        page.locator("#trials tbody tr").nth(1).locator("a").click()  # a trial's own page
+        page.wait_for_url(f"{url}/ui/jobs/sw-1-t001")
+        page.goto(f"{url}/ui/jobs/sw-1")
+        page.wait_for_selector("#trials tbody tr")
+        shoot(page, "sweep")
+        page.goto(f"{url}/ui/jobs")
+        page.wait_for_selector(".sweep-note")
+        assert "sweep: 3 of 3 trials, chose t000" in page.locator(".sweep-note").inner_text()
+        page.close()
