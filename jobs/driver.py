@@ -235,7 +235,7 @@ def worker_env() -> dict:
 
 def make_trainer(job_dir: Path, recipe: Recipe, model_path: str, *, prepared: Path | None = None,
                  recipe_file: Path | None = None, resume_from: list[str] | None = None, phase: str = "job",
-                 callbacks: tuple = ()):
+                 callbacks: tuple = (), secrets_dir: Path | None = None):
     """The TorchTrainer of a job (phase "job"), of a sweep's trial ("trial": no test, a checkpoint at every
     evaluation and at the end) or of the chosen trial's test ("test": no training). prepared: the tokenized data
     (default <job_dir>/prepared); recipe_file: the recipe the workers read (default <job_dir>/recipe.yaml)."""
@@ -256,6 +256,8 @@ def make_trainer(job_dir: Path, recipe: Recipe, model_path: str, *, prepared: Pa
         config["prepared"] = str(prepared)
     if recipe_file is not None:
         config["recipe"] = str(recipe_file)
+    if secrets_dir is not None:  # a sweep's trials: the sweep's driver handed the secrets over in its folder
+        config["secrets_dir"] = str(secrets_dir)
     return TorchTrainer(
         train_func,
         train_loop_config=config,
@@ -284,9 +286,12 @@ def train_job(job_dir: Path, prep: Prepared) -> dict:
     """Run the Ray Train workers, then write the manifest. Returns the eval results ({"preempted": step} where the
     server preempted it: nothing tested or exported); raises JobFailed."""
     if prep.recipe.sweep is not None:
+        from types import SimpleNamespace
+
         from jobs.sweep import sweep_job
 
-        return sweep_job(job_dir, prep)
+        return sweep_job(job_dir, prep, SimpleNamespace(make_trainer=make_trainer, fit=fit, finish_job=finish_job,
+                                                        JobFailed=JobFailed))
     recipe, timings = prep.recipe, prep.timings
     trainer = make_trainer(job_dir, recipe, prep.model_path)
     (job_dir / PREEMPTED).unlink(missing_ok=True)  # an earlier attempt's, never this one's

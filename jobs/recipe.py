@@ -472,6 +472,38 @@ def key_path(dotted: str) -> tuple:
     return tuple(dotted.split("."))
 
 
+UNSWEPT = {  # keys a sweep cannot search, and why
+    "tuning.mode": "the trials of one sweep share their tuning mode",
+    "train.callbacks": "the trials of one sweep share their callbacks",
+    "train.select_metric": "each trial's best weights are chosen by sweep.metric",
+    "train.checkpoint_every": "a trial checkpoints at each evaluation (train.eval_every), where ASHA judges it",
+    "train.packing": "the trials read the data the sweep prepared once, packed or not as the recipe says",
+}
+
+
+def _drawn_problems(r: Recipe, base: dict) -> list[tuple[str, str]]:
+    """The first configuration of a grid or random search the recipe's cross-key rules refuse (values each
+    allowed may not be together)."""
+    seed = r.sweep.seed if r.sweep.seed is not None else r.train.seed
+    for i, values in enumerate(r.sweep.drawn(seed) or ()):
+        trial = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+        for path, v in values.items():
+            section, key = path.split(".", 1)
+            trial[section][key] = v
+        try:
+            t = Recipe.model_validate(trial)
+        except ValidationError as e:
+            return [("sweep.parameters", f"trial {i} ({_values(values)}) is refused: {e.errors()[0]['msg']}")]
+        rules = check_recipe(t)
+        if rules:
+            return [("sweep.parameters", f"trial {i} ({_values(values)}) is refused: {rules[0][0]}: {rules[0][1]}")]
+    return []
+
+
+def _values(values: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in values.items())
+
+
 def check_sweep(r: Recipe) -> list[tuple[str, str]]:
     """A sweep's parameters against the schema (each path, and each value a trial may get), its metric, its size."""
     sw, out = r.sweep, []
@@ -485,8 +517,8 @@ def check_sweep(r: Recipe) -> list[tuple[str, str]]:
                              f"tuning.r); {path!r} is not there: a trial's data, model and resources are the "
                              "sweep's"))
             continue
-        if path in ("tuning.mode", "train.callbacks"):
-            out.append((key, f"{path} cannot be swept: trials of one sweep share the tuning mode and callbacks"))
+        if path in UNSWEPT:
+            out.append((key, f"{path} cannot be swept: {UNSWEPT[path]}"))
             continue
         section = base[parts[0]]
         if parts[-1] not in section or len(parts) != 2:
@@ -502,7 +534,10 @@ def check_sweep(r: Recipe) -> list[tuple[str, str]]:
         for v in tries:
             trial = {**base, parts[0]: {**base[parts[0]], parts[1]: v}}
             try:
-                Recipe.model_validate(trial)
+                taken = getattr(getattr(Recipe.model_validate(trial), parts[0]), parts[1])
+                if isinstance(v, bool) != isinstance(taken, bool):  # true as 1.0, or 1 as true: not what was meant
+                    out.append((key, f"{v!r} is refused by {path}: it takes {_tname(taken)}, not {_tname(v)}"))
+                    break
             except ValidationError as e:
                 err = next((x for x in e.errors() if tuple(str(p) for p in x["loc"][:2]) == tuple(parts)),
                            e.errors()[0])
@@ -513,6 +548,8 @@ def check_sweep(r: Recipe) -> list[tuple[str, str]]:
                     why = f"{v!r} is refused by {path}: {err['msg']}"
                 out.append((key, why))
                 break
+    if not out and sw.search in ("grid", "random"):  # every trial the sweep will run, whole, as it will run
+        out += _drawn_problems(r, base)
     known = SELECT_METRICS[r.task]
     if sw.metric is not None and sw.metric not in known:
         out.append(("sweep.metric", f"{sw.metric!r} is not a validation metric of task '{r.task}'"

@@ -7,6 +7,8 @@ recipe from YAML, with its problems located and said, is jobs/recipe.py.
 from __future__ import annotations
 
 import difflib
+import itertools
+import math
 import os
 import re
 import typing
@@ -451,6 +453,10 @@ class ParameterSpec(_Strict):
             raise ValueError(f"give exactly one of choice, uniform, loguniform, randint (got "
                              f"{', '.join(given) or 'none'})")
         lo_hi = self.uniform or self.loguniform or self.randint
+        numbers = [x for x in (lo_hi or self.choice or []) if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if any(not math.isfinite(x) or abs(x) > 2**62 for x in numbers):
+            raise ValueError(f"{given[0]} {[x for x in numbers if not math.isfinite(x) or abs(x) > 2**62][0]!r}: "
+                             f"finite numbers only, within ±2^62")
         if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
             raise ValueError(f"{given[0]} [{lo_hi[0]:g}, {lo_hi[1]:g}]: the low end must be below the high end")
         if self.loguniform is not None and self.loguniform[0] <= 0:
@@ -493,6 +499,35 @@ class SweepSpec(_Strict):
         for p in self.parameters.values():
             n *= len(p.values) if p.kind == "choice" else 0
         return n
+
+    def drawn(self, seed: int) -> list[dict] | None:
+        """Every trial's values, in trial order: the grid's combinations in order, or `random`'s draws from numpy's
+        generator seeded by `seed` (the same seed, the same trials); None for tpe (drawn as the search goes)."""
+        names = list(self.parameters)
+        if self.search == "grid":
+            return [dict(zip(names, combo)) for combo in itertools.product(*(self.parameters[n].values
+                                                                             for n in names))]
+        if self.search != "random":
+            return None
+        import numpy as np
+
+        rng = np.random.default_rng(seed % 2**63)  # any whole number (numpy takes none below 0)
+        out = []
+        for _ in range(self.count):
+            values = {}
+            for n in names:
+                p = self.parameters[n]
+                lo, hi = p.values[0], p.values[-1]
+                if p.kind == "choice":
+                    values[n] = p.values[int(rng.integers(len(p.values)))]
+                elif p.kind == "uniform":
+                    values[n] = float(rng.uniform(lo, hi))
+                elif p.kind == "loguniform":
+                    values[n] = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+                else:  # randint: both ends included
+                    values[n] = int(rng.integers(lo, hi + 1))
+            out.append(values)
+        return out
 
     @property
     def count(self) -> int:

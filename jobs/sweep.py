@@ -21,7 +21,6 @@ TorchTrainer in the sweep's folder resumes the chosen trial's last checkpoint an
 
 from __future__ import annotations
 
-import itertools
 import logging
 import json
 import math
@@ -32,40 +31,18 @@ from pathlib import Path
 
 import yaml
 
-from jobs.jobdir import CHOSEN, METRICS, RECIPE, SWEEP, TRIAL, TRIALS, JobState, checkpoints_newest_first, event
+from jobs import secrets
+from jobs.jobdir import CHOSEN, EVENTS, METRICS, RECIPE, SWEEP, TRIAL, TRIALS, JobState, checkpoints_newest_first, event
 from jobs.jobdir import clear_control, note, whole_lines, write_control, write_json
-from jobs.recipe import SNAPSHOT, parse_recipe
+from jobs.recipe import SNAPSHOT, RecipeError, parse_recipe
 from jobs.schema import Recipe, SweepSpec
 
 TRIAL_STATES = (JobState.RUNNING, JobState.SUCCEEDED, JobState.STOPPED, JobState.FAILED)
 
 
 def configurations(sweep: SweepSpec, seed: int) -> list[dict] | None:
-    """Every trial's values, in trial order, for grid and random; None for tpe (drawn as the search goes)."""
-    names = list(sweep.parameters)
-    if sweep.search == "grid":
-        return [dict(zip(names, combo)) for combo in itertools.product(*(sweep.parameters[n].values for n in names))]
-    if sweep.search != "random":
-        return None
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(sweep.count):
-        values = {}
-        for n in names:
-            p = sweep.parameters[n]
-            lo_hi = p.values
-            if p.kind == "choice":
-                values[n] = p.values[int(rng.integers(len(p.values)))]
-            elif p.kind == "uniform":
-                values[n] = float(rng.uniform(lo_hi[0], lo_hi[1]))
-            elif p.kind == "loguniform":
-                values[n] = float(math.exp(rng.uniform(math.log(lo_hi[0]), math.log(lo_hi[1]))))
-            else:  # randint: both ends included
-                values[n] = int(rng.integers(lo_hi[0], lo_hi[1] + 1))
-        out.append(values)
-    return out
+    """Every trial's values, in trial order, for grid and random; None for tpe (jobs.schema.SweepSpec.drawn)."""
+    return sweep.drawn(seed)
 
 
 def trial_snapshot(snapshot: str, values: dict, metric: str) -> str:
@@ -105,22 +82,23 @@ def best_of(folder: Path, metric: str, higher: bool) -> dict:
     """A trial's best validation value of the metric over its evaluations (metrics.jsonl), the step it was met at,
     its steps so far and evaluations. Validation only: the test split is never read here."""
     text, _ = whole_lines(folder / METRICS, 0)
-    best, steps, evals = None, 0, 0
+    steps, by_step = 0, {}
     for line in text.splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or isinstance(rec.get("step"), bool):
             continue
         steps = max(steps, rec["step"])
-        v = rec.get(metric)
-        if rec.get("split") != "validation" or not isinstance(v, (int, float)) or not math.isfinite(v):
-            continue
-        evals += 1
-        if best is None or (v > best[0] if higher else v < best[0]):
-            best = (float(v), rec["step"])
-    return {"best": best and best[0], "best_step": best and best[1], "steps": steps, "evaluations": evals}
+        if rec.get("split") == "validation":  # the last of a step: a resumed trial redid the steps after its checkpoint
+            by_step[rec["step"]] = rec.get(metric)
+    best = None
+    for step, v in sorted(by_step.items()):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+                (best is None or (v > best[0] if higher else v < best[0])):
+            best = (float(v), step)
+    return {"best": best and best[0], "best_step": best and best[1], "steps": steps, "evaluations": len(by_step)}
 
 
 def last_step(folder: Path) -> tuple[int, int | None]:
@@ -178,20 +156,36 @@ def folder_of(job_dir: Path, trial) -> Path | None:
     """The folder of a Tune trial: by the configuration's index (grid, random) or the trial id's number (tpe)."""
     config = getattr(trial, "config", {}) or {}
     try:
-        index = int(config["index"]) if "index" in config else int(str(trial.trial_id).rsplit("_", 1)[-1])
-    except (TypeError, ValueError):
+        index = int(config["index"] if "index" in config else config[TRIAL_INDEX])
+    except (KeyError, TypeError, ValueError):
         return None
     return trial_dir(job_dir, index)
 
 
-def _searcher(sweep: SweepSpec, seed: int, metric: str, higher: bool):
+TRIAL_INDEX = "trial_index"  # a tpe trial's number in its configuration (Tune's own trial ids are random hex)
+
+
+def searcher(sweep: SweepSpec, seed: int, metric: str, higher: bool):
+    """tpe: Optuna's TPE sampler, seeded, through Tune's OptunaSearch; each suggestion numbered in order (the
+    trial's folder), the count kept with the searcher's state, so a retried sweep numbers on from there."""
     from optuna.samplers import TPESampler
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(metric=f"val_{metric}", mode="max" if higher else "min", sampler=TPESampler(seed=seed))
+    class Numbered(OptunaSearch):
+        suggested = 0
+
+        def suggest(self, trial_id: str):
+            config = super().suggest(trial_id)
+            if isinstance(config, dict):
+                config = {**config, TRIAL_INDEX: self.suggested}
+                self.suggested += 1
+            return config
+
+    return Numbered(metric=f"val_{metric}", mode="max" if higher else "min", sampler=TPESampler(seed=seed))
 
 
-def _space(sweep: SweepSpec, configs: list[dict] | None) -> dict:
+def search_space(sweep: SweepSpec, configs: list[dict] | None) -> dict:
+    """Tune's param_space: the index of a drawn configuration (grid, random), or the parameters' domains (tpe)."""
     from ray import tune
 
     if configs is not None:  # trial i runs configuration i (drawn here: reproducible, and the same on a retry)
@@ -210,44 +204,48 @@ def _space(sweep: SweepSpec, configs: list[dict] | None) -> dict:
 
 
 def _trial_function(job_dir: Path, model_path: str, configs: list[dict] | None, names: list[str], metric: str,
-                    attempt: str | None):
+                    attempt: str | None, kit):
     """The Tune function of one trial: its folder and recipe, then its TorchTrainer to the end (resuming from the
     trial's own checkpoints where an earlier attempt of the sweep left some)."""
 
     def trial(config: dict) -> None:
-        from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from jobs.driver import JobFailed, fit, make_trainer
-
-        if "index" in config:
+        secrets.take(job_dir)  # the tokens the sweep's driver handed over (a gated model's), for the recipe
+        if "index" in config:  # grid, random: the configuration drawn before the search
             index = int(config["index"])
             values = configs[index]
-        else:  # tpe: Tune's trial ids end in the trial's number
-            index = int(tune.get_context().get_trial_id().rsplit("_", 1)[-1])
+        else:  # tpe: the searcher numbers its suggestions (Numbered)
+            index = int(config[TRIAL_INDEX])
             values = {n: config[n] for n in names}
         folder = trial_dir(job_dir, index)
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / RECIPE).exists():
-            text = trial_snapshot((job_dir / RECIPE).read_text(), values, metric)
-            tmp = folder / (RECIPE + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(folder / RECIPE)
-        recipe = parse_recipe((folder / RECIPE).read_text(), source=str(folder / RECIPE), env=os.environ,
-                              allowed=SNAPSHOT)
         resumed = checkpoints_newest_first(folder)
         clear_control(folder)  # an earlier attempt's stop is not this one's
+        # where this run's lines begin: the server copies the store's lines of the trial from there
+        sizes = [(folder / n).stat().st_size if (folder / n).exists() else 0 for n in (METRICS, EVENTS)]
         set_trial(folder, index=index, values=values, state=JobState.RUNNING, reason=None, attempt=attempt,
-                  started=time.time())
+                  started=time.time(), offsets=sizes)
         (folder / "failure.txt").unlink(missing_ok=True)
+        try:
+            if not (folder / RECIPE).exists():
+                text = trial_snapshot((job_dir / RECIPE).read_text(), values, metric)
+                tmp = folder / (RECIPE + ".tmp")
+                tmp.write_text(text)
+                tmp.replace(folder / RECIPE)
+            recipe = parse_recipe((folder / RECIPE).read_text(), source=f"trial {index}'s recipe.yaml",
+                                  env=os.environ, allowed=SNAPSHOT)
+        except RecipeError as e:  # values the schema takes one by one, refused together (tpe's draws)
+            set_trial(folder, state=JobState.FAILED, reason=e.render()[:2000])
+            raise RuntimeError(f"trial {index}: {e.render()}") from None
         event(folder, f"trial {index} running on {', '.join(f'{k}={v}' for k, v in values.items())}"
                       + (f", resuming from its checkpoint {Path(resumed[0]).name}" if resumed else ""),
               state=JobState.RUNNING)
-        trainer = make_trainer(folder, recipe, model_path, prepared=job_dir / "prepared", phase="trial",
-                               callbacks=(TuneReportCallback(),))
+        trainer = kit.make_trainer(folder, recipe, model_path, prepared=job_dir / "prepared", phase="trial",
+                                   callbacks=(TuneReportCallback(),), secrets_dir=job_dir)
         try:
-            fit(trainer, folder)
-        except JobFailed as e:
+            kit.fit(trainer, folder)
+        except kit.JobFailed as e:
             set_trial(folder, state=JobState.FAILED, reason=str(e)[:2000])
             raise RuntimeError(f"trial {index} failed: {e}") from None
         if read_trial(folder).get("state") == JobState.RUNNING:  # not stopped by the scheduler meanwhile
@@ -281,12 +279,13 @@ def _ending_callback(job_dir: Path):
     return Endings()
 
 
-def sweep_job(job_dir: Path, prep) -> dict:
+def sweep_job(job_dir: Path, prep, kit) -> dict:
     """Run the search, choose on validation, test the chosen trial once, export and check it. Returns the eval
-    results; raises JobFailed (jobs.driver)."""
+    results; raises kit.JobFailed. kit: the driver's pieces (make_trainer, fit, finish_job,
+    JobFailed), handed in so that this module does not import the driver that imports it."""
     from ray import tune
 
-    from jobs.driver import JobFailed, finish_job, fit, make_trainer
+    JobFailed, fit, make_trainer = kit.JobFailed, kit.fit, kit.make_trainer
 
     recipe: Recipe = prep.recipe
     sweep = recipe.sweep
@@ -305,7 +304,7 @@ def sweep_job(job_dir: Path, prep) -> dict:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # the results are read from the trial folders, not from Tune's per-trial files (turned off above)
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    function = _trial_function(job_dir, prep.model_path, configs, list(sweep.parameters), metric, attempt)
+    function = _trial_function(job_dir, prep.model_path, configs, list(sweep.parameters), metric, attempt, kit)
     # the trial's function only drives its TorchTrainer, whose workers hold the recipe's resources: it takes no CPU
     # (a whole one per trial would starve the workers it starts); Ray wants something in a bundle, so 1 MiB of memory
     trainable = tune.with_resources(function, {"cpu": 0, "memory": 2**20})
@@ -324,10 +323,10 @@ def sweep_job(job_dir: Path, prep) -> dict:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=_space(sweep, configs),
+            param_space=search_space(sweep, configs),
             tune_config=tune.TuneConfig(
                 num_samples=1 if configs is not None else n, max_concurrent_trials=sweep.max_concurrent,
-                search_alg=_searcher(sweep, seed, metric, higher) if configs is None else None,
+                search_alg=searcher(sweep, seed, metric, higher) if configs is None else None,
                 scheduler=_asha(job_dir, metric, higher) if sweep.early_stop == "asha" else None),
             run_config=tune.RunConfig(name="tune", storage_path=str(job_dir), callbacks=callbacks, verbose=0),
         )
@@ -347,16 +346,20 @@ def sweep_job(job_dir: Path, prep) -> dict:
     folder = trial_dir(job_dir, chosen["index"])
     event(job_dir, f"sweep: chose trial {chosen['index']} ({', '.join(f'{k}={v}' for k, v in chosen['values'].items())}"
                    f"): best validation {metric} {chosen['best']:.6g} at step {chosen['best_step']}; testing it")
+    last = checkpoints_newest_first(folder)
+    if not (folder / "best").is_dir() or not last:
+        raise JobFailed(f"sweep: the chosen trial {chosen['index']} has no "
+                        f"{'best weights (best/)' if last else 'checkpoint'} in {folder}: removed while the sweep "
+                        "ran? Retry the sweep (runner retry) to run it again")
     shutil.copyfile(folder / RECIPE, job_dir / CHOSEN)
-    if (folder / "best").exists():
-        shutil.copytree(folder / "best", job_dir / "best")
+    shutil.copytree(folder / "best", job_dir / "best")
     chosen_recipe = parse_recipe((folder / RECIPE).read_text(), source=str(folder / RECIPE), env=os.environ,
                                  allowed=SNAPSHOT)
     t0 = time.perf_counter()
     fit(make_trainer(job_dir, chosen_recipe, prep.model_path, prepared=job_dir / "prepared", recipe_file=folder /
-                     RECIPE, resume_from=checkpoints_newest_first(folder), phase="test"), job_dir)
+                     RECIPE, resume_from=last, phase="test"), job_dir)
     timings["test_s"] = time.perf_counter() - t0
-    return finish_job(job_dir, chosen_recipe, prep)
+    return kit.finish_job(job_dir, chosen_recipe, prep)
 
 
 def summary(job_dir: Path, metric: str, higher: bool) -> list[dict]:

@@ -161,7 +161,12 @@ def train_func(config: dict) -> None:
     run = _set_up(config)
     run.attempt = config.get("attempt")
     phase = config.get("phase", "job")  # "trial": a sweep's (no test); "test": the chosen trial's test, no training
+    base = None
+    if phase == "test" and run.recipe.task == "causal_lm":  # the base model before the trial's weights are loaded
+        base = {"what": "the base model before tuning", **run.evaluate(run.test_ds)}
     state = _resume(run, config.get("resume_from", []))
+    if base is not None and state.baseline is None:
+        state.baseline = base
     run.callbacks.on_start(run.loop)
     t = run.recipe.train
     if run.recipe.task == "causal_lm" and state.step == 0 and state.baseline is None and phase == "job":
@@ -197,7 +202,9 @@ def train_func(config: dict) -> None:
             if (not done and (state.step % run.ckpt_every == 0 or asked or stop)) or (done and phase == "trial"):
                 checkpoint(report, state, run.raw, run.optimizer, run.rank, run.shards)
                 if (asked or stop) and run.rank == 0:
-                    note(run.job_dir, f"checkpoint at step {state.step}, as the server asked: {run.asked[2]}")
+                    # the server's (a drained node, a preemption) or a sweep's scheduler's (ASHA), in its words
+                    who = "as the sweep asked" if phase == "trial" else "as the server asked"
+                    note(run.job_dir, f"checkpoint at step {state.step}, {who}: {run.asked[2]}")
             elif done:  # the saved model is the end's record; a checkpoint would only be written and hashed
                 ray.train.report(report)
             run.loop.step = state.step
@@ -299,7 +306,7 @@ def _set_up(config: dict) -> Run:
     from jobs.strategy import describe, distribution, layer_classes, make_accelerator
 
     job_dir = Path(config["job_dir"])
-    secrets.take(job_dir)  # the tokens the driver handed over (never through Ray's runtime_env)
+    secrets.take(Path(config.get("secrets_dir") or job_dir))  # the driver's (never through Ray's runtime_env)
     prepared = Path(config.get("prepared") or job_dir / "prepared")  # a sweep's trials share the sweep's
     recipe = parse_recipe(Path(config.get("recipe") or job_dir / RECIPE).read_text(), source=RECIPE, env=os.environ,
                           allowed=SNAPSHOT)

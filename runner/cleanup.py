@@ -74,7 +74,7 @@ def prune_checkpoints(store: Store, keep: int, look_back: int | None = None) -> 
     `keep` (by end time). look_back: consider only that many newest SUCCEEDED jobs (each pass leaves none holding
     checkpoints beyond `keep`, so after a first full sweep the next ones need not look far). Returns (job id, bytes
     freed) of each job pruned."""
-    sql = "SELECT id, job_dir FROM jobs WHERE state = 'SUCCEEDED' ORDER BY ended_at DESC, id DESC"
+    sql = "SELECT id, job_dir FROM jobs WHERE state = 'SUCCEEDED' AND parent IS NULL ORDER BY ended_at DESC, id DESC"
     ended = store.db.execute(sql + (f" LIMIT {int(look_back)}" if look_back else "")).fetchall()
     out = []
     for job_id, job_dir in ended[keep:]:  # SUCCEEDED is final: no retry can want them back
@@ -103,8 +103,9 @@ class Retention:
 
 
 def _retained(folder: Path) -> list[Path]:
-    inside = [folder / name for name in RETAINED] + [d / name for d in sorted((folder / "earlier").glob("*"))
-                                                     for name in RETAINED]
+    """checkpoints/ and best/ of a job's folder, of its earlier attempts, and of its trials where it is a sweep."""
+    parts = [folder, *sorted((folder / "earlier").glob("*")), *sorted((folder / "trials").glob("t*"))]
+    inside = [d / name for d in parts for name in RETAINED]
     return [p for p in inside if p.is_dir() and not p.is_symlink()]
 
 

@@ -441,7 +441,7 @@ class Dispatcher:
         t = self.terms(job)
         if t.max_minutes is not None:
             return t.max_minutes * 60, f"resources.max_minutes {t.max_minutes:g}"
-        if t.max_steps is None:
+        if t.max_steps is None or job.kind == "sweep":  # a sweep's time is its trials', not its name's history
             return None, ""
         cached = self._bounds.get(job.id)
         if cached is not None and self.clock() - cached[0] < 60:
@@ -495,8 +495,8 @@ class Dispatcher:
         """Whether the job may be preempted for a job ahead of it: it says so (resources.preemptible), or it ran
         past a bound measured on earlier runs (which the runner cannot enforce as it does max_minutes: such a job
         gives way at a checkpoint instead). Not while it exports (its training is over) or is already stopping."""
-        if job.state == JobState.EXPORTING or self._mine(self.preempting, job):
-            return False
+        if job.state == JobState.EXPORTING or self._mine(self.preempting, job) or job.kind == "sweep":
+            return False  # a sweep stops and resumes as one (its trials hear no stop request of the server)
         if self.terms(job).preemptible:
             return True
         bound, source = self.bound(job)
@@ -581,6 +581,8 @@ class Dispatcher:
         """A job with workers on a node Ray is draining (a preemption, a spot reclaim) checkpoints at every step
         until the node is gone: when it goes, Ray Train resumes the job from the step it reached."""
         for job in active:
+            if job.kind == "sweep":  # its trials resume from their last evaluation's checkpoint when the node goes
+                continue
             stopping = self._mine(self.preempting, job)
             nodes = sorted(set(held.get(job.id, {})) & draining)
             asked = self._mine(self.draining_for, job)
@@ -677,6 +679,8 @@ class Dispatcher:
         for job in self.active():
             self.store.set_state(job.id, JobState.FAILED, expect=job.state,
                                  reason=f"lost: {why} for {LOST_AFTER:.0f} s; the job's driver cannot be followed")
+            if job.kind == "sweep":
+                self._guard(f"the trials of sweep {job.id}", self._follow_trials, job, JobState.FAILED)
 
     def _follow_one(self, job: Job) -> None:
         """_follow, where one job's trouble (its folder unreadable, a store error) is said once in its events and
@@ -707,6 +711,8 @@ class Dispatcher:
                 self.store.set_state(job.id, JobState.FAILED, expect=job.state, reason=(
                     f"Ray no longer knows the job's submission {self.submission(job)}: the Ray cluster was "
                     "restarted or replaced while the job ran"))
+                if job.kind == "sweep":
+                    self._guard(f"the trials of sweep {job.id}", self._follow_trials, job, JobState.FAILED)
             return
         if attempt and attempt["submission"] is None:
             self.store.set_submission(job.id, self.submission(job))
@@ -721,7 +727,7 @@ class Dispatcher:
                             level="warning")
             job = self.store.get(job.id)
         if job.kind == "sweep":
-            self._follow_trials(job)
+            self._guard(f"the trials of sweep {job.id}", self._follow_trials, job)
         if status not in ("SUCCEEDED", "STOPPED", "FAILED"):
             return
         preempted = self._preempted(job)
@@ -759,7 +765,9 @@ class Dispatcher:
         """A preempted job back in the queue, its next attempt resuming from the checkpoint it stopped at (or its
         last one, where it was stopped through Ray)."""
         folder = Path(job.job_dir)
-        step, saved = read_preempted(folder), bool(checkpoints_newest_first(folder))
+        step, saved = read_preempted(folder), bool(checkpoints_newest_first(folder)) or job.kind == "sweep"
+        if job.kind == "sweep":
+            self._guard(f"the trials of sweep {job.id}", self._follow_trials, job, JobState.CANCELLED)
         self._forget(job)
         where = f"at step {step}" if step is not None else "at its last checkpoint" if saved else "before it trained"
         self.store.set_state(job.id, JobState.QUEUED, expect=job.state, resume=step is not None or saved,
@@ -792,22 +800,26 @@ class Dispatcher:
         known = {t.id: t for t in self.store.trials(sweep.id)}
         for name in sorted(names):
             folder = str(root / name)
-            doc = read_json(folder, TRIAL) or {}
             tid = f"{sweep.id}-{name}"
             trial = known.get(tid)
-            if trial is None:
-                if doc.get("state") is None:  # its driver is still writing it
-                    continue
-                values = doc.get("values") if isinstance(doc.get("values"), dict) else {}
-                values = {str(k)[:200]: v[:200] if isinstance(v, str) else v for k, v in list(values.items())[:32]
-                          if isinstance(v, (int, float, str, bool)) and (not isinstance(v, float) or math.isfinite(v))}
-                trial = self.store.add_trial(tid, sweep, read_text(folder, "recipe.yaml") or "", folder, values,
-                                             f"trial {name[1:].lstrip('0') or '0'} of sweep {sweep.id} started")
             try:
-                self._trial_state(trial, doc)
-            except StoreError as e:  # one trial's trouble leaves the others going; said once in its events
-                self.store.note(trial.id, f"the server could not follow the trial this pass: {first_line(e)}",
-                                level="warning")
+                doc = read_json(folder, TRIAL) or {}
+                if trial is not None and trial.state in TERMINAL and doc.get("state") != JobState.RUNNING:
+                    continue  # ended, and not started again by a retry: nothing new to read
+                if trial is None:
+                    if doc.get("state") is None:  # its driver is still writing it
+                        continue
+                    trial = self.store.add_trial(tid, sweep, read_text(folder, "recipe.yaml") or "", folder,
+                                                 trial_values(doc.get("values")),
+                                                 f"trial {name[1:].lstrip('0') or '0'} of sweep {sweep.id} started")
+                self._trial_state(trial, doc, sweep)
+                self.failing.pop(tid, None)
+            except Exception as e:  # noqa: BLE001 - one trial's trouble leaves the others going; said once
+                why = f"{type(e).__name__}: {first_line(e)}"
+                if trial is not None and self.failing.get(tid) != why:
+                    self.failing[tid] = why
+                    self.store.note(tid, f"the server could not follow the trial this pass ({why}); it tries again "
+                                         "each pass", level="warning")
         if ended is None:
             return
         for trial in self.store.trials(sweep.id):
@@ -816,22 +828,28 @@ class Dispatcher:
                 self.store.set_state(trial.id, state, expect=trial.state,
                                      reason=f"the sweep ended ({ended}) before the trial did")
 
-    def _trial_state(self, trial: Job, doc: dict) -> None:
-        state, started = doc.get("state"), doc.get("started")
+    def _trial_state(self, trial: Job, doc: dict, sweep: Job) -> None:
+        state = doc.get("state")
+        # a retried sweep runs the trial again (from its checkpoints): its file says RUNNING for the sweep's attempt
         again = (trial.state in (JobState.FAILED, JobState.CANCELLED) and state == JobState.RUNNING
-                 and _number(started) and started is not None and started > (trial.ended_at or 0))
-        if again:  # a retried sweep runs the trial again (it resumes from its checkpoints)
-            self.store.set_state(trial.id, JobState.QUEUED, expect=trial.state, resume=True,
-                                 message="the sweep's retry runs the trial again")
+                 and str(doc.get("attempt")) == str(sweep.attempt) and trial.attempt < sweep.attempt + 1)
+        if again:
+            trial = self.store.set_state(trial.id, JobState.QUEUED, expect=trial.state, resume=True,
+                                         message="the sweep's retry runs the trial again")
+        if trial.state == JobState.QUEUED:  # (a server that died between these moves goes on with them)
+            offsets = doc.get("offsets")
+            ok = isinstance(offsets, list) and len(offsets) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**53 for x in offsets)
             trial = self.store.set_state(trial.id, JobState.STARTING, expect=JobState.QUEUED,
-                                         offsets=self._sizes(trial))
+                                         offsets=tuple(offsets) if ok else self._sizes(trial))
+        if trial.state == JobState.STARTING:
             trial = self.store.set_state(trial.id, JobState.RUNNING, expect=JobState.STARTING)
         trial = self._copy(trial, self.store.attempt(trial.id))
         if trial.state in TERMINAL or state not in (JobState.SUCCEEDED, JobState.STOPPED, JobState.FAILED):
             return
-        reason = str(doc.get("reason") or "")[:2000] or {JobState.SUCCEEDED: "trained to its end",
-                                                        JobState.STOPPED: "stopped early",
-                                                        JobState.FAILED: "the trial failed"}[state]
+        reason = clean(str(doc.get("reason") or ""))[:2000] or {JobState.SUCCEEDED: "trained to its end",
+                                                               JobState.STOPPED: "stopped early",
+                                                               JobState.FAILED: "the trial failed"}[state]
         if state == JobState.SUCCEEDED and trial.state != JobState.RUNNING:
             trial = self.store.set_state(trial.id, JobState.RUNNING, expect=trial.state)
         self.store.set_state(trial.id, state, expect=trial.state, reason=reason)
@@ -918,6 +936,26 @@ class Dispatcher:
                                             expect=job.state)
             self.store.note(job.id, "cancel requested: stopping the job's processes")
         return self.store.get(job.id)
+
+
+def clean(text: str) -> str:
+    """Text from a job's files as one printable line: no control character (a terminal escape, a newline)."""
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
+def trial_values(raw) -> dict:
+    """A trial's values from its trial.json, as the store keeps them: at most 32, keys and texts printable and at
+    most 200 characters, numbers finite, nothing nested."""
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for k, v in list(raw.items())[:32]:
+        if isinstance(v, str):
+            v = clean(v)[:200]
+        elif not isinstance(v, (bool, int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+            continue
+        out[clean(str(k))[:200]] = v
+    return out
 
 
 MAX_RECORD = 64 * 1024  # a metrics or events line longer than this is not one the driver wrote

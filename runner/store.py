@@ -37,10 +37,14 @@ def recipe_summary(text: str) -> tuple[str | None, str | None]:
         doc = yaml.safe_load(text) or {}
     except yaml.YAMLError:
         return None, None
+    if not isinstance(doc, dict):  # a trial's recipe.yaml is written by its job: anything may be there
+        return None, None
     model = (doc.get("model") or {}).get("name") if isinstance(doc.get("model"), dict) else doc.get("model")
     tuning = doc.get("tuning")
     mode = tuning.get("mode", "full") if isinstance(tuning, dict) else (tuning or "full")
-    return (str(model) if model else None), str(mode)
+    # text only (a structure of aliases printed could be exponentially long)
+    return (model[:4096] if isinstance(model, str) and model else None), (mode[:100] if isinstance(mode, str)
+                                                                          else None)
 
 
 # Each step is SQL (statements split on ';') or a function of the connection, run inside the migration's transaction.

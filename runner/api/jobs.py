@@ -206,10 +206,13 @@ async def logs(request: Request, job_id: str, offset: int = Query(0, ge=0, le=MA
                svc: Service = SVC):
     """A job's log, from an offset or followed live (at most RUNNER_MAX_LOG_STREAMS streams at once)."""
     store, streams, most = svc.store, svc.streams, svc.max_streams
-    job_dir = (await asyncio.to_thread(store.get, job_id)).job_dir
+    job = await asyncio.to_thread(store.get, job_id)
+    job_dir = job.job_dir
+    # a sweep's trial has no driver of its own (its lines are in the sweep's job.log): its log is train.log
+    name = "train.log" if job.kind == "trial" else "job.log"
 
-    def log_path() -> Path | None:  # where job.log is a link, a pipe or a folder, there is no log to show
-        return inside(job_dir, "job.log")
+    def log_path() -> Path | None:  # where the log is a link, a pipe or a folder, there is no log to show
+        return inside(job_dir, name)
 
     if not follow:
         path = await asyncio.to_thread(log_path)

@@ -69,7 +69,9 @@ def _yaml(snapshot: str) -> dict:
 def sweep_workers(recipe) -> int:
     """The workers a job holds at once: a sweep's are max_concurrent trials' (each the recipe's resources)."""
     r = recipe.resources
-    return r.workers * (recipe.sweep.max_concurrent if recipe.sweep is not None else 1)
+    if recipe.sweep is None:
+        return r.workers
+    return r.workers * min(recipe.sweep.max_concurrent, recipe.sweep.count)
 
 
 class Service:

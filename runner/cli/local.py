@@ -24,7 +24,7 @@ from runner.client import artifacts_root
 def sweep_plan(r) -> dict:
     """What `runner validate` says of a sweep: its trials and the most it holds at once."""
     res, sw = r.resources, r.sweep
-    workers = res.workers * sw.max_concurrent
+    workers = res.workers * min(sw.max_concurrent, sw.count)
     return {"trials": sw.count, "search": sw.search, "metric": r.sweep_metric[0], "max_concurrent": sw.max_concurrent,
             "workers": workers, "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
             "cpus": workers * res.cpus_per_worker, "gpus": workers * res.gpus_per_worker}

@@ -386,6 +386,7 @@ function jobPage() {
   }
 
   // a sweep: its trials (values, state, best validation figure, steps, time) and every trial's validation curve
+  let sweepSign = null, sweepSettled = null, sweepAt = 0, sweepCurves = [];
   async function drawSweep() {
     const sw = job.sweep;
     if (!sw) { sweepBox.hidden = true; return; }
@@ -397,12 +398,19 @@ function jobPage() {
       typeof t.best === "number" ? `${num(t.best, 4)} (step ${num(t.best_step)})` : "—",
       t.steps !== null && t.steps !== undefined ? `${num(t.steps)}/${t.total_steps ? num(t.total_steps) : "?"}` : "—",
       duration(t.duration_s) || "—", t.chosen ? h("b", { class: "ok", text: "★ chosen" }) : ""]);
-    const curves = await Promise.all(sw.trials.slice(0, 24).map(async (t) => {
-      const v = (await api("/jobs/" + encodeURIComponent(t.id) + "/series")).validation || {};
-      const x = v[sw.metric];
-      return { label: t.id.split("-").at(-1) + (t.chosen ? " (chosen)" : ""), step: x ? x.step : [],
-               value: x ? x.value : [], points: x ? x.points : 0, strong: t.chosen };
-    }));
+    // every trial's curve: fetched again when a trial has moved on, at most every 10 s while they train
+    const sign = JSON.stringify(sw.trials.map((t) => [t.id, t.state, t.steps, t.chosen]));
+    const settled = JSON.stringify(sw.trials.map((t) => [t.id, t.state, t.chosen]));
+    if (sign !== sweepSign && (settled !== sweepSettled || Date.now() - sweepAt > 10000)) {
+      sweepSign = sign; sweepSettled = settled; sweepAt = Date.now();
+      sweepCurves = await Promise.all(sw.trials.slice(0, 24).map(async (t) => {
+        const v = (await api("/jobs/" + encodeURIComponent(t.id) + "/series")).validation || {};
+        const x = v[sw.metric];
+        return { label: t.id.split("-").at(-1) + (t.chosen ? " (chosen)" : ""), step: x ? x.step : [],
+                 value: x ? x.value : [], points: x ? x.points : 0, strong: t.chosen };
+      }));
+    }
+    const curves = sweepCurves;
     const better = sw.higher_is_better ? "higher" : "lower";
     sweepBox.hidden = false;
     sweepBox.replaceChildren(h("h2", { text: `Sweep: ${sw.trials.length} of ${sw.trial_count ?? "?"} trials` }),

@@ -14,19 +14,18 @@ from runner.local import free_port
 RUNNER = str(Path(sys.executable).parent / "runner")
 
 
-@pytest.fixture
-def runner(tmp_path):
-    """runner(*args, timeout=300, **env) -> CompletedProcess: the real `runner` command with a RUNNER_HOME of its
-    own, nothing else configured (it starts its own local server and Ray head); whatever it left running is
-    stopped after the test."""
-    home = tmp_path / "home"
+def runner_in(folder: Path):
+    """runner(*args, timeout=300, **env) -> CompletedProcess: the real `runner` command run in `folder`, with a
+    RUNNER_HOME of its own there, nothing else configured (it starts its own local server and Ray head); yields it,
+    then stops whatever it left running."""
+    home = folder / "home"
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS", "RUNNER_SERVER", "RUNNER_TOKEN")}
     env.update(RUNNER_HOME=str(home), RUNNER_PORT=str(free_port()))
 
     def run(*args, timeout=300, **extra):
         return subprocess.run([RUNNER, *args], env={**env, **extra}, capture_output=True, text=True,
-                              timeout=timeout, cwd=tmp_path)
+                              timeout=timeout, cwd=folder)
 
     run.home = home
     yield run
@@ -36,3 +35,9 @@ def runner(tmp_path):
             os.kill(part["pid"], signal.SIGTERM)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture
+def runner(tmp_path):
+    """The real `runner` command with a RUNNER_HOME of its own for this test (runner_in)."""
+    yield from runner_in(tmp_path)

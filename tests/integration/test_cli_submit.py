@@ -29,7 +29,7 @@ def recipe(model, train: str, steps: int, extra: str = "") -> str:
     return (f"name: topics\nmodel:\n  name: {model}\n  token: ${{HF_TOKEN}}\ntask: classification\ndata:\n"
             f"  train: {train}\n"
             f"  max_seq_len: 16\ntrain:\n  max_steps: {steps}\n  batch_size: 8\n  lr: 0.003\n"
-            "resources:\n  workers: 1\n  cpus_per_worker: 1\nexport:\n  onnx: true\n  quantize: none\n"
+            "resources:\n  workers: 1\n  cpus_per_worker: 1\nexport:\n  onnx: true\n  quantize: none\n  optimize: false\n"
             f"register_as: topics\npromotion:\n  metric: loss\n{extra}")
 
 
@@ -147,17 +147,15 @@ def test_submit_schedule_and_registry_through_the_cli(runner, tmp_path, tokenize
     except urllib.error.HTTPError as e:
         assert e.code == 401
 
-    # --- a job that fails (its data is gone when its driver starts) and its retry ----------------------------------
+    # --- a job that fails: its data is gone when its driver starts -------------------------------------------------
     gone = tmp_path / "gone.jsonl"
     gone.write_text((tmp_path / "d.jsonl").read_text())
     (tmp_path / "gone.yaml").write_text(recipe(model, "gone.jsonl", 60).replace("register_as: topics\n", ""))
     out = runner("submit", "--detach", str(tmp_path / "gone.yaml"))
     failed_id = out.stdout.split()[1]
     gone.unlink()
-    assert wait_ended(runner, failed_id)["state"] == "FAILED"
-    assert runner("retry", failed_id).returncode == 0
     job = wait_ended(runner, failed_id)
-    assert job["state"] == "FAILED" and job["attempt"] == 2 and "gone.jsonl" in job["reason"], job
+    assert job["state"] == "FAILED" and "gone.jsonl" in job["reason"], job
 
     # --- the model registry and schedules, on changing data --------------------------------------------------------
     shown = json.loads(runner("models", "show", "topics", "--json").stdout)

@@ -138,9 +138,16 @@ def test_queue_survives_server_kill_driver_death_and_cancel(cluster, tmp_path, t
     assert time.monotonic() - t0 < 30
     assert srv.job(b)["reason"].startswith("the job's driver ended without a reason"), srv.job(b)["reason"]
     wait_for("c, the last, fails on its own", lambda: srv.job(c)["state"] in ENDED, 180)
-    assert srv.job(c)["reason"].startswith("the loss became "), srv.job(c)["reason"]
+    reason = srv.job(c)["reason"]
+    assert reason.startswith("the loss became ") and "no model was saved" in reason, reason
     warned = srv.job(c)["warnings"]  # the alarm rank 0 wrote, copied into the store and served
     assert any(w["message"].startswith("the gradient norm ") for w in warned), warned
+    c_dir = home / "artifacts" / c
+    step = int(reason.split(" at step ")[1].split()[0])
+    alarms = [json.loads(x) for x in (c_dir / "warnings.jsonl").read_text().splitlines()]
+    alarm = [x for x in alarms if x["kind"] == "grad_norm"]  # said before the loss itself gave out
+    assert alarm and alarm[0]["step"] <= step and "Lower train.lr (now 10)" in alarm[0]["message"], alarms
+    assert not (c_dir / "model").exists() and not (c_dir / "eval.json").exists()
     out = subprocess.run([sys.executable, "-m", "runner.cli", "status", c], capture_output=True, text=True,
                          env={**os.environ, "RUNNER_SERVER": srv.url, "RUNNER_HOME": str(home)}, timeout=60)
     assert out.returncode == 0 and "warning:   the gradient norm " in out.stdout, out.stdout + out.stderr

@@ -1,7 +1,7 @@
 """Sweeps as a user runs them: `runner submit` of a recipe with `sweep`, on the runner's own local Ray head and
 server, tiny BERT models, real Ray Tune and Ray Train.
 
-The grid: 4 configurations run exactly once each; the learning rate so low it learns nothing is stopped early by
+The grid: 3 configurations run exactly once each; the learning rate so low it learns nothing is stopped early by
 ASHA; the chosen trial is the best on validation by the trials' own metrics.jsonl (read here, not from the sweep's
 record); the test split is scored once, on the chosen trial's best weights; the chosen model is exported and
 checked. The faults: each trial's worker dies once (it resumes from its checkpoint), the server is restarted while
@@ -14,15 +14,28 @@ from pathlib import Path
 
 import pytest
 
+from conftest import runner_in
 from tiny import faults, keyword_rows, tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One local runner server and Ray head for the module's sweeps (each sweep is a job of its own)."""
+    yield from runner_in(tmp_path_factory.mktemp("sweeps"))
+
+
 @pytest.fixture
-def data(tmp_path, tokenizer):
-    model = tiny_model_dir(tmp_path / "bert", "bert", tokenizer, weights=True)
-    train = tmp_path / "train.jsonl"
+def runner(shared):
+    return shared
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("data")
+    model = tiny_model_dir(folder / "bert", "bert", tokenizer, weights=True)
+    train = folder / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in keyword_rows(240)))
     return model, train
 
@@ -63,27 +76,27 @@ def best_validation(folder: Path) -> float | None:
     return max(vals) if vals else None
 
 
-def submit(runner, tmp_path, text: str) -> str:
-    (tmp_path / "sweep.yaml").write_text(text)
+def submit(runner, text: str) -> str:
+    (runner.home.parent / "sweep.yaml").write_text(text)  # where the runner command runs
     out = runner("submit", "sweep.yaml", "--detach")
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(runner("list", "--json").stdout)["jobs"][0]["id"]
 
 
-def test_a_grid_sweep_runs_each_configuration_stops_the_poor_one_and_tests_the_best_once(runner, tmp_path, data):
+def test_a_grid_sweep_runs_each_configuration_stops_the_poor_one_and_tests_the_best_once(runner, data):
     model, train = data
-    lrs = [0.003, 0.002, 1e-7, 0.0015]  # the poor one starts when a good one has ended: ASHA has its rungs to judge by
-    sid = submit(runner, tmp_path, recipe(model, train, 24, lrs, "  max_concurrent: 2\n  early_stop: asha\n",
-                                          extra="export:\n  onnx: true\n  quantize: none\n",
+    lrs = [0.003, 0.002, 1e-7]  # the poor one starts when a good one has ended: ASHA has its rungs to judge by
+    sid = submit(runner, recipe(model, train, 24, lrs, "  max_concurrent: 2\n  early_stop: asha\n",
+                                          extra="export:\n  onnx: true\n  quantize: none\nregister_as: swept\n",
                                           callbacks=faults(step_delay=0.15)))
     job = wait_for(runner, sid, lambda j: j["state"] == "SUCCEEDED", timeout=420, what="SUCCEEDED")
     folder = Path(job["job_dir"])
     trials = sorted((folder / "trials").iterdir())
-    # exactly the grid: 4 trials, each a configuration of it, each a job folder with its own recipe
+    # exactly the grid: 3 trials, each a configuration of it, each a job folder with its own recipe
     import yaml
 
     assert sorted(yaml.safe_load((t / "recipe.yaml").read_text())["train"]["lr"] for t in trials) == sorted(lrs)
-    assert [t["id"] for t in job["sweep"]["trials"]] == [f"{sid}-t{i:03d}" for i in range(4)]
+    assert [t["id"] for t in job["sweep"]["trials"]] == [f"{sid}-t{i:03d}" for i in range(len(lrs))]
     states = {t["values"]["train.lr"]: t for t in job["sweep"]["trials"]}
     # the learning rate that learns nothing is stopped early by ASHA, short of its steps
     poor = states[1e-7]
@@ -103,15 +116,20 @@ def test_a_grid_sweep_runs_each_configuration_stops_the_poor_one_and_tests_the_b
     assert (folder / "recipe.chosen.yaml").read_text() == (folder / "trials" / chosen / "recipe.yaml").read_text()
     # exported and checked like any job's
     assert json.loads((folder / "onnx" / "export_report.json").read_text())["passed"] is True
+    # registered as one version: the sweep's, through the promotion gate (the first version is the champion)
+    shown = json.loads(runner("models", "show", "swept", "--json").stdout)
+    assert [v["job_id"] for v in shown["versions"]] == [sid] and shown["aliases"] == {"champion": 1}
+    # a trial's log is its train.log
+    assert "as the sweep asked: stopped early by ASHA" in runner("logs", f"{sid}-t002").stdout
     listed = runner("list").stdout
     assert f"  {sid}-t002  STOPPED" in listed and "(chosen)" in listed
     shown = runner("status", sid).stdout
     assert "TRIAL" in shown and f"{chosen} *" in shown and "the test split is scored once" in shown
 
 
-def test_a_sweep_survives_a_lost_worker_a_restarted_server_a_cancel_and_a_retry(runner, tmp_path, data):
+def test_a_sweep_survives_a_lost_worker_a_restarted_server_a_cancel_and_a_retry(runner, data):
     model, train = data
-    sid = submit(runner, tmp_path, recipe(model, train, 24, [0.003, 0.002, 0.001], "",
+    sid = submit(runner, recipe(model, train, 24, [0.003, 0.002, 0.001], "",
                                           extra="  max_failures: 1\n",
                                           callbacks=faults(step_delay=0.3, crash_after_step=8)))
     # trial 0: its worker dies after step 8; Ray Train resumes it from its checkpoint at step 6
@@ -125,7 +143,7 @@ def test_a_sweep_survives_a_lost_worker_a_restarted_server_a_cancel_and_a_retry(
     assert any(e["state_to"] == "RETRYING" for e in events), events
     # the server restarted while trial 1 runs: the sweep goes on; no trial lost, none made twice
     assert runner("server", "stop").returncode == 0
-    time.sleep(3)
+    time.sleep(1)
     assert runner("server", "start").returncode == 0
     t1 = folder / "trials" / "t001"
     wait_for(runner, sid, lambda j: (t1 / "crashed").exists() and max((r["step"] for r in records(t1)), default=0)
@@ -136,7 +154,7 @@ def test_a_sweep_survives_a_lost_worker_a_restarted_server_a_cancel_and_a_retry(
                                                                                   "t001": "CANCELLED"}.items()
     assert all(t["state"] in ("SUCCEEDED", "CANCELLED") for t in job["sweep"]["trials"])
     size = (t1 / "metrics.jsonl").stat().st_size
-    time.sleep(4)
+    time.sleep(2.5)
     assert (t1 / "metrics.jsonl").stat().st_size == size  # its workers stopped with the sweep
     steps_before = max(r["step"] for r in records(t1) if "split" not in r)
     assert runner("retry", sid).returncode == 0

@@ -12,7 +12,7 @@ os.environ["RAY_DEDUP_LOGS"] = "0"
 
 ray = pytest.importorskip("ray")
 
-from jobs.driver import JobFailed, run_job  # noqa: E402
+from jobs.driver import run_job  # noqa: E402
 from tiny import WORDS, faults, keyword_rows  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -115,17 +115,17 @@ def one_process_reference(model_dir: Path, job_dir: Path, steps: list[list[int]]
 
 
 def test_workers_and_accumulation_change_the_speed_not_the_result(tmp_path, still_bert_dir):
-    """What data parallelism promises, checked against one process: 2 workers x batch 4 x accumulation 2, 1 worker
-    x batch 16, and 1 worker x batch 8 x accumulation 2 take the same 16 rows a step in the same order, so with
-    dropout off they must follow the same learning-rate schedule (the recipe's, by hand: linear with 25% warm-up),
-    the same losses, and end with the same weights as each other and as plain PyTorch with transformers' scheduler
-    over those rows (one_process_reference). The 2-worker run also shows real data parallelism: each row once an
+    """What data parallelism promises, checked against one process: 2 workers x batch 4 x accumulation 2 and 1
+    worker x batch 16 take the same 16 rows a step in the same order, so with dropout off they must follow the same
+    learning-rate schedule (the recipe's, by hand: linear with 25% warm-up), the same losses, and end with the same
+    weights as each other and as plain PyTorch with transformers' scheduler over those rows (one_process_reference).
+    (A job that diverges, its loss no longer finite, is test_dispatch's job c.) The 2-worker run also shows real data parallelism: each row once an
     epoch across the ranks, both ranks training on different rows, identical weights on both."""
     from safetensors.torch import load_file
 
     rows = keyword_rows(103)
     runs = {}
-    for name, (workers, batch, accum) in {"ddp": (2, 4, 2), "one": (1, 16, 1), "accum": (1, 8, 2)}.items():
+    for name, (workers, batch, accum) in {"ddp": (2, 4, 2), "one": (1, 16, 1)}.items():
         (tmp_path / name).mkdir()
         d = job(tmp_path / name, still_bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
                 f"train:\n  epochs: 2\n  batch_size: {batch}\n  grad_accum: {accum}\n  lr: 0.003\n"
@@ -162,7 +162,7 @@ def test_workers_and_accumulation_change_the_speed_not_the_result(tmp_path, stil
     steps = [list(map(int, line.split()))[1:] for line in Path(f"{runs['one'] / 'seen'}.0").read_text().splitlines()]
     assert len(steps) == total
     weights["reference"] = one_process_reference(still_bert_dir, runs["one"], steps, total, warmup, 0.003)
-    for name in ("ddp", "accum", "reference"):
+    for name in ("ddp", "reference"):
         if name != "reference":
             assert losses[name] == pytest.approx(losses["one"], rel=1e-4), name
         worst = max((weights[name][k] - weights["one"][k]).abs().max().item() for k in weights["one"])
@@ -239,15 +239,14 @@ def test_regression_error_falls_and_freeze(tmp_path, bert_dir):
     assert "1 worker on CPUs: one process, no gradient exchange" in log, "no DistributedDataParallel of one"
 
 
-@pytest.mark.parametrize("fmt", ["text", "instruction", "chat"])
+@pytest.mark.parametrize("fmt", ["text", "chat"])  # instruction rows: tokenized in test_data, exported in test_export
 def test_causal_lm_formats(tmp_path, llama_dir, fmt):
     rows = {
         "text": [{"text": f"the {w} is near the {v}."} for w in WORDS for v in WORDS[:4]],
-        "instruction": [{"instruction": f"Name a thing like {w}.", "input": "", "output": f"A {w}."} for w in WORDS] * 4,
         "chat": [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]}
                  for w in WORDS] * 4,
     }[fmt]
-    tracking = "tracking:\n  mode: offline\nexport:\n  onnx: true\n" if fmt == "text" else ""
+    tracking = "tracking:\n  mode: offline\nexport:\n  onnx: true\n  quantize: none\n" if fmt == "text" else ""
     tuning = "lora" if fmt == "text" else "full"
     # the chat run recomputes activations in the backward pass (gradient checkpointing) and packs its examples
     # (train.packing): it must learn the same
@@ -324,19 +323,6 @@ def test_a_model_that_learns_nothing_says_so(tmp_path, bert_dir):
     assert not base["beaten"] and base["verdict"].startswith("test mse ") and \
         "is worse than predicting the mean of train" in base["verdict"]
     assert f"warning: the model does not beat its baseline: {base['verdict']}" in (d / "train.log").read_text()
-
-
-def test_nan_loss_stops_with_reason_and_no_model(tmp_path, bert_dir):
-    rows = [{"text": " ".join(random.Random(i).sample(WORDS, 3)), "label": float(i * 1000)} for i in range(60)]
-    d = job(tmp_path, bert_dir, "data:\n  train: data.jsonl\n  max_seq_len: 16\n"
-            "train:\n  epochs: 3\n  optimizer: sgd\n  lr: 10\n  max_grad_norm: null\n", task="regression", rows=rows)
-    with pytest.raises(JobFailed) as e:
-        run_job(d)
-    assert str(e.value).startswith("the loss became ") and "no model was saved" in str(e.value)
-    step = int(str(e.value).split(" at step ")[1].split()[0])
-    alarm = [x for x in warnings_of(d) if x["kind"] == "grad_norm"]  # said before the loss itself gave out
-    assert alarm and alarm[0]["step"] <= step and "Lower train.lr (now 10)" in alarm[0]["message"], warnings_of(d)
-    assert not (d / "model").exists() and not (d / "eval.json").exists()
 
 
 def test_sharded_checkpoints_resume_and_gather(tmp_path, bert_dir):

@@ -109,7 +109,7 @@ def test_every_move_not_in_the_table_is_refused(store):
             path = {"QUEUED": [], "STARTING": ["STARTING"], "RUNNING": ["STARTING", "RUNNING"],
                     "RETRYING": ["STARTING", "RUNNING", "RETRYING"], "EXPORTING": ["STARTING", "RUNNING", "EXPORTING"],
                     "SUCCEEDED": ["STARTING", "RUNNING", "SUCCEEDED"], "FAILED": ["FAILED"],
-                    "CANCELLED": ["CANCELLED"]}[src]
+                    "CANCELLED": ["CANCELLED"], "STOPPED": ["STARTING", "RUNNING", "STOPPED"]}[src]
             for s in path:
                 store.set_state(job_id, s, reason="r" if s == "FAILED" else None)
             with pytest.raises(InvalidTransition, match=f"cannot go from {src} to {dst}"):

@@ -137,7 +137,10 @@ def test_a_trials_best_is_read_from_its_validation_records_only(tmp_path):
         {"step": 15, "split": "validation", "accuracy": float("nan")},
         {"step": 20, "split": "validation", "accuracy": 0.7}]])
     got = best_of(tmp_path, "accuracy", True)
-    assert got == {"best": 0.75, "best_step": 10, "steps": 20, "evaluations": 3}
+    assert got == {"best": 0.75, "best_step": 10, "steps": 20, "evaluations": 4}
+    # resumed from its checkpoint at step 5, the trial redid step 10: the weights of step 10 are the later ones
+    append(tmp_path / "metrics.jsonl", {"step": 10, "split": "validation", "accuracy": 0.65})
+    assert best_of(tmp_path, "accuracy", True)["best"] == 0.7
 
 
 # --- the server following a sweep's trials ------------------------------------------------------------------------
@@ -153,12 +156,12 @@ def sweep_world(tmp_path):
     return store, ray, clock, job_dir, Dispatcher(store, ray, env={}, clock=clock)
 
 
-def start_trial(job_dir, index, lr, **extra):
+def start_trial(job_dir, index, lr):
     """What jobs.sweep's trial function writes as a trial starts."""
     folder = trial_dir(job_dir, index)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "recipe.yaml").write_text(f"name: sw\ntrain: {{lr: {lr}}}\n")
-    set_trial(folder, index=index, values={"train.lr": lr}, state=JobState.RUNNING, started=extra.get("at", 1.0))
+    set_trial(folder, index=index, values={"train.lr": lr}, state=JobState.RUNNING, attempt="1")
     event(folder, f"trial {index} running", state=JobState.RUNNING)
     return folder
 
@@ -208,13 +211,21 @@ def test_a_retried_sweep_runs_again_only_the_trials_it_restarts(sweep_world):
     store.set_state("s", "QUEUED", resume=True)  # runner retry
     clock.t = 20
     d.tick()
-    set_trial(t1, state=JobState.RUNNING, started=store.get("s-t001").ended_at + 5)  # the retry's driver restarts it
+    d.tick()
+    assert store.get("s-t001").state == "CANCELLED"  # the sweep's second attempt has not reached it yet
+    append(t1 / "metrics.jsonl", {"step": 3, "loss": 0.5})  # the first attempt's: in the store once, not twice
+    d.tick()
+    sizes = [(t1 / n).stat().st_size for n in ("metrics.jsonl", "events.jsonl")]
+    set_trial(t1, state=JobState.RUNNING, attempt="2", offsets=sizes)  # the retry's driver restarts it
     event(t1, "trial 1 running, resuming from its checkpoint", state=JobState.RUNNING)
     d.tick()
     t = store.get("s-t001")
     assert (t.state, t.attempt) == ("RUNNING", 2)
     assert store.get("s-t000").attempt == 1  # finished: not run again
     assert [a["outcome"] for a in store.attempts("s-t001")] == ["CANCELLED", None]
+    append(t1 / "metrics.jsonl", {"step": 4, "loss": 0.4})
+    d.tick()
+    assert [m["step"] for m in store.metrics("s-t001")] == [3, 4]  # each line once: the second attempt from its offsets
 
 
 def test_hostile_trial_folders_are_not_followed(sweep_world, tmp_path):
@@ -269,3 +280,41 @@ def test_a_choice_written_1e_5_is_a_number_as_its_writer_meant():
                            "  train.schedule: {choice: [linear, cosine]}"))
     assert r.sweep.parameters["train.lr"].choice == [1e-5, 2.5e-3, 0.1]
     assert r.sweep.parameters["train.schedule"].choice == ["linear", "cosine"]
+
+
+def test_a_seeded_tpe_search_suggests_the_same_trials_from_the_same_scores():
+    from jobs.sweep import search_space, searcher
+
+    r = parse_recipe(sweep("parameters:\n  train.lr: {loguniform: [1.0e-5, 1.0e-2]}\n  tuning.r: {choice: [4, 8, 16]}\n"
+                           "  train.warmup_steps: {randint: [0, 5]}\nsearch: tpe\ntrials: 14"))
+
+    def run(seed: int) -> list[dict]:
+        s = searcher(r.sweep, seed, "accuracy", True)
+        s.set_search_properties("val_accuracy", "max", search_space(r.sweep, None))
+        got = []
+        for i in range(14):  # past Optuna's 10 random start-up trials: then drawn where the scores were good
+            config = s.suggest(f"t{i}")
+            assert config.pop("trial_index") == i  # the trial's folder: numbered in order (Tune's ids are random)
+            got.append(config)
+            s.on_trial_complete(f"t{i}", {"val_accuracy": -abs(math.log10(config["train.lr"]) + 3)})
+        return got
+
+    first, again, other = run(3), run(3), run(4)
+    assert first == again and first != other
+    assert all(1e-5 <= c["train.lr"] <= 1e-2 and c["tuning.r"] in (4, 8, 16) and 0 <= c["train.warmup_steps"] <= 5
+               for c in first)
+    assert {c["train.warmup_steps"] for c in first + other} == set(range(6))  # randint: both ends included
+
+
+def test_values_allowed_one_by_one_but_not_together_and_values_that_mean_something_else_are_refused():
+    combo = problems(sweep("parameters:\n  train.warmup_steps: {choice: [0, 5]}\n"
+                           "  train.warmup_ratio: {choice: [0.0, 0.1]}\nsearch: grid"))
+    assert list(combo) == ["sweep.parameters"] and combo["sweep.parameters"].startswith(
+        "trial 3 (train.warmup_steps=5, train.warmup_ratio=0.1) is refused"), combo
+    infinite = problems(sweep("parameters:\n  train.weight_decay: {uniform: [0, .inf]}"))
+    assert infinite == {"sweep.parameters.train.weight_decay": "uniform inf: finite numbers only, within ±2^62"}
+    odd = problems(sweep("parameters:\n  train.lr: {choice: [true, 0.1]}\n"
+                         "  train.select_metric: {choice: [loss]}\n  train.packing: {choice: [true, false]}"))
+    assert odd["sweep.parameters.train.lr"] == "True is refused by train.lr: it takes a number, not a boolean"
+    assert "chosen by sweep.metric" in odd["sweep.parameters.train.select_metric"]
+    assert "prepared once" in odd["sweep.parameters.train.packing"]
