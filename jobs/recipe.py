@@ -485,7 +485,7 @@ def _drawn_problems(r: Recipe, base: dict) -> list[tuple[str, str]]:
     """The first configuration of a grid or random search the recipe's cross-key rules refuse (values each
     allowed may not be together)."""
     seed = r.sweep.seed if r.sweep.seed is not None else r.train.seed
-    for i, values in enumerate(r.sweep.drawn(seed) or ()):
+    for i, values in enumerate(r.sweep.drawn(seed, r.swept_values) or ()):
         trial = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
         for path, v in values.items():
             section, key = path.split(".", 1)

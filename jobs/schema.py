@@ -489,6 +489,8 @@ class SweepSpec(_Strict):
     metric: str | None = Field(None, description="Validation metric that chooses the trial (and each trial's best "
                                "weights); default the task's select metric. Its direction is the task's.")
     max_concurrent: int = Field(1, ge=1, le=64, description="Trials at once; each holds the recipe's `resources`.")
+    start_from_recipe: bool = Field(True, description="Trial 0 is the recipe's own values (random, tpe), so the "
+                                    "sweep never chooses worse on validation than the recipe as written.")
     early_stop: Literal["none", "asha"] = Field("none", description="`asha`: stop trials whose validation metric "
                                                 "trails the others' at an evaluation (Asynchronous Successive "
                                                 "Halving); `none`: every trial runs to its end.")
@@ -500,9 +502,10 @@ class SweepSpec(_Strict):
             n *= len(p.values) if p.kind == "choice" else 0
         return n
 
-    def drawn(self, seed: int) -> list[dict] | None:
+    def drawn(self, seed: int, first: dict | None = None) -> list[dict] | None:
         """Every trial's values, in trial order: the grid's combinations in order, or `random`'s draws from numpy's
-        generator seeded by `seed` (the same seed, the same trials); None for tpe (drawn as the search goes)."""
+        generator seeded by `seed` (the same seed, the same trials), after `first` (the recipe's own values) where
+        start_from_recipe; None for tpe (drawn as the search goes)."""
         names = list(self.parameters)
         if self.search == "grid":
             return [dict(zip(names, combo)) for combo in itertools.product(*(self.parameters[n].values
@@ -512,8 +515,8 @@ class SweepSpec(_Strict):
         import numpy as np
 
         rng = np.random.default_rng(seed % 2**63)  # any whole number (numpy takes none below 0)
-        out = []
-        for _ in range(self.count):
+        out = [dict(first)] if first is not None and self.start_from_recipe else []
+        while len(out) < self.count:
             values = {}
             for n in names:
                 p = self.parameters[n]
@@ -614,6 +617,20 @@ class Recipe(_Strict):
         """(validation metric that chooses a sweep's trial, higher is better)."""
         metric = (self.sweep and self.sweep.metric) or self.select_metric[0]
         return metric, SELECT_METRICS[self.task].get(metric, False)
+
+    @property
+    def swept_values(self) -> dict | None:
+        """The recipe's own values of the keys its sweep searches (a sweep's trial 0, start_from_recipe)."""
+        if self.sweep is None:
+            return None
+        out = {}
+        for path in self.sweep.parameters:
+            section, _, key = path.partition(".")
+            part = getattr(self, section, None)
+            if part is None or key not in type(part).model_fields:
+                return None  # a key of another tuning mode: check_sweep says so
+            out[path] = getattr(part, key)
+        return out
 
     @property
     def group_by_length(self) -> bool:

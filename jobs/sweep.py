@@ -40,9 +40,9 @@ from jobs.schema import Recipe, SweepSpec
 TRIAL_STATES = (JobState.RUNNING, JobState.SUCCEEDED, JobState.STOPPED, JobState.FAILED)
 
 
-def configurations(sweep: SweepSpec, seed: int) -> list[dict] | None:
+def configurations(recipe: Recipe, seed: int) -> list[dict] | None:
     """Every trial's values, in trial order, for grid and random; None for tpe (jobs.schema.SweepSpec.drawn)."""
-    return sweep.drawn(seed)
+    return recipe.sweep.drawn(seed, recipe.swept_values)
 
 
 def trial_snapshot(snapshot: str, values: dict, metric: str) -> str:
@@ -165,7 +165,7 @@ def folder_of(job_dir: Path, trial) -> Path | None:
 TRIAL_INDEX = "trial_index"  # a tpe trial's number in its configuration (Tune's own trial ids are random hex)
 
 
-def searcher(sweep: SweepSpec, seed: int, metric: str, higher: bool):
+def searcher(sweep: SweepSpec, seed: int, metric: str, higher: bool, first: dict | None = None):
     """tpe: Optuna's TPE sampler, seeded, through Tune's OptunaSearch; each suggestion numbered in order (the
     trial's folder), the count kept with the searcher's state, so a retried sweep numbers on from there."""
     from optuna.samplers import TPESampler
@@ -181,7 +181,8 @@ def searcher(sweep: SweepSpec, seed: int, metric: str, higher: bool):
                 self.suggested += 1
             return config
 
-    return Numbered(metric=f"val_{metric}", mode="max" if higher else "min", sampler=TPESampler(seed=seed))
+    return Numbered(metric=f"val_{metric}", mode="max" if higher else "min", sampler=TPESampler(seed=seed),
+                    points_to_evaluate=[dict(first)] if first is not None and sweep.start_from_recipe else None)
 
 
 def search_space(sweep: SweepSpec, configs: list[dict] | None) -> dict:
@@ -291,7 +292,7 @@ def sweep_job(job_dir: Path, prep, kit) -> dict:
     sweep = recipe.sweep
     metric, higher = recipe.sweep_metric
     seed = sweep.seed if sweep.seed is not None else recipe.train.seed
-    configs = configurations(sweep, seed)
+    configs = configurations(recipe, seed)
     attempt = os.environ.get("RUNNER_ATTEMPT")
     timings = prep.timings
     for stale in (SWEEP, CHOSEN, "eval.json", "best"):  # an earlier attempt's choice is not this one's
@@ -326,7 +327,7 @@ def sweep_job(job_dir: Path, prep, kit) -> dict:
             param_space=search_space(sweep, configs),
             tune_config=tune.TuneConfig(
                 num_samples=1 if configs is not None else n, max_concurrent_trials=sweep.max_concurrent,
-                search_alg=searcher(sweep, seed, metric, higher) if configs is None else None,
+                search_alg=searcher(sweep, seed, metric, higher, recipe.swept_values) if configs is None else None,
                 scheduler=_asha(job_dir, metric, higher) if sweep.early_stop == "asha" else None),
             run_config=tune.RunConfig(name="tune", storage_path=str(job_dir), callbacks=callbacks, verbose=0),
         )

@@ -790,13 +790,18 @@ class Dispatcher:
         not ended by it is CANCELLED with a cancelled sweep, FAILED with any other."""
         root = Path(sweep.job_dir) / TRIALS
         names = []
-        if root.is_dir() and not root.is_symlink():
-            with os.scandir(root) as entries:
-                for e in entries:
-                    if TRIAL_NAME.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
-                        names.append(e.name)
-                    if len(names) >= MAX_TRIALS:
-                        break
+        try:
+            if root.is_dir() and not root.is_symlink():
+                with os.scandir(root) as entries:
+                    for e in entries:
+                        if TRIAL_NAME.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
+                            names.append(e.name)
+                        if len(names) >= MAX_TRIALS:
+                            break
+        except OSError as e:  # unreadable: the trials known are still ended with the sweep below
+            if ended is None:
+                raise
+            self.store.note(sweep.id, f"its trials' folder could not be read: {first_line(e)}", level="warning")
         known = {t.id: t for t in self.store.trials(sweep.id)}
         for name in sorted(names):
             folder = str(root / name)
@@ -832,7 +837,7 @@ class Dispatcher:
         state = doc.get("state")
         # a retried sweep runs the trial again (from its checkpoints): its file says RUNNING for the sweep's attempt
         again = (trial.state in (JobState.FAILED, JobState.CANCELLED) and state == JobState.RUNNING
-                 and str(doc.get("attempt")) == str(sweep.attempt) and trial.attempt < sweep.attempt + 1)
+                 and str(doc.get("attempt")) == str(sweep.attempt))
         if again:
             trial = self.store.set_state(trial.id, JobState.QUEUED, expect=trial.state, resume=True,
                                          message="the sweep's retry runs the trial again")

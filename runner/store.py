@@ -318,16 +318,10 @@ class Store:
     def add_job(self, job_id: str, name: str, recipe_snapshot: str, job_dir: str, workers: int, cpus: float,
                 gpus: float, priority: int = 0, kind: str | None = None) -> Job:
         now = self.clock()
-        model, mode = recipe_summary(recipe_snapshot)
         with self.transaction():
-            try:
-                self.db.execute(
-                    "INSERT INTO jobs (id, name, state, priority, recipe, job_dir, workers, cpus, gpus, created_at, "
-                    "updated_at, model, mode, kind) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, name, priority, recipe_snapshot, job_dir, workers, cpus, gpus, now, now, model, mode,
-                     kind))
-            except sqlite3.IntegrityError:
-                raise StoreError(f"job id '{job_id}' is taken") from None
+            if not self._insert(id=job_id, name=name, state="QUEUED", priority=priority, recipe=recipe_snapshot,
+                                job_dir=job_dir, workers=workers, cpus=cpus, gpus=gpus, kind=kind):
+                raise StoreError(f"job id '{job_id}' is taken")
             self._event(job_id, None, JobState.QUEUED, "submitted", now)
         return self.get(job_id)
 
@@ -336,21 +330,28 @@ class Store:
         """A sweep's trial, RUNNING in its first attempt (the sweep's driver started it); never queued: the sweep
         holds its resources. Returns the existing one where it is there already (a restarted server)."""
         now = self.clock()
-        model, mode = recipe_summary(recipe_snapshot)
         with self.transaction():
-            try:
-                self.db.execute(
-                    "INSERT INTO jobs (id, name, state, priority, recipe, job_dir, workers, cpus, gpus, created_at, "
-                    "updated_at, started_at, attempt, model, mode, parent, kind, params) VALUES (?, ?, 'RUNNING', 0, "
-                    "?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, 'trial', ?)",
-                    (trial_id, sweep.name, recipe_snapshot, job_dir, max(1, sweep.workers), sweep.cpus, sweep.gpus,
-                     now, now, now, model, mode, sweep.id, json.dumps(values)))
-            except sqlite3.IntegrityError:
+            if not self._insert(id=trial_id, name=sweep.name, state="RUNNING", priority=0, recipe=recipe_snapshot,
+                                job_dir=job_dir, workers=max(1, sweep.workers), cpus=sweep.cpus, gpus=sweep.gpus,
+                                started_at=now, attempt=1, parent=sweep.id, kind="trial", params=json.dumps(values)):
                 return self.get(trial_id)
             self.db.execute("INSERT INTO attempts (job_id, attempt, started_at, metrics_offset, events_offset, resume) "
                             "VALUES (?, 1, ?, 0, 0, 0)", (trial_id, now))
             self._event(trial_id, None, JobState.RUNNING, message, now)
         return self.get(trial_id)
+
+    def _insert(self, **row) -> bool:
+        """A jobs row (created and updated now; its model and mode read from its recipe); False where the id is
+        taken. Inside the caller's transaction."""
+        now = self.clock()
+        row["model"], row["mode"] = recipe_summary(row["recipe"])
+        row.update(created_at=now, updated_at=now)
+        try:
+            self.db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                            tuple(row.values()))
+        except sqlite3.IntegrityError:
+            return False
+        return True
 
     def trials(self, sweep_id: str) -> list[Job]:
         """A sweep's trials, in their order."""

@@ -321,13 +321,16 @@ function jobPage() {
 
   function drawHeader() {
     const actions = h("span", { class: "actions" });
-    if (!ENDED.includes(job.state)) {
+    if (job.kind === "trial") {  // a trial is cancelled, retried and removed with its sweep
+      actions.append(h("a", { href: "/ui/jobs/" + encodeURIComponent(job.parent), id: "sweep-link",
+                              text: "trial of sweep " + job.parent }));
+    } else if (!ENDED.includes(job.state)) {
       actions.append(h("button", { class: "danger", id: "cancel", text: "Cancel", onclick: async () => {
         if (!confirm(`Cancel job ${id}? Its workers are stopped; a retry can go on from its last checkpoint.`)) return;
         try { job = await post(base + "/cancel"); drawHeader(); } catch (e) { alert(e.message); }
       } }));
     }
-    if (job.state === "FAILED" || job.state === "CANCELLED") {
+    if ((job.state === "FAILED" || job.state === "CANCELLED") && job.kind !== "trial") {
       for (const [label, fromCkpt] of [["Retry", false], ["Retry from checkpoint", true]]) {
         actions.append(h("button", { text: label, id: fromCkpt ? "retry-checkpoint" : "retry", onclick: async () => {
           if (!confirm(`${label}: job ${id} goes back in the queue as attempt ${job.attempt + 1}.`)) return;

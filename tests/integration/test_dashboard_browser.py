@@ -397,6 +397,8 @@ def test_a_sweeps_page_shows_its_trials_their_curves_and_the_chosen_one(browser,
         assert "t000 (chosen)" in page.locator("#trial-curves .legend").inner_text()
         page.locator("#trials tbody tr").nth(1).locator("a").click()  # a trial's own page
         page.wait_for_url(f"{url}/ui/jobs/sw-1-t001")
+        page.wait_for_selector("#sweep-link")  # its sweep, and no Cancel or Retry of its own
+        assert page.locator("#cancel, #retry").count() == 0
         page.goto(f"{url}/ui/jobs/sw-1")
         page.wait_for_selector("#trials tbody tr")
         shoot(page, "sweep")

@@ -129,7 +129,7 @@ def test_a_grid_sweep_runs_each_configuration_stops_the_poor_one_and_tests_the_b
 
 def test_a_sweep_survives_a_lost_worker_a_restarted_server_a_cancel_and_a_retry(runner, data):
     model, train = data
-    sid = submit(runner, recipe(model, train, 24, [0.003, 0.002, 0.001], "",
+    sid = submit(runner, recipe(model, train, 24, [0.003, 0.002], "",
                                           extra="  max_failures: 1\n",
                                           callbacks=faults(step_delay=0.3, crash_after_step=8)))
     # trial 0: its worker dies after step 8; Ray Train resumes it from its checkpoint at step 6
@@ -163,12 +163,11 @@ def test_a_sweep_survives_a_lost_worker_a_restarted_server_a_cancel_and_a_retry(
             for t in sorted((folder / "trials").iterdir())}
     assert len(runs["t000"]) == 1  # finished in the first attempt: not run again
     assert len(runs["t001"]) == 2 and "resuming from its checkpoint" in runs["t001"][1]
-    assert len(runs["t002"]) == 1
     t1_steps = [r["step"] for r in records(t1) if "split" not in r]
     resumed_at = t1_steps[t1_steps.index(steps_before) + 1] if steps_before in t1_steps else None
     assert resumed_at is not None and 1 < resumed_at <= steps_before + 1, (steps_before, t1_steps)
     rows = {t["id"][-4:]: t for t in job["sweep"]["trials"]}
-    assert sorted(rows) == ["t000", "t001", "t002"]
+    assert sorted(rows) == ["t000", "t001"]
     assert all(t["state"] == "SUCCEEDED" for t in rows.values())
     attempts = json.loads(runner("status", f"{sid}-t001", "--json").stdout)["attempts"]
     assert [a["outcome"] for a in attempts] == ["CANCELLED", "SUCCEEDED"]

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -78,7 +79,7 @@ def test_a_grid_too_big_and_a_trial_count_that_disagrees_with_the_grid_are_refus
 def test_a_grid_runs_exactly_its_combinations_in_order():
     r = parse_recipe(sweep("parameters:\n  train.lr: {choice: [0.1, 0.01]}\n  tuning.r: {choice: [4, 8]}\n"
                            "search: grid"))
-    got = configurations(r.sweep, 0)
+    got = configurations(r, 0)
     assert r.sweep.count == 4
     assert got == [{"train.lr": lr, "tuning.r": rank} for lr, rank in itertools.product([0.1, 0.01], [4, 8])]
 
@@ -93,13 +94,18 @@ parameters:
 trials: 40
 seed: 7
 """))
-    first, again, other = configurations(r.sweep, 7), configurations(r.sweep, 7), configurations(r.sweep, 8)
+    first, again, other = configurations(r, 7), configurations(r, 7), configurations(r, 8)
     assert first == again and first != other and len(first) == 40
+    # trial 0: the recipe as written (start_from_recipe), so the sweep never chooses worse than it on validation
+    assert first[0] == {"train.lr": 0.001, "train.warmup_ratio": 0.0, "tuning.r": 8, "train.batch_size": 8}
+    assert configurations(r.model_copy(update={"sweep": r.sweep.model_copy(update={"start_from_recipe": False})}),
+                          7)[0] != first[0]
+    first = first[1:]
     lrs = [c["train.lr"] for c in first]
     assert all(1e-5 <= x <= 1e-3 for x in lrs)
     # log-uniform: as many draws in each decade (an even draw would put ~90% in the upper one)
     low = sum(x < 1e-4 for x in lrs)
-    assert 8 <= low <= 32, lrs
+    assert 8 <= low <= 31, lrs
     assert all(0 <= c["train.warmup_ratio"] <= 0.2 for c in first)
     assert {c["tuning.r"] for c in first} == {8, 16, 32}
     assert {c["train.batch_size"] for c in first} == {4, 5, 6}  # both ends included
@@ -301,6 +307,10 @@ def test_a_seeded_tpe_search_suggests_the_same_trials_from_the_same_scores():
 
     first, again, other = run(3), run(3), run(4)
     assert first == again and first != other
+    recipe_values = {"train.lr": 1e-3, "tuning.r": 8, "train.warmup_steps": 0}
+    s = searcher(r.sweep, 3, "accuracy", True, recipe_values)
+    s.set_search_properties("val_accuracy", "max", search_space(r.sweep, None))
+    assert s.suggest("t0") == {**recipe_values, "trial_index": 0}  # trial 0: the recipe as written
     assert all(1e-5 <= c["train.lr"] <= 1e-2 and c["tuning.r"] in (4, 8, 16) and 0 <= c["train.warmup_steps"] <= 5
                for c in first)
     assert {c["train.warmup_steps"] for c in first + other} == set(range(6))  # randint: both ends included
@@ -318,3 +328,27 @@ def test_values_allowed_one_by_one_but_not_together_and_values_that_mean_somethi
     assert odd["sweep.parameters.train.lr"] == "True is refused by train.lr: it takes a number, not a boolean"
     assert "chosen by sweep.metric" in odd["sweep.parameters.train.select_metric"]
     assert "prepared once" in odd["sweep.parameters.train.packing"]
+
+
+def test_a_trial_is_cancelled_retried_and_removed_only_with_its_sweep(server, tmp_path):
+    from test_server import call
+
+    url = server()
+    body = sweep("parameters:\n  train.lr: {choice: [0.1, 0.01]}\nsearch: grid\nmax_concurrent: 4")
+    code, job = call(f"{url}/jobs", "POST", {"recipe": body})
+    assert code == 201 and job["kind"] == "sweep" and job["workers"] == 2  # 2 trials at most: not 4
+    store = Store(tmp_path / "home" / "runner.db")
+    folder = Path(job["job_dir"]) / "trials" / "t000"
+    store.add_trial(f"{job['id']}-t000", store.get(job["id"]), "name: sw\n", str(folder), {"train.lr": 0.1}, "started")
+    tid = f"{job['id']}-t000"
+    for method, path in (("POST", f"/jobs/{tid}/cancel"), ("POST", f"/jobs/{tid}/retry")):
+        code, out = call(url + path, method, {})
+        assert code == 409 and f"sweep {job['id']}" in out["detail"], out
+    code, out = call(f"{url}/jobs/{tid}", "DELETE")
+    assert code == 409 and f"runner rm {job['id']}" in out["detail"], out
+    code, listed = call(f"{url}/jobs")
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+    assert [t["id"] for t in listed["jobs"][0]["sweep"]["trials"]] == [tid]
+    assert call(f"{url}/jobs/{job['id']}/cancel", "POST", {})[0] == 200
+    code, out = call(f"{url}/jobs/{job['id']}", "DELETE")
+    assert code == 200 and store.trials(job["id"]) == []  # its trials' rows go with it
