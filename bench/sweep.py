@@ -6,8 +6,10 @@ Through the public CLI on the runner's own local server and Ray head (a RUNNER_H
 
 1. `runner submit` of the recipe with its `sweep`: wall time from submit to SUCCEEDED, trials stopped early, the
    chosen trial's values, its best validation figure and its test figure (scored once, after the search).
-2. The same configurations (the sweep's trial recipes, `sweep` taken out) as separate `runner submit`s, all queued
-   at once (the queue runs as many at a time as the sweep's max_concurrent does on this machine): wall time from
+2. The same configurations (the sweep's trial recipes: `sweep` taken out, `train.select_metric` the sweep's metric,
+   a checkpoint at each evaluation) as separate `runner submit`s, all queued at once: the queue runs as many at a
+   time as the cluster fits (on the 2-CPU local head, 2: the sweep's max_concurrent; on a bigger machine more, which
+   favours the separate jobs): wall time from
    the first submit to the last ending, and the best validation figure among them. Each is the recipe as a user
    would submit it, its export included (`--no-export` turns it off: then each job only trains and tests, while
    the sweep's wall time still includes its chosen trial's test and export; its search time is printed apart).

@@ -410,7 +410,7 @@ def write_manifest(job_dir: Path, recipe: Recipe, timings: dict, result: dict, r
     files = []
     for p in sorted(job_dir.rglob("*")):
         rel = p.relative_to(job_dir)
-        if not p.is_file() or rel.parts[0] in ("prepared", "wandb", "earlier") or \
+        if not p.is_file() or rel.parts[0] in ("prepared", "wandb", "earlier", "trials", "tune") or \
                 str(rel) in ("manifest.json", "job.log", "driver.pid"):  # still being written, or not this attempt's
             continue
         files.append({"path": str(rel), "bytes": p.stat().st_size, "sha256": file_sha256(p)})

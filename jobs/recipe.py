@@ -520,6 +520,10 @@ def check_sweep(r: Recipe) -> list[tuple[str, str]]:
         if path in UNSWEPT:
             out.append((key, f"{path} cannot be swept: {UNSWEPT[path]}"))
             continue
+        if path == "train.eval_every" and sw.early_stop == "asha":
+            out.append((key, "train.eval_every cannot be swept with early_stop asha: ASHA compares trials at their "
+                             "n-th evaluation, which would fall at other steps in each"))
+            continue
         section = base[parts[0]]
         if parts[-1] not in section or len(parts) != 2:
             known = sorted(k for k in section if k != "mode")

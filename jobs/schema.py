@@ -485,12 +485,13 @@ class SweepSpec(_Strict):
                                                      "Parzen Estimator, each trial drawn where earlier ones scored "
                                                      "well.")
     seed: int | None = Field(None, description="Seed of the draws (random, tpe); default `train.seed`. The same "
-                             "seed draws the same configurations.")
+                             "seed draws the same configurations (tpe: given the same scores, in the same order).")
     metric: str | None = Field(None, description="Validation metric that chooses the trial (and each trial's best "
                                "weights); default the task's select metric. Its direction is the task's.")
     max_concurrent: int = Field(1, ge=1, le=64, description="Trials at once; each holds the recipe's `resources`.")
-    start_from_recipe: bool = Field(True, description="Trial 0 is the recipe's own values (random, tpe), so the "
-                                    "sweep never chooses worse on validation than the recipe as written.")
+    start_from_recipe: bool = Field(True, description="Trial 0 is the recipe's own values (random; tpe where the "
+                                    "values lie in its space, even outside the ranges for random), so they always "
+                                    "compete: without early stopping the sweep never chooses worse on validation.")
     early_stop: Literal["none", "asha"] = Field("none", description="`asha`: stop trials whose validation metric "
                                                 "trails the others' at an evaluation (Asynchronous Successive "
                                                 "Halving); `none`: every trial runs to its end.")

@@ -128,14 +128,16 @@ def choose(trials: list[dict], higher: bool) -> dict | None:
 def _asha(job_dir: Path, metric: str, higher: bool):
     """ASHA, whose stop is the trial's own: the trial is marked STOPPED and its workers are asked (control.json)
     to checkpoint and stop at their next step, so its TorchTrainer ends as a job's does and gives its resources
-    back. (Tune's own stop kills the trial's actor, and Ray Train's placement group outlives it where no Ray
-    dashboard answers.)"""
+    back; a trial's last evaluation is never stopped (it ends by itself). Tune's own stop kills the trial's actor,
+    and Ray Train's placement group outlives it where no Ray dashboard answers."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class Asha(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
             decision = super().on_trial_result(tune_controller, trial, result)
-            if decision != TrialScheduler.STOP or result.get("final"):
+            if result.get("final"):  # its last evaluation: it ends by itself (Tune's own stop would kill it)
+                return TrialScheduler.CONTINUE
+            if decision != TrialScheduler.STOP:
                 return decision
             folder = folder_of(job_dir, trial)
             if folder is not None and read_trial(folder).get("state") == JobState.RUNNING:
@@ -174,6 +176,10 @@ def searcher(sweep: SweepSpec, seed: int, metric: str, higher: bool, first: dict
     class Numbered(OptunaSearch):
         suggested = 0
 
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if f"val_{metric}" in result:  # a trial ASHA stops reports once more, maybe between evaluations
+                super().on_trial_result(trial_id, result)
+
         def suggest(self, trial_id: str):
             config = super().suggest(trial_id)
             if isinstance(config, dict):
@@ -181,8 +187,17 @@ def searcher(sweep: SweepSpec, seed: int, metric: str, higher: bool, first: dict
                 self.suggested += 1
             return config
 
-    return Numbered(metric=f"val_{metric}", mode="max" if higher else "min", sampler=TPESampler(seed=seed),
-                    points_to_evaluate=[dict(first)] if first is not None and sweep.start_from_recipe else None)
+    inside = first is not None and all(_holds(sweep.parameters[k], v) for k, v in first.items())
+    return Numbered(metric=f"val_{metric}", mode="max" if higher else "min",
+                    sampler=TPESampler(seed=seed % 2**32),  # numpy's RandomState: 0 to 2^32 - 1
+                    points_to_evaluate=[dict(first)] if inside and sweep.start_from_recipe else None)
+
+
+def _holds(p, v) -> bool:
+    """Whether a parameter's space holds the value (Optuna refuses a first point outside it)."""
+    if p.kind == "choice":
+        return v in p.values
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and p.values[0] <= v <= p.values[1]
 
 
 def search_space(sweep: SweepSpec, configs: list[dict] | None) -> dict:
@@ -221,6 +236,8 @@ def _trial_function(job_dir: Path, model_path: str, configs: list[dict] | None, 
             values = {n: config[n] for n in names}
         folder = trial_dir(job_dir, index)
         folder.mkdir(parents=True, exist_ok=True)
+        if read_trial(folder).get("state") in (JobState.SUCCEEDED, JobState.STOPPED):
+            return  # ended before the search's state was saved: a restored search does not run it again
         resumed = checkpoints_newest_first(folder)
         clear_control(folder)  # an earlier attempt's stop is not this one's
         # where this run's lines begin: the server copies the store's lines of the trial from there

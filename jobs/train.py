@@ -517,6 +517,8 @@ def _wandb(recipe: Recipe, job_dir: Path, config: dict, rank: int):
         return None
     import wandb
 
+    # a sweep's trial (<sweep>/trials/tNNN): named with its sweep, or every sweep's t000 would be one run
+    name = f"{job_dir.parent.parent.name}-{job_dir.name}" if config.get("phase") == "trial" else job_dir.name
     return wandb.init(project=recipe.tracking.project or recipe.name, entity=recipe.tracking.entity,
-                      mode=recipe.tracking.mode, dir=str(job_dir), name=job_dir.name, id=job_dir.name,
+                      mode=recipe.tracking.mode, dir=str(job_dir), name=name, id=name,
                       resume="allow", config=recipe.redacted())

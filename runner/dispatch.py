@@ -809,8 +809,6 @@ class Dispatcher:
             trial = known.get(tid)
             try:
                 doc = read_json(folder, TRIAL) or {}
-                if trial is not None and trial.state in TERMINAL and doc.get("state") != JobState.RUNNING:
-                    continue  # ended, and not started again by a retry: nothing new to read
                 if trial is None:
                     if doc.get("state") is None:  # its driver is still writing it
                         continue

@@ -327,8 +327,8 @@ class Store:
 
     def add_trial(self, trial_id: str, sweep: Job, recipe_snapshot: str, job_dir: str, values: dict,
                   message: str) -> Job:
-        """A sweep's trial, RUNNING in its first attempt (the sweep's driver started it); never queued: the sweep
-        holds its resources. Returns the existing one where it is there already (a restarted server)."""
+        """A sweep's trial, RUNNING in its first attempt (the sweep's driver started it); never in the queue (the sweep
+        holds its resources; Store.queue leaves trials out). Returns the existing one where it is there already (a restarted server)."""
         now = self.clock()
         with self.transaction():
             if not self._insert(id=trial_id, name=sweep.name, state="RUNNING", priority=0, recipe=recipe_snapshot,

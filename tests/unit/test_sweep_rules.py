@@ -308,9 +308,14 @@ def test_a_seeded_tpe_search_suggests_the_same_trials_from_the_same_scores():
     first, again, other = run(3), run(3), run(4)
     assert first == again and first != other
     recipe_values = {"train.lr": 1e-3, "tuning.r": 8, "train.warmup_steps": 0}
-    s = searcher(r.sweep, 3, "accuracy", True, recipe_values)
+    s = searcher(r.sweep, -3, "accuracy", True, recipe_values)  # any seed: numpy's takes none below 0
     s.set_search_properties("val_accuracy", "max", search_space(r.sweep, None))
     assert s.suggest("t0") == {**recipe_values, "trial_index": 0}  # trial 0: the recipe as written
+    s.on_trial_result("t0", {"training_iteration": 2, "step": 7})  # stopped between evaluations: no figure
+    s.on_trial_result("t0", {"training_iteration": 1, "val_accuracy": 0.5})
+    outside = searcher(r.sweep, 3, "accuracy", True, {**recipe_values, "tuning.r": 12})  # not one of its choices
+    outside.set_search_properties("val_accuracy", "max", search_space(r.sweep, None))
+    assert outside.suggest("t0")["tuning.r"] in (4, 8, 16)  # Optuna's space holds no 12: drawn instead
     assert all(1e-5 <= c["train.lr"] <= 1e-2 and c["tuning.r"] in (4, 8, 16) and 0 <= c["train.warmup_steps"] <= 5
                for c in first)
     assert {c["train.warmup_steps"] for c in first + other} == set(range(6))  # randint: both ends included
@@ -328,6 +333,8 @@ def test_values_allowed_one_by_one_but_not_together_and_values_that_mean_somethi
     assert odd["sweep.parameters.train.lr"] == "True is refused by train.lr: it takes a number, not a boolean"
     assert "chosen by sweep.metric" in odd["sweep.parameters.train.select_metric"]
     assert "prepared once" in odd["sweep.parameters.train.packing"]
+    asha = problems(sweep("parameters:\n  train.eval_every: {choice: [5, 10]}\nearly_stop: asha"))
+    assert "n-th evaluation" in asha["sweep.parameters.train.eval_every"]
 
 
 def test_a_trial_is_cancelled_retried_and_removed_only_with_its_sweep(server, tmp_path):
