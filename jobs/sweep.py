@@ -78,18 +78,23 @@ def set_trial(folder: Path, **changes) -> dict:
     return doc
 
 
-def best_of(folder: Path, metric: str, higher: bool) -> dict:
-    """A trial's best validation value of the metric over its evaluations (metrics.jsonl), the step it was met at,
-    its steps so far and evaluations. Validation only: the test split is never read here."""
+def _records(folder: Path):
+    """The records of a trial's metrics.jsonl with a whole-number step (a torn or foreign line is skipped)."""
     text, _ = whole_lines(folder / METRICS, 0)
-    steps, by_step = 0, {}
     for line in text.splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or isinstance(rec.get("step"), bool):
-            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec.get("step"), bool):
+            yield rec
+
+
+def best_of(folder: Path, metric: str, higher: bool) -> dict:
+    """A trial's best validation value of the metric over its evaluations (metrics.jsonl), the step it was met at,
+    its steps so far and evaluations. Validation only: the test split is never read here."""
+    steps, by_step = 0, {}
+    for rec in _records(folder):
         steps = max(steps, rec["step"])
         if rec.get("split") == "validation":  # the last of a step: a resumed trial redid the steps after its checkpoint
             by_step[rec["step"]] = rec.get(metric)
@@ -103,14 +108,9 @@ def best_of(folder: Path, metric: str, higher: bool) -> dict:
 
 def last_step(folder: Path) -> tuple[int, int | None]:
     """A trial's last trained step and its planned steps (metrics.jsonl's training records)."""
-    text, _ = whole_lines(folder / METRICS, 0)
     step, total = 0, None
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "split" not in rec and isinstance(rec.get("step"), int):
+    for rec in _records(folder):
+        if "split" not in rec:
             step = max(step, rec["step"])
             total = rec.get("total_steps") if isinstance(rec.get("total_steps"), int) else total
     return step, total
