@@ -103,10 +103,11 @@ def test_a_grid_sweep_runs_each_configuration_stops_the_poor_one_and_tests_the_b
     poor = states[1e-7]
     assert poor["state"] == "STOPPED", poor
     assert max(r["step"] for r in records(folder / "trials" / "t002")) < 24
-    # the chosen trial: the best on validation by the trials' own records (no ties: not the first by default)
+    # the chosen trial: the best on validation by the trials' own records (alone at the top: a "take the first"
+    # choice would not pass by a tie; trials below it may tie, as two stopped at the same rung did)
     best = {t.name: best_validation(t) for t in trials}
     chosen = max(best, key=lambda n: best[n])
-    assert len(set(best.values())) == len(best), best
+    assert sorted(best.values())[-1] > sorted(best.values())[-2], best
     assert job["sweep"]["chosen"] == f"{sid}-{chosen}"
     # tested once, after the search, on the chosen trial's best weights: no trial scored test, and the sweep's
     # eval.json has the chosen trial's best validation figure from its reloaded weights
